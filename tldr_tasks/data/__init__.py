@@ -1,0 +1,1 @@
+"""WebDataset shard I/O, the synthetic benchmark crawl and importers."""

@@ -1,0 +1,58 @@
+"""The shared command line of every stage: `tldr-vlp run <stage> --input URL --out URL ...`.
+
+Each stage module's `main(argv)` calls `stage_main(<name>, argv)`, so all stages parse the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from tldr_tasks.config import ConfigError, load_config
+from tldr_tasks.stages.base import StageIO
+
+
+def add_io_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", required=True, help="crawl shards: brace pattern, glob or folder URL")
+    parser.add_argument("--out", required=True, help="run folder URL; every stage writes below it")
+    parser.add_argument("--eval-input", default=None, help="clean held-out shards for the evaluation")
+    parser.add_argument("--captioner", default=None, help="reuse this trained captioner folder")
+    parser.add_argument("--embed-cache", default=None, help="shared per-shard embedding folder")
+    parser.add_argument("--params", default=None, help="params.yaml (default: built-in defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one parameter, e.g. --set sample.ratio=0.3 (repeatable)")
+
+
+def io_from_args(args: argparse.Namespace) -> StageIO:
+    return StageIO(input=args.input, out=args.out, eval_input=args.eval_input,
+                   captioner=args.captioner, embed_cache=args.embed_cache)
+
+
+def stage_main(name: str, argv: list[str] | None = None) -> int:
+    from tldr_tasks import tracking
+    from tldr_tasks.pipeline import get_stage, load_stage_module
+
+    spec = get_stage(name)
+    parser = argparse.ArgumentParser(prog=f"tldr-vlp run {name}", description=f"Run the {name} stage.")
+    add_io_arguments(parser)
+    if spec.sharded:
+        parser.add_argument("--shard-index", type=int, default=0)
+        parser.add_argument("--num-shards", type=int, default=1)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.params, args.overrides)
+    except ConfigError as err:
+        parser.error(str(err))
+    io = io_from_args(args)
+    kwargs = {"shard_index": args.shard_index, "num_shards": args.num_shards} if spec.sharded else {}
+    module = load_stage_module(name)
+    started = time.time()
+    with tracking.stage_run(cfg, io, name, kwargs):
+        result = module.run(cfg, io, **kwargs)
+        tracking.log_stage_result(name, result, time.time() - started)
+    json.dump({"stage": name, "metrics": result.metrics, "outputs": result.outputs[:20],
+               "skipped": result.skipped}, sys.stdout, indent=1)
+    print()
+    return 0

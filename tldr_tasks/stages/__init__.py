@@ -1,0 +1,1 @@
+"""One module per stage: `run(cfg, io, ...) -> StageResult` does the work, `main(argv)` only parses."""
