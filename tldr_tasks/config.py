@@ -162,7 +162,7 @@ class Config:
     materialize: MaterializeConfig = field(default_factory=MaterializeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if hasattr(section, "validate"):

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
+from pathlib import Path
 
 from tldr_tasks.config import ConfigError, load_config
 from tldr_tasks.stages.base import StageIO
@@ -23,6 +23,9 @@ def add_io_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default=None, help="params.yaml (default: built-in defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one parameter, e.g. --set sample.ratio=0.3 (repeatable)")
+    parser.add_argument("--result-json", default=None,
+                        help="also write the result (metrics, outputs, mlflow_run_id) to this local file "
+                             "(Airflow's KubernetesPodOperator reads /airflow/xcom/return.json)")
 
 
 def io_from_args(args: argparse.Namespace) -> StageIO:
@@ -49,10 +52,14 @@ def stage_main(name: str, argv: list[str] | None = None) -> int:
     kwargs = {"shard_index": args.shard_index, "num_shards": args.num_shards} if spec.sharded else {}
     module = load_stage_module(name)
     started = time.time()
-    with tracking.stage_run(cfg, io, name, kwargs):
+    with tracking.stage_run(cfg, io, name, kwargs) as parent_run_id:
         result = module.run(cfg, io, **kwargs)
         tracking.log_stage_result(name, result, time.time() - started)
-    json.dump({"stage": name, "metrics": result.metrics, "outputs": result.outputs[:20],
-               "skipped": result.skipped}, sys.stdout, indent=1)
-    print()
+    summary = {"stage": name, "metrics": result.metrics, "outputs": result.outputs[:20],
+               "skipped": result.skipped, "out": io.out, "mlflow_run_id": parent_run_id}
+    if args.result_json:
+        Path(args.result_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.result_json).write_text(json.dumps(summary))
+    # The last stdout line is the summary: Airflow's BashOperator pushes it as the task's XCom.
+    print(json.dumps(summary))
     return 0

@@ -11,8 +11,8 @@ import posixpath
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import fsspec
 from braceexpand import braceexpand

@@ -6,7 +6,6 @@ working directory, so `mlflow ui --backend-store-uri sqlite:///mlflow.db` shows 
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 
 from tldr_tasks.config import Config

@@ -13,8 +13,8 @@ import posixpath
 import re
 import tarfile
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image
