@@ -17,6 +17,8 @@ from contextlib import contextmanager
 import fsspec
 from braceexpand import braceexpand
 
+from tldr_tasks.config import ConfigError
+
 
 def filesystem(url: str):
     """The fsspec filesystem and the path inside it for `url`."""
@@ -101,9 +103,9 @@ def _is_local(fs) -> bool:
 
 def expand_shards(input_url: str) -> list[str]:
     """Shard URLs named by `input_url`: a brace pattern (`crawl/{00000..00099}.tar`), a glob, or a
-    folder (every `*.tar` directly inside). Raises ValueError with what to fix when nothing matches."""
+    folder (every `*.tar` directly inside). Raises ConfigError with what to fix when nothing matches."""
     if not input_url:
-        raise ValueError("no input given: pass --input with a shard pattern or a folder of .tar shards")
+        raise ConfigError("no input given: pass --input with a shard pattern or a folder of .tar shards")
     urls: list[str] = []
     for pattern in braceexpand(input_url):
         fs, path = filesystem(pattern)
@@ -115,10 +117,10 @@ def expand_shards(input_url: str) -> list[str]:
         elif fs.exists(path):
             urls.append(pattern)
         else:
-            raise ValueError(f"input shard not found: {pattern} (check --input; brace patterns look like "
+            raise ConfigError(f"input shard not found: {pattern} (check --input; brace patterns look like "
                              "crawl/{00000..00009}.tar)")
     if not urls:
-        raise ValueError(f"no .tar shards found at {input_url}: point --input at a folder of WebDataset "
+        raise ConfigError(f"no .tar shards found at {input_url}: point --input at a folder of WebDataset "
                          "shards or a brace pattern")
     return urls
 

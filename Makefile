@@ -1,0 +1,50 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each creates or refreshes .venv
+# (re-installing when pyproject.toml changes) and installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HASH := $(shell sha1sum pyproject.toml | cut -c1-10)
+CORE_STAMP := $(VENV)/.core-$(HASH)
+FULL_STAMP := $(VENV)/.full-$(HASH)
+# torch first and pinned: a bare `torch` would resolve a multi-GB CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: demo test test-fast lint airflow bench clean install
+
+$(CORE_STAMP):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(FULL_STAMP): $(CORE_STAMP)
+	$(PY) -m pip install -q $(TORCH) -e '.[airflow,test]'
+	touch $@
+
+install: $(FULL_STAMP)
+
+## the whole pipeline + evaluation on the synthetic crawl (runs/demo/report.json)
+demo: $(CORE_STAMP)
+	$(VENV)/bin/tldr-vlp demo --out runs/demo
+
+## every test, slow end-to-end ones included (what CI runs)
+test: $(FULL_STAMP)
+	$(VENV)/bin/pytest -q -ra
+
+## the quick tests only
+test-fast: $(FULL_STAMP)
+	$(VENV)/bin/pytest -q -m "not slow"
+
+lint: $(FULL_STAMP)
+	$(VENV)/bin/ruff check tldr_tasks dags tests benchmarks
+
+## Airflow (api-server, scheduler, dag-processor, triggerer) on 127.0.0.1 with the DAGs
+airflow: $(FULL_STAMP)
+	bash scripts/airflow-local.sh
+
+bench: $(FULL_STAMP)
+	$(PY) benchmarks/cluster_scale.py
+
+clean:
+	rm -rf runs mlflow.db mlruns .pytest_cache

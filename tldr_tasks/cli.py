@@ -1,0 +1,130 @@
+"""`tldr-vlp`: the command line.
+
+    tldr-vlp demo [--out runs/demo]            the whole pipeline + evaluation on a synthetic crawl
+    tldr-vlp compress --input URL --out URL    the main job on your own crawl
+    tldr-vlp run STAGE --input URL --out URL   one stage (what Airflow tasks and dvc.yaml call)
+    tldr-vlp make-crawl --out DIR              the synthetic benchmark crawl
+    tldr-vlp import --images DIR --captions F --out DIR   a folder of images + captions -> shards
+    tldr-vlp stages                            the stage list with resources
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tldr_tasks.config import ConfigError, load_config
+
+COMMANDS = ("demo", "compress", "run", "make-crawl", "import", "stages")
+
+
+def _common_overrides(args: argparse.Namespace) -> list[str]:
+    """Shortcut flags -> `section.key=value` overrides (explicit --set wins, it comes last)."""
+    shortcuts = {"ratio": "sample.ratio", "clusters": "cluster.clusters", "feature": "embed.feature",
+                 "strategy": "sample.strategy", "fusion": "caption.fusion", "seed": "seed",
+                 "samples": "crawl.samples", "noise": "crawl.noise"}
+    out = [f"{key}={getattr(args, name)}" for name, key in shortcuts.items()
+           if getattr(args, name, None) is not None]
+    return out + list(args.overrides)
+
+
+def _add_shortcuts(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ratio", type=float, help="share of samples to keep, in (0, 1] (default 0.25)")
+    parser.add_argument("--clusters", type=int, help="k-means clusters (default 100)")
+    parser.add_argument("--feature", help="clustering feature: quantized_mean, code_histogram, cls, code_index_pca")
+    parser.add_argument("--strategy", help="sampling: uniform, hard, near_centroid, far_centroid, random")
+    parser.add_argument("--fusion", help="caption fusion: concat, alternate, generated, original")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--params", default=None, help="params.yaml (default: built-in defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override any parameter, e.g. --set captioner.epochs=2 (repeatable)")
+
+
+def compress_main(argv: list[str]) -> int:
+    from tldr_tasks.runner import compress
+    from tldr_tasks.stages.base import StageIO
+
+    parser = argparse.ArgumentParser(prog="tldr-vlp compress",
+                                     description="Compress a crawl with every TL;DR stage, locally and resumably.")
+    parser.add_argument("--input", required=True, help="crawl shards: brace pattern, glob or folder URL")
+    parser.add_argument("--out", required=True, help="output folder URL (resumable: rerun to continue)")
+    parser.add_argument("--captioner", help="reuse a trained captioner folder instead of training one")
+    parser.add_argument("--embed-cache", help="shared embedding folder: recompression embeds only new shards")
+    parser.add_argument("--eval", action="store_true", help="also run the downstream evaluation")
+    parser.add_argument("--eval-input", help="clean held-out shards for --eval")
+    _add_shortcuts(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.params, _common_overrides(args))
+        io = StageIO(input=args.input, out=args.out, eval_input=args.eval_input,
+                     captioner=args.captioner, embed_cache=args.embed_cache)
+        summary = compress(cfg, io, with_eval=args.eval)
+    except ConfigError as err:
+        parser.error(str(err))
+    manifest = summary["manifest"]
+    print(f"kept {manifest['kept']} of {manifest['input_samples']} samples "
+          f"({manifest['dropped']} dropped by selection, {manifest['rejected']} rejected: see "
+          f"{args.out}/shards/rejects.jsonl); shards in {args.out}/shards; MLflow run {summary['mlflow_run_id']}")
+    return 0
+
+
+def demo_main(argv: list[str]) -> int:
+    from tldr_tasks.demo import demo, results_table
+
+    parser = argparse.ArgumentParser(prog="tldr-vlp demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo)")
+    parser.add_argument("--samples", type=int, help="crawl size (default 8000)")
+    parser.add_argument("--noise", type=float, help="share of noisy captions (default 0.3)")
+    _add_shortcuts(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.params, _common_overrides(args))
+        report = demo(args.out, cfg)
+    except ConfigError as err:
+        parser.error(str(err))
+    print(results_table(report))
+    print(f"\nreport: {args.out}/report.json")
+    return 0
+
+
+def stages_main(argv: list[str]) -> int:
+    from tldr_tasks.pipeline import STAGES
+
+    for spec in STAGES:
+        r = spec.resources
+        print(f"{spec.name:<16} cpus={r.cpus:<4} memory={r.memory_gb}G gpus={r.gpus} "
+              f"{'sharded ' if spec.sharded else ''}{'optional' if spec.optional else ''}".rstrip())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__)
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    command, rest = argv[0], argv[1:]
+    if command == "run":
+        from tldr_tasks.pipeline import STAGE_NAMES
+        from tldr_tasks.stage_cli import stage_main
+
+        if not rest or rest[0] not in STAGE_NAMES:
+            print(f"usage: tldr-vlp run STAGE ...; stages: {', '.join(STAGE_NAMES)}", file=sys.stderr)
+            return 2
+        try:
+            return stage_main(rest[0], rest[1:])
+        except ConfigError as err:
+            print(f"tldr-vlp run {rest[0]}: error: {err}", file=sys.stderr)
+            return 2
+    if command == "make-crawl":
+        from tldr_tasks.data.synthetic import main as crawl_main
+
+        return crawl_main(rest) or 0
+    if command == "import":
+        from tldr_tasks.data.importer import main as import_main
+
+        return import_main(rest) or 0
+    return {"compress": compress_main, "demo": demo_main, "stages": stages_main}[command](rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Stage `embed`: every image of the crawl -> its codebook feature and the captioner's loss.
+
+One worker per shard group (`--shard-index/--num-shards`); each input shard becomes one file
+`{embed_dir}/{captioner_version}-{feature}/{shard_stem}.npz`, written atomically. An existing file
+means the shard is done, so the stage is resumable and incremental: a recompression with the same
+captioner (and a shared `--embed-cache`) only embeds shards it has not seen.
+
+    tldr-vlp run embed --input 'crawl/{00000..00099}.tar' --out runs/r1 --shard-index 0 --num-shards 4
+
+Features (`embed.feature`):
+    quantized_mean   mean of the quantised token vectors            float16 [N, D]
+    code_histogram   normalised histogram of code indices           float16 [N, codebook_size]
+    cls              encoder CLS token before quantisation          float16 [N, D]
+    code_index_pca   the released code: raw code index per token    int16/int32 [N, T]
+                     (`cluster` PCA-whitens it, it needs all data)
+"""
+
+from __future__ import annotations
+
+import io as _io
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from tldr_tasks import storage
+from tldr_tasks.config import Config
+from tldr_tasks.data.shards import Rejected, Sample, iter_shard
+from tldr_tasks.stages.base import StageIO, StageResult, my_parts
+from tldr_tasks.stage_cli import stage_main
+
+
+@dataclass
+class EmbedPart:
+    """The content of one per-shard npz file.
+
+    Attributes:
+        keys: sample keys in shard order (str array).
+        features: one row per key (float16; int16/int32 code indices for code_index_pca).
+        loss: the captioner's per-sample loss on the original caption (float32, NaN when empty).
+        reject_keys: keys of samples the reader rejected ("" when the whole shard was unreadable).
+        reject_reasons: why, one per reject key.
+        meta: shard, feature, captioner_version, samples, rejected, seconds.
+    """
+
+    keys: np.ndarray
+    features: np.ndarray
+    loss: np.ndarray
+    reject_keys: np.ndarray
+    reject_reasons: np.ndarray
+    meta: dict
+
+
+def parts_dir(cfg: Config, io: StageIO, version: str | None = None) -> str:
+    """The folder of one (captioner, feature) pair's per-shard parts."""
+    if version is None:
+        from tldr_tasks.models.captioner import captioner_version
+
+        version = captioner_version(io.captioner_dir)
+    return storage.join(io.embed_dir, f"{version}-{cfg.embed.feature}")
+
+
+def part_url(directory: str, shard_url: str) -> str:
+    return storage.join(directory, storage.shard_stem(shard_url) + ".npz")
+
+
+def check_unique_stems(shards: list[str]) -> None:
+    """Per-shard outputs are keyed by the shard's file stem; two inputs with one stem would collide."""
+    stems: dict[str, str] = {}
+    for url in shards:
+        stem = storage.shard_stem(url)
+        if stem in stems:
+            raise ValueError(f"two input shards share the name {stem!r} ({stems[stem]} and {url}); per-shard "
+                             "outputs are keyed by file name: rename one or embed them in separate runs")
+        stems[stem] = url
+
+
+def save_part(url: str, part: EmbedPart) -> None:
+    """Write one part atomically (np.savez, no pickles)."""
+    buffer = _io.BytesIO()
+    np.savez(buffer, keys=np.asarray(part.keys, dtype=str), features=part.features,
+             loss=np.asarray(part.loss, dtype=np.float32),
+             reject_keys=np.asarray(part.reject_keys, dtype=str),
+             reject_reasons=np.asarray(part.reject_reasons, dtype=str),
+             meta=np.asarray(json.dumps(part.meta, sort_keys=True)))
+    storage.write_bytes_atomic(url, buffer.getvalue())
+
+
+def load_part(url: str, features: bool = True) -> EmbedPart:
+    """Read one part; `features=False` skips the (large) feature matrix."""
+    with np.load(_io.BytesIO(storage.read_bytes(url)), allow_pickle=False) as data:
+        return EmbedPart(
+            keys=data["keys"], features=data["features"] if features else np.empty((0, 0), np.float16),
+            loss=data["loss"], reject_keys=data["reject_keys"], reject_reasons=data["reject_reasons"],
+            meta=json.loads(str(data["meta"])))
+
+
+def _batches(samples: Iterator[Sample | Rejected], size: int, rejects: list[Rejected]) -> Iterator[list[Sample]]:
+    batch: list[Sample] = []
+    for item in samples:
+        if isinstance(item, Rejected):
+            rejects.append(item)
+            continue
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def compute_features(model, pixels, feature: str, codebook_size: int):
+    """The clustering feature of a batch of images (a torch tensor [B, ...], not yet numpy).
+
+    Args:
+        model: the captioner; `model.encode(pixels)` gives quantized [B,T,D], codes [B,T], cls [B,D].
+        pixels: FloatTensor [B, 3, S, S] from `image_to_tensor`.
+        feature: one of config.FEATURES.
+        codebook_size: number of codes (the histogram's length).
+    """
+    import torch
+
+    out = model.encode(pixels)
+    if feature == "quantized_mean":
+        return out.quantized.float().mean(dim=1)
+    if feature == "cls":
+        return out.cls.float()
+    if feature == "code_histogram":
+        codes = out.codes.long()
+        hist = torch.zeros(codes.shape[0], codebook_size, device=codes.device)
+        hist.scatter_add_(1, codes, torch.ones_like(codes, dtype=hist.dtype))
+        return hist / codes.shape[1]
+    if feature == "code_index_pca":
+        return out.codes.long()
+    raise ValueError(f"unknown embed.feature {feature!r}")
+
+
+def _to_storage_dtype(array: np.ndarray, feature: str, codebook_size: int) -> np.ndarray:
+    if feature == "code_index_pca":
+        return array.astype(np.int16 if codebook_size <= np.iinfo(np.int16).max else np.int32)
+    return array.astype(np.float16)
+
+
+def embed_shard(model, tokenizer, cfg: Config, shard_url: str, device: str, version: str) -> EmbedPart:
+    """Embed every sample of one shard (the pure core of the stage)."""
+    import torch
+    from tqdm import tqdm
+
+    from tldr_tasks.models.captioner import image_to_tensor, tokenize_captions
+
+    started = time.time()
+    feature, codebook_size = cfg.embed.feature, cfg.captioner.codebook_size
+    codebook_size = int(getattr(model, "codebook_size", codebook_size))
+    rejects: list[Rejected] = []
+    keys: list[str] = []
+    features: list[np.ndarray] = []
+    losses: list[np.ndarray] = []
+    stem = storage.shard_stem(shard_url)
+    with torch.inference_mode():
+        for batch in tqdm(_batches(iter_shard(shard_url), cfg.embed.batch_size, rejects),
+                          desc=f"embed {stem}", unit="batch", leave=False):
+            pixels = image_to_tensor([s.image for s in batch], cfg.captioner.image_size).to(device)
+            feats = compute_features(model, pixels, feature, codebook_size)
+            features.append(_to_storage_dtype(feats.cpu().numpy(), feature, codebook_size))
+            loss = np.full(len(batch), np.nan, dtype=np.float32)
+            with_caption = [i for i, s in enumerate(batch) if s.caption.strip()]
+            if with_caption:
+                ids, mask = tokenize_captions(tokenizer, [batch[i].caption for i in with_caption],
+                                              cfg.captioner.max_tokens)
+                per_sample = model.per_sample_loss(pixels[with_caption], ids.to(device), mask.to(device))
+                loss[with_caption] = per_sample.float().cpu().numpy()
+            losses.append(loss)
+            keys += [s.key for s in batch]
+    if features:
+        matrix = np.concatenate(features)
+    else:  # a shard with nothing readable still gets a part, so it counts as done
+        width = 0 if feature == "code_index_pca" else (codebook_size if feature == "code_histogram" else 0)
+        matrix = _to_storage_dtype(np.zeros((0, width)), feature, codebook_size)
+    meta = {"shard": stem, "feature": feature, "captioner_version": version, "samples": len(keys),
+            "rejected": len(rejects), "seconds": round(time.time() - started, 3)}
+    return EmbedPart(keys=np.asarray(keys, dtype=str), features=matrix,
+                     loss=np.concatenate(losses) if losses else np.zeros(0, np.float32),
+                     reject_keys=np.asarray([r.key or "" for r in rejects], dtype=str),
+                     reject_reasons=np.asarray([r.reason for r in rejects], dtype=str), meta=meta)
+
+
+def run(cfg: Config, io: StageIO, shard_index: int = 0, num_shards: int = 1) -> StageResult:
+    """Embed this worker's input shards; shards whose part already exists are reused."""
+    import torch
+
+    from tldr_tasks.models.captioner import captioner_version, load_captioner
+
+    shards = io.input_shards()
+    check_unique_stems(shards)
+    mine = my_parts(shards, shard_index, num_shards)
+    version = captioner_version(io.captioner_dir)
+    directory = parts_dir(cfg, io, version)
+    todo = [s for s in mine if not storage.exists(part_url(directory, s))]
+    metrics = {"samples": 0.0, "rejected": 0.0, "shards_embedded": float(len(todo)),
+               "shards_reused": float(len(mine) - len(todo)), "images_per_s": 0.0}
+    outputs = [part_url(directory, s) for s in mine]
+    if not todo:
+        return StageResult(metrics=metrics, outputs=outputs, skipped=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_captioner(io.captioner_dir, device=device)
+    model.eval()
+    started = time.time()
+    for shard_url in todo:
+        part = embed_shard(model, tokenizer, cfg, shard_url, device, version)
+        save_part(part_url(directory, shard_url), part)
+        metrics["samples"] += part.meta["samples"]
+        metrics["rejected"] += part.meta["rejected"]
+    elapsed = max(time.time() - started, 1e-9)
+    metrics["images_per_s"] = round(metrics["samples"] / elapsed, 2)
+    return StageResult(metrics=metrics, outputs=outputs)
+
+
+def main(argv=None):
+    return stage_main("embed", argv)
