@@ -41,9 +41,9 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("sample", "sample", Resources(cpus=2, memory_gb=8),
               deps=("cluster",), params=("seed", "sample")),
     StageSpec("caption", "caption", Resources(cpus=4, memory_gb=16, gpus=1), sharded=True,
-              deps=("sample",), params=("caption",)),
+              deps=("train-captioner", "sample"), params=("caption",)),
     StageSpec("materialize", "materialize", Resources(cpus=2, memory_gb=8),
-              deps=("caption",), params=("caption.fusion", "materialize")),
+              deps=("cluster", "sample", "caption"), params=("caption.fusion", "materialize")),
     StageSpec("evaluate", "evaluate", Resources(cpus=8, memory_gb=32, gpus=1),
               deps=("materialize",), params=("seed", "evaluate"), optional=True),
 )

@@ -152,4 +152,4 @@ def register_captioner(parent: str, captioner_dir: str, description: str = "") -
     source = f"{client.get_run(parent).info.artifact_uri}/captioner"
     version = client.create_model_version(CAPTIONER_MODEL_NAME, source=source, run_id=parent,
                                           description=description)
-    return version.version
+    return str(version.version)

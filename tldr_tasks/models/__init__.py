@@ -1,1 +1,2 @@
-"""Models: the codebook captioner (captioner.py, tokenizer.py) and the downstream CLIP; size presets in model_configs/."""
+"""Models: the codebook captioner (captioner.py, tokenizer.py), the downstream CLIP, and their
+size presets in model_configs/."""

@@ -28,8 +28,8 @@ import numpy as np
 from tldr_tasks import storage
 from tldr_tasks.config import Config
 from tldr_tasks.data.shards import Rejected, Sample, iter_shard
-from tldr_tasks.stages.base import StageIO, StageResult, my_parts
 from tldr_tasks.stage_cli import stage_main
+from tldr_tasks.stages.base import StageIO, StageResult, my_parts
 
 
 @dataclass
@@ -151,8 +151,9 @@ def embed_shard(model, tokenizer, cfg: Config, shard_url: str, device: str, vers
     from tldr_tasks.models.captioner import image_to_tensor, tokenize_captions
 
     started = time.time()
-    feature, codebook_size = cfg.embed.feature, cfg.captioner.codebook_size
-    codebook_size = int(getattr(model, "codebook_size", codebook_size))
+    # The saved architecture, not cfg.captioner: a reused --captioner may differ from this run's params.
+    feature, arch = cfg.embed.feature, model.arch
+    codebook_size, image_size, max_tokens = arch["codebook_size"], arch["image_size"], arch["max_tokens"]
     rejects: list[Rejected] = []
     keys: list[str] = []
     features: list[np.ndarray] = []
@@ -161,14 +162,14 @@ def embed_shard(model, tokenizer, cfg: Config, shard_url: str, device: str, vers
     with torch.inference_mode():
         for batch in tqdm(_batches(iter_shard(shard_url), cfg.embed.batch_size, rejects),
                           desc=f"embed {stem}", unit="batch", leave=False):
-            pixels = image_to_tensor([s.image for s in batch], cfg.captioner.image_size).to(device)
+            pixels = image_to_tensor([s.image for s in batch], image_size).to(device)
             feats = compute_features(model, pixels, feature, codebook_size)
             features.append(_to_storage_dtype(feats.cpu().numpy(), feature, codebook_size))
             loss = np.full(len(batch), np.nan, dtype=np.float32)
             with_caption = [i for i, s in enumerate(batch) if s.caption.strip()]
             if with_caption:
                 ids, mask = tokenize_captions(tokenizer, [batch[i].caption for i in with_caption],
-                                              cfg.captioner.max_tokens)
+                                              max_tokens)
                 per_sample = model.per_sample_loss(pixels[with_caption], ids.to(device), mask.to(device))
                 loss[with_caption] = per_sample.float().cpu().numpy()
             losses.append(loss)

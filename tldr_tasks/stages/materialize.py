@@ -81,8 +81,9 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     groups = [ordered[i:i + size] for i in range(0, len(ordered), size)]
     generated: dict[str, str] = {}
     for stem in sorted({r["shard"] for r in selected}):
-        for row in _read_parquet(storage.join(io.caption_dir, f"{stem}.parquet")):
-            generated[row["key"]] = row["generated"]
+        part = storage.join(io.caption_dir, f"{stem}.parquet")
+        if storage.exists(part):
+            generated.update((row["key"], row["generated"]) for row in _read_parquet(part))
     missing = [r["key"] for r in selected if r["key"] not in generated]
     if missing:
         raise RuntimeError(f"{len(missing)} selected samples have no generated caption (e.g. {missing[0]}): "

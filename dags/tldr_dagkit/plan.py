@@ -1,0 +1,113 @@
+"""Trigger params -> the exact `tldr-vlp run <stage> ...` command of every task. Pure; no Airflow.
+
+The `plan` task of tldr_compress calls `build_plan` once per run, so both runners run the same
+commands, and the plan (visible as that task's XCom) says exactly what every task will run.
+
+Layout of a run (the recompression layout): `<output_root>/runs/<run_id>` is the run folder;
+`<output_root>/captioner` and `<output_root>/embed` are shared by every run, so a scheduled rerun
+reuses the trained captioner and embeds only shards it has not embedded before.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Mapping
+
+from tldr_tasks.pipeline import STAGES, get_stage
+
+# Trigger-form param -> the params.yaml key it sets (`--set key=value`).
+PARAM_SETTINGS = {
+    "ratio": "sample.ratio",
+    "clusters": "cluster.clusters",
+    "feature": "embed.feature",
+    "strategy": "sample.strategy",
+    "fusion": "caption.fusion",
+    "captioner_preset": "captioner.preset",
+}
+
+
+def task_id(stage: str) -> str:
+    return stage.replace("-", "_")
+
+
+def run_folder_name(run_id: str) -> str:
+    """A run id as a path segment: `manual__2026-01-01T00:00:00+00:00` -> `manual__2026-01-01T00-00-00-00-00`."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", run_id)
+
+
+def settings(params: Mapping) -> list[str]:
+    """The `section.key=value` overrides a run's params ask for; the free-form overrides come last (win)."""
+    out = [f"{key}={params[name]}" for name, key in PARAM_SETTINGS.items() if params.get(name) is not None]
+    return out + [str(item) for item in params.get("overrides") or []]
+
+
+def stage_arguments(stage: str, params: Mapping, run_id: str, input_url: str, *, shard_index: int | None = None,
+                    num_shards: int | None = None, result_json: str | None = None) -> list[str]:
+    """The arguments after `tldr-vlp` for one task of one stage.
+
+    Args:
+        stage: a name from tldr_tasks.pipeline.STAGES.
+        params: the run's params (the trigger form's fields).
+        run_id: the Airflow run id; names the run folder.
+        input_url: the crawl to compress (params["input_url"] or the landed crawl of an Asset event).
+        shard_index, num_shards: the worker's shard group, for sharded stages only.
+        result_json: also write the result here (the pod runner's XCom file).
+    """
+    spec = get_stage(stage)
+    root = str(params["output_url"]).rstrip("/")
+    args = ["run", stage, "--input", input_url, "--out", f"{root}/runs/{run_folder_name(run_id)}",
+            "--captioner", f"{root}/captioner", "--embed-cache", f"{root}/embed"]
+    if spec.optional and params.get("eval_input_url"):
+        args += ["--eval-input", str(params["eval_input_url"])]
+    for item in settings(params):
+        args += ["--set", item]
+    if spec.sharded:
+        if shard_index is None or not num_shards:
+            raise ValueError(f"stage {stage} is sharded: pass shard_index and num_shards")
+        args += ["--shard-index", str(shard_index), "--num-shards", str(num_shards)]
+    if result_json:
+        args += ["--result-json", result_json]
+    return args
+
+
+def build_plan(params: Mapping, run_id: str, *, executable: str, result_json: str,
+               input_url: str | None = None, input_version: str | None = None) -> dict:
+    """Every task's command for one run.
+
+    Returns a flat dict (Airflow pushes each key as its own XCom): `out`, `input`, `input_version`,
+    `runner`, `shard_groups`; `local__<task>` the shell command (a list of them, one per shard group,
+    for sharded stages); `pod__<task>` the container arguments (a list of lists for sharded stages).
+    """
+    from tldr_tasks.config import load_config
+
+    input_url = input_url or params.get("input_url")
+    if not input_url:
+        raise ValueError("no input crawl: set the input_url param (a folder or brace pattern of .tar shards)")
+    if not params.get("output_url"):
+        raise ValueError("no output: set the output_url param (the root folder or s3:// URL for runs)")
+    if params.get("run_evaluation") and not params.get("eval_input_url"):
+        raise ValueError("run_evaluation is on but eval_input_url is empty: give the clean held-out shards "
+                         "(the synthetic crawl writes them beside the crawl) or turn evaluation off")
+    # Refuse a bad override here, before any task (or pod) starts; the message names the key.
+    load_config(None, settings(params))
+    groups = int(params.get("shard_groups") or 1)
+    root = str(params["output_url"]).rstrip("/")
+    plan = {"out": f"{root}/runs/{run_folder_name(run_id)}", "input": input_url, "input_version": input_version,
+            "runner": params.get("runner", "local"), "shard_groups": groups}
+    for spec in STAGES:
+        tid = task_id(spec.name)
+        if spec.sharded:
+            local = [stage_arguments(spec.name, params, run_id, input_url, shard_index=i, num_shards=groups)
+                     for i in range(groups)]
+            plan[f"local__{tid}"] = [shell_command(executable, args) for args in local]
+            plan[f"pod__{tid}"] = [args + ["--result-json", result_json] for args in local]
+        else:
+            args = stage_arguments(spec.name, params, run_id, input_url)
+            plan[f"local__{tid}"] = shell_command(executable, args)
+            plan[f"pod__{tid}"] = args + ["--result-json", result_json]
+    return plan
+
+
+def shell_command(executable: str, args: list[str]) -> str:
+    return shlex.join([executable, *args])

@@ -1,0 +1,100 @@
+"""materialize: compressed shards hold exactly the selected samples with fused captions, and the
+manifest accounts for every input sample."""
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from tldr_tasks.config import Config
+from tldr_tasks.data.shards import Sample, ShardWriter, encode_json, iter_shard
+from tldr_tasks.stages import materialize
+from tldr_tasks.stages.base import StageIO
+
+
+def _png(colour):
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _write_parquet(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+@pytest.fixture()
+def selection(tmp_path):
+    """Two input shards of 5 samples; 1 rejected, 4 selected, 5 dropped."""
+    crawl = tmp_path / "crawl"
+    with ShardWriter(str(crawl), shard_size=5) as writer:
+        for i in range(10):
+            writer.write(f"{i:04d}", {"png": _png((i * 20, 0, 0)), "txt": f"caption {i}".encode(),
+                                      "json": encode_json({"truth": {"scene": i}})})
+    out = tmp_path / "run"
+    assignments = [{"key": f"{i:04d}", "shard": f"{i // 5:05d}", "cluster": i % 3, "distance": 0.1, "loss": 1.0}
+                   for i in range(10) if i != 7]
+    _write_parquet(out / "cluster" / "assignments.parquet", assignments)
+    _write_parquet(out / "cluster" / "rejects.parquet",
+                   [{"key": "0007", "shard": "00001", "reason": "undecodable image: broken"}])
+    selected = [{"key": k, "shard": f"{int(k) // 5:05d}", "cluster": int(k) % 3}
+                for k in ("0001", "0003", "0006", "0009")]
+    _write_parquet(out / "sample" / "selected.parquet", selected)
+    for shard in ("00000", "00001"):
+        rows = [{"key": r["key"], "generated": f"generated {r['key']}"} for r in selected if r["shard"] == shard]
+        _write_parquet(out / "caption" / f"{shard}.parquet", rows)
+    return StageIO(input=str(crawl), out=str(out))
+
+
+def test_materialize_writes_selected_samples_with_fused_captions(selection):
+    cfg = Config()
+    cfg.caption.fusion = "concat"
+    cfg.materialize.shard_size = 3
+    result = materialize.run(cfg, selection)
+    shards = sorted(p for p in result.outputs if p.endswith(".tar"))
+    assert len(shards) == 2  # 4 samples, 3 per shard
+    samples = [s for url in shards for s in iter_shard(url)]
+    assert [s.key for s in samples] == ["0001", "0003", "0006", "0009"]
+    assert all(isinstance(s, Sample) for s in samples)
+    assert samples[0].caption == "caption 1; generated 0001"
+    assert samples[2].meta["source_shard"] == "00001"
+    assert samples[2].meta["generated_caption"] == "generated 0006"
+    assert samples[2].meta["truth"] == {"scene": 6}
+    assert samples[3].image.getpixel((0, 0)) == (180, 0, 0)
+
+
+def test_manifest_accounts_for_every_sample(selection):
+    materialize.run(Config(), selection)
+    manifest = json.loads(open(f"{selection.out}/shards/manifest.json").read())
+    assert manifest["input_samples"] == 10
+    assert (manifest["kept"], manifest["dropped"], manifest["rejected"]) == (4, 5, 1)
+    assert manifest["rejected_by_reason"] == {"undecodable image": 1}
+    for counts in manifest["per_shard"].values():
+        assert counts["input"] == counts["kept"] + counts["dropped"] + counts["rejected"] == 5
+    rejects = open(f"{selection.out}/shards/rejects.jsonl").read().splitlines()
+    assert json.loads(rejects[0])["key"] == "0007"
+
+
+def test_rerun_is_skipped_and_shards_are_deterministic(selection, tmp_path):
+    first = materialize.run(Config(), selection)
+    data = open(first.outputs[0], "rb").read()
+    assert materialize.run(Config(), selection).skipped
+    # a fresh run into another folder gives byte-identical shards
+    other = tmp_path / "again"
+    shutil.copytree(selection.out, other, ignore=shutil.ignore_patterns("shards"))
+    again = materialize.run(Config(), StageIO(input=selection.input, out=str(other)))
+    assert open(again.outputs[0], "rb").read() == data
+    with tarfile.open(again.outputs[0]) as tar:
+        assert tar.getnames()[:3] == ["0001.json", "0001.png", "0001.txt"]
+
+
+def test_missing_generated_caption_is_an_error(selection):
+    Path(selection.out, "caption", "00001.parquet").unlink()
+    with pytest.raises(RuntimeError, match="run the caption stage"):
+        materialize.run(Config(), selection)

@@ -1,0 +1,269 @@
+"""Stage `train-captioner`: train the codebook captioner on the crawl with DeepSpeed and export it.
+
+    tldr-vlp run train-captioner --input 'crawl/train/{00000..00007}.tar' --out runs/r1
+    deepspeed --num_gpus 4 -m tldr_tasks.cli run train-captioner --input ... --out ...   # one pod
+    torchrun --nproc-per-node 2 -m tldr_tasks.cli run train-captioner --input ... --out ...
+
+Skipped when `{captioner_dir}` already holds a finished export (that is how `--captioner` reuses
+one). DeepSpeed checkpoints go to `{captioner_dir}/checkpoints` (a local cache folder when
+captioner_dir is remote) every `captioner.checkpoint_every` steps and at every epoch end; a
+restarted run resumes from the latest one and ends in the same weights as an uninterrupted run:
+the data order is a function of (seed, epoch), dropout is off and steps already done are skipped.
+Only rank 0 exports. The batch size is global: each of N ranks takes batch_size / N samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+from tldr_tasks import storage
+from tldr_tasks.config import Config
+from tldr_tasks.stage_cli import stage_main
+from tldr_tasks.stages.base import StageIO, StageResult
+
+log = logging.getLogger(__name__)
+
+KEEP_CHECKPOINTS = 2  # older DeepSpeed checkpoints are deleted; one spare survives a bad write
+
+
+def run(cfg: Config, io: StageIO) -> StageResult:
+    """Train (or resume) the captioner on io.input_shards() and export it to io.captioner_dir."""
+    return train(cfg, io)
+
+
+def train(cfg: Config, io: StageIO, stop_after_steps: int | None = None) -> StageResult:
+    """`run` with a test hook: `stop_after_steps` stops (after checkpointing) once that many
+    optimizer steps are done, without exporting, like a worker killed right after a checkpoint."""
+    from tldr_tasks.models import captioner as cap
+
+    if cap.is_complete(io.captioner_dir):
+        log.info("captioner already trained at %s: skipping", io.captioner_dir)
+        return StageResult(metrics={}, outputs=[io.captioner_dir], skipped=True)
+
+    import deepspeed
+    import torch
+
+    c = cfg.captioner
+    started = time.time()
+    _init_distributed(deepspeed)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if c.batch_size % world:
+        raise ValueError(f"captioner.batch_size={c.batch_size} must be divisible by the {world} ranks "
+                         "(it is the global batch)")
+    ckpt_dir = checkpoint_dir(io.captioner_dir)
+
+    images, captions = load_training_data(io.input_shards(), c.image_size, show_progress=rank == 0)
+    if len(captions) < c.batch_size:
+        raise ValueError(f"only {len(captions)} captioned training samples in {io.input}; need at least "
+                         f"captioner.batch_size={c.batch_size}")
+    tokenizer = _shared_tokenizer(captions, c.vocab_size, ckpt_dir, rank)
+    input_ids, attention_mask = cap.tokenize_captions(tokenizer, captions, c.max_tokens)
+
+    torch.manual_seed(cfg.seed)
+    model = cap.build_captioner(c, tokenizer, captions if c.codebook_init == "keywords" else None)
+    steps_per_epoch = len(captions) // c.batch_size  # the ragged tail of each epoch is dropped
+    total_steps = steps_per_epoch * c.epochs
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                           config=deepspeed_config(c, total_steps, world))
+    done = 0
+    if (Path(ckpt_dir) / "latest").exists():
+        path, client_state = engine.load_checkpoint(ckpt_dir)
+        done = int((client_state or {}).get("step", 0))
+        log.info("resumed from %s at step %d of %d", path, done, total_steps)
+    setup_seconds = time.time() - started
+
+    dtype = torch.bfloat16 if c.precision == "bf16" else torch.float32
+    device = engine.device
+    micro = c.batch_size // world
+    engine.train()
+    losses: list[float] = []
+    step, trained_samples, train_started = done, 0, time.time()
+    progress = _progress(total_steps, done, rank)
+    for epoch in range(done // steps_per_epoch, c.epochs):
+        order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        for index in range(step - epoch * steps_per_epoch, steps_per_epoch):
+            batch = order[index * c.batch_size + rank * micro: index * c.batch_size + (rank + 1) * micro]
+            length = int(attention_mask[batch].sum(1).max())
+            pixels = cap.normalize_uint8(images[batch]).to(device=device, dtype=dtype)
+            loss = engine(pixels, input_ids[batch, :length].to(device), attention_mask[batch, :length].to(device))
+            engine.backward(loss)
+            engine.step()
+            step += 1
+            trained_samples += c.batch_size
+            losses.append(loss.item())
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses[-1]:.3f}", epoch=epoch)
+            end_of_epoch = index == steps_per_epoch - 1
+            if end_of_epoch or step % c.checkpoint_every == 0 or step == stop_after_steps:
+                engine.save_checkpoint(ckpt_dir, tag=f"step{step:08d}", client_state={"step": step})
+                if rank == 0:
+                    _prune_checkpoints(ckpt_dir)
+            if step == stop_after_steps:
+                progress.close()
+                return StageResult(metrics={"steps": float(step)}, outputs=[ckpt_dir])
+    progress.close()
+    train_seconds = time.time() - train_started
+
+    metrics = {
+        "steps": float(step), "steps_resumed": float(done), "epochs": float(c.epochs),
+        "train_samples": float(len(captions)), "world_size": float(world),
+        "setup_seconds": setup_seconds, "train_seconds": train_seconds,
+        "samples_per_second": trained_samples / train_seconds if trained_samples else 0.0,
+        # mean over the last epoch's steps on this rank (or over what this process trained)
+        "final_train_loss": float(sum(losses[-steps_per_epoch:]) / max(1, len(losses[-steps_per_epoch:])))
+        if losses else float("nan"),
+    }
+    model = engine.module
+    metrics.update(codebook_usage(model, images, input_ids, attention_mask, dtype, device))
+    if rank == 0:
+        version = cap.save_captioner(model.float().cpu(), tokenizer, cfg.to_dict(), io.captioner_dir)
+        log.info("captioner %s exported to %s", version, io.captioner_dir)
+    if world > 1:
+        torch.distributed.barrier()
+    return StageResult(metrics=metrics, outputs=[io.captioner_dir])
+
+
+def deepspeed_config(c, total_steps: int, world: int) -> dict:
+    """The DeepSpeed config for a CaptionerConfig: AdamW (torch implementation: no JIT-built
+    fused op), linear warmup then cosine decay, ZeRO stage and precision from the config."""
+    return {
+        "train_batch_size": c.batch_size,
+        "train_micro_batch_size_per_gpu": c.batch_size // world,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": c.lr, "betas": [0.9, 0.98], "eps": 1e-8,
+                                                  "weight_decay": 0.01, "torch_adam": True}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": max(total_steps, 2), "warmup_num_steps": max(1, min(c.warmup_steps, total_steps - 1)),
+            "warmup_min_ratio": 0.0, "cos_min_ratio": 0.05, "warmup_type": "linear"}},
+        "zero_optimization": {"stage": c.zero_stage},
+        "bf16": {"enabled": c.precision == "bf16"},
+        "steps_per_print": 10 ** 9,  # progress goes to the tqdm bar, not DeepSpeed's log
+        "wall_clock_breakdown": False,
+    }
+
+
+def load_training_data(shard_urls: list[str], image_size: int, show_progress: bool = True):
+    """Every readable sample with a non-empty caption: (uint8 images [N,3,S,S], captions).
+    Rejected samples and empty captions are left out (they teach the decoder nothing)."""
+    import torch
+    from tqdm import tqdm
+
+    from tldr_tasks.data.shards import Sample, iter_shard
+    from tldr_tasks.models.captioner import images_to_uint8
+
+    chunks, captions = [], []
+    for url in tqdm(shard_urls, desc="read shards", unit="shard", file=sys.stderr, disable=not show_progress):
+        batch_images = []
+        for item in iter_shard(url):
+            if isinstance(item, Sample) and item.caption.strip():
+                batch_images.append(item.image)
+                captions.append(item.caption)
+        if batch_images:
+            chunks.append(images_to_uint8(batch_images, image_size))
+    if not chunks:
+        raise ValueError(f"no captioned samples in {len(shard_urls)} input shard(s): check --input")
+    return torch.cat(chunks), captions
+
+
+def codebook_usage(model, images, input_ids, attention_mask, dtype, device, samples: int = 256) -> dict:
+    """Distinct codes and code perplexity over the tokens of the first `samples` training images,
+    plus their mean caption loss: a collapsed codebook uses a handful of codes."""
+    import torch
+
+    from tldr_tasks.models.captioner import normalize_uint8
+
+    model.eval()
+    with torch.no_grad():
+        pixels = normalize_uint8(images[:samples]).to(device=device, dtype=dtype)
+        codes = model.encode(pixels).codes.flatten()
+        lm = model.per_sample_loss(pixels, input_ids[:samples].to(device), attention_mask[:samples].to(device))
+    counts = torch.bincount(codes.cpu(), minlength=model.arch["codebook_size"]).double()
+    p = counts[counts > 0] / counts.sum()
+    return {"codes_used": float((counts > 0).sum()), "code_perplexity": float(torch.exp(-(p * p.log()).sum())),
+            "codebook_size": float(model.arch["codebook_size"]), "eval_caption_loss": float(lm.mean())}
+
+
+def checkpoint_dir(captioner_url: str) -> str:
+    """A local folder for DeepSpeed checkpoints: `{captioner_dir}/checkpoints` when that is local,
+    else `$TLDR_CACHE_DIR` (default ~/.cache/tldr-vlp)/captioner-<hash of the URL>/checkpoints."""
+    fs, path = storage.filesystem(captioner_url)
+    if storage._is_local(fs):
+        return os.path.join(path, "checkpoints")
+    cache = os.environ.get("TLDR_CACHE_DIR", os.path.expanduser("~/.cache/tldr-vlp"))
+    digest = hashlib.sha256(captioner_url.encode()).hexdigest()[:12]
+    return os.path.join(cache, f"captioner-{digest}", "checkpoints")
+
+
+def _init_distributed(deepspeed) -> None:
+    """One process without a launcher gets a world of one (else DeepSpeed looks for MPI). On CPU
+    the shared-memory all-reduce op is switched off: it is JIT-compiled with gcc on first use
+    (40-70 s) and gloo does the job; on GPUs NCCL is used and nothing is compiled."""
+    import torch
+
+    if "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu" and os.environ.get("TLDR_DS_SHM_COMM", "0") != "1":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(verbose=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _shared_tokenizer(captions: list[str], vocab_size: int, ckpt_dir: str, rank: int):
+    """Rank 0 trains the tokenizer once and keeps it beside the checkpoints, so every rank and
+    every resumed run uses the very same vocabulary."""
+    import torch
+
+    from tldr_tasks.models.tokenizer import train_tokenizer, wrap_tokenizer
+
+    path = Path(ckpt_dir) / "tokenizer.json"
+    if rank == 0 and not path.exists():
+        tokenizer = train_tokenizer(captions, vocab_size)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(tokenizer.backend_tokenizer.to_str())
+        tmp.replace(path)
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+    return wrap_tokenizer(path.read_text())
+
+
+def _prune_checkpoints(ckpt_dir: str) -> None:
+    tags = sorted(p for p in Path(ckpt_dir).glob("step*") if p.is_dir())
+    for old in tags[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _progress(total: int, done: int, rank: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc="train captioner", unit="step", file=sys.stderr,
+                disable=rank != 0, dynamic_ncols=True)
+
+
+def main(argv=None):
+    return stage_main("train-captioner", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
