@@ -30,6 +30,40 @@ def check_run_config(cfg: Config, io: StageIO) -> None:
     storage.write_text_atomic(url, json.dumps({"hash": cfg.hash(), "config": cfg.to_dict()}, indent=1))
 
 
+def count_input_samples(shard_urls: list[str]) -> int | None:
+    """Samples in the crawl without decoding it: img2dataset's `NNNNN_stats.json` successes when
+    present, else the distinct keys in local tars; None when it cannot be told cheaply."""
+    import tarfile
+
+    total = 0
+    for url in shard_urls:
+        stats_url = url[: -len(".tar")] + "_stats.json" if url.endswith(".tar") else None
+        if stats_url and storage.exists(stats_url):
+            total += int(json.loads(storage.read_text(stats_url)).get("successes", 0))
+        elif "://" not in url:
+            try:
+                with tarfile.open(url) as tar:
+                    total += len({m.name.rsplit("/", 1)[-1].split(".")[0] for m in tar.getmembers() if m.isfile()})
+            except (tarfile.TarError, OSError):
+                continue  # a broken shard is reported by the stages, sample by sample
+        else:
+            return None
+    return total
+
+
+def preflight(cfg: Config, io: StageIO, with_eval: bool) -> None:
+    """Refuse wrong parameters before any work, with a message that says what to change."""
+    if with_eval and not io.eval_input:
+        raise ConfigError("the evaluation needs clean held-out shards: pass --eval-input")
+    shard_urls = io.input_shards()
+    samples = count_input_samples(shard_urls)
+    if samples is not None and cfg.cluster.clusters > samples:
+        raise ConfigError(f"cluster.clusters={cfg.cluster.clusters} is more than the {samples} samples in "
+                          f"{io.input}; use --clusters {max(1, samples // 25)} (about 25 samples per cluster)")
+    if samples is not None and round(cfg.sample.ratio * samples) < 1:
+        raise ConfigError(f"sample.ratio={cfg.sample.ratio} keeps no sample of {samples}; raise --ratio")
+
+
 def run_stage(cfg: Config, io: StageIO, name: str, **kwargs) -> tuple[StageResult, float]:
     """One stage in this process inside its MLflow stage run; returns the result and seconds taken."""
     module = load_stage_module(name)
@@ -43,9 +77,7 @@ def run_stage(cfg: Config, io: StageIO, name: str, **kwargs) -> tuple[StageResul
 def compress(cfg: Config, io: StageIO, with_eval: bool = False) -> dict:
     """Run every stage (and the evaluation when asked) and return a summary dict:
     {"results": {stage: metrics}, "seconds": {stage: s}, "mlflow_run_id", "manifest"}."""
-    if with_eval and not io.eval_input:
-        raise ConfigError("the evaluation needs clean held-out shards: pass --eval-input")
-    io.input_shards()  # fail now, with the input message, rather than inside the first stage
+    preflight(cfg, io, with_eval)
     check_run_config(cfg, io)
     parent = tracking.parent_run_id(cfg, io)
     stages = [s for s in STAGES if with_eval or not s.optional]

@@ -13,6 +13,7 @@ import posixpath
 import re
 import tarfile
 import warnings
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -24,6 +25,8 @@ from tldr_tasks import storage
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")
 MAX_IMAGE_PIXELS = 8192 * 8192  # larger images are refused as decompression bombs
 MAX_CAPTION_CHARS = 2000  # web captions beyond this are truncated (alt-text dumps, spam)
+MAX_MEMBER_BYTES = 64 * 1024 * 1024  # one tar member above this is refused, never read into memory
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
 
 
@@ -45,46 +48,83 @@ class Rejected:
     reason: str
 
 
-def _decode_image(data: bytes) -> tuple[Image.Image, bool]:
-    """Decode and normalise to RGB. Returns (image, changed) where changed means the stored bytes
-    are no longer a faithful RGB encoding (palette, alpha, CMYK, 16-bit, animation)."""
+_STORED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # kept byte-for-byte when already RGB
+
+
+class ImageRejected(ValueError):
+    """An image that cannot be used; str() is the rejection reason."""
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Image.Image, bytes, str]:
+    """Decode one encoded image and normalise it to RGB, refusing decompression bombs before decoding.
+
+    Returns (RGB image, bytes to store, their extension): the original bytes when they already are
+    an 8-bit RGB JPEG/PNG/WebP, else a PNG re-encoding (palette, alpha, CMYK, 16-bit, grayscale,
+    animation, other formats). Raises ImageRejected with the reason ("empty image file",
+    "decompression bomb: ...", "undecodable image: ...").
+    """
     if not data:
-        raise ValueError("empty image file")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-        try:
+        raise ImageRejected("empty image file")
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns below 2x its own limit; our smaller limit is checked from the header below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise ValueError(f"image of {image.width}x{image.height} exceeds {MAX_IMAGE_PIXELS} pixels")
+            width, height = image.size
+            if width * height > max_pixels:  # header only: nothing has been decoded yet
+                raise ImageRejected(f"decompression bomb: {width}x{height} pixels exceeds the limit of {max_pixels}")
             image.load()  # the first frame of an animation
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise ValueError(f"decompression bomb: {err}") from None
-    changed = image.mode != "RGB" or getattr(image, "is_animated", False)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    except ImageRejected:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ImageRejected(f"decompression bomb: {err}") from None
+    except Exception as err:  # PIL raises many types for corrupt data
+        raise ImageRejected(f"undecodable image: {type(err).__name__}: {err}"[:300]) from None
+    stored_ext = _STORED_FORMATS.get(image.format or "")
+    sixteen_bit_png = image.format == "PNG" and len(data) > 24 and data[24] == 16  # IHDR bit depth
+    keep_bytes = (stored_ext is not None and image.mode == "RGB" and not sixteen_bit_png
+                  and not getattr(image, "is_animated", False))
+    try:
+        rgb = _to_rgb(image)
+    except Exception as err:
+        raise ImageRejected(f"undecodable image: cannot convert mode {image.mode} to RGB: {err}"[:300]) from None
+    if keep_bytes:
+        return rgb, data, stored_ext
+    buffer = io.BytesIO()
+    rgb.save(buffer, format="PNG")
+    return rgb, buffer.getvalue(), "png"
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode.startswith("I;16"):
+        array = np.asarray(image, dtype=np.float64) / 257.0  # 0..65535 -> 0..255
+        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "L")
+    elif image.mode in ("I", "F"):
         array = np.asarray(image, dtype=np.float64)
-        scale = 65535.0 if array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array / scale * 255.0, 0, 255).astype(np.uint8), "L")
-    if image.mode == "P":
+        scale = 257.0 if array.max() > 255 else 1.0  # 32-bit containers usually carry 16-bit data
+        image = Image.fromarray(np.clip(np.rint(array / scale), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("P", "PA") or "transparency" in image.info:
         image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA"):
-        background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").split()[3])
-        image = background
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return image, changed
+    if image.mode in ("RGBA", "LA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", image.size, (255, 255, 255))  # transparent pixels become white
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _decode_caption(data: bytes | None, meta: dict) -> str:
     if data is None:  # no KEY.txt: img2dataset also keeps the caption in KEY.json
-        data = str(meta.get("caption") or "").encode("utf-8")
-    text = data.decode("utf-8")  # UnicodeDecodeError -> rejected by the caller
+        caption = meta.get("caption")
+        text = caption if isinstance(caption, str) else ""
+    else:
+        text = data.decode("utf-8")  # UnicodeDecodeError -> rejected by the caller
+    text = _CONTROL_CHARS.sub(" ", text.lstrip("\ufeff"))
     return " ".join(text.split())[:MAX_CAPTION_CHARS]
 
 
 def _unsafe_member(name: str) -> bool:
-    return name.startswith("/") or ".." in name.split("/") or "\\" in name
+    return name.startswith("/") or ".." in name.split("/") or "\\" in name or ":" in name.split("/")[0]
 
 
 def _sample_from_parts(key: str, shard: str, parts: dict[str, bytes]) -> Sample | Rejected:
@@ -99,69 +139,107 @@ def _sample_from_parts(key: str, shard: str, parts: dict[str, bytes]) -> Sample 
             meta = json.loads(parts["json"].decode("utf-8"))
             if not isinstance(meta, dict):
                 meta = {}
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             meta = {}  # metadata is optional; a broken one does not cost the sample
     try:
         caption = _decode_caption(parts.get("txt"), meta)
     except UnicodeDecodeError:
         return Rejected(key, shard, "caption is not valid UTF-8")
     try:
-        image, changed = _decode_image(parts[image_ext])
-    except Exception as err:  # PIL raises many types for corrupt data
-        return Rejected(key, shard, f"undecodable image: {type(err).__name__}: {err}"[:300])
-    image_bytes, stored_ext = parts[image_ext], ("jpg" if image_ext == "jpeg" else image_ext)
-    if changed or stored_ext not in ("jpg", "png", "webp"):
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        image_bytes, stored_ext = buffer.getvalue(), "png"
+        image, image_bytes, stored_ext = decode_image(parts[image_ext])
+    except ImageRejected as err:
+        return Rejected(key, shard, str(err))
     return Sample(key, shard, image, image_bytes, stored_ext, caption, meta)
 
 
+@dataclass
+class _Group:
+    """The tar members of one sample, collected while streaming."""
+
+    key: str
+    parts: dict[str, bytes] = field(default_factory=dict)
+    problem: str | None = None
+
+
+def _is_compressed(head: bytes) -> bool:
+    return head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd"))
+
+
 def iter_shard(url: str) -> Iterator[Sample | Rejected]:
-    """Every sample of one shard, in order, as a Sample or a Rejected with its reason."""
+    """Every sample of one shard, in order, as a Sample or a Rejected with its reason.
+
+    Members are grouped into samples by key (the file name up to its first dot, WebDataset's rule).
+    Nothing is extracted to disk. A sample is rejected when one of its members is unsafe (absolute
+    path, `..`), a link or special file, or larger than MAX_MEMBER_BYTES; when its key repeats; when
+    its image is empty, undecodable or a decompression bomb; or when its caption is not UTF-8.
+    When the shard breaks off (truncated or corrupt tar), the sample being read is rejected and one
+    `Rejected(None, ...)` stands for whatever followed; a file that is no tar at all gives only that.
+    """
     shard = storage.shard_stem(url)
     seen: set[str] = set()
-    current_key: str | None = None
-    parts: dict[str, bytes] = {}
+    group: _Group | None = None
+    count = 0
 
-    def finish() -> Sample | Rejected:
-        if current_key in seen:
-            return Rejected(current_key, shard, "duplicate key in shard")
-        seen.add(current_key)
-        return _sample_from_parts(current_key, shard, parts)
+    def close(done: _Group) -> Sample | Rejected:
+        if done.key in seen:
+            return Rejected(done.key, shard, "duplicate key in shard")
+        seen.add(done.key)
+        if done.problem:
+            return Rejected(done.key, shard, done.problem)
+        return _sample_from_parts(done.key, shard, done.parts)
 
     try:
-        with storage.filesystem(url)[0].open(storage.filesystem(url)[1], "rb") as raw:
+        fs, path = storage.filesystem(url)
+        with fs.open(path, "rb") as raw:
+            compressed = _is_compressed(raw.read(6))
+            raw.seek(0)
             with tarfile.open(fileobj=raw, mode="r|*") as tar:
                 for member in tar:
+                    if member.isdir():
+                        continue  # nothing to read; directories are never created
                     name = member.name
-                    if _unsafe_member(name):
-                        yield Rejected(posixpath.basename(name).split(".")[0] or None, shard,
-                                       f"unsafe tar member path {name!r}")
-                        continue
-                    if not member.isfile():
-                        if member.issym() or member.islnk():
-                            yield Rejected(posixpath.basename(name).split(".")[0] or None, shard,
-                                           "tar member is a link, not a file")
-                        continue
                     base = posixpath.basename(name)
-                    if "." not in base or base.startswith("."):
-                        continue  # not part of a sample (e.g. a README in the tar)
-                    key, ext = base.split(".", 1)
-                    data = tar.extractfile(member).read()
-                    if key != current_key:
-                        if current_key is not None:
-                            yield finish()
-                        current_key, parts = key, {}
-                    parts[ext.lower()] = data
-    except (tarfile.TarError, EOFError, OSError, ValueError) as err:
-        if current_key is not None:  # the sample being read when the tar broke is incomplete
-            yield Rejected(current_key, shard, f"shard truncated or corrupt: {err}"[:300])
-            current_key = None
-        yield Rejected(None, shard, f"shard unreadable after {len(seen)} samples: {type(err).__name__}: {err}"[:300])
+                    key, _, ext = base.partition(".")
+                    problem = None
+                    if _unsafe_member(name):
+                        problem = f"unsafe tar member path {name!r}"
+                    elif member.issym() or member.islnk():
+                        problem = f"tar member {name!r} is a link, not a file"
+                    elif not member.isfile():
+                        problem = f"tar member {name!r} is not a regular file"
+                    elif member.size > MAX_MEMBER_BYTES:
+                        problem = f"tar member {name!r} is too large ({member.size} bytes > {MAX_MEMBER_BYTES})"
+                    elif not key or not ext:
+                        continue  # not part of a sample (a README, a hidden file)
+                    key = key or base or name
+                    ext = ext.lower()
+                    if group is None or key != group.key or ext in group.parts:
+                        if group is not None:
+                            count += 1
+                            yield close(group)
+                        group = _Group(key)
+                    if problem:
+                        group.problem = group.problem or problem
+                    else:
+                        group.parts[ext] = tar.extractfile(member).read()
+                if not compressed:
+                    # tarfile ends quietly at a cut-off or garbled header; a complete tar ends with a
+                    # zero block where the next header would be.
+                    raw.seek(tar.offset)
+                    block = raw.read(tarfile.BLOCKSIZE)
+                    if len(block) < tarfile.BLOCKSIZE or block.count(0) != tarfile.BLOCKSIZE:
+                        raise tarfile.ReadError("no end-of-archive marker: the file is cut off or corrupt "
+                                                f"at byte {tar.offset}")
+    except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as err:
+        if group is not None:  # the sample being read when the tar broke may be incomplete
+            yield Rejected(group.key, shard, f"shard truncated or corrupt: {err}"[:300])
+            count += 1
+            group = None
+        yield Rejected(None, shard, f"shard unreadable after {count} samples "
+                                    f"(later samples lost): {type(err).__name__}: {err}"[:300])
         return
-    if current_key is not None:
-        yield finish()
+    if group is not None:
+        yield close(group)
 
 
 class ShardWriter:
@@ -217,3 +295,24 @@ def write_tar(url: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> None
 
 def encode_json(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")
+
+
+def write_sidecars(tar_url: str, rows: list[dict], extra_stats: dict | None = None) -> None:
+    """The files img2dataset writes beside `NNNNN.tar`: `NNNNN.parquet` (one row per sample: key,
+    caption, status, ...) and `NNNNN_stats.json` (counts per status). Deterministic for equal rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    stem = storage.shard_stem(tar_url)
+    folder = posixpath.dirname(tar_url)
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    storage.write_bytes_atomic(storage.join(folder, f"{stem}.parquet"), buffer.getvalue())
+    status: dict[str, int] = {}
+    for row in rows:
+        status[str(row.get("status", "success"))] = status.get(str(row.get("status", "success")), 0) + 1
+    stats = {"count": len(rows), "successes": status.get("success", 0),
+             "failed_to_download": len(rows) - status.get("success", 0), "failed_to_resize": 0,
+             "status_dict": status, **(extra_stats or {})}
+    storage.write_bytes_atomic(storage.join(folder, f"{stem}_stats.json"),
+                               json.dumps(stats, indent=2, sort_keys=True).encode("utf-8"))

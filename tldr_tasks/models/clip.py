@@ -315,9 +315,16 @@ def zero_shot_accuracy(image_emb: torch.Tensor, class_emb: torch.Tensor, labels:
     return float(100.0 * (pred == np.asarray(labels)).mean())
 
 
-def class_embeddings(model, tokenizer: CaptionTokenizer, classnames: Sequence[str],
-                     templates: Sequence[str]) -> torch.Tensor:
-    """[C, D]: per class, the normalised mean of its prompts' embeddings (`template.format(name)`)."""
-    prompts = [t.format(c) for c in classnames for t in templates]
-    emb = embed_texts(model, tokenizer, prompts).view(len(classnames), len(templates), -1).mean(dim=1)
-    return F.normalize(emb, dim=-1)
+def class_embeddings(model, tokenizer: CaptionTokenizer, prompts: Sequence[Sequence[str]]) -> torch.Tensor:
+    """[C, D]: per class, the normalised mean of the embeddings of its prompts (prompt ensembling).
+
+    Args:
+        prompts: one list of prompts per class, e.g. [["an image showing a red circle", ...], ...].
+    """
+    flat = [p for class_prompts in prompts for p in class_prompts]
+    emb = embed_texts(model, tokenizer, flat)
+    out, start = [], 0
+    for class_prompts in prompts:
+        out.append(emb[start:start + len(class_prompts)].mean(dim=0))
+        start += len(class_prompts)
+    return F.normalize(torch.stack(out), dim=-1)

@@ -110,6 +110,9 @@ def run(cfg: Config, io: StageIO) -> StageResult:
         table = pq.read_table(f, columns=["key", "shard", "cluster", "distance", "loss"])
     table = table.take(pc.sort_indices(table, sort_keys=[("key", "ascending")]))
     n = table.num_rows
+    if n == 0:
+        raise ValueError(f"{assignments} holds no samples: every input was rejected (see "
+                         f"{io.cluster_dir}/rejects.parquet)")
     ratio, strategy = cfg.sample.ratio, cfg.sample.strategy
     if target_count(ratio, n) == 0:
         raise ConfigError(f"sample.ratio={ratio} keeps 0 of {n} samples; raise it to at least {1.0 / max(n, 1):.4g} "

@@ -9,6 +9,7 @@ one). DeepSpeed checkpoints go to `{captioner_dir}/checkpoints` (a local cache f
 captioner_dir is remote) every `captioner.checkpoint_every` steps and at every epoch end; a
 restarted run resumes from the latest one and ends in the same weights as an uninterrupted run:
 the data order is a function of (seed, epoch), dropout is off and steps already done are skipped.
+The checkpoints are deleted once the export is complete.
 Only rank 0 exports. The batch size is global: each of N ranks takes batch_size / N samples.
 """
 
@@ -125,6 +126,9 @@ def train(cfg: Config, io: StageIO, stop_after_steps: int | None = None) -> Stag
     if rank == 0:
         version = cap.save_captioner(model.float().cpu(), tokenizer, cfg.to_dict(), io.captioner_dir)
         log.info("captioner %s exported to %s", version, io.captioner_dir)
+        # The export is what later stages read; optimizer-state checkpoints are dead weight now
+        # (and would be versioned with the captioner folder by DVC).
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     if world > 1:
         torch.distributed.barrier()
     return StageResult(metrics=metrics, outputs=[io.captioner_dir])

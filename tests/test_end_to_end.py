@@ -1,0 +1,92 @@
+"""The whole pipeline through the real CLI: compress (and the demo) on a tiny synthetic crawl, with
+real DeepSpeed, faiss, MLflow and DVC."""
+
+import json
+import os
+from pathlib import Path
+
+import mlflow
+import pytest
+import webdataset as wds
+
+from tldr_tasks import cli
+
+TINY = ["--set", "captioner.epochs=1", "--set", "captioner.image_size=32", "--set", "captioner.batch_size=32",
+        "--set", "caption.num_beams=1", "--set", "caption.max_new_tokens=12", "--set", "materialize.shard_size=20",
+        "--clusters", "4", "--ratio", "0.3"]
+
+
+@pytest.fixture()
+def mlflow_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("TLDR_MLFLOW_EXPERIMENT", "e2e")
+    monkeypatch.delenv("TLDR_RUN_KEY", raising=False)
+    return tmp_path
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ratio", "0"], "sample.ratio=0.0 must be in (0, 1]"),
+    (["--strategy", "best"], "sample.strategy='best' is not one of"),
+    (["--clusters", "100000"], "is more than the"),
+    (["--input", "/nonexistent/crawl/{00000..00003}.tar"], "input shard not found"),
+])
+def test_bad_parameters_are_refused_before_any_work(tiny_crawl, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    argv = ["compress", "--input", str(Path(tiny_crawl) / "train"), "--out", str(out), *args]
+    if "--input" in args:
+        argv = ["compress", "--out", str(out), *args]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()  # refused before any work
+
+
+@pytest.mark.slow
+def test_compress_end_to_end(tiny_crawl, tmp_path, mlflow_store):
+    out = tmp_path / "run"
+    argv = ["compress", "--input", str(Path(tiny_crawl) / "train"), "--out", str(out), *TINY]
+    assert cli.main(argv) == 0
+    manifest = json.loads((out / "shards" / "manifest.json").read_text())
+    assert manifest["input_samples"] == manifest["kept"] + manifest["dropped"] + manifest["rejected"]
+    assert manifest["kept"] == pytest.approx(0.3 * (manifest["input_samples"] - manifest["rejected"]), abs=4)
+    # the output is readable by a stock WebDataset pipeline (what open_clip uses)
+    urls = sorted(str(p) for p in (out / "shards").glob("*.tar"))
+    pairs = list(wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("png;jpg;webp", "txt", "json"))
+    assert len(pairs) == manifest["kept"]
+    image, text, meta = pairs[0]
+    assert image.size == (32, 32) and text.startswith(meta["original_caption"].strip()[:10])
+    assert meta["generated_caption"]
+    # tracked: a parent run with one nested run per stage, and the captioner registered
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    parent = next(r for r in runs if "tldr.run_key" in r.data.tags)
+    stages = {r.data.tags["tldr.stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert stages == {"train-captioner", "embed", "cluster", "sample", "caption", "materialize"}
+    assert parent.info.status == "FINISHED" and parent.data.metrics["materialize.kept"] == manifest["kept"]
+    assert client.get_latest_versions("tldr-captioner")[0].run_id == parent.info.run_id
+    # a rerun skips every finished part; other parameters on the same --out are refused
+    assert cli.main(argv) == 0
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--ratio", "0.5"])
+
+
+@pytest.mark.slow
+def test_demo_writes_the_report(tmp_path, mlflow_store, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    demo_dir = tmp_path / "demo"
+    argv = ["demo", "--out", str(demo_dir), "--samples", "240", "--set", "crawl.eval_samples=60",
+            "--set", "crawl.image_size=32", "--set", "crawl.prototypes=40", "--set", "evaluate.epochs=1",
+            *TINY]
+    assert cli.main(argv) == 0
+    report = json.loads((demo_dir / "report.json").read_text())
+    for key in ("input_samples", "output_samples", "ratio", "retrieval", "retrieval_epoch_matched",
+                "caption_accuracy", "noise_rate_input", "noise_rate_output", "seconds", "mlflow_run_id"):
+        assert key in report, key
+    assert set(report["retrieval"]) >= {"full", "tldr", "random"}
+    assert set(report["retrieval"]["tldr"]) >= {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"}
+    assert 0.2 < report["noise_rate_input"] < 0.45  # the crawl's 30% noise, measured from ground truth
+    assert report["output_samples"] == round(0.3 * report["input_samples"])
+    # DVC versions of the raw and the compressed data, pushed to the local remote
+    assert len(report["dvc_versions"]["crawl"]) >= 32 and (demo_dir / "crawl.dvc").exists()
+    assert any(os.scandir(demo_dir / "dvc-remote"))

@@ -1,0 +1,144 @@
+"""sample: every strategy keeps what a hand computation says, totals add up, choices are seeded."""
+
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tldr_tasks.config import Config, ConfigError
+from tldr_tasks.stages import sample
+from tldr_tasks.stages.base import StageIO
+
+
+def _io(tmp_path, rows):
+    out = tmp_path / "run"
+    (out / "cluster").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), out / "cluster" / "assignments.parquet")
+    return StageIO(input=str(tmp_path / "crawl"), out=str(out))
+
+
+def _cfg(strategy, ratio, seed=0):
+    cfg = Config(seed=seed)
+    cfg.sample.strategy, cfg.sample.ratio = strategy, ratio
+    return cfg
+
+
+def _selected(io):
+    return pq.read_table(f"{io.out}/sample/selected.parquet").to_pylist()
+
+
+# 12 samples in 3 clusters of 6, 4 and 2, rows deliberately out of key order.
+# At ratio 0.25: 3 kept; exact shares 1.5, 1.0, 0.5 -> floors 1, 1, 0 and the one left over goes to
+# the largest remainder, a tie of clusters 0 and 2 broken towards the lower id: quotas 2, 1, 0.
+SMALL = [
+    # key, cluster, distance, loss
+    ("k05", 0, 0.50, 1.0), ("k00", 0, 0.10, 3.0), ("k01", 0, 0.90, float("nan")), ("k02", 0, 0.30, 5.0),
+    ("k03", 0, 0.70, 2.0), ("k04", 0, 0.20, 4.0),
+    ("k09", 1, 0.40, 0.5), ("k06", 1, 0.05, 9.0), ("k07", 1, 0.80, 0.1), ("k08", 1, 0.60, 7.0),
+    ("k10", 2, 0.10, 8.0), ("k11", 2, 0.20, 6.0),
+]
+
+
+def _small_rows():
+    return [{"key": k, "shard": "00000" if k < "k06" else "00001", "cluster": c, "distance": d, "loss": l}
+            for k, c, d, l in SMALL]
+
+
+def test_cluster_quotas_use_largest_remainder():
+    assert sample.cluster_quotas(np.array([6, 4, 2]), 0.25, 3).tolist() == [2, 1, 0]
+    # exact 5, 3.5, 1.5: floors sum to 9, the 10th goes to the lower-id tie (cluster 1)
+    assert sample.cluster_quotas(np.array([10, 7, 3]), 0.5, 10).tolist() == [5, 4, 1]
+    assert sample.cluster_quotas(np.array([3, 5]), 1.0, 8).tolist() == [3, 5]
+    sizes = np.random.default_rng(0).integers(1, 50, size=40)
+    quotas = sample.cluster_quotas(sizes, 0.3, sample.target_count(0.3, int(sizes.sum())))
+    assert quotas.sum() == round(0.3 * sizes.sum()) and np.all(quotas <= sizes)
+    assert np.all(np.abs(quotas - 0.3 * sizes) < 1.0)
+
+
+@pytest.mark.parametrize("strategy, expected", [
+    ("hard", {"k02", "k04", "k06"}),  # highest loss: cluster 0 -> 5.0, 4.0 (NaN never first); cluster 1 -> 9.0
+    ("near_centroid", {"k00", "k04", "k06"}),  # cluster 0: 0.10, 0.20; cluster 1: 0.05
+    ("far_centroid", {"k01", "k03", "k07"}),  # cluster 0: 0.90, 0.70; cluster 1: 0.80
+])
+def test_deterministic_strategies_keep_hand_computed_keys(tmp_path, strategy, expected):
+    io = _io(tmp_path, _small_rows())
+    result = sample.run(_cfg(strategy, 0.25), io)
+    rows = _selected(io)
+    assert {r["key"] for r in rows} == expected
+    assert [r["key"] for r in rows] == sorted(expected)  # sorted by key
+    assert all(r["shard"] == ("00000" if r["key"] < "k06" else "00001") for r in rows)
+    stats = json.loads((tmp_path / "run" / "sample" / "stats.json").read_text())
+    assert stats == {"input": 12, "kept": 3, "dropped": 9, "ratio": 0.25, "ratio_achieved": 0.25, "clusters": 3,
+                     "clusters_kept": 2, "strategy": strategy, "seed": 0}
+    assert result.metrics["kept"] == 3 and not result.skipped
+
+
+def test_hard_strategy_puts_empty_captions_last(tmp_path):
+    rows = [{"key": f"k{i}", "shard": "00000", "cluster": 0, "distance": 0.0, "loss": loss}
+            for i, loss in enumerate([float("nan"), 0.1, 0.2, float("nan")])]
+    io = _io(tmp_path, rows)
+    sample.run(_cfg("hard", 0.75), io)
+    assert {r["key"] for r in _selected(io)} == {"k1", "k2", "k0"}  # NaN ties broken by key
+
+
+def test_uniform_keeps_quota_of_every_cluster(tmp_path):
+    io = _io(tmp_path, _small_rows())
+    sample.run(_cfg("uniform", 0.25), io)
+    clusters = [r["cluster"] for r in _selected(io)]
+    assert sorted(clusters) == [0, 0, 1]
+
+
+def _big_rows(n=400, clusters=7):
+    rng = np.random.default_rng(1)
+    return [{"key": f"{i:05d}", "shard": f"{i // 100:05d}", "cluster": int(rng.integers(clusters)),
+             "distance": float(rng.random()), "loss": float(rng.random())} for i in range(n)]
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "random"])
+def test_random_strategies_are_seeded(tmp_path, strategy):
+    rows = _big_rows()
+    picks = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        io = _io(tmp_path / name, rows)
+        result = sample.run(_cfg(strategy, 0.3, seed), io)
+        picks[name] = [r["key"] for r in _selected(io)]
+        assert result.metrics["kept"] + result.metrics["dropped"] == result.metrics["input"] == 400
+        assert result.metrics["kept"] == 120
+    assert picks["a"] == picks["b"]
+    assert picks["a"] != picks["c"]
+
+
+def test_uniform_is_proportional_random_is_not_bound_to_clusters(tmp_path):
+    rows = _big_rows(n=1000, clusters=5)
+    sizes = np.bincount([r["cluster"] for r in rows])
+    io = _io(tmp_path / "u", rows)
+    sample.run(_cfg("uniform", 0.25), io)
+    kept = np.bincount([r["cluster"] for r in _selected(io)], minlength=5)
+    assert np.all(np.abs(kept - 0.25 * sizes) < 1.0)
+    assert kept.sum() == 250
+    # random ignores clusters: with 1000 samples its per-cluster counts deviate from the quotas
+    io = _io(tmp_path / "r", rows)
+    sample.run(_cfg("random", 0.25), io)
+    kept_random = np.bincount([r["cluster"] for r in _selected(io)], minlength=5)
+    assert kept_random.sum() == 250 and np.any(np.abs(kept_random - 0.25 * sizes) >= 1.0)
+
+
+def test_rerun_is_skipped_and_zero_keep_refused(tmp_path):
+    io = _io(tmp_path, _small_rows())
+    first = sample.run(_cfg("near_centroid", 0.5), io)
+    again = sample.run(_cfg("near_centroid", 0.5), io)
+    assert again.skipped and again.metrics == first.metrics
+    io2 = _io(tmp_path / "other", _small_rows())
+    with pytest.raises(ConfigError, match="keeps 0 of 12"):
+        sample.run(_cfg("uniform", 0.01), io2)
+    assert not (tmp_path / "other" / "run" / "sample" / "stats.json").exists()
+
+
+def test_target_count_rounds_half_up():
+    assert sample.target_count(0.25, 10) == 3  # 2.5 -> 3 (round() would give 2)
+    assert sample.target_count(0.25, 12) == 3
+    assert sample.target_count(1.0, 7) == 7
+    assert sample.target_count(0.1, 4) == math.floor(0.4 + 0.5)

@@ -1,0 +1,133 @@
+"""Stage `caption`: a generated caption for every selected image (beam search, KV cache).
+
+    tldr-vlp run caption --input 'crawl/train/{00000..00007}.tar' --out runs/r1 \
+        --shard-index 0 --num-shards 4
+
+Reads `{sample_dir}/selected.parquet` (key, shard, cluster), takes this worker's source shards
+(every num_shards-th of the sorted shard stems), decodes only the selected samples and writes
+`{caption_dir}/{stem}.parquet` (key, generated) per source shard, atomically. A shard whose
+parquet exists is skipped, so a restarted worker only does what is left.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import logging
+import sys
+import time
+
+from tldr_tasks import storage
+from tldr_tasks.config import Config
+from tldr_tasks.stage_cli import stage_main
+from tldr_tasks.stages.base import StageIO, StageResult, my_parts
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config, io: StageIO, shard_index: int = 0, num_shards: int = 1) -> StageResult:
+    """Caption the selected samples of this worker's source shards."""
+    import pyarrow.parquet as pq
+
+    selected_url = storage.join(io.sample_dir, "selected.parquet")
+    if not storage.exists(selected_url):
+        raise FileNotFoundError(f"{selected_url} not found: run the sample stage first")
+    table = pq.read_table(_io.BytesIO(storage.read_bytes(selected_url)), columns=["key", "shard"])
+    keys_by_shard: dict[str, set[str]] = {}
+    for key, shard in zip(table.column("key").to_pylist(), table.column("shard").to_pylist()):
+        keys_by_shard.setdefault(str(shard), set()).add(str(key))
+
+    urls = {storage.shard_stem(u): u for u in io.input_shards()}
+    unknown = sorted(set(keys_by_shard) - set(urls))
+    if unknown:
+        raise ValueError(f"selected.parquet names shards {unknown[:5]} that are not in --input {io.input}: "
+                         "caption with the same --input the selection was made from")
+    mine = my_parts(sorted(keys_by_shard), shard_index, num_shards)
+    todo = [s for s in mine if not storage.exists(output_url(io, s))]
+    if not todo:
+        log.info("caption: all %d shard(s) of worker %d/%d already done", len(mine), shard_index, num_shards)
+        return StageResult(metrics={"captions_written": 0.0, "shards_skipped": float(len(mine))},
+                           outputs=[output_url(io, s) for s in mine], skipped=True)
+
+    import torch
+
+    from tldr_tasks.models.captioner import load_captioner
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_captioner(io.captioner_dir, device=device)
+    written, seconds = 0, 0.0
+    for stem in todo:
+        started = time.time()
+        keys, captions = caption_shard(model, tokenizer, urls[stem], keys_by_shard[stem], cfg, device)
+        seconds += time.time() - started
+        write_captions(output_url(io, stem), keys, captions)
+        written += len(keys)
+    return StageResult(
+        metrics={"captions_written": float(written), "captions_per_second": written / seconds if seconds else 0.0,
+                 "shards_done": float(len(todo)), "shards_skipped": float(len(mine) - len(todo))},
+        outputs=[output_url(io, s) for s in mine])
+
+
+def output_url(io: StageIO, stem: str) -> str:
+    return storage.join(io.caption_dir, f"{stem}.parquet")
+
+
+def caption_shard(model, tokenizer, shard_url: str, keys: set[str], cfg: Config, device: str):
+    """(keys, generated captions) for the `keys` of one shard, in shard order. Raises when a
+    selected key is missing or unreadable: the selection and the input disagree."""
+    from tqdm import tqdm
+
+    from tldr_tasks.data.shards import Sample, iter_shard
+    from tldr_tasks.models.captioner import image_to_tensor
+
+    c = cfg.caption
+    out_keys: list[str] = []
+    out_captions: list[str] = []
+    batch_keys: list[str] = []
+    batch_images: list = []
+
+    def flush():
+        if not batch_keys:
+            return
+        pixels = image_to_tensor(batch_images, model.image_size).to(device)
+        out_captions.extend(model.generate_captions(pixels, tokenizer, num_beams=c.num_beams,
+                                                    min_new_tokens=c.min_new_tokens,
+                                                    max_new_tokens=c.max_new_tokens))
+        out_keys.extend(batch_keys)
+        batch_keys.clear()
+        batch_images.clear()
+
+    with tqdm(total=len(keys), desc=f"caption {storage.shard_stem(shard_url)}", unit="img",
+              file=sys.stderr, disable=None) as progress:
+        for item in iter_shard(shard_url):
+            if isinstance(item, Sample) and item.key in keys:
+                batch_keys.append(item.key)
+                batch_images.append(item.image)
+                if len(batch_keys) >= c.batch_size:
+                    flush()
+                    progress.update(c.batch_size)
+        pending = len(batch_keys)
+        flush()
+        progress.update(pending)
+    missing = keys - set(out_keys)
+    if missing:
+        raise ValueError(f"{len(missing)} selected key(s) of {shard_url} are missing or unreadable there "
+                         f"(e.g. {sorted(missing)[:3]}): the input changed since the selection was made")
+    return out_keys, out_captions
+
+
+def write_captions(url: str, keys: list[str], captions: list[str]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"key": pa.array(keys, pa.string()), "generated": pa.array(captions, pa.string())})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    storage.write_bytes_atomic(url, sink.getvalue().to_pybytes())
+
+
+def main(argv=None):
+    return stage_main("caption", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
