@@ -43,8 +43,8 @@ SMALL = [
 
 
 def _small_rows():
-    return [{"key": k, "shard": "00000" if k < "k06" else "00001", "cluster": c, "distance": d, "loss": l}
-            for k, c, d, l in SMALL]
+    return [{"key": k, "shard": "00000" if k < "k06" else "00001", "cluster": c, "distance": d, "loss": loss}
+            for k, c, d, loss in SMALL]
 
 
 def test_cluster_quotas_use_largest_remainder():

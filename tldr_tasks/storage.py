@@ -81,6 +81,7 @@ def local_staging(url: str, suffix: str = "") -> Iterator[str]:
     """
     fd, local = tempfile.mkstemp(suffix=suffix)
     os.close(fd)
+    os.chmod(local, 0o644)  # mkstemp makes 0600; published outputs are readable like any file
     try:
         yield local
         fs, path = filesystem(url)

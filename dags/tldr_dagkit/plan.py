@@ -76,8 +76,9 @@ def build_plan(params: Mapping, run_id: str, *, executable: str, result_json: st
     """Every task's command for one run.
 
     Returns a flat dict (Airflow pushes each key as its own XCom): `out`, `input`, `input_version`,
-    `runner`, `shard_groups`; `local__<task>` the shell command (a list of them, one per shard group,
-    for sharded stages); `pod__<task>` the container arguments (a list of lists for sharded stages).
+    `runner`, `shard_groups`; for every unsharded stage `local__<task>` (the shell command) and
+    `pod__<task>` (the container arguments); `groups`: one dict per shard group with the same two
+    keys for every sharded stage (the mapped tasks fan out over this list).
     """
     from tldr_tasks.config import load_config
 
@@ -94,14 +95,15 @@ def build_plan(params: Mapping, run_id: str, *, executable: str, result_json: st
     groups = int(params.get("shard_groups") or 1)
     root = str(params["output_url"]).rstrip("/")
     plan = {"out": f"{root}/runs/{run_folder_name(run_id)}", "input": input_url, "input_version": input_version,
-            "runner": params.get("runner", "local"), "shard_groups": groups}
+            "runner": params.get("runner", "local"), "shard_groups": groups,
+            "groups": [{} for _ in range(groups)]}
     for spec in STAGES:
         tid = task_id(spec.name)
         if spec.sharded:
-            local = [stage_arguments(spec.name, params, run_id, input_url, shard_index=i, num_shards=groups)
-                     for i in range(groups)]
-            plan[f"local__{tid}"] = [shell_command(executable, args) for args in local]
-            plan[f"pod__{tid}"] = [args + ["--result-json", result_json] for args in local]
+            for i, group in enumerate(plan["groups"]):
+                args = stage_arguments(spec.name, params, run_id, input_url, shard_index=i, num_shards=groups)
+                group[f"local__{tid}"] = shell_command(executable, args)
+                group[f"pod__{tid}"] = args + ["--result-json", result_json]
         else:
             args = stage_arguments(spec.name, params, run_id, input_url)
             plan[f"local__{tid}"] = shell_command(executable, args)
@@ -110,4 +112,9 @@ def build_plan(params: Mapping, run_id: str, *, executable: str, result_json: st
 
 
 def shell_command(executable: str, args: list[str]) -> str:
-    return shlex.join([executable, *args])
+    """The local task's bash command. The stage writes its result to a temp file that is printed
+    last, so the BashOperator's XCom (the last output line) is the result even when the stage logged
+    to stderr (merged into the same stream) after its summary."""
+    command = shlex.join([executable, *args, "--result-json"])
+    return ('set -eu; result="$(mktemp)"; trap \'rm -f "$result"\' EXIT; '
+            f'{command} "$result"; echo; cat "$result"; echo')

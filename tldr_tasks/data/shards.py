@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import posixpath
 import re
 import tarfile
 import warnings
-import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -83,7 +83,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Image
     stored_ext = _STORED_FORMATS.get(image.format or "")
     sixteen_bit_png = image.format == "PNG" and len(data) > 24 and data[24] == 16  # IHDR bit depth
     keep_bytes = (stored_ext is not None and image.mode == "RGB" and not sixteen_bit_png
-                  and not getattr(image, "is_animated", False))
+                  and "transparency" not in image.info and not getattr(image, "is_animated", False))
     try:
         rgb = _to_rgb(image)
     except Exception as err:
@@ -98,11 +98,11 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Image
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode.startswith("I;16"):
         array = np.asarray(image, dtype=np.float64) / 257.0  # 0..65535 -> 0..255
-        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "L")
+        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
     elif image.mode in ("I", "F"):
         array = np.asarray(image, dtype=np.float64)
         scale = 257.0 if array.max() > 255 else 1.0  # 32-bit containers usually carry 16-bit data
-        image = Image.fromarray(np.clip(np.rint(array / scale), 0, 255).astype(np.uint8), "L")
+        image = Image.fromarray(np.clip(np.rint(array / scale), 0, 255).astype(np.uint8))
     if image.mode in ("P", "PA") or "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "RGBa", "La"):
@@ -230,7 +230,7 @@ def iter_shard(url: str) -> Iterator[Sample | Rejected]:
                     if len(block) < tarfile.BLOCKSIZE or block.count(0) != tarfile.BLOCKSIZE:
                         raise tarfile.ReadError("no end-of-archive marker: the file is cut off or corrupt "
                                                 f"at byte {tar.offset}")
-    except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as err:
+    except Exception as err:  # tarfile and the decompressors raise many types (even TypeError) on bad bytes
         if group is not None:  # the sample being read when the tar broke may be incomplete
             yield Rejected(group.key, shard, f"shard truncated or corrupt: {err}"[:300])
             count += 1
@@ -291,6 +291,7 @@ def write_tar(url: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> None
                     info.size, info.mtime, info.mode = len(data), 0, 0o644
                     info.uname = info.gname = ""
                     tar.addfile(info, io.BytesIO(data))
+        os.chmod(local, 0o644)  # mkstemp makes files private; shards are meant to be shared
 
 
 def encode_json(obj) -> bytes:

@@ -222,7 +222,7 @@ def _render(proto: dict, size: int, rng: np.random.Generator) -> Image.Image:
         else:
             draw.polygon(_shape_points(shape, cx, cy, r), fill=fill)
     pixels = np.asarray(image, dtype=np.int16) + rng.integers(-6, 7, (size, size, 3), dtype=np.int16)
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 def _png(image: Image.Image) -> bytes:
@@ -259,13 +259,17 @@ def _wrong_attribute(objects: list[dict], rng: np.random.Generator) -> list[dict
     return changed
 
 
-def _swap_caption(i: int, signatures: list[str], descriptions: list[str], rng: np.random.Generator) -> str | None:
-    """The clean caption of a random other sample that shows a different scene."""
+def _swap_caption(i: int, pairs: list[frozenset], descriptions: list[str], rng: np.random.Generator) -> str | None:
+    """The clean caption of a random other sample whose caption does not name every object of this one
+    (a different scene, and not a superset of it), so a swap is always a wrong caption."""
+    def wrong(j: int) -> bool:
+        return not pairs[i] <= pairs[j]
+
     for _ in range(100):
-        other = int(rng.integers(len(signatures)))
-        if signatures[other] != signatures[i]:
+        other = int(rng.integers(len(pairs)))
+        if wrong(other):
             return descriptions[other]
-    others = [j for j, sig in enumerate(signatures) if sig != signatures[i]]
+    others = [j for j in range(len(pairs)) if wrong(j)]
     return descriptions[others[int(rng.integers(len(others)))]] if others else None
 
 
@@ -290,7 +294,7 @@ def _write_split(out_url: str, split: str, proto_ids: np.ndarray, protos: list[d
     template_ids = rng.integers(len(templates), size=n)
     descriptions = [templates[t](objs, protos[p]["background"])
                     for t, objs, p in zip(template_ids, objects_of, proto_ids)]
-    signatures = [scene_signature({"objects": objs}) for objs in objects_of]
+    pairs = [frozenset(_cs(o) for o in objs) for objs in objects_of]
     digits = _key_digits(cfg.shard_size)
     shard_urls = []
     for shard_offset, start in enumerate(range(0, n, cfg.shard_size)):
@@ -305,7 +309,7 @@ def _write_split(out_url: str, split: str, proto_ids: np.ndarray, protos: list[d
             if kind == "none":
                 caption = descriptions[i]
             elif kind == "swap":
-                caption = _swap_caption(i, signatures, descriptions, sample_rng)
+                caption = _swap_caption(i, pairs, descriptions, sample_rng)
                 if caption is None:  # every sample shows the same scene: describe a changed one instead
                     caption = templates[template_ids[i]](_wrong_attribute(objects_of[i], sample_rng),
                                                          protos[proto_ids[i]]["background"])
@@ -367,8 +371,9 @@ def make_crawl(out_url: str, cfg: CrawlConfig, seed: int) -> dict:
                   "distinct_scenes": int(len(set(train_ids.tolist())))},
         "eval": {"samples": cfg.eval_samples, "shards": len(eval_urls),
                  "distinct_scenes": int(len(set(eval_ids.tolist())))},
-        "train_input": storage.join(out_url, "train", f"{{00000..{len(train_urls) - 1:05d}}}.tar"),
-        "eval_input": storage.join(out_url, "eval", f"{{00000..{len(eval_urls) - 1:05d}}}.tar"),
+        # Relative to the crawl folder, so the same crawl written elsewhere has the same crawl.json.
+        "train_input": f"train/{{00000..{len(train_urls) - 1:05d}}}.tar",
+        "eval_input": f"eval/{{00000..{len(eval_urls) - 1:05d}}}.tar",
         "shapes": list(SHAPES), "colours": list(COLOURS),
         "train_templates": [t.__name__ for t in TRAIN_TEMPLATES],
         "eval_templates": [t.__name__ for t in EVAL_TEMPLATES],
@@ -400,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         stats = make_crawl(args.out, cfg, args.seed)
     except ConfigError as err:
         parser.error(str(err))
-    print(json.dumps({"out": args.out, "train_input": stats["train_input"], "eval_input": stats["eval_input"],
+    print(json.dumps({"out": args.out, "train_input": storage.join(args.out, stats["train_input"]),
+                      "eval_input": storage.join(args.out, stats["eval_input"]),
                       "noise": stats["train"]["noise"]}))
     return 0
 

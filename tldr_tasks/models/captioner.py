@@ -96,20 +96,36 @@ class EncoderOutput:
 
 
 class CosineCodebook(nn.Module):
-    """Vector quantiser with L2-normalised codes and inputs; nearest code = highest cosine."""
+    """Vector quantiser with L2-normalised codes and inputs; nearest code = highest cosine.
 
-    def __init__(self, size: int, dim: int, beta: float):
+    Against codebook collapse (every token mapped to a handful of codes) the VQ loss carries an
+    entropy term (as in lookup-free quantisation): low entropy of each token's soft assignment,
+    high entropy of the batch's average assignment. It is differentiable and needs no state, so
+    every data-parallel rank stays identical and resumed runs stay exact.
+    """
+
+    def __init__(self, size: int, dim: int, beta: float, entropy_weight: float = 0.0, temperature: float = 0.1):
         super().__init__()
         self.beta = beta
+        self.entropy_weight = entropy_weight
+        self.temperature = temperature  # cosine similarities in [-1, 1] -> assignment logits
         self.weight = nn.Parameter(F.normalize(torch.randn(size, dim), dim=-1))
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         z = F.normalize(z, dim=-1)
         codebook = F.normalize(self.weight, dim=-1)
-        codes = (z @ codebook.t()).argmax(dim=-1)
+        similarity = z @ codebook.t()
+        codes = similarity.argmax(dim=-1)
         q = codebook[codes]
         # Unit vectors: ||a-b||^2 = 2 - 2cos, so both terms pull cosines up, bounded in [0, 4].
         vq_loss = F.mse_loss(q, z.detach()) + self.beta * F.mse_loss(z, q.detach())
+        if self.entropy_weight and self.training:
+            log_p = F.log_softmax(similarity.float().flatten(0, -2) / self.temperature, dim=-1)
+            p = log_p.exp()
+            token_entropy = -(p * log_p).sum(-1).mean()
+            mean_p = p.mean(0)
+            usage_entropy = -(mean_p * mean_p.clamp(min=1e-12).log()).sum()
+            vq_loss = vq_loss + self.entropy_weight * (token_entropy - usage_entropy)
         return z + (q - z).detach(), codes, vq_loss
 
 
@@ -135,7 +151,8 @@ class Captioner(nn.Module):
         tokens = (arch["image_size"] // vision["patch_size"]) ** 2 + 1
         self.pre_quant = nn.Sequential(nn.LayerNorm(vision["hidden_size"]),
                                        nn.Linear(vision["hidden_size"], arch["code_dim"]))
-        self.codebook = CosineCodebook(arch["codebook_size"], arch["code_dim"], arch["beta"])
+        self.codebook = CosineCodebook(arch["codebook_size"], arch["code_dim"], arch["beta"],
+                                       arch.get("entropy_weight", 0.0), arch.get("entropy_temperature", 0.1))
         # Codes carry no position; the decoder gets it back from a learned per-token embedding.
         self.post_quant = nn.Linear(arch["code_dim"], text["n_embd"])
         self.token_pos = nn.Parameter(torch.zeros(1, tokens, text["n_embd"]))
@@ -228,7 +245,8 @@ def build_captioner(cfg, tokenizer, keyword_captions: list[str] | None = None) -
     arch = {
         "format": FORMAT, "preset": cfg.preset, "image_size": cfg.image_size,
         "vision": preset["vision"], "text": preset["text"], "code_dim": preset["code_dim"],
-        "codebook_size": cfg.codebook_size, "beta": cfg.beta, "max_tokens": cfg.max_tokens,
+        "entropy_weight": preset.get("entropy_weight", 0.0),
+        "entropy_temperature": preset.get("entropy_temperature", 0.1), "codebook_size": cfg.codebook_size, "beta": cfg.beta, "max_tokens": cfg.max_tokens,
         "n_positions": max(preset.get("n_positions", 64), cfg.max_tokens + 2),
         "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,

@@ -89,8 +89,9 @@ def save_part(url: str, part: EmbedPart) -> None:
 
 
 def load_part(url: str, features: bool = True) -> EmbedPart:
-    """Read one part; `features=False` skips the (large) feature matrix."""
-    with np.load(_io.BytesIO(storage.read_bytes(url)), allow_pickle=False) as data:
+    """Read one part; `features=False` skips the (large) feature matrix without reading its bytes."""
+    fs, path = storage.filesystem(url)
+    with fs.open(path, "rb") as f, np.load(f, allow_pickle=False) as data:  # npz members load lazily
         return EmbedPart(
             keys=data["keys"], features=data["features"] if features else np.empty((0, 0), np.float16),
             loss=data["loss"], reject_keys=data["reject_keys"], reject_reasons=data["reject_reasons"],

@@ -121,6 +121,10 @@ def train(cfg: Config, io: StageIO, stop_after_steps: int | None = None) -> Stag
         "final_train_loss": float(sum(losses[-steps_per_epoch:]) / max(1, len(losses[-steps_per_epoch:])))
         if losses else float("nan"),
     }
+    if world > 1:  # every rank saw different batches: report the mean over ranks
+        summed = torch.tensor([metrics["final_train_loss"]], dtype=torch.float64)
+        torch.distributed.all_reduce(summed)
+        metrics["final_train_loss"] = float(summed) / world
     model = engine.module
     metrics.update(codebook_usage(model, images, input_ids, attention_mask, dtype, device))
     if rank == 0:

@@ -1,0 +1,31 @@
+"""
+### tldr_compress: TL;DR data reduction of an image-text crawl
+
+Compresses a WebDataset crawl into a small, better-aligned pretraining set (Wang et al., ICCV 2023):
+train the codebook captioner, embed every image, k-means, sample inside every cluster, caption the
+kept images, write the compressed shards; optionally evaluate full vs compressed vs random.
+
+**Trigger** from the form (every field has a description) or the CLI:
+`airflow dags trigger tldr_compress -c '{"input_url": "/data/crawl", "ratio": 0.25, "runner": "local"}'`.
+The `runner` picks where stages run: `local` (on the Airflow worker) or `kubernetes` (one pod per
+stage, GPU limits, the stage image from the `tldr_kubernetes` config).
+
+**Schedule**: runs when `tldr_ingest` registers a new crawl version (Asset `tldr_crawl`), else weekly.
+The captioner and the per-shard embeddings under the output root are reused, so a recompression
+embeds only the new shards.
+
+**Outcome**: the `publish` task's XCom holds the output URL, the MLflow run id and the metrics;
+every stage's MLflow run carries this run's id as a tag.
+"""
+
+import os
+import sys
+
+# The dag-processor puts the dags folder on sys.path; `airflow dags ... --local` does not.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.append(_HERE)
+
+from tldr_dagkit.compress import build_compress_dag  # noqa: E402
+
+dag = build_compress_dag(dag_id=__file__.rsplit("/", 1)[-1].removesuffix(".py"), doc_md=__doc__)

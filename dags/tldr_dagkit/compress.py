@@ -1,0 +1,291 @@
+"""The tldr_compress DAG, built from `tldr_tasks.pipeline.STAGES`.
+
+Shape of a run:
+
+    plan -> choose_runner -> local.<stage> ...        (runner "local": BashOperator per stage)
+                          -> kubernetes.<stage> ...   (runner "kubernetes": one pod per stage)
+    evaluation_requested -> <group>.evaluate          (short-circuit: only when asked)
+    -> publish                                        (XCom: output URL, MLflow run id, metrics)
+
+Both runners are always in the DAG; `choose_runner` (a branch) picks one per run, so the trigger
+form chooses and the graph shows which ran. Sharded stages (embed, caption) fan out with dynamic
+task mapping, one task (pod) per shard group; `plan` computes every command once from the params.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import timedelta
+
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.providers.standard.operators.bash import BashOperator
+from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, TaskGroup, TriggerRule, task
+from kubernetes.client import models as k8s
+
+from tldr_dagkit import settings
+from tldr_dagkit.plan import build_plan, task_id
+from tldr_tasks.config import FEATURES, FUSIONS, STRATEGIES, Config
+from tldr_tasks.pipeline import STAGES, StageSpec
+
+CRAWL_ASSET = Asset(name="tldr_crawl", uri="tldr://crawl/registered")
+COMPRESSED_ASSET = Asset(name="tldr_compressed", uri="tldr://compressed/latest")
+DISTRIBUTED_STAGES = ("train-captioner",)  # run under the DeepSpeed launcher over the pod's GPUs
+GROUPS = {"local": "local", "kubernetes": "kubernetes"}  # runner -> task group id
+DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": 2.0}
+
+
+def captioner_presets() -> list[str]:
+    from importlib.resources import files
+
+    folder = files("tldr_tasks") / "models" / "model_configs"
+    names = sorted(p.name[len("captioner-"):-len(".json")] for p in folder.iterdir()
+                   if p.name.startswith("captioner-") and p.name.endswith(".json"))
+    return names or ["tiny", "base"]
+
+
+def compress_params() -> dict[str, Param]:
+    """The trigger form. Defaults come from tldr_tasks.config, so the form and params.yaml agree."""
+    d = Config()
+    return {
+        "input_url": Param(settings.crawl_url(), type="string", minLength=1, title="Input crawl URL",
+                           description="WebDataset shards: a folder, a glob or a brace pattern "
+                                       "(crawl/{00000..00099}.tar); local path or s3://. Default: the crawl "
+                                       "tldr_ingest registered."),
+        "output_url": Param(settings.output_root(), type="string", minLength=1, title="Output root URL",
+                            description="Runs write to <root>/runs/<run_id>; the captioner and embeddings "
+                                        "under <root> are shared, so a rerun only embeds new shards."),
+        "ratio": Param(d.sample.ratio, type="number", exclusiveMinimum=0, maximum=1, title="Keep ratio",
+                       description="Share of the crawl to keep, in (0, 1]; the paper keeps 0.25."),
+        "clusters": Param(d.cluster.clusters, type="integer", minimum=1, title="Clusters",
+                          description="k-means clusters over the codebook features (paper: 3000 for CC3M)."),
+        "feature": Param(d.embed.feature, type="string", enum=list(FEATURES), title="Clustering feature",
+                         description="How an image's codebook codes become a vector."),
+        "strategy": Param(d.sample.strategy, type="string", enum=list(STRATEGIES), title="Sampling strategy",
+                          description="How samples are picked inside each cluster (paper: uniform)."),
+        "fusion": Param(d.caption.fusion, type="string", enum=list(FUSIONS), title="Caption fusion",
+                        description="How the original and the generated caption make the training caption."),
+        "captioner_preset": Param(d.captioner.preset, type="string", enum=captioner_presets(),
+                                  title="Captioner preset", description="Size of the codebook captioner."),
+        "run_evaluation": Param(False, type="boolean", title="Run evaluation",
+                                description="Train the downstream CLIP on full vs compressed vs random "
+                                            "subsets (long; needs the eval input)."),
+        "eval_input_url": Param(None, type=["null", "string"], title="Eval input URL",
+                                description="Clean held-out shards for the evaluation."),
+        "runner": Param(settings.default_runner(), type="string", enum=list(settings.RUNNERS), title="Runner",
+                        description="local: every stage runs on the Airflow worker. kubernetes: one pod per "
+                                    "stage with the stage image and GPU limits."),
+        "shard_groups": Param(2, type="integer", minimum=1, maximum=512, title="Shard groups",
+                              description="Workers (tasks or pods) for the sharded stages embed and caption."),
+        "overrides": Param([], type="array", items={"type": "string", "pattern": r"^[a-z_]+(\.[a-z_]+)?=.*$"},
+                           title="Extra parameters",
+                           description="One section.key=value per line, any key of params.yaml, e.g. "
+                                       "captioner.epochs=1 or seed=3. Applied last."),
+    }
+
+
+def _landed_input(triggering_asset_events) -> tuple[str | None, str | None]:
+    """(url, version) of the newest crawl registered by tldr_ingest, when an Asset event started this run."""
+    if not triggering_asset_events:
+        return None, None
+    events = list(triggering_asset_events[CRAWL_ASSET]) if CRAWL_ASSET in triggering_asset_events else []
+    if not events:
+        return None, None
+    extra = events[-1].extra or {}
+    return extra.get("url"), extra.get("version")
+
+
+def pod_resources(spec: StageSpec, config: dict) -> tuple[float, float, int]:
+    """(cpus, memory GiB, gpus) of a stage's pod: pipeline.STAGES, unless stage_resources overrides."""
+    override = config.get("stage_resources", {}).get(spec.name, {})
+    r = spec.resources
+    return (float(override.get("cpus", r.cpus)), float(override.get("memory_gb", r.memory_gb)),
+            int(override.get("gpus", r.gpus)))
+
+
+def _quantity(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def pod_settings(spec: StageSpec, config: dict) -> dict:
+    """KubernetesPodOperator keyword arguments for one stage (everything but its arguments)."""
+    cpus, memory_gb, gpus = pod_resources(spec, config)
+    # requests == limits: the pod gets Guaranteed QoS and is never the first one evicted.
+    quantities = {"cpu": _quantity(cpus), "memory": f"{_quantity(memory_gb)}Gi"}
+    limits = dict(quantities)
+    node_selector = dict(config.get("node_selector") or {})
+    tolerations = list(config.get("tolerations") or [])
+    if gpus:
+        limits["nvidia.com/gpu"] = str(gpus)
+        node_selector.update(config.get("gpu_node_selector") or {})
+        tolerations += config.get("gpu_tolerations") or []
+    cmds = ["tldr-vlp"]
+    if spec.name in DISTRIBUTED_STAGES and gpus >= 1:
+        cmds = ["deepspeed", "--num_gpus", str(gpus), "--module", "tldr_tasks.cli"]
+    env = {
+        "TLDR_RUN_KEY": "{{ dag.dag_id }}/{{ run_id }}",
+        "AIRFLOW_CTX_DAG_ID": "{{ dag.dag_id }}",
+        "AIRFLOW_CTX_DAG_RUN_ID": "{{ run_id }}",
+        "AIRFLOW_CTX_TASK_ID": "{{ ti.task_id }}",
+        "AIRFLOW_CTX_TRY_NUMBER": "{{ ti.try_number }}",
+        "AIRFLOW_CTX_MAP_INDEX": "{{ ti.map_index }}",
+        "TLDR_INPUT_VERSION": "{{ ti.xcom_pull(task_ids='plan', key='input_version') or '' }}",
+        **{k: str(v) for k, v in (config.get("env") or {}).items()},
+    }
+    return {
+        "namespace": config.get("namespace"),
+        "in_cluster": config.get("in_cluster", True),
+        "kubernetes_conn_id": config.get("kubernetes_conn_id"),
+        "image": config["image"],
+        "image_pull_policy": config.get("image_pull_policy"),
+        "image_pull_secrets": [k8s.V1LocalObjectReference(name=n) for n in config.get("image_pull_secrets") or []],
+        "service_account_name": config.get("service_account_name"),
+        "name": f"tldr-{spec.name}",
+        "labels": {"app.kubernetes.io/name": "tldr-vlp", "app.kubernetes.io/component": spec.name},
+        "cmds": cmds,
+        "env_vars": [k8s.V1EnvVar(name=k, value=v) for k, v in env.items()],
+        # Credentials only as references to Kubernetes Secrets: values never pass through Airflow.
+        "env_from": [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=name))
+                     for name in config.get("secret_env_from") or []],
+        "container_resources": k8s.V1ResourceRequirements(requests=quantities, limits=limits),
+        "node_selector": node_selector,
+        "tolerations": [k8s.V1Toleration(**_snake(t)) for t in tolerations],
+        "startup_timeout_seconds": int(config.get("startup_timeout_seconds", 900)),
+        "get_logs": True,
+        "log_events_on_failure": True,
+        "do_xcom_push": True,
+        # Delete pods that succeeded; keep failed ones for `kubectl logs/describe`.
+        "on_finish_action": "delete_succeeded_pod",
+    }
+
+
+def _snake(toleration: dict) -> dict:
+    names = {"tolerationSeconds": "toleration_seconds"}
+    return {names.get(k, k): v for k, v in toleration.items()}
+
+
+def _pick(key: str):
+    """A plain function for XComArg.map(): one shard group's command for one stage."""
+
+    def pick(group: dict):
+        return group[key]
+
+    return pick
+
+
+def _add_stage_tasks(group: str, plan, groups, config: dict) -> dict:
+    """One task per stage in the current TaskGroup, wired along STAGES' deps; returns {stage: task}."""
+    tasks = {}
+    for spec in STAGES:
+        tid = task_id(spec.name)
+        if group == "local":
+            common = {"task_id": tid, "append_env": True,
+                      "env": {"TLDR_RUN_KEY": "{{ dag.dag_id }}/{{ run_id }}",
+                              "TLDR_INPUT_VERSION": "{{ ti.xcom_pull(task_ids='plan', key='input_version') or '' }}"}}
+            if spec.sharded:
+                op = BashOperator.partial(**common).expand(bash_command=groups.map(_pick(f"local__{tid}")))
+            else:
+                op = BashOperator(**common, bash_command=plan[f"local__{tid}"])
+        else:
+            common = {"task_id": tid, **pod_settings(spec, config)}
+            if spec.sharded:
+                op = KubernetesPodOperator.partial(**common).expand(arguments=groups.map(_pick(f"pod__{tid}")))
+            else:
+                op = KubernetesPodOperator(**common, arguments=plan[f"pod__{tid}"])
+        for dep in spec.deps:
+            tasks[dep] >> op
+        tasks[spec.name] = op
+    return tasks
+
+
+def _parse_result(value):
+    """A stage's XCom: a dict from a pod's return.json, the JSON line a BashOperator pushed, or None."""
+    if isinstance(value, str):
+        return json.loads(value.strip().splitlines()[-1]) if value.strip() else None
+    return value
+
+
+def build_compress_dag(dag_id: str, doc_md: str | None) -> DAG:
+    config = settings.kubernetes_config()
+    cron = os.environ.get("TLDR_COMPRESS_CRON", "0 4 * * 0")
+    with DAG(
+        dag_id=dag_id,
+        doc_md=doc_md,
+        description="TL;DR: compress a crawl into a small, better-captioned training set",
+        # A newly registered crawl (tldr_ingest) or, failing that, the weekly cron starts a run.
+        schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=CRAWL_ASSET),
+        start_date=None,
+        catchup=False,
+        # Runs share the captioner and the embedding cache: one at a time.
+        max_active_runs=1,
+        default_args=DEFAULT_ARGS,
+        params=compress_params(),
+        tags=["tldr-vlp", "compression", "mlops"],
+    ) as dag:
+
+        @task(multiple_outputs=True)
+        def plan(params=None, run_id=None, triggering_asset_events=None) -> dict:
+            """Every task's command for this run; refuses bad parameters before any work starts."""
+            url, version = _landed_input(triggering_asset_events)
+            # A scheduled (Asset/cron) run compresses the landed crawl; a manual one what the form says.
+            return build_plan(params, run_id, executable=settings.tldr_executable(),
+                              result_json=settings.POD_RESULT_PATH, input_url=url or params["input_url"],
+                              input_version=version)
+
+        @task
+        def shard_groups(groups: list) -> list[dict]:
+            """One entry per shard group: the sharded stages' tasks (pods) are mapped over this list."""
+            return groups
+
+        @task.branch
+        def choose_runner(runner: str) -> str:
+            return f"{GROUPS[runner]}.{task_id(STAGES[0].name)}"
+
+        @task.short_circuit(ignore_downstream_trigger_rules=False)
+        def evaluation_requested(params=None) -> bool:
+            return bool(params["run_evaluation"])
+
+        @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS, outlets=[COMPRESSED_ASSET])
+        def publish(plan: dict, ti=None, outlet_events=None) -> dict:
+            """The run's outcome in one XCom: the output URL, the MLflow run id and the key metrics."""
+            group = GROUPS[plan["runner"]]
+            materialized = _parse_result(ti.xcom_pull(task_ids=f"{group}.materialize"))
+            evaluated = _parse_result(ti.xcom_pull(task_ids=f"{group}.evaluate"))
+            embeds = ti.xcom_pull(task_ids=f"{group}.embed") or []
+            embeds = [_parse_result(e) for e in (embeds if isinstance(embeds, list) else [embeds]) if e]
+            embed_totals: dict[str, float] = {}
+            for result in embeds:
+                for key, value in (result.get("metrics") or {}).items():
+                    if isinstance(value, (int, float)) and key.startswith("shards_"):
+                        embed_totals[key] = embed_totals.get(key, 0) + value
+            summary = {
+                "out": plan["out"],
+                "shards_url": f"{plan['out']}/shards",
+                "input": plan["input"],
+                "input_version": plan["input_version"],
+                "runner": plan["runner"],
+                "mlflow_run_id": (materialized or {}).get("mlflow_run_id"),
+                "metrics": (materialized or {}).get("metrics", {}),
+                "embed": embed_totals,
+                "evaluation": (evaluated or {}).get("metrics") if evaluated else None,
+            }
+            outlet_events[COMPRESSED_ASSET].extra = {k: summary[k] for k in ("out", "mlflow_run_id", "input_version")}
+            return summary
+
+        run_plan = plan()
+        groups = shard_groups(run_plan["groups"])
+        choose = choose_runner(run_plan["runner"])
+        want_evaluation = evaluation_requested()
+        run_plan >> want_evaluation
+        done = publish(run_plan)
+        for group in GROUPS.values():
+            with TaskGroup(group, tooltip=f"every stage with the {group} runner"):
+                tasks = _add_stage_tasks(group, run_plan, groups, config)
+            choose >> tasks[STAGES[0].name]
+            for spec in STAGES:
+                if spec.optional:
+                    want_evaluation >> tasks[spec.name]
+            final = [tasks[s.name] for s in STAGES if not any(s.name in t.deps for t in STAGES)]
+            tasks["materialize"] >> done
+            final >> done
+    return dag

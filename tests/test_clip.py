@@ -1,0 +1,139 @@
+"""models/clip: retrieval math on hand-made embeddings, the tokenizer, the batch schedule, and that
+training a tiny CLIP is deterministic and learns."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from tldr_tasks.models import clip
+
+torch.set_num_threads(1)
+
+
+def _unit(rows):
+    x = torch.tensor(rows, dtype=torch.float32)
+    return x / x.norm(dim=1, keepdim=True)
+
+
+def test_perfect_embedding_scores_100_and_shuffled_scores_less():
+    emb = torch.eye(20)
+    perfect = clip.retrieval_metrics(emb, emb)
+    assert all(perfect[k] == 100.0 for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mean_r1"))
+    shuffled = clip.retrieval_metrics(emb, emb[torch.randperm(20, generator=torch.Generator().manual_seed(0))])
+    assert shuffled["mean_r1"] < 100.0
+    # one-hot texts: an image retrieves exactly one text with positive similarity, so R@1 counts the fixed points
+    perm = torch.tensor([1, 0] + list(range(2, 20)))
+    swapped = clip.retrieval_metrics(emb, emb[perm])
+    assert swapped["i2t_r1"] == swapped["t2i_r1"] == 90.0
+
+
+def test_scene_level_hits_count_any_item_of_the_same_scene():
+    # items 0 and 1 show the same scene; their texts are swapped
+    images = torch.eye(3)
+    texts = images[[1, 0, 2]]
+    instance = clip.retrieval_metrics(images, texts)
+    assert instance["i2t_r1"] == pytest.approx(100 / 3)
+    scene = clip.retrieval_metrics(images, texts, image_groups=["a", "a", "b"], text_groups=["a", "a", "b"])
+    assert scene["i2t_r1"] == scene["t2i_r1"] == 100.0
+
+
+def test_directions_are_scored_separately():
+    texts = torch.eye(3)
+    # image 1 sits closer to text 0 than to its own text 1: i2t misses it, but text 1's nearest image is still 1
+    images = _unit([[1, 0, 0], [0.9, 0.1, 0], [0, 0, 1]])
+    m = clip.retrieval_metrics(images, texts)
+    assert m["i2t_r1"] == pytest.approx(200 / 3)
+    assert m["t2i_r1"] == 100.0
+    assert m["i2t_r5"] == 100.0  # k beyond the pool size counts every candidate
+    assert m["mean_r1"] == pytest.approx((200 / 3 + 100) / 2)
+
+
+def test_retrieval_refuses_unpaired_inputs():
+    with pytest.raises(ValueError, match="paired"):
+        clip.retrieval_metrics(torch.eye(3), torch.eye(4)[:, :3])
+
+
+def test_zero_shot_accuracy_and_prompt_ensembling():
+    image = _unit([[1, 0], [0, 1], [1, 0.1], [0.1, 1]])
+    classes = _unit([[1, 0], [0, 1]])
+    assert clip.zero_shot_accuracy(image, classes, [0, 1, 0, 0]) == 75.0
+
+
+def test_tokenizer_wraps_in_bos_eos_and_maps_unknown_words():
+    tok = clip.CaptionTokenizer.train(["a red circle", "a blue square on grey"], max_tokens=8)
+    ids, mask = tok(["A red circle", "purple thing", "", "a a a a a a a a a a a a"])
+    assert clip.EOS_ID != 2  # transformers' CLIP would fall back to argmax pooling
+    assert ids[0, 0] == clip.BOS_ID and ids[0, 4] == clip.EOS_ID and mask[0].tolist() == [1] * 5 + [0] * 3
+    assert ids[1, 1:3].tolist() == [clip.UNK_ID, clip.UNK_ID]
+    assert ids[2, :2].tolist() == [clip.BOS_ID, clip.EOS_ID]
+    assert ids.shape[1] == 8 and ids[3, -1] == clip.EOS_ID  # truncated, EOS kept
+    again = clip.CaptionTokenizer.from_json(tok.to_json(), max_tokens=8)
+    assert torch.equal(again(["a blue square"])[0], tok(["a blue square"])[0])
+
+
+def test_build_clip_presets_and_eos_guard():
+    model = clip.build_clip("micro", vocab_size=50)
+    assert model.config.vision_config.image_size == 32
+    assert model.config.text_config.eos_token_id == clip.EOS_ID
+    with pytest.raises(ValueError, match="eos_token_id 2"):
+        clip.build_clip("micro", vocab_size=50, eos_token_id=2)
+    with pytest.raises(ValueError, match="known: .*tiny"):
+        clip.load_preset("huge")
+    assert clip.load_preset("tiny")["image_size"] == 64 and clip.load_preset("tiny")["vision_layers"] == 4
+
+
+def test_batch_schedule_covers_each_epoch_once_without_duplicates():
+    batches = list(clip.batch_schedule(n=50, batch_size=16, steps=10, seed=3))
+    assert len(batches) == 10
+    per_epoch = clip.epoch_batches(50, 16)
+    assert per_epoch == 4
+    for epoch in range(2):
+        chunk = batches[epoch * per_epoch:(epoch + 1) * per_epoch]
+        assert sorted(np.concatenate(chunk).tolist()) == list(range(50))
+        assert all(len(set(b.tolist())) == len(b) <= 16 for b in chunk)
+    assert [b.tolist() for b in clip.batch_schedule(50, 16, 10, 3)] == [b.tolist() for b in batches]
+
+
+def _toy(n=48, size=32):
+    """Four solid-colour classes with one caption each: learnable in a few dozen steps."""
+    colours = {"red": (220, 30, 30), "green": (30, 175, 45), "blue": (35, 70, 235), "yellow": (245, 225, 35)}
+    names = list(colours)
+    rng = np.random.default_rng(0)
+    labels = [i % 4 for i in range(n)]
+    images = np.stack([np.clip(np.full((size, size, 3), colours[names[c]]) + rng.integers(-10, 11, (size, size, 3)),
+                               0, 255).astype(np.uint8) for c in labels])
+    captions = [f"a {names[c]} picture" for c in labels]
+    return images, captions, labels
+
+
+def test_train_clip_is_deterministic_counts_steps_and_learns():
+    images, captions, labels = _toy()
+    tok = clip.CaptionTokenizer.train(captions)
+    visits = []
+
+    def caption_for(i, rng):
+        assert isinstance(rng, random.Random)
+        visits.append(i)
+        return captions[i]
+
+    model, seconds = clip.train_clip(images, caption_for, tok, steps=40, batch_size=16, lr=2e-3, seed=1,
+                                     preset="micro")
+    assert seconds > 0 and not model.training
+    assert len(visits) == 40 * 16  # 48 samples / 16 = 3 equal batches per epoch
+    img = clip.embed_images(model, images)
+    txt = clip.embed_texts(model, tok, captions)
+    learned = clip.retrieval_metrics(img, txt, labels, labels)
+    assert learned["mean_r1"] > 90.0  # chance is 25%
+    names = [["a red picture"], ["a green picture"], ["a blue picture"], ["a yellow picture"]]
+    assert clip.zero_shot_accuracy(img, clip.class_embeddings(model, tok, names), labels) > 90.0
+    again, _ = clip.train_clip(images, lambda i, rng: captions[i], tok, steps=40, batch_size=16, lr=2e-3, seed=1,
+                               preset="micro")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_train_clip_rejects_wrong_images():
+    tok = clip.CaptionTokenizer.train(["x"])
+    with pytest.raises(ValueError, match="uint8"):
+        clip.train_clip(np.zeros((4, 32, 32, 3), np.float32), lambda i, r: "x", tok, steps=1, preset="micro")

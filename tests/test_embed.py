@@ -1,0 +1,128 @@
+"""embed: one npz per shard with the right feature shapes and dtypes, rejects counted, reruns and
+other workers reuse finished parts."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tldr_tasks import storage
+from tldr_tasks.config import FEATURES, Config
+from tldr_tasks.data.shards import ShardWriter
+from tldr_tasks.models.captioner import build_captioner, image_to_tensor, load_captioner, save_captioner
+from tldr_tasks.models.tokenizer import train_tokenizer
+from tldr_tasks.stages import embed
+from tldr_tasks.stages.base import StageIO
+
+CODEBOOK, IMAGE = 24, 32  # tiny preset: patch 8 -> 16 patches + CLS = 17 tokens, code_dim 32
+TOKENS, CODE_DIM = 17, 32
+
+
+def _png(seed):
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (IMAGE, IMAGE, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _cfg(feature="quantized_mean"):
+    cfg = Config(seed=0)
+    cfg.captioner.image_size, cfg.captioner.codebook_size, cfg.captioner.codebook_init = IMAGE, CODEBOOK, "random"
+    cfg.embed.feature, cfg.embed.batch_size = feature, 4
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def crawl(tmp_path_factory):
+    """3 shards of 6 samples; shard 00001 has a corrupt image (key 0008), key 0003 an empty caption."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("embed")
+    captions = [f"a red square number {i}" if i != 3 else "" for i in range(18)]
+    with ShardWriter(str(root / "crawl"), shard_size=6) as writer:
+        for i in range(18):
+            image = b"not an image" if i == 8 else _png(i)
+            writer.write(f"{i:04d}", {"png": image, "txt": captions[i].encode()})
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer(captions, 300)
+    model = build_captioner(_cfg().captioner, tokenizer)
+    save_captioner(model, tokenizer, _cfg().to_dict(), str(root / "captioner"))
+    return root
+
+
+def _io(root, out="run", cache=None):
+    return StageIO(input=str(root / "crawl"), out=str(root / out), captioner=str(root / "captioner"),
+                   embed_cache=str(root / cache) if cache else None)
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+def test_features_have_right_shape_and_dtype(crawl, feature):
+    io = _io(crawl, out=f"run-{feature}")
+    result = embed.run(_cfg(feature), io)
+    assert len(result.outputs) == 3 and all(u.endswith(f"-{feature}/{i:05d}.npz") for i, u in
+                                             enumerate(result.outputs))
+    part = embed.load_part(result.outputs[1])
+    assert part.keys.tolist() == ["0006", "0007", "0009", "0010", "0011"]  # 0008 rejected
+    expected = {"quantized_mean": ((5, CODE_DIM), np.float16), "cls": ((5, CODE_DIM), np.float16),
+                "code_histogram": ((5, CODEBOOK), np.float16), "code_index_pca": ((5, TOKENS), np.int16)}[feature]
+    assert (part.features.shape, part.features.dtype) == expected
+    assert part.loss.dtype == np.float32 and np.isfinite(part.loss).all() and (part.loss > 0).all()
+    if feature == "code_histogram":
+        assert np.allclose(part.features.astype(np.float32).sum(axis=1), 1.0, atol=1e-2)
+    if feature == "code_index_pca":
+        assert part.features.min() >= 0 and part.features.max() < CODEBOOK
+    if feature == "cls":
+        assert np.allclose(np.linalg.norm(part.features.astype(np.float32), axis=1), 1.0, atol=1e-2)
+
+
+def test_quantized_mean_matches_the_model(crawl):
+    result = embed.run(_cfg("quantized_mean"), _io(crawl, out="run-check"))
+    part = embed.load_part(result.outputs[0])
+    model, _ = load_captioner(str(crawl / "captioner"))
+    image = Image.open(io.BytesIO(_png(2))).convert("RGB")
+    with torch.inference_mode():
+        expected = model.encode(image_to_tensor([image], IMAGE)).quantized.mean(dim=1)[0].numpy()
+    row = part.keys.tolist().index("0002")
+    np.testing.assert_allclose(part.features[row].astype(np.float32), expected, atol=2e-3)
+    # the empty caption has no loss; every other sample has one
+    assert np.isnan(part.loss[part.keys.tolist().index("0003")])
+    assert np.isfinite(np.delete(part.loss, part.keys.tolist().index("0003"))).all()
+
+
+def test_rejects_counted_and_rerun_reuses_parts(crawl):
+    io = _io(crawl, out="run-reuse")
+    first = embed.run(_cfg(), io)
+    assert first.metrics["samples"] == 17 and first.metrics["rejected"] == 1
+    assert first.metrics["shards_embedded"] == 3 and first.metrics["shards_reused"] == 0
+    assert first.metrics["images_per_s"] > 0 and not first.skipped
+    part = embed.load_part(first.outputs[1])
+    assert part.reject_keys.tolist() == ["0008"] and part.reject_reasons[0].startswith("undecodable image")
+    assert part.meta["samples"] == 5 and part.meta["rejected"] == 1
+    before = storage.read_bytes(first.outputs[0])
+    again = embed.run(_cfg(), io)
+    assert again.skipped and again.metrics["shards_reused"] == 3 and again.metrics["shards_embedded"] == 0
+    # an incremental run: one part missing -> only that shard is embedded, the others untouched
+    storage.filesystem(first.outputs[2])[0].rm(first.outputs[2])
+    third = embed.run(_cfg(), io)
+    assert third.metrics["shards_embedded"] == 1 and third.metrics["shards_reused"] == 2
+    assert third.metrics["samples"] == 6 and storage.read_bytes(first.outputs[0]) == before
+    assert embed.load_part(first.outputs[2]).keys.tolist() == [f"{i:04d}" for i in range(12, 18)]
+
+
+def test_sharded_workers_cover_every_shard_once(crawl):
+    io = _io(crawl, out="run-workers", cache="shared-cache")
+    w0 = embed.run(_cfg("code_histogram"), io, shard_index=0, num_shards=2)
+    w1 = embed.run(_cfg("code_histogram"), io, shard_index=1, num_shards=2)
+    assert [u.rsplit("/", 1)[1] for u in w0.outputs] == ["00000.npz", "00002.npz"]
+    assert [u.rsplit("/", 1)[1] for u in w1.outputs] == ["00001.npz"]
+    assert w0.metrics["shards_embedded"] + w1.metrics["shards_embedded"] == 3
+    assert w0.metrics["samples"] + w1.metrics["samples"] == 17
+    directory = embed.parts_dir(_cfg("code_histogram"), io)
+    assert directory.startswith(str(crawl / "shared-cache"))
+    assert [u.rsplit("/", 1)[1] for u in storage.listdir(directory, ".npz")] == ["00000.npz", "00001.npz",
+                                                                                 "00002.npz"]
+    keys = np.concatenate([embed.load_part(u).keys for u in storage.listdir(directory, ".npz")])
+    assert len(keys) == len(set(keys.tolist())) == 17
+    with pytest.raises(ValueError, match="shard-index"):
+        embed.run(_cfg("code_histogram"), io, shard_index=2, num_shards=2)
