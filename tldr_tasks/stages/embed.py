@@ -20,6 +20,7 @@ from __future__ import annotations
 import io as _io
 import json
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -78,13 +79,20 @@ def check_unique_stems(shards: list[str]) -> None:
 
 
 def save_part(url: str, part: EmbedPart) -> None:
-    """Write one part atomically (np.savez, no pickles)."""
+    """Write one part atomically: an npz (no pickles) whose zip entries carry a fixed timestamp, so
+    the same inputs give a byte-identical file (np.savez stamps the current time; DVC would see a
+    changed output on every rerun)."""
+    arrays = {"keys": np.asarray(part.keys, dtype=str), "features": part.features,
+              "loss": np.asarray(part.loss, dtype=np.float32),
+              "reject_keys": np.asarray(part.reject_keys, dtype=str),
+              "reject_reasons": np.asarray(part.reject_reasons, dtype=str),
+              "meta": np.asarray(json.dumps(part.meta, sort_keys=True))}
     buffer = _io.BytesIO()
-    np.savez(buffer, keys=np.asarray(part.keys, dtype=str), features=part.features,
-             loss=np.asarray(part.loss, dtype=np.float32),
-             reject_keys=np.asarray(part.reject_keys, dtype=str),
-             reject_reasons=np.asarray(part.reject_reasons, dtype=str),
-             meta=np.asarray(json.dumps(part.meta, sort_keys=True)))
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
     storage.write_bytes_atomic(url, buffer.getvalue())
 
 
@@ -151,7 +159,6 @@ def embed_shard(model, tokenizer, cfg: Config, shard_url: str, device: str, vers
 
     from tldr_tasks.models.captioner import image_to_tensor, tokenize_captions
 
-    started = time.time()
     # The saved architecture, not cfg.captioner: a reused --captioner may differ from this run's params.
     feature, arch = cfg.embed.feature, model.arch
     codebook_size, image_size, max_tokens = arch["codebook_size"], arch["image_size"], arch["max_tokens"]
@@ -180,8 +187,9 @@ def embed_shard(model, tokenizer, cfg: Config, shard_url: str, device: str, vers
     else:  # a shard with nothing readable still gets a part, so it counts as done
         width = 0 if feature == "code_index_pca" else (codebook_size if feature == "code_histogram" else 0)
         matrix = _to_storage_dtype(np.zeros((0, width)), feature, codebook_size)
+    # No timings in the part: it is a pure function of (shard, captioner, feature).
     meta = {"shard": stem, "feature": feature, "captioner_version": version, "samples": len(keys),
-            "rejected": len(rejects), "seconds": round(time.time() - started, 3)}
+            "rejected": len(rejects)}
     return EmbedPart(keys=np.asarray(keys, dtype=str), features=matrix,
                      loss=np.concatenate(losses) if losses else np.zeros(0, np.float32),
                      reject_keys=np.asarray([r.key or "" for r in rejects], dtype=str),

@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-from tldr_tasks import storage
 from tldr_tasks.config import Config
 from tldr_tasks.stage_cli import stage_main
 from tldr_tasks.stages.base import StageIO, StageResult
@@ -73,6 +72,7 @@ def train(cfg: Config, io: StageIO, stop_after_steps: int | None = None) -> Stag
     total_steps = steps_per_epoch * c.epochs
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                            config=deepspeed_config(c, total_steps, world))
+    _load_tensors_only(engine)
     done = 0
     if (Path(ckpt_dir) / "latest").exists():
         path, client_state = engine.load_checkpoint(ckpt_dir)
@@ -202,8 +202,10 @@ def codebook_usage(model, images, input_ids, attention_mask, dtype, device, samp
 def checkpoint_dir(captioner_url: str) -> str:
     """A local folder for DeepSpeed checkpoints: `{captioner_dir}/checkpoints` when that is local,
     else `$TLDR_CACHE_DIR` (default ~/.cache/tldr-vlp)/captioner-<hash of the URL>/checkpoints."""
-    fs, path = storage.filesystem(captioner_url)
-    if storage._is_local(fs):
+    from fsspec.core import split_protocol
+
+    protocol, path = split_protocol(captioner_url)
+    if protocol in (None, "file", "local"):
         return os.path.join(path, "checkpoints")
     cache = os.environ.get("TLDR_CACHE_DIR", os.path.expanduser("~/.cache/tldr-vlp"))
     digest = hashlib.sha256(captioner_url.encode()).hexdigest()[:12]
@@ -228,6 +230,26 @@ def _init_distributed(deepspeed) -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(verbose=False)
+
+
+def _load_tensors_only(engine) -> None:
+    """Make DeepSpeed read checkpoints with torch.load(weights_only=True): its torch checkpoint
+    engine unpickles arbitrary objects, and a checkpoint folder is a cache anyone who can write to
+    the output folder could plant a file in. DeepSpeed's own checkpoints hold tensors, dicts,
+    numbers and three plain DeepSpeed data classes (allow-listed by name; ZeRO optimizer states),
+    so they load unchanged; anything else is refused with an UnpicklingError, never executed."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+    def load(path, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    engine.checkpoint_engine.load = load
 
 
 def _free_port() -> int:

@@ -1,0 +1,128 @@
+"""Stage caption: one parquet per source shard with exactly the selected keys; resumable; sharded."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tldr_tasks.config import CaptionerConfig, load_config
+from tldr_tasks.data.shards import Sample, iter_shard
+from tldr_tasks.models import captioner as cap
+from tldr_tasks.models.tokenizer import train_tokenizer
+from tldr_tasks.stages import caption
+from tldr_tasks.stages.base import StageIO
+
+torch.set_num_threads(1)
+
+CFG = load_config(None, ["caption.max_new_tokens=6", "caption.min_new_tokens=2", "caption.batch_size=16",
+                         "caption.num_beams=2"])
+
+
+@pytest.fixture(scope="module")
+def crawl_samples(tiny_crawl):
+    io = StageIO(input=os.path.join(tiny_crawl, "train"), out="unused")
+    return {s.key: s for url in io.input_shards() for s in iter_shard(url) if isinstance(s, Sample)}
+
+
+@pytest.fixture(scope="module")
+def captioner_dir(crawl_samples, tmp_path_factory):
+    """An untrained (random) captioner: captions are gibberish but deterministic."""
+    tokenizer = train_tokenizer([s.caption for s in crawl_samples.values()], 300)
+    torch.manual_seed(0)
+    model = cap.build_captioner(CaptionerConfig(image_size=32, codebook_size=32, codebook_init="random"), tokenizer)
+    url = str(tmp_path_factory.mktemp("captioner"))
+    cap.save_captioner(model.eval(), tokenizer, {}, url)
+    return url
+
+
+def make_run(tmp_path, tiny_crawl, captioner_dir, crawl_samples, every: int = 3) -> tuple[StageIO, dict]:
+    """A run folder whose sample stage selected every `every`-th sample of the crawl."""
+    run_io = StageIO(input=os.path.join(tiny_crawl, "train"), out=str(tmp_path), captioner=captioner_dir)
+    chosen = sorted(crawl_samples)[::every]
+    table = pa.table({"key": chosen, "shard": [crawl_samples[k].shard for k in chosen],
+                      "cluster": list(range(len(chosen)))})
+    Path(run_io.sample_dir).mkdir(parents=True)
+    pq.write_table(table, os.path.join(run_io.sample_dir, "selected.parquet"))
+    by_shard: dict[str, set[str]] = {}
+    for k in chosen:
+        by_shard.setdefault(crawl_samples[k].shard, set()).add(k)
+    return run_io, by_shard
+
+
+def read_output(run_io: StageIO, stem: str):
+    return pq.read_table(io.BytesIO(Path(run_io.caption_dir, f"{stem}.parquet").read_bytes())).to_pydict()
+
+
+def test_captions_exactly_the_selected_keys(tmp_path, tiny_crawl, captioner_dir, crawl_samples):
+    run_io, by_shard = make_run(tmp_path, tiny_crawl, captioner_dir, crawl_samples)
+    assert len(by_shard) == 2  # the tiny crawl has two train shards
+    result = caption.run(CFG, run_io)
+    assert not result.skipped
+    assert result.metrics["captions_written"] == sum(len(v) for v in by_shard.values())
+    assert result.metrics["captions_per_second"] > 0 and result.metrics["shards_done"] == 2
+    assert sorted(os.listdir(run_io.caption_dir)) == sorted(f"{s}.parquet" for s in by_shard)
+    model, tokenizer = cap.load_captioner(captioner_dir)
+    for stem, keys in by_shard.items():
+        out = read_output(run_io, stem)
+        assert set(out) == {"key", "generated"}
+        assert sorted(out["key"]) == sorted(keys) and len(out["key"]) == len(keys)
+        assert all(isinstance(g, str) for g in out["generated"])
+        # the stage's captions are the model's beam-search captions of exactly those images
+        first = out["key"][:3]
+        pixels = cap.image_to_tensor([crawl_samples[k].image for k in first], 32)
+        expected = model.generate_captions(pixels, tokenizer, num_beams=2, min_new_tokens=2, max_new_tokens=6)
+        assert out["generated"][:3] == expected
+
+
+def test_rerun_skips_done_shards_and_redoes_only_missing(tmp_path, tiny_crawl, captioner_dir, crawl_samples):
+    run_io, by_shard = make_run(tmp_path, tiny_crawl, captioner_dir, crawl_samples, every=5)
+    caption.run(CFG, run_io)
+    files = {s: Path(run_io.caption_dir, f"{s}.parquet") for s in by_shard}
+    stamps = {s: f.stat().st_mtime_ns for s, f in files.items()}
+    again = caption.run(CFG, run_io)
+    assert again.skipped and again.metrics["captions_written"] == 0
+    assert {s: f.stat().st_mtime_ns for s, f in files.items()} == stamps
+    first, second = sorted(by_shard)
+    files[second].unlink()
+    redo = caption.run(CFG, run_io)
+    assert not redo.skipped
+    assert redo.metrics["shards_done"] == 1 and redo.metrics["shards_skipped"] == 1
+    assert redo.metrics["captions_written"] == len(by_shard[second])
+    assert files[first].stat().st_mtime_ns == stamps[first]
+    assert sorted(read_output(run_io, second)["key"]) == sorted(by_shard[second])
+
+
+def test_workers_split_the_source_shards(tmp_path, tiny_crawl, captioner_dir, crawl_samples):
+    run_io, by_shard = make_run(tmp_path, tiny_crawl, captioner_dir, crawl_samples, every=7)
+    stems = sorted(by_shard)
+    first = caption.run(CFG, run_io, shard_index=0, num_shards=2)
+    assert os.listdir(run_io.caption_dir) == [f"{stems[0]}.parquet"]
+    assert first.metrics["captions_written"] == len(by_shard[stems[0]])
+    second = caption.run(CFG, run_io, shard_index=1, num_shards=2)
+    assert second.metrics["captions_written"] == len(by_shard[stems[1]])
+    assert sorted(os.listdir(run_io.caption_dir)) == [f"{s}.parquet" for s in stems]
+    with pytest.raises(ValueError, match="shard-index"):
+        caption.run(CFG, run_io, shard_index=2, num_shards=2)
+
+
+def test_errors_say_what_to_fix(tmp_path, tiny_crawl, captioner_dir, crawl_samples):
+    run_io = StageIO(input=os.path.join(tiny_crawl, "train"), out=str(tmp_path / "a"), captioner=captioner_dir)
+    with pytest.raises(FileNotFoundError, match="sample stage"):
+        caption.run(CFG, run_io)
+    run_io, _ = make_run(tmp_path / "b", tiny_crawl, captioner_dir, crawl_samples)
+    table = pa.table({"key": ["0000001"], "shard": ["99999"], "cluster": [0]})
+    pq.write_table(table, os.path.join(run_io.sample_dir, "selected.parquet"))
+    with pytest.raises(ValueError, match="not in --input"):
+        caption.run(CFG, run_io)
+    shard = next(iter(crawl_samples.values())).shard
+    pq.write_table(pa.table({"key": ["nosuchkey"], "shard": [shard], "cluster": [0]}),
+                   os.path.join(run_io.sample_dir, "selected.parquet"))
+    with pytest.raises(ValueError, match="missing or unreadable"):
+        caption.run(CFG, run_io)
+    assert not Path(run_io.caption_dir, f"{shard}.parquet").exists()

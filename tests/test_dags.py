@@ -1,0 +1,181 @@
+"""The DAG files: they import cleanly and fast, follow the house rules, and refuse bad params."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DAGS = ROOT / "dags"
+# Airflow reads its home at import: give the test session its own, never the user's ~/airflow.
+os.environ["AIRFLOW_HOME"] = os.environ.get("TLDR_TEST_AIRFLOW_HOME") or tempfile.mkdtemp(prefix="airflow-home-")
+os.environ["TLDR_TEST_AIRFLOW_HOME"] = os.environ["AIRFLOW_HOME"]
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+os.environ.setdefault("TLDR_DATA_ROOT", tempfile.mkdtemp(prefix="tldr-data-"))
+sys.path.insert(0, str(DAGS))
+
+pytest.importorskip("airflow.providers.cncf.kubernetes")
+
+from airflow.dag_processing.dagbag import DagBag  # noqa: E402
+from airflow.sdk import AssetOrTimeSchedule  # noqa: E402
+from airflow.sdk.exceptions import ParamValidationError  # noqa: E402
+from tldr_dagkit import settings  # noqa: E402
+from tldr_dagkit.compress import CRAWL_ASSET  # noqa: E402
+from tldr_dagkit.plan import build_plan, run_folder_name  # noqa: E402
+
+from tldr_tasks.config import Config, ConfigError  # noqa: E402
+from tldr_tasks.pipeline import STAGES  # noqa: E402
+
+BIN = str(Path(sys.executable).parent)
+
+
+@pytest.fixture(scope="module")
+def dagbag():
+    return DagBag(dag_folder=str(DAGS))
+
+
+@pytest.fixture(scope="module")
+def compress(dagbag):
+    return dagbag.dags["tldr_compress"]
+
+
+def airflow_env() -> dict:
+    return {**os.environ, "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS), "PATH": f"{BIN}:{os.environ['PATH']}"}
+
+
+def test_dagbag_imports_clean(dagbag):
+    assert dagbag.import_errors == {}
+    assert set(dagbag.dags) == {"tldr_compress", "tldr_ingest"}
+    for dag in dagbag.dags.values():
+        assert dag.tags and "tldr-vlp" in dag.tags
+        assert dag.doc_md and dag.dag_id in dag.doc_md  # doc_md=__doc__, dag_id from the file name
+        for task in dag.tasks:
+            assert task.retries >= 2, f"{dag.dag_id}.{task.task_id} has retries={task.retries}"
+
+
+def test_list_import_errors_local_exits_zero():
+    env = airflow_env()
+    subprocess.run([f"{BIN}/airflow", "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
+    proc = subprocess.run([f"{BIN}/airflow", "dags", "list-import-errors", "--local"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "No data found" in proc.stdout
+
+
+def test_parsing_imports_nothing_heavy():
+    code = ("import sys; from airflow.dag_processing.dagbag import DagBag; "
+            f"b = DagBag(dag_folder={str(DAGS)!r}); assert not b.import_errors, b.import_errors; "
+            "print(sorted(m for m in ('torch', 'faiss', 'deepspeed', 'transformers', 'mlflow') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], env=airflow_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_both_runners_have_every_stage(compress):
+    ids = set(compress.task_dict)
+    for spec in STAGES:
+        tid = spec.name.replace("-", "_")
+        for group in ("local", "kubernetes"):
+            task = compress.task_dict[f"{group}.{tid}"]
+            assert task.is_mapped == spec.sharded
+            for dep in spec.deps:
+                assert f"{group}.{dep.replace('-', '_')}" in task.upstream_task_ids
+    assert type(compress.task_dict["local.cluster"]).__name__ == "BashOperator"
+    assert compress.task_dict["kubernetes.cluster"].__class__.__name__ == "KubernetesPodOperator"
+    assert {"plan", "shard_groups", "choose_runner", "evaluation_requested", "publish"} <= ids
+
+
+def test_runner_branch_and_evaluation_gate(compress):
+    choose = compress.task_dict["choose_runner"]
+    assert choose.python_callable("local") == "local.train_captioner"
+    assert choose.python_callable("kubernetes") == "kubernetes.train_captioner"
+    assert choose.downstream_task_ids == {"local.train_captioner", "kubernetes.train_captioner"}
+    gate = compress.task_dict["evaluation_requested"]
+    assert gate.downstream_task_ids == {"local.evaluate", "kubernetes.evaluate"}
+    assert gate.python_callable(params={"run_evaluation": False}) is False
+    assert gate.python_callable(params={"run_evaluation": True}) is True
+    publish = compress.task_dict["publish"]
+    assert publish.trigger_rule == "none_failed_min_one_success"
+    assert {"local.materialize", "kubernetes.materialize", "local.evaluate", "kubernetes.evaluate"} \
+        <= publish.upstream_task_ids
+
+
+def test_schedule_on_the_crawl_asset(dagbag, compress):
+    assert isinstance(compress.timetable, AssetOrTimeSchedule)
+    assert compress.timetable.asset_condition == CRAWL_ASSET
+    assert compress.timetable.timetable.expression == "0 4 * * 0"  # and a weekly cron fallback
+    assert compress.max_active_runs == 1
+    ingest = dagbag.dags["tldr_ingest"]
+    assert CRAWL_ASSET in ingest.task_dict["register_version"].outlets
+
+
+def validated(dag, conf: dict) -> dict:
+    params = copy.deepcopy(dag.params)
+    params.update(conf)
+    return params.validate()
+
+
+@pytest.mark.parametrize("conf", [
+    {"ratio": 1.5}, {"ratio": 0}, {"ratio": -0.1}, {"clusters": 0}, {"clusters": 2.5},
+    {"feature": "pixels"}, {"strategy": "best"}, {"fusion": "merge"}, {"captioner_preset": "huge"},
+    {"runner": "slurm"}, {"shard_groups": 0}, {"run_evaluation": "yes"}, {"input_url": ""},
+    {"overrides": ["not an override"]},
+])
+def test_invalid_params_refused(compress, conf):
+    with pytest.raises(ParamValidationError):
+        validated(compress, conf)
+
+
+def test_valid_params_accepted(compress):
+    defaults = validated(compress, {})
+    assert defaults["ratio"] == 0.25 and defaults["runner"] == "local" and defaults["run_evaluation"] is False
+    assert defaults["input_url"] == settings.crawl_url()
+    conf = {"ratio": 1, "clusters": 3000, "feature": "code_index_pca", "strategy": "far_centroid",
+            "fusion": "generated", "captioner_preset": "base", "runner": "kubernetes", "run_evaluation": True,
+            "eval_input_url": "s3://b/eval", "overrides": ["captioner.epochs=1", "seed=2"]}
+    assert {k: validated(compress, conf)[k] for k in conf} == conf
+    # The form's defaults are the pipeline's defaults.
+    cfg = Config()
+    assert (defaults["feature"], defaults["fusion"], defaults["clusters"]) == (
+        cfg.embed.feature, cfg.caption.fusion, cfg.cluster.clusters)
+
+
+def test_local_commands_use_the_venv(compress):
+    params = validated(compress, {"input_url": "/data/crawl/{00000..00003}.tar", "shard_groups": 3})
+    plan = build_plan(params, "manual__2026-01-01T00:00:00+00:00", executable=settings.tldr_executable(),
+                      result_json=settings.POD_RESULT_PATH)
+    command = plan["local__cluster"]
+    assert f"{BIN}/tldr-vlp run cluster" in command
+    assert "'/data/crawl/{00000..00003}.tar'" in command  # quoted: bash must not brace-expand it
+    assert len(plan["groups"]) == 3
+    for i, group in enumerate(plan["groups"]):
+        words = shlex.split(group["local__embed"])
+        assert words[words.index("--shard-index") + 1] == str(i) and words[words.index("--num-shards") + 1] == "3"
+    # The command is valid bash and ends by printing the stage's result as the last line.
+    assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0
+    assert command.endswith('cat "$result"; echo')
+    task = compress.task_dict["local.cluster"]
+    assert task.append_env and task.env["TLDR_RUN_KEY"] == "{{ dag.dag_id }}/{{ run_id }}"
+
+
+def test_plan_refuses_bad_runs_before_work(compress):
+    params = validated(compress, {})
+    kwargs = {"executable": "tldr-vlp", "result_json": "/r.json"}
+    with pytest.raises(ValueError, match="eval_input_url"):
+        build_plan({**params, "run_evaluation": True}, "r", **kwargs)
+    with pytest.raises(ConfigError, match="captioner.nope"):
+        build_plan({**params, "overrides": ["captioner.nope=1"]}, "r", **kwargs)
+    with pytest.raises(ConfigError, match="sample.ratio"):
+        build_plan({**params, "overrides": ["sample.ratio=2"]}, "r", **kwargs)
+
+
+def test_run_folder_names_are_path_safe():
+    assert run_folder_name("scheduled__2026-01-01T00:00:00+00:00") == "scheduled__2026-01-01T00-00-00-00-00"
+    assert run_folder_name("asset_triggered__a/b c") == "asset_triggered__a-b-c"

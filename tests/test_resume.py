@@ -1,0 +1,350 @@
+"""Crash and resume: every stage is started through the real `tldr-vlp run <stage>` CLI, killed with
+SIGKILL mid-run, and rerun. Finished parts must be skipped (same inode and mtime), no partial file
+may appear under a final name, the done marker must come last, and the final outputs must be
+byte-identical to an uninterrupted run of the same stage in another folder.
+
+The kill has to land between two parts, and a part of the tiny crawl takes ~0.1 s. So the part-writing
+stages run with a test hook (`sitecustomize.py` put on PYTHONPATH, active only when
+TLDR_TEST_PUBLISH_DELAY is set) that sleeps after every atomically published file: the stage
+code is unchanged, the SIGKILL just arrives while it waits before the next part.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tldr_tasks.config import load_config
+from tldr_tasks.pipeline import STAGES
+from tldr_tasks.runner import run_stage
+from tldr_tasks.stages import embed
+from tldr_tasks.stages.base import StageIO
+
+torch.set_num_threads(1)
+
+# The test_end_to_end tiny config, plus a checkpoint every 2 optimizer steps (12 steps in all) and
+# small output shards, so train-captioner and materialize have several parts to be killed between.
+OVERRIDES = ["captioner.epochs=2", "captioner.image_size=32", "captioner.batch_size=32",
+             "captioner.checkpoint_every=2", "caption.num_beams=1", "caption.max_new_tokens=12",
+             "materialize.shard_size=10", "cluster.clusters=4", "sample.ratio=0.3"]
+SET_ARGS = [arg for item in OVERRIDES for arg in ("--set", item)]
+# Written by an in-process DeepSpeed run into os.environ; a child inheriting them would try to
+# rendezvous on this process's port.
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+DELAY_S = 2.0  # sleep after each published file: the window in which the kill lands
+TLDR_VLP = str(Path(sys.executable).with_name("tldr-vlp"))
+STAGE_DIRS = {"train-captioner": "captioner", "embed": "embed", "cluster": "cluster", "sample": "sample",
+              "caption": "caption", "materialize": "shards"}
+
+SITECUSTOMIZE = '''"""Test hook of tests/test_resume.py: sleep after every published output."""
+import os
+
+if os.environ.get("TLDR_TEST_PUBLISH_DELAY"):
+    import time
+    from contextlib import contextmanager
+
+    from tldr_tasks import storage
+
+    _delay = float(os.environ["TLDR_TEST_PUBLISH_DELAY"])
+    _write, _staging = storage.write_bytes_atomic, storage.local_staging
+
+    def write_bytes_atomic(url, data):
+        _write(url, data)
+        time.sleep(_delay)
+
+    @contextmanager
+    def local_staging(url, suffix=""):
+        with _staging(url, suffix) as local:
+            yield local
+        time.sleep(_delay)
+
+    storage.write_bytes_atomic, storage.local_staging = write_bytes_atomic, local_staging
+'''
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """Module folder: one MLflow store for every run here, and the sitecustomize hook."""
+    root = tmp_path_factory.mktemp("resume")
+    (root / "hook").mkdir()
+    (root / "hook" / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_crawl, workspace) -> Path:
+    """An uninterrupted run of every stage, in-process (the expected outputs, and the upstream
+    outputs each test copies)."""
+    out = workspace / "reference"
+    saved = {k: os.environ.get(k) for k in (*DIST_VARS, "MLFLOW_TRACKING_URI", "TLDR_RUN_KEY")}
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workspace}/mlflow.db"
+    os.environ.pop("TLDR_RUN_KEY", None)
+    try:
+        cfg = load_config(None, OVERRIDES)
+        io = StageIO(input=str(Path(tiny_crawl) / "train"), out=str(out))
+        for spec in STAGES:
+            if not spec.optional:
+                result, _ = run_stage(cfg, io, spec.name)
+                assert not result.skipped
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return out
+
+
+def _env(workspace: Path, delay: bool) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS and k != "TLDR_RUN_KEY"}
+    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{workspace}/mlflow.db", OMP_NUM_THREADS="1",
+               TLDR_MLFLOW_EXPERIMENT="resume-tests")
+    if delay:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(workspace / "hook"), env.get("PYTHONPATH")) if p)
+        env["TLDR_TEST_PUBLISH_DELAY"] = str(DELAY_S)
+    return env
+
+
+def _command(stage: str, crawl: str, out: Path, *extra: str) -> list[str]:
+    return [TLDR_VLP, "run", stage, "--input", str(Path(crawl) / "train"), "--out", str(out), *SET_ARGS, *extra]
+
+
+def start_and_kill(command: list[str], env: dict, ready: Callable[[], bool], log: Path, timeout: float = 300) -> None:
+    """Start `command`, SIGKILL it as soon as `ready()` holds; fail if it ended first."""
+    with open(log, "w") as sink:
+        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        try:
+            while not ready():
+                if process.poll() is not None:
+                    pytest.fail(f"{command[2]} exited ({process.returncode}) before it could be killed:\n"
+                                + log.read_text()[-3000:])
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{command[2]} did not reach the kill point in {timeout} s:\n" + log.read_text()[-3000:])
+                time.sleep(0.01)
+            process.send_signal(signal.SIGKILL)
+        finally:
+            process.kill()  # no-op when already dead; never leave a child behind a failed test
+            process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+
+def run_to_end(command: list[str], env: dict, workdir: Path) -> dict:
+    """Run `command` to completion; returns its --result-json summary."""
+    result_json = workdir / f"result-{time.monotonic_ns()}.json"
+    done = subprocess.run([*command, "--result-json", str(result_json)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return json.loads(result_json.read_text())
+
+
+def copy_upstream(reference: Path, out: Path, stage: str) -> None:
+    """Copy the reference outputs of every stage before `stage` into a fresh run folder."""
+    out.mkdir(parents=True)
+    for spec in STAGES:
+        if spec.name == stage:
+            return
+        shutil.copytree(reference / STAGE_DIRS[spec.name], out / STAGE_DIRS[spec.name])
+
+
+def files(folder: Path) -> dict[str, Path]:
+    """Every file below `folder` by relative path."""
+    return {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def stamps(paths) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_ino, p.stat().st_mtime_ns) for p in paths}
+
+
+def assert_no_partial_files(folder: Path) -> None:
+    leftovers = [name for name in files(folder) if ".tmp-" in name or name.endswith(".tmp")]
+    assert not leftovers, f"temporary files left under {folder}: {leftovers}"
+
+
+def assert_same_bytes(actual: Path, expected: Path, ignore: tuple[str, ...] = ()) -> None:
+    """The same files with the same bytes (except `ignore`d names, compared by the caller)."""
+    got = {k: v for k, v in files(actual).items() if Path(k).name not in ignore}
+    want = {k: v for k, v in files(expected).items() if Path(k).name not in ignore}
+    assert sorted(got) == sorted(want)
+    differ = [name for name in want if got[name].read_bytes() != want[name].read_bytes()]
+    assert not differ, f"differ from the uninterrupted run: {differ}"
+
+
+def plant_partial_write(final: Path, reference_file: Path) -> Path:
+    """What a worker killed inside a write leaves: half the bytes under a temporary name."""
+    data = reference_file.read_bytes()
+    leftover = final.with_name(final.name + ".tmp-0123456789abcdef")
+    leftover.write_bytes(data[: len(data) // 2])
+    return leftover
+
+
+def rerun_in_process_is_skipped(stage: str, out: Path, crawl: str) -> None:
+    """A third run over the finished folder does nothing and says so."""
+    from tldr_tasks.pipeline import load_stage_module
+
+    before = stamps(files(out / STAGE_DIRS[stage]).values())
+    io = StageIO(input=str(Path(crawl) / "train"), out=str(out))
+    assert load_stage_module(stage).run(load_config(None, OVERRIDES), io).skipped
+    assert stamps(files(out / STAGE_DIRS[stage]).values()) == before
+
+
+@pytest.mark.slow
+def test_train_captioner_resumes_from_its_last_deepspeed_checkpoint(tiny_crawl, reference, workspace, tmp_path):
+    out = tmp_path / "run"
+    ckpt = out / "captioner" / "checkpoints"
+    command = _command("train-captioner", tiny_crawl, out)
+    start_and_kill(command, _env(workspace, delay=False), lambda: (ckpt / "latest").exists(), tmp_path / "killed.log")
+
+    # killed mid-training: a checkpoint, no export, no done marker
+    tag = (ckpt / "latest").read_text().strip()
+    assert tag.startswith("step") and (ckpt / tag).is_dir()
+    step = int(tag[len("step"):])
+    assert 2 <= step < 12
+    assert not (out / "captioner" / "COMPLETE").exists() and not (out / "captioner" / "model.safetensors").exists()
+
+    summary = run_to_end(command, _env(workspace, delay=False), tmp_path)
+    assert not summary["skipped"]
+    assert summary["metrics"]["steps_resumed"] == step and summary["metrics"]["steps"] == 12
+    assert not ckpt.exists()  # checkpoints are dropped once the export is complete
+    # the resumed run ends in the very weights (and export) of the uninterrupted one
+    assert_same_bytes(out / "captioner", reference / "captioner")
+    rerun_in_process_is_skipped("train-captioner", out, tiny_crawl)
+
+
+@pytest.mark.slow
+def test_embed_skips_finished_shards_after_a_kill(tiny_crawl, reference, workspace, tmp_path):
+    out = tmp_path / "run"
+    copy_upstream(reference, out, "embed")
+    parts = out / "embed"
+    command = _command("embed", tiny_crawl, out, "--shard-index", "0", "--num-shards", "1")
+    start_and_kill(command, _env(workspace, delay=True), lambda: any(parts.rglob("*.npz")), tmp_path / "killed.log")
+
+    done = sorted(parts.rglob("*.npz"))
+    assert len(done) == 1  # killed between the two shards
+    expected = reference / "embed" / done[0].relative_to(parts)
+    assert done[0].read_bytes() == expected.read_bytes()  # complete under its final name
+    before = stamps(done)
+    leftover = plant_partial_write(done[0].with_name("00001.npz"), expected.with_name("00001.npz"))
+
+    summary = run_to_end(command, _env(workspace, delay=False), tmp_path)
+    assert summary["metrics"]["shards_reused"] == 1 and summary["metrics"]["shards_embedded"] == 1
+    assert not any(".tmp-" in url for url in summary["outputs"])
+    assert stamps(done) == before  # the finished shard was not rewritten
+    leftover.unlink()
+    assert_same_bytes(parts, reference / "embed")
+    rerun_in_process_is_skipped("embed", out, tiny_crawl)
+
+
+@pytest.mark.slow
+def test_cluster_killed_before_its_done_marker_is_redone_identically(tiny_crawl, reference, workspace, tmp_path):
+    out = tmp_path / "run"
+    copy_upstream(reference, out, "cluster")
+    cluster = out / "cluster"
+    command = _command("cluster", tiny_crawl, out)
+    start_and_kill(command, _env(workspace, delay=True), lambda: (cluster / "assignments.parquet").exists(),
+                   tmp_path / "killed.log")
+    assert not (cluster / "stats.json").exists()  # the done marker comes last
+    assert_no_partial_files(cluster)
+
+    summary = run_to_end(command, _env(workspace, delay=False), tmp_path)
+    assert not summary["skipped"] and summary["metrics"]["samples"] == 200
+    assert_same_bytes(cluster, reference / "cluster", ignore=("stats.json",))
+    timing = lambda stats: {k: v for k, v in stats.items() if not k.endswith("_s") and k != "seconds"}  # noqa: E731
+    got, want = (json.loads((d / "stats.json").read_text()) for d in (cluster, reference / "cluster"))
+    assert timing(got) == timing(want)
+    rerun_in_process_is_skipped("cluster", out, tiny_crawl)
+
+
+@pytest.mark.slow
+def test_sample_killed_before_its_done_marker_is_redone_identically(tiny_crawl, reference, workspace, tmp_path):
+    out = tmp_path / "run"
+    copy_upstream(reference, out, "sample")
+    sample = out / "sample"
+    command = _command("sample", tiny_crawl, out)
+    start_and_kill(command, _env(workspace, delay=True), lambda: (sample / "selected.parquet").exists(),
+                   tmp_path / "killed.log")
+    assert not (sample / "stats.json").exists()
+    assert_no_partial_files(sample)
+
+    summary = run_to_end(command, _env(workspace, delay=False), tmp_path)
+    assert not summary["skipped"] and summary["metrics"]["kept"] == 60
+    assert_same_bytes(sample, reference / "sample")
+    rerun_in_process_is_skipped("sample", out, tiny_crawl)
+
+
+@pytest.mark.slow
+def test_caption_skips_finished_shards_after_a_kill(tiny_crawl, reference, workspace, tmp_path):
+    out = tmp_path / "run"
+    copy_upstream(reference, out, "caption")
+    captions = out / "caption"
+    command = _command("caption", tiny_crawl, out, "--shard-index", "0", "--num-shards", "1")
+    start_and_kill(command, _env(workspace, delay=True), lambda: any(captions.glob("*.parquet")),
+                   tmp_path / "killed.log")
+
+    done = sorted(captions.glob("*.parquet"))
+    assert [p.name for p in done] == ["00000.parquet"]
+    assert done[0].read_bytes() == (reference / "caption" / "00000.parquet").read_bytes()
+    before = stamps(done)
+    leftover = plant_partial_write(captions / "00001.parquet", reference / "caption" / "00001.parquet")
+
+    summary = run_to_end(command, _env(workspace, delay=False), tmp_path)
+    assert summary["metrics"]["shards_skipped"] == 1 and summary["metrics"]["shards_done"] == 1
+    assert stamps(done) == before
+    leftover.unlink()
+    assert_same_bytes(captions, reference / "caption")
+    rerun_in_process_is_skipped("caption", out, tiny_crawl)
+
+
+@pytest.mark.slow
+def test_materialize_skips_finished_output_shards_after_a_kill(tiny_crawl, reference, workspace, tmp_path):
+    out = tmp_path / "run"
+    copy_upstream(reference, out, "materialize")
+    shards = out / "shards"
+    command = _command("materialize", tiny_crawl, out)
+    start_and_kill(command, _env(workspace, delay=True), lambda: any(shards.glob("*.tar")), tmp_path / "killed.log")
+
+    done = sorted(shards.glob("*.tar"))
+    assert [p.name for p in done] == ["00000.tar"]
+    assert done[0].read_bytes() == (reference / "shards" / "00000.tar").read_bytes()
+    assert not (shards / "manifest.json").exists()  # written last: the output is not complete yet
+    assert_no_partial_files(shards)
+    before = stamps(done)
+    leftover = plant_partial_write(shards / "00001.tar", reference / "shards" / "00001.tar")
+
+    summary = run_to_end(command, _env(workspace, delay=False), tmp_path)
+    assert summary["metrics"]["kept"] == 60 and summary["metrics"]["output_shards"] == 6
+    assert not any(".tmp-" in url for url in summary["outputs"])
+    assert stamps(done) == before
+    leftover.unlink()
+    assert_same_bytes(shards, reference / "shards", ignore=("manifest.json",))
+    # the manifest names its own folder and input; everything else is the same
+    paths = ("output_shards", "input")
+    got, want = (json.loads((d / "manifest.json").read_text()) for d in (shards, reference / "shards"))
+    assert {k: v for k, v in got.items() if k not in paths} == {k: v for k, v in want.items() if k not in paths}
+    assert [Path(u).name for u in got["output_shards"]] == [Path(u).name for u in want["output_shards"]]
+    rerun_in_process_is_skipped("materialize", out, tiny_crawl)
+
+
+def test_embed_parts_are_byte_identical_for_the_same_content(tmp_path):
+    """np.savez stamps the wall-clock time into the zip; parts must not depend on when they were written."""
+    part = embed.EmbedPart(keys=np.array(["0001", "0002"]), features=np.ones((2, 4), np.float16),
+                           loss=np.array([1.5, np.nan], np.float32), reject_keys=np.array(["0003"]),
+                           reject_reasons=np.array(["undecodable image"]), meta={"shard": "00000", "samples": 2})
+    embed.save_part(str(tmp_path / "a.npz"), part)
+    time.sleep(2.1)  # zip timestamps have a 2 s resolution
+    embed.save_part(str(tmp_path / "b.npz"), part)
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    loaded = embed.load_part(str(tmp_path / "b.npz"))
+    assert loaded.keys.tolist() == ["0001", "0002"] and loaded.meta == part.meta
+    np.testing.assert_array_equal(loaded.loss, part.loss)
