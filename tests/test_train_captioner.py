@@ -67,7 +67,7 @@ def test_train_exports_a_loadable_captioner(trained, tiny_crawl):
     assert result.metrics["train_samples"] == n
     assert result.metrics["samples_per_second"] > 0
     assert 1 <= result.metrics["codes_used"] <= 64 and result.metrics["code_perplexity"] >= 1
-    assert 0 < result.metrics["final_train_loss"] < 8
+    assert 0 < result.metrics["final_lm_loss"] < 8 and result.metrics["final_train_loss"] < 8
     assert cap.is_complete(io.captioner_dir)
     assert not Path(io.captioner_dir, "checkpoints").exists()  # removed once the export is complete
     saved = json.loads(Path(io.captioner_dir, cap.CONFIG).read_text())

@@ -186,8 +186,11 @@ class Captioner(nn.Module):
                 "codes": enc.codes}
 
     def forward(self, pixels, input_ids, attention_mask) -> torch.Tensor:
-        """Training loss: caption LM loss + VQ loss (scalar)."""
-        return self.losses(pixels, input_ids, attention_mask)["loss"]
+        """Training loss: caption LM loss + VQ loss (scalar). The parts of the last call stay in
+        `self.last_losses` (detached) for logging, since a DeepSpeed engine returns only the loss."""
+        losses = self.losses(pixels, input_ids, attention_mask)
+        self.last_losses = {"lm_loss": losses["lm_loss"].detach(), "vq_loss": losses["vq_loss"].detach()}
+        return losses["loss"]
 
     def per_sample_loss(self, pixels, input_ids, attention_mask) -> torch.Tensor:
         """Mean caption token loss of every sample, float [B] (the "hard samples" score)."""
@@ -246,7 +249,8 @@ def build_captioner(cfg, tokenizer, keyword_captions: list[str] | None = None) -
         "format": FORMAT, "preset": cfg.preset, "image_size": cfg.image_size,
         "vision": preset["vision"], "text": preset["text"], "code_dim": preset["code_dim"],
         "entropy_weight": preset.get("entropy_weight", 0.0),
-        "entropy_temperature": preset.get("entropy_temperature", 0.1), "codebook_size": cfg.codebook_size, "beta": cfg.beta, "max_tokens": cfg.max_tokens,
+        "entropy_temperature": preset.get("entropy_temperature", 0.1),
+        "codebook_size": cfg.codebook_size, "beta": cfg.beta, "max_tokens": cfg.max_tokens,
         "n_positions": max(preset.get("n_positions", 64), cfg.max_tokens + 2),
         "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,

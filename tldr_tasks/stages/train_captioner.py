@@ -84,7 +84,8 @@ def train(cfg: Config, io: StageIO, stop_after_steps: int | None = None) -> Stag
     device = engine.device
     micro = c.batch_size // world
     engine.train()
-    losses: list[float] = []
+    losses: list[float] = []  # LM + VQ (the VQ part includes the negative codebook-usage entropy)
+    lm_losses: list[float] = []
     step, trained_samples, train_started = done, 0, time.time()
     progress = _progress(total_steps, done, rank)
     for epoch in range(done // steps_per_epoch, c.epochs):
@@ -99,8 +100,9 @@ def train(cfg: Config, io: StageIO, stop_after_steps: int | None = None) -> Stag
             step += 1
             trained_samples += c.batch_size
             losses.append(loss.item())
+            lm_losses.append(float(engine.module.last_losses["lm_loss"]))
             progress.update(1)
-            progress.set_postfix(loss=f"{losses[-1]:.3f}", epoch=epoch)
+            progress.set_postfix(loss=f"{losses[-1]:.3f}", lm=f"{lm_losses[-1]:.3f}", epoch=epoch)
             end_of_epoch = index == steps_per_epoch - 1
             if end_of_epoch or step % c.checkpoint_every == 0 or step == stop_after_steps:
                 engine.save_checkpoint(ckpt_dir, tag=f"step{step:08d}", client_state={"step": step})
@@ -117,14 +119,14 @@ def train(cfg: Config, io: StageIO, stop_after_steps: int | None = None) -> Stag
         "train_samples": float(len(captions)), "world_size": float(world),
         "setup_seconds": setup_seconds, "train_seconds": train_seconds,
         "samples_per_second": trained_samples / train_seconds if trained_samples else 0.0,
-        # mean over the last epoch's steps on this rank (or over what this process trained)
-        "final_train_loss": float(sum(losses[-steps_per_epoch:]) / max(1, len(losses[-steps_per_epoch:])))
-        if losses else float("nan"),
+        # means over the last epoch's steps (or over what this process trained, when resumed late)
+        "final_train_loss": _tail_mean(losses, steps_per_epoch),
+        "final_lm_loss": _tail_mean(lm_losses, steps_per_epoch),
     }
     if world > 1:  # every rank saw different batches: report the mean over ranks
-        summed = torch.tensor([metrics["final_train_loss"]], dtype=torch.float64)
+        summed = torch.tensor([metrics["final_train_loss"], metrics["final_lm_loss"]], dtype=torch.float64)
         torch.distributed.all_reduce(summed)
-        metrics["final_train_loss"] = float(summed) / world
+        metrics["final_train_loss"], metrics["final_lm_loss"] = (float(v) / world for v in summed)
     model = engine.module
     metrics.update(codebook_usage(model, images, input_ids, attention_mask, dtype, device))
     if rank == 0:
@@ -136,6 +138,11 @@ def train(cfg: Config, io: StageIO, stop_after_steps: int | None = None) -> Stag
     if world > 1:
         torch.distributed.barrier()
     return StageResult(metrics=metrics, outputs=[io.captioner_dir])
+
+
+def _tail_mean(values: list[float], count: int) -> float:
+    tail = values[-count:]
+    return float(sum(tail) / len(tail)) if tail else float("nan")
 
 
 def deepspeed_config(c, total_steps: int, world: int) -> dict:
