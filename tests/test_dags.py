@@ -179,3 +179,28 @@ def test_plan_refuses_bad_runs_before_work(compress):
 def test_run_folder_names_are_path_safe():
     assert run_folder_name("scheduled__2026-01-01T00:00:00+00:00") == "scheduled__2026-01-01T00-00-00-00-00"
     assert run_folder_name("asset_triggered__a/b c") == "asset_triggered__a-b-c"
+
+
+def test_asset_triggered_run_compresses_the_landed_crawl(compress):
+    """A run started by tldr_ingest's Asset event reads the crawl URL and version from the event."""
+    from datetime import UTC, datetime
+
+    from airflow.sdk.api.datamodels._generated import AssetReferenceAssetEventDagRun
+    from airflow.sdk.execution_time.comms import AssetEventDagRunReferenceResult
+    from airflow.sdk.execution_time.context import TriggeringAssetEventsAccessor
+
+    def event(version: str, url: str) -> AssetEventDagRunReferenceResult:
+        return AssetEventDagRunReferenceResult(
+            asset=AssetReferenceAssetEventDagRun(name=CRAWL_ASSET.name, uri=CRAWL_ASSET.uri, extra={}),
+            extra={"version": version, "url": url, "shards": 2}, source_task_id="register_version",
+            source_dag_id="tldr_ingest", source_run_id="scheduled__x", source_map_index=-1, source_aliases=[],
+            timestamp=datetime.now(UTC))
+
+    events = TriggeringAssetEventsAccessor.build([event("aaa", "/old/crawl"), event("bbb", "/data-repo/crawl")])
+    plan = compress.task_dict["plan"].python_callable(params=validated(compress, {}), run_id="asset_triggered__1",
+                                                      triggering_asset_events=events)
+    assert plan["input"] == "/data-repo/crawl" and plan["input_version"] == "bbb"
+    assert "--input /data-repo/crawl " in plan["local__cluster"]
+    manual = compress.task_dict["plan"].python_callable(params=validated(compress, {"input_url": "/mine"}),
+                                                        run_id="manual__1", triggering_asset_events=None)
+    assert manual["input"] == "/mine" and manual["input_version"] is None

@@ -131,7 +131,8 @@ def start_and_kill(command: list[str], env: dict, ready: Callable[[], bool], log
                     pytest.fail(f"{command[2]} exited ({process.returncode}) before it could be killed:\n"
                                 + log.read_text()[-3000:])
                 if time.monotonic() > deadline:
-                    pytest.fail(f"{command[2]} did not reach the kill point in {timeout} s:\n" + log.read_text()[-3000:])
+                    pytest.fail(f"{command[2]} did not reach the kill point in {timeout} s:\n"
+                                + log.read_text()[-3000:])
                 time.sleep(0.01)
             process.send_signal(signal.SIGKILL)
         finally:
@@ -220,6 +221,24 @@ def test_train_captioner_resumes_from_its_last_deepspeed_checkpoint(tiny_crawl, 
     # the resumed run ends in the very weights (and export) of the uninterrupted one
     assert_same_bytes(out / "captioner", reference / "captioner")
     rerun_in_process_is_skipped("train-captioner", out, tiny_crawl)
+
+
+@pytest.mark.slow
+def test_train_captioner_survives_a_kill_inside_the_latest_file_write(tiny_crawl, reference, tmp_path, monkeypatch):
+    """DeepSpeed rewrites `checkpoints/latest` in place; killed inside that write it is empty. The
+    rerun then trains from the start (nothing valid to resume) and still ends in the same weights."""
+    from tldr_tasks.stages import train_captioner
+
+    for name in DIST_VARS:  # set-then-delete records the original state, so it is restored
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
+    io = StageIO(input=str(Path(tiny_crawl) / "train"), out=str(tmp_path / "run"))
+    ckpt = Path(train_captioner.checkpoint_dir(io.captioner_dir))
+    ckpt.mkdir(parents=True)
+    (ckpt / "latest").write_text("")
+    result = train_captioner.run(load_config(None, OVERRIDES), io)
+    assert result.metrics["steps_resumed"] == 0 and result.metrics["steps"] == 12
+    assert_same_bytes(tmp_path / "run" / "captioner", reference / "captioner")
 
 
 @pytest.mark.slow

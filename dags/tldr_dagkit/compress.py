@@ -270,6 +270,7 @@ def build_compress_dag(dag_id: str, doc_md: str | None) -> DAG:
                 "evaluation": (evaluated or {}).get("metrics") if evaluated else None,
             }
             outlet_events[COMPRESSED_ASSET].extra = {k: summary[k] for k in ("out", "mlflow_run_id", "input_version")}
+            print(f"compressed shards: {summary['shards_url']}\nMLflow run: {summary['mlflow_run_id']}")
             return summary
 
         run_plan = plan()
@@ -285,7 +286,7 @@ def build_compress_dag(dag_id: str, doc_md: str | None) -> DAG:
             for spec in STAGES:
                 if spec.optional:
                     want_evaluation >> tasks[spec.name]
-            final = [tasks[s.name] for s in STAGES if not any(s.name in t.deps for t in STAGES)]
-            tasks["materialize"] >> done
-            final >> done
+            # publish waits for the last required stage and for the optional ones (evaluate).
+            required = [s for s in STAGES if not s.optional]
+            [tasks[required[-1].name], *(tasks[s.name] for s in STAGES if s.optional)] >> done
     return dag

@@ -43,7 +43,7 @@ class EmbedPart:
         loss: the captioner's per-sample loss on the original caption (float32, NaN when empty).
         reject_keys: keys of samples the reader rejected ("" when the whole shard was unreadable).
         reject_reasons: why, one per reject key.
-        meta: shard, feature, captioner_version, samples, rejected, seconds.
+        meta: shard, feature, captioner_version, samples, rejected (no timings: parts are reproducible).
     """
 
     keys: np.ndarray

@@ -25,6 +25,7 @@ from tldr_tasks.data.shards import Sample, encode_json, iter_shard, write_tar
 from tldr_tasks.fusion import fuse
 from tldr_tasks.stage_cli import stage_main
 from tldr_tasks.stages.base import StageIO, StageResult
+from tldr_tasks.tracking import redact
 
 
 def _read_parquet(url: str) -> list[dict]:
@@ -113,7 +114,9 @@ def run(cfg: Config, io: StageIO) -> StageResult:
                "output_shards": len(outputs)}
     manifest = {**accounting, "metrics": metrics, "ratio": metrics["ratio"], "fusion": cfg.caption.fusion,
                 "strategy": cfg.sample.strategy, "config_hash": cfg.hash(), "config": cfg.to_dict(),
-                "input": io.input, "input_version": input_version(shard_urls), "output_shards": outputs}
+                # URLs may carry credentials (s3://key:secret@...); the manifest travels with the data
+                "input": redact(io.input), "input_version": input_version(shard_urls),
+                "output_shards": [redact(u) for u in outputs]}
     rejects_lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects)
     storage.write_text_atomic(storage.join(io.shards_dir, "rejects.jsonl"), rejects_lines)
     storage.write_text_atomic(manifest_url, json.dumps(manifest, indent=1, sort_keys=True))

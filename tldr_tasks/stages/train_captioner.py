@@ -74,8 +74,12 @@ def train(cfg: Config, io: StageIO, stop_after_steps: int | None = None) -> Stag
                                            config=deepspeed_config(c, total_steps, world))
     _load_tensors_only(engine)
     done = 0
-    if (Path(ckpt_dir) / "latest").exists():
-        path, client_state = engine.load_checkpoint(ckpt_dir)
+    latest = Path(ckpt_dir) / "latest"
+    # DeepSpeed rewrites `latest` in place: a kill inside that write leaves it empty. The tag folder
+    # it names is complete (written before it); with no valid tag, train from the start.
+    tag = latest.read_text().strip() if latest.exists() else ""
+    if tag and (Path(ckpt_dir) / tag).is_dir():
+        path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
         done = int((client_state or {}).get("step", 0))
         log.info("resumed from %s at step %d of %d", path, done, total_steps)
     setup_seconds = time.time() - started
