@@ -151,6 +151,7 @@ def test_report_shape_and_step_counts(evaluated):
             assert all(0.0 <= values[k] <= 100.0 for k in keys - {"train_seconds", "steps", "samples"})
             assert values["i2t_r1"] <= values["i2t_r5"] <= values["i2t_r10"]
             assert values["mean_r1"] == pytest.approx((values["i2t_r1"] + values["t2i_r1"]) / 2)
+            assert values["mean_r1_instance"] <= values["mean_r1"]  # an exact pair is also a same-scene hit
     cm, em = report["retrieval"], report["retrieval_epoch_matched"]
     assert {a: cm[a]["steps"] for a in arms} == dict.fromkeys(arms, 7)  # 1 epoch * ceil(200 / 32)
     assert {a: em[a]["steps"] for a in arms} == {"full": 7, "tldr": 2, "random": 2, "tldr_generated": 2}

@@ -134,7 +134,8 @@ def test_resources_follow_pipeline_spec(default_pods):
 
 def test_commands(default_pods):
     captioner = main_container(default_pods["train_captioner"][0])
-    assert captioner["command"] == ["deepspeed", "--num_gpus", "1", "--module", "tldr_tasks.cli"]
+    assert captioner["command"] == ["deepspeed", "--num_gpus", "1", "--no_local_rank", "--module",
+                                    "tldr_tasks.cli"]
     args = captioner["args"]
     assert args[:2] == ["run", "train-captioner"]
     root = settings.output_root()
@@ -198,7 +199,8 @@ def test_non_default_params_and_config(monkeypatch):
     captioner = pods["train_captioner"][0]
     container = main_container(captioner)
     assert container["image"] == "registry.example.com/tldr/stage:9.9"
-    assert container["command"] == ["deepspeed", "--num_gpus", "4", "--module", "tldr_tasks.cli"]
+    assert container["command"] == ["deepspeed", "--num_gpus", "4", "--no_local_rank", "--module",
+                                    "tldr_tasks.cli"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
     assert container["resources"]["limits"]["cpu"] == "32"
     assert captioner["spec"]["nodeSelector"] == {"pool": "batch", "gpu-type": "h100"}

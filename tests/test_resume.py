@@ -6,7 +6,8 @@ byte-identical to an uninterrupted run of the same stage in another folder.
 The kill has to land between two parts, and a part of the tiny crawl takes ~0.1 s. So the part-writing
 stages run with a test hook (`sitecustomize.py` put on PYTHONPATH, active only when
 TLDR_TEST_PUBLISH_DELAY is set) that sleeps after every atomically published file: the stage
-code is unchanged, the SIGKILL just arrives while it waits before the next part.
+code is unchanged, it just stops after its first finished part and the SIGKILL arrives there, however
+loaded the machine is.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ SET_ARGS = [arg for item in OVERRIDES for arg in ("--set", item)]
 # Written by an in-process DeepSpeed run into os.environ; a child inheriting them would try to
 # rendezvous on this process's port.
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-DELAY_S = 2.0  # sleep after each published file: the window in which the kill lands
+DELAY_S = 3600  # sleep after each published file: the stage waits there for its SIGKILL
 TLDR_VLP = str(Path(sys.executable).with_name("tldr-vlp"))
 STAGE_DIRS = {"train-captioner": "captioner", "embed": "embed", "cluster": "cluster", "sample": "sample",
               "caption": "caption", "materialize": "shards"}

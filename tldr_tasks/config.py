@@ -136,9 +136,11 @@ class EvaluateConfig:
     """Downstream check: the same tiny CLIP trained on full, TL;DR and random subsets."""
 
     preset: str = "tiny"  # models/model_configs/clip-<preset>.json
-    epochs: int = 12  # epochs of the full set; fixes the compute-matched step budget
+    # 5 epochs of the full set fix the compute-matched budget: 5 * ceil(8000 / 128) = 315 steps per arm;
+    # the 5 demo trainings (3 x 315 + 2 x 80 steps at ~0.56 s/step on 2 cores) take ~10 minutes.
+    epochs: int = 5
     batch_size: int = 128
-    lr: float = 5e-4
+    lr: float = 1e-3  # at 315 steps: full-set scene R@1 12.2 (1e-3) vs 9.8 (5e-4)
     arms: list[str] = field(default_factory=lambda: ["full", "tldr", "random"])
     protocols: list[str] = field(default_factory=lambda: ["compute_matched", "epoch_matched"])
 

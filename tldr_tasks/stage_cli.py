@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -51,6 +52,10 @@ def stage_main(name: str, argv: list[str] | None = None) -> int:
     io = io_from_args(args)
     kwargs = {"shard_index": args.shard_index, "num_shards": args.num_shards} if spec.sharded else {}
     module = load_stage_module(name)
+    if int(os.environ.get("RANK", "0")) != 0:
+        # Under the DeepSpeed launcher every rank trains; only rank 0 tracks and reports.
+        module.run(cfg, io, **kwargs)
+        return 0
     started = time.time()
     with tracking.stage_run(cfg, io, name, kwargs) as parent_run_id:
         result = module.run(cfg, io, **kwargs)

@@ -121,7 +121,8 @@ def pod_settings(spec: StageSpec, config: dict) -> dict:
         tolerations += config.get("gpu_tolerations") or []
     cmds = ["tldr-vlp"]
     if spec.name in DISTRIBUTED_STAGES and gpus >= 1:
-        cmds = ["deepspeed", "--num_gpus", str(gpus), "--module", "tldr_tasks.cli"]
+        # --no_local_rank: the launcher would otherwise put --local_rank=I before `run` (LOCAL_RANK env is set).
+        cmds = ["deepspeed", "--num_gpus", str(gpus), "--no_local_rank", "--module", "tldr_tasks.cli"]
     env = {
         "TLDR_RUN_KEY": "{{ dag.dag_id }}/{{ run_id }}",
         "AIRFLOW_CTX_DAG_ID": "{{ dag.dag_id }}",

@@ -41,7 +41,7 @@ from tldr_tasks.stages.base import StageIO, StageResult
 
 PROTOCOL_KEYS = {"compute_matched": "retrieval", "epoch_matched": "retrieval_epoch_matched"}
 ARM_METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mean_r1", "zero_shot_acc",
-               "zero_shot_colour", "zero_shot_shape", "train_seconds", "steps", "samples")
+               "zero_shot_colour", "zero_shot_shape", "mean_r1_instance", "train_seconds", "steps", "samples")
 
 
 @dataclass
@@ -236,13 +236,16 @@ def zero_shot_task(eval_split: Split) -> ZeroShot | None:
 # --- training and scoring ---------------------------------------------------------------------------
 
 def score(model, tokenizer, eval_split: Split, groups, zero_shot: ZeroShot | None) -> dict[str, float]:
-    """Retrieval R@k on the eval split (scene-level hits when `groups` is given) and zero-shot accuracy
-    in percent: colour, shape, and their mean `zero_shot_acc` (NaN without ground truth)."""
+    """Retrieval R@k in percent on the eval split (scene-level hits when `groups` is given;
+    `mean_r1_instance` counts exact pairs only) and zero-shot accuracy in percent: colour, shape and
+    their mean `zero_shot_acc` (NaN without ground truth)."""
     from tldr_tasks.models import clip
 
     image_emb = clip.embed_images(model, eval_split.images)
     text_emb = clip.embed_texts(model, tokenizer, eval_split.captions)
     metrics = clip.retrieval_metrics(image_emb, text_emb, groups, groups)
+    # exact-pair hits too: lower, since several eval items share a description
+    metrics["mean_r1_instance"] = clip.retrieval_metrics(image_emb, text_emb, ks=(1,))["mean_r1"]
     metrics.update(zero_shot_acc=float("nan"), zero_shot_colour=float("nan"), zero_shot_shape=float("nan"))
     if zero_shot is not None:
         class_emb = clip.class_embeddings(model, tokenizer, zero_shot.prompts)

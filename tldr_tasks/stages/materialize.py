@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter, defaultdict
 
 import pyarrow.parquet as pq
@@ -115,7 +116,8 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     manifest = {**accounting, "metrics": metrics, "ratio": metrics["ratio"], "fusion": cfg.caption.fusion,
                 "strategy": cfg.sample.strategy, "config_hash": cfg.hash(), "config": cfg.to_dict(),
                 # URLs may carry credentials (s3://key:secret@...); the manifest travels with the data
-                "input": redact(io.input), "input_version": input_version(shard_urls),
+                "input": redact(io.input),
+                "input_version": os.environ.get("TLDR_INPUT_VERSION") or input_version(shard_urls),
                 "output_shards": [redact(u) for u in outputs]}
     rejects_lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects)
     storage.write_text_atomic(storage.join(io.shards_dir, "rejects.jsonl"), rejects_lines)

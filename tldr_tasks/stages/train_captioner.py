@@ -1,7 +1,7 @@
 """Stage `train-captioner`: train the codebook captioner on the crawl with DeepSpeed and export it.
 
     tldr-vlp run train-captioner --input 'crawl/train/{00000..00007}.tar' --out runs/r1
-    deepspeed --num_gpus 4 -m tldr_tasks.cli run train-captioner --input ... --out ...   # one pod
+    deepspeed --num_gpus 4 --module --no_local_rank tldr_tasks.cli run train-captioner --input ... --out ...
     torchrun --nproc-per-node 2 -m tldr_tasks.cli run train-captioner --input ... --out ...
 
 Skipped when `{captioner_dir}` already holds a finished export (that is how `--captioner` reuses
