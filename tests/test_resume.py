@@ -254,6 +254,7 @@ def test_embed_skips_finished_shards_after_a_kill(tiny_crawl, reference, workspa
     assert len(done) == 1  # killed between the two shards
     expected = reference / "embed" / done[0].relative_to(parts)
     assert done[0].read_bytes() == expected.read_bytes()  # complete under its final name
+    assert_no_partial_files(parts)
     before = stamps(done)
     leftover = plant_partial_write(done[0].with_name("00001.npz"), expected.with_name("00001.npz"))
 
@@ -315,6 +316,7 @@ def test_caption_skips_finished_shards_after_a_kill(tiny_crawl, reference, works
     done = sorted(captions.glob("*.parquet"))
     assert [p.name for p in done] == ["00000.parquet"]
     assert done[0].read_bytes() == (reference / "caption" / "00000.parquet").read_bytes()
+    assert_no_partial_files(captions)
     before = stamps(done)
     leftover = plant_partial_write(captions / "00001.parquet", reference / "caption" / "00001.parquet")
 

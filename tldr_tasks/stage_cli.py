@@ -60,8 +60,8 @@ def stage_main(name: str, argv: list[str] | None = None) -> int:
     with tracking.stage_run(cfg, io, name, kwargs) as parent_run_id:
         result = module.run(cfg, io, **kwargs)
         tracking.log_stage_result(name, result, time.time() - started)
-    summary = {"stage": name, "metrics": result.metrics, "outputs": result.outputs[:20],
-               "skipped": result.skipped, "out": io.out, "mlflow_run_id": parent_run_id}
+    summary = {"stage": name, "metrics": result.metrics, "outputs": [tracking.redact(u) for u in result.outputs[:20]],
+               "skipped": result.skipped, "out": tracking.redact(io.out), "mlflow_run_id": parent_run_id}
     if args.result_json:
         Path(args.result_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.result_json).write_text(json.dumps(summary))
