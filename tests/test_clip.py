@@ -137,3 +137,10 @@ def test_train_clip_rejects_wrong_images():
     tok = clip.CaptionTokenizer.train(["x"])
     with pytest.raises(ValueError, match="uint8"):
         clip.train_clip(np.zeros((4, 32, 32, 3), np.float32), lambda i, r: "x", tok, steps=1, preset="micro")
+
+
+def test_thread_count_honours_omp_num_threads(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert clip.available_cpus() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert clip.available_cpus() >= 1

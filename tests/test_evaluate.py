@@ -2,6 +2,7 @@
 with a hand-made "compressed" set (every 4th sample; half of the generated captions correct)."""
 
 import json
+import os
 import random
 
 import numpy as np
@@ -133,7 +134,17 @@ def evaluated(tiny_crawl, tmp_path_factory):
     kept = _make_compressed(tiny_crawl, out)
     io = StageIO(input=f"{tiny_crawl}/train", out=out, eval_input=f"{tiny_crawl}/eval")
     cfg = _cfg(arms=["full", "tldr", "random", "tldr_generated"])
-    result = evaluate.run(cfg, io)
+    # run() sets torch's threads from OMP_NUM_THREADS, else every core; on a shared 2-core test host two
+    # threads fighting other jobs make the tiny trainings ~50x slower than one
+    previous = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        result = evaluate.run(cfg, io)
+    finally:
+        if previous is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = previous
     report = json.loads(open(f"{out}/evaluate/report.json").read())
     return cfg, io, result, report, kept
 

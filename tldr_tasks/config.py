@@ -61,10 +61,10 @@ class CaptionerConfig:
     beta: float = 0.25  # commitment weight of the VQ loss
     max_tokens: int = 30  # captions are capped at 30 tokens (paper)
     vocab_size: int = 2000
-    epochs: int = 4
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup_steps: int = 50
+    epochs: int = 6
+    batch_size: int = 32  # global: split over the DeepSpeed ranks
+    lr: float = 2e-3
+    warmup_steps: int = 100
     zero_stage: int = 0
     precision: str = "fp32"
     checkpoint_every: int = 200  # optimizer steps between DeepSpeed checkpoints

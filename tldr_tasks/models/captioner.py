@@ -1,12 +1,14 @@
 """The TL;DR codebook captioner (Wang et al., ICCV 2023), readable top to bottom.
 
-    pixels -> ViT encoder -> every token (CLS too) -> linear to code_dim -> cosine vector
+    pixels -> [conv stem] -> ViT encoder -> every token (CLS too) -> linear to code_dim -> cosine vector
     quantisation against a learnable codebook (straight-through) -> + learned token positions
     -> GPT-2 decoder cross-attending to the quantised tokens -> caption.
 
 loss = LM loss + VQ loss, VQ loss = codebook loss + beta * commitment. Codes are L2-normalised and
-low-dimensional (ViT-VQGAN's factorised, cosine codes): with plain Euclidean codes most of the
-codebook dies. The codebook can be initialised from sentence-encoder embeddings of the captions'
+low-dimensional (ViT-VQGAN's factorised, cosine codes) and the VQ loss has a codebook-usage
+entropy term: without them the codebook collapses to a handful of codes. The "tiny" preset puts a
+small conv stem before the ViT (random-init ViTs learn shapes slowly); "base" is a plain
+ViT-B/16 as in the paper. The codebook can be initialised from sentence-encoder embeddings of the captions'
 most frequent keywords (the paper's initialisation).
 
 A saved captioner is a folder: model.safetensors (weights only, never pickles), config.json (the
@@ -143,12 +145,22 @@ class Captioner(nn.Module):
 
         self.arch = arch
         vision, text = arch["vision"], arch["text"]
+        # Optional convolutional stem (Xiao et al. 2021, "Early convolutions help transformers see
+        # better"): stride-2 3x3 convs replace the patchify step and the ViT reads their feature map
+        # as 1x1 patches. From random init it learns shapes in far fewer steps than a patchify ViT.
+        self.stem, grid, channels = nn.Identity(), arch["image_size"], 3
+        if arch.get("stem_channels"):
+            layers = []
+            for width in arch["stem_channels"]:
+                layers += [nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.GroupNorm(8, width), nn.GELU()]
+                channels, grid = width, grid // 2
+            self.stem = nn.Sequential(*layers)
         # Dropout 0: the runs are deterministic without RNG state, so a resumed run equals an
         # uninterrupted one; these small models train for a few epochs and do not overfit.
-        self.encoder = ViTModel(ViTConfig(image_size=arch["image_size"], hidden_dropout_prob=0.0,
+        self.encoder = ViTModel(ViTConfig(image_size=grid, num_channels=channels, hidden_dropout_prob=0.0,
                                           attention_probs_dropout_prob=0.0, **vision),
                                 add_pooling_layer=False)
-        tokens = (arch["image_size"] // vision["patch_size"]) ** 2 + 1
+        tokens = (grid // vision["patch_size"]) ** 2 + 1
         self.pre_quant = nn.Sequential(nn.LayerNorm(vision["hidden_size"]),
                                        nn.Linear(vision["hidden_size"], arch["code_dim"]))
         self.codebook = CosineCodebook(arch["codebook_size"], arch["code_dim"], arch["beta"],
@@ -167,7 +179,7 @@ class Captioner(nn.Module):
         return self.arch["image_size"]
 
     def encode(self, pixels: torch.Tensor) -> EncoderOutput:
-        hidden = self.encoder(pixel_values=pixels).last_hidden_state
+        hidden = self.encoder(pixel_values=self.stem(pixels)).last_hidden_state
         z = self.pre_quant(hidden)
         quantized, codes, vq_loss = self.codebook(z)
         return EncoderOutput(quantized=quantized, codes=codes, cls=F.normalize(z[:, 0], dim=-1),
@@ -248,16 +260,17 @@ def build_captioner(cfg, tokenizer, keyword_captions: list[str] | None = None) -
     arch = {
         "format": FORMAT, "preset": cfg.preset, "image_size": cfg.image_size,
         "vision": preset["vision"], "text": preset["text"], "code_dim": preset["code_dim"],
-        "entropy_weight": preset.get("entropy_weight", 0.0),
+        "stem_channels": preset.get("stem_channels", []), "entropy_weight": preset.get("entropy_weight", 0.0),
         "entropy_temperature": preset.get("entropy_temperature", 0.1),
         "codebook_size": cfg.codebook_size, "beta": cfg.beta, "max_tokens": cfg.max_tokens,
         "n_positions": max(preset.get("n_positions", 64), cfg.max_tokens + 2),
         "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
     }
-    if cfg.image_size % preset["vision"]["patch_size"]:
-        raise ValueError(f"captioner.image_size={cfg.image_size} must be a multiple of the preset's "
-                         f"patch size {preset['vision']['patch_size']}")
+    stride = preset["vision"]["patch_size"] * 2 ** len(arch["stem_channels"])
+    if cfg.image_size % stride:
+        raise ValueError(f"captioner.image_size={cfg.image_size} must be a multiple of {stride}, the "
+                         f"{cfg.preset!r} preset's patch size in pixels")
     model = Captioner(arch)
     if cfg.codebook_init == "keywords" and keyword_captions:
         with torch.no_grad():

@@ -34,7 +34,12 @@ assert EOS_ID != 2
 
 
 def available_cpus() -> int:
-    """CPU cores this process may use (respects taskset / container cpusets)."""
+    """Threads for torch: OMP_NUM_THREADS when set (a pod, or a host shared with other jobs: an
+    oversubscribed 2-core host ran 4x slower with 2 threads than with 1), else the cores this process
+    may use (respects taskset / container cpusets)."""
+    configured = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
@@ -129,7 +134,35 @@ def build_clip(preset: str, vocab_size: int, bos_token_id: int = BOS_ID, eos_tok
         intermediate_size=p["vision_width"] * p["mlp_ratio"], num_hidden_layers=p["vision_layers"],
         num_attention_heads=p["vision_heads"], projection_dim=p["embed_dim"])
     config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=p["embed_dim"])
-    return CLIPModel(config)
+    model = CLIPModel(config)
+    if p.get("stem_channels"):
+        model.vision_model.embeddings.patch_embedding = ConvStem(p["stem_channels"], p["vision_width"], p["patch_size"])
+    return model
+
+
+class ConvStem(torch.nn.Module):
+    """Stride-2 3x3 convolutions in place of CLIP's patchify conv (Xiao et al. 2021, "Early
+    convolutions help transformers see better"): from random init the image tower then learns
+    shapes within a few hundred steps, where a patchify ViT of this size only learns colours."""
+
+    def __init__(self, channels: list[int], width: int, patch_size: int):
+        super().__init__()
+        if 2 ** len(channels) != patch_size:
+            raise ValueError(f"stem_channels needs log2(patch_size)={math.log2(patch_size):g} convs")
+        layers, previous = [], 3
+        for out in channels[:-1]:
+            layers += [torch.nn.Conv2d(previous, out, 3, stride=2, padding=1), torch.nn.GroupNorm(8, out),
+                       torch.nn.GELU()]
+            previous = out
+        layers.append(torch.nn.Conv2d(previous, width, 3, stride=2, padding=1))
+        self.layers = torch.nn.Sequential(*layers)
+
+    @property
+    def weight(self) -> torch.Tensor:  # CLIPVisionEmbeddings reads the input dtype from it
+        return self.layers[0].weight
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.layers(pixels)
 
 
 def to_pixels(images: torch.Tensor | np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:

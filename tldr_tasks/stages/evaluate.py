@@ -371,8 +371,9 @@ def run(cfg: Config, io: StageIO) -> StageResult:
         "tokenizer_vocab": tokenizer.vocab_size,
         "config": {"seed": cfg.seed, "evaluate": cfg.to_dict()["evaluate"]},
     })
-    storage.write_text_atomic(report_url, json.dumps(_clean(report), indent=1, sort_keys=True))
     plot(report, plot_url)
+    # the report is the completion marker: written last
+    storage.write_text_atomic(report_url, json.dumps(_clean(report), indent=1, sort_keys=True))
     return StageResult(metrics=flatten(report), outputs=[report_url, plot_url])
 
 
