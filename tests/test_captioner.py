@@ -60,7 +60,8 @@ def test_shapes_and_quantisation(tokenizer):
     model = cap.build_captioner(small_cfg(), tokenizer)
     pixels = cap.image_to_tensor([scene(c) for c in CAPTIONS[:3]], 32)
     enc = model.encode(pixels)
-    tokens = (32 // 8) ** 2 + 1  # tiny preset: patch 8, plus CLS
+    stride = model.arch["vision"]["patch_size"] * 2 ** len(model.arch["stem_channels"])  # pixels per token
+    tokens = (32 // stride) ** 2 + 1  # the grid plus CLS
     dim = model.arch["code_dim"]
     assert enc.quantized.shape == (3, tokens, dim)
     assert enc.codes.shape == (3, tokens) and enc.codes.dtype == torch.long
@@ -169,8 +170,8 @@ def test_learns_to_caption_and_generation_limits(tokenizer):
     model = cap.build_captioner(small_cfg(codebook_init="keywords"), tokenizer, CAPTIONS)
     pixels = cap.image_to_tensor([scene(c) for c in CAPTIONS], 32)
     ids, mask = cap.tokenize_captions(tokenizer, CAPTIONS, 30)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    for _ in range(120):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(160):
         optimizer.zero_grad()
         model(pixels, ids, mask).backward()
         optimizer.step()
@@ -179,3 +180,13 @@ def test_learns_to_caption_and_generation_limits(tokenizer):
     short = model.generate_captions(pixels[:2], tokenizer, min_new_tokens=1, max_new_tokens=2)
     assert all(len(tokenizer(s, add_special_tokens=False)["input_ids"]) <= 2 for s in short)
     assert model.training  # generation restores the training mode
+
+
+def test_presets_and_image_size_checks(tokenizer):
+    with pytest.raises(ValueError, match="unknown captioner preset"):
+        cap.build_captioner(small_cfg(preset="huge"), tokenizer)
+    with pytest.raises(ValueError, match="multiple of"):
+        cap.build_captioner(small_cfg(image_size=40), tokenizer)
+    base = cap.load_preset("base")  # the paper's ViT-B/16: plain patchify, no conv stem
+    assert base["vision"]["patch_size"] == 16 and base["vision"]["hidden_size"] == 768
+    assert not base.get("stem_channels")
