@@ -142,3 +142,15 @@ def test_target_count_rounds_half_up():
     assert sample.target_count(0.25, 12) == 3
     assert sample.target_count(1.0, 7) == 7
     assert sample.target_count(0.1, 4) == math.floor(0.4 + 0.5)
+
+
+def test_balanced_takes_the_same_number_from_every_cluster():
+    from tldr_tasks.stages.sample import balanced_quotas, choose
+
+    sizes = np.array([100, 3, 10, 1])
+    assert balanced_quotas(sizes, 20).tolist() == [8, 3, 8, 1]
+    assert balanced_quotas(sizes, 21).tolist() == [9, 3, 8, 1]
+    assert balanced_quotas(sizes, 114).tolist() == [100, 3, 10, 1]
+    cluster = np.repeat(np.arange(4), sizes)
+    keep = choose(cluster, None, 20 / 114, seed=0, strategy="balanced")
+    assert np.bincount(cluster[keep], minlength=4).tolist() == [8, 3, 8, 1]

@@ -32,7 +32,7 @@ def _add_shortcuts(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ratio", type=float, help="share of samples to keep, in (0, 1] (default 0.25)")
     parser.add_argument("--clusters", type=int, help="k-means clusters (default 100)")
     parser.add_argument("--feature", help="clustering feature: quantized_mean, code_histogram, cls, code_index_pca")
-    parser.add_argument("--strategy", help="sampling: uniform, hard, near_centroid, far_centroid, random")
+    parser.add_argument("--strategy", help="sampling: uniform, balanced, hard, near_centroid, far_centroid, random")
     parser.add_argument("--fusion", help="caption fusion: concat, alternate, generated, original")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--params", default=None, help="params.yaml (default: built-in defaults)")

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 FEATURES = ("quantized_mean", "code_histogram", "cls", "code_index_pca")
-STRATEGIES = ("uniform", "hard", "near_centroid", "far_centroid", "random")
+STRATEGIES = ("uniform", "balanced", "hard", "near_centroid", "far_centroid", "random")
 FUSIONS = ("concat", "alternate", "generated", "original")
 PRECISIONS = ("fp32", "bf16")
 

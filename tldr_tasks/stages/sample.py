@@ -5,6 +5,8 @@
 Strategies (`sample.strategy`), all keeping round(ratio * N) samples:
     uniform        uniformly at random within every cluster (the paper's default); per-cluster quotas
                    by largest remainder, so each cluster keeps ~ratio of its members
+    balanced       the same number from every cluster (capped at its size), uniformly at random within:
+                   big clusters of near-duplicates give up most, rare content is kept whole
     hard           within every cluster, the highest captioner loss (empty captions, NaN loss, last)
     near_centroid  within every cluster, the smallest distance to the centroid
     far_centroid   within every cluster, the largest distance
@@ -47,6 +49,20 @@ def cluster_quotas(sizes: np.ndarray, ratio: float, total: int) -> np.ndarray:
     return quotas
 
 
+def balanced_quotas(sizes: np.ndarray, total: int) -> np.ndarray:
+    """Water-filling: every cluster keeps min(size, cap), with the cap chosen so the counts sum to
+    `total`; the few extra rows go to the lowest cluster ids among those not yet exhausted."""
+    if total >= int(sizes.sum()):
+        return sizes.copy()
+    cap = 0
+    while int(np.minimum(sizes, cap + 1).sum()) <= total:
+        cap += 1
+    quotas = np.minimum(sizes, cap)
+    extra = total - int(quotas.sum())
+    quotas[np.flatnonzero(sizes > cap)[:extra]] += 1
+    return quotas
+
+
 def choose(cluster: np.ndarray, score: np.ndarray | None, ratio: float, seed: int, strategy: str) -> np.ndarray:
     """Boolean mask of the rows to keep. Rows must already be in key order.
 
@@ -64,10 +80,10 @@ def choose(cluster: np.ndarray, score: np.ndarray | None, ratio: float, seed: in
     if strategy == "random":
         keep[rng.choice(n, total, replace=False)] = True
         return keep
-    if strategy == "uniform":
+    if strategy in ("uniform", "balanced"):
         score = rng.random(n)
     sizes = np.bincount(cluster, minlength=int(cluster.max()) + 1 if n else 0)
-    quotas = cluster_quotas(sizes, ratio, total)
+    quotas = balanced_quotas(sizes, total) if strategy == "balanced" else cluster_quotas(sizes, ratio, total)
     # Cluster-major, then score, then key position: the first quota rows of each cluster are kept.
     order = np.lexsort((np.arange(n), score, cluster))
     grouped = cluster[order]
