@@ -16,8 +16,8 @@ from tldr_tasks.models.tokenizer import train_tokenizer
 from tldr_tasks.stages import embed
 from tldr_tasks.stages.base import StageIO
 
-CODEBOOK, IMAGE = 24, 32  # tiny preset: patch 8 -> 16 patches + CLS = 17 tokens, code_dim 32
-TOKENS, CODE_DIM = 17, 32
+CODEBOOK, IMAGE = 24, 32  # tiny preset: a stride-16 conv stem -> 2x2 patches + CLS = 5 tokens, code_dim 32
+TOKENS, CODE_DIM = (IMAGE // 16) ** 2 + 1, 32
 
 
 def _png(seed):
