@@ -370,3 +370,39 @@ def test_embed_parts_are_byte_identical_for_the_same_content(tmp_path):
     loaded = embed.load_part(str(tmp_path / "b.npz"))
     assert loaded.keys.tolist() == ["0001", "0002"] and loaded.meta == part.meta
     np.testing.assert_array_equal(loaded.loss, part.loss)
+
+
+EVAL_ARGS = ["--eval-input", "EVAL", "--set", "evaluate.preset=micro", "--set", "evaluate.epochs=1",
+             "--set", "evaluate.batch_size=32"]
+
+
+def _without_timings(report: dict) -> dict:
+    for protocol in ("retrieval", "retrieval_epoch_matched"):
+        for metrics in report[protocol].values():
+            metrics.pop("train_seconds")
+    return report
+
+
+@pytest.mark.slow
+def test_evaluate_reuses_finished_arms_after_a_kill(tiny_crawl, reference, workspace, tmp_path):
+    args = [a.replace("EVAL", str(Path(tiny_crawl) / "eval")) for a in EVAL_ARGS]
+    uninterrupted = tmp_path / "uninterrupted"
+    shutil.copytree(reference, uninterrupted)
+    run_to_end(_command("evaluate", tiny_crawl, uninterrupted, *args), _env(workspace, delay=False), tmp_path)
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    arms = out / "evaluate" / "arms"
+    command = _command("evaluate", tiny_crawl, out, *args)
+    start_and_kill(command, _env(workspace, delay=True), lambda: arms.exists() and any(arms.glob("*.json")),
+                   tmp_path / "killed.log")
+    done = sorted(arms.glob("*.json"))
+    assert len(done) == 1 and not (out / "evaluate" / "report.json").exists()
+    assert_no_partial_files(out / "evaluate")
+    before = stamps(done)
+
+    run_to_end(command, _env(workspace, delay=False), tmp_path)
+    assert stamps(done) == before  # the finished arm was not trained again
+    report = json.loads((out / "evaluate" / "report.json").read_text())
+    expected = json.loads((uninterrupted / "evaluate" / "report.json").read_text())
+    assert _without_timings(report) == _without_timings(expected)
