@@ -1,8 +1,25 @@
-"""Shared fixtures. `tiny_crawl`: a small synthetic crawl (made once per test session)."""
+"""Shared fixtures and the test session's environment.
+
+`tiny_crawl`: a small synthetic crawl (made once per test session); `mlflow_store`: a fresh local
+MLflow store per test. Airflow reads its home at import, so the session gets its own (never the
+user's ~/airflow) before any test module imports Airflow, and the DAG helpers under dags/ are
+importable.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
+from pathlib import Path
+
 import pytest
+
+os.environ["AIRFLOW_HOME"] = os.environ.get("TLDR_TEST_AIRFLOW_HOME") or tempfile.mkdtemp(prefix="airflow-home-")
+os.environ["TLDR_TEST_AIRFLOW_HOME"] = os.environ["AIRFLOW_HOME"]
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+os.environ.setdefault("TLDR_DATA_ROOT", tempfile.mkdtemp(prefix="tldr-data-"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dags"))
 
 from tldr_tasks.config import CrawlConfig
 
@@ -19,3 +36,12 @@ def tiny_crawl(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("tiny_crawl")
     make_crawl(str(out), TINY_CRAWL, seed=0)
     return str(out)
+
+
+@pytest.fixture()
+def mlflow_store(tmp_path, monkeypatch):
+    """MLflow tracking into a store of this test's own (experiment "tests")."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("TLDR_MLFLOW_EXPERIMENT", "tests")
+    monkeypatch.delenv("TLDR_RUN_KEY", raising=False)
+    return tmp_path

@@ -7,19 +7,12 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DAGS = ROOT / "dags"
-# Airflow reads its home at import: give the test session its own, never the user's ~/airflow.
-os.environ["AIRFLOW_HOME"] = os.environ.get("TLDR_TEST_AIRFLOW_HOME") or tempfile.mkdtemp(prefix="airflow-home-")
-os.environ["TLDR_TEST_AIRFLOW_HOME"] = os.environ["AIRFLOW_HOME"]
-os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
-os.environ.setdefault("TLDR_DATA_ROOT", tempfile.mkdtemp(prefix="tldr-data-"))
-sys.path.insert(0, str(DAGS))
 
 pytest.importorskip("airflow.providers.cncf.kubernetes")
 

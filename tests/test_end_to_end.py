@@ -16,14 +16,6 @@ TINY = ["--set", "captioner.epochs=1", "--set", "captioner.image_size=32", "--se
         "--clusters", "4", "--ratio", "0.3"]
 
 
-@pytest.fixture()
-def mlflow_store(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.setenv("TLDR_MLFLOW_EXPERIMENT", "e2e")
-    monkeypatch.delenv("TLDR_RUN_KEY", raising=False)
-    return tmp_path
-
-
 @pytest.mark.parametrize("args, message", [
     (["--ratio", "0"], "sample.ratio=0.0 must be in (0, 1]"),
     (["--strategy", "best"], "sample.strategy='best' is not one of"),
@@ -59,7 +51,7 @@ def test_compress_end_to_end(tiny_crawl, tmp_path, mlflow_store):
     assert meta["generated_caption"]
     # tracked: a parent run with one nested run per stage, and the captioner registered
     client = mlflow.MlflowClient()
-    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     parent = next(r for r in runs if "tldr.run_key" in r.data.tags)
     stages = {r.data.tags["tldr.stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert stages == {"train-captioner", "embed", "cluster", "sample", "caption", "materialize"}

@@ -4,11 +4,8 @@ chart, and the Dockerfiles (read, since no Docker engine runs here)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,10 +13,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "tldr-vlp"
-os.environ["AIRFLOW_HOME"] = os.environ.get("TLDR_TEST_AIRFLOW_HOME") or tempfile.mkdtemp(prefix="airflow-home-")
-os.environ["TLDR_TEST_AIRFLOW_HOME"] = os.environ["AIRFLOW_HOME"]
-os.environ.setdefault("TLDR_DATA_ROOT", tempfile.mkdtemp(prefix="tldr-data-"))
-sys.path.insert(0, str(ROOT / "dags"))
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 

@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ["AIRFLOW_HOME"] = os.environ.get("TLDR_TEST_AIRFLOW_HOME") or tempfile.mkdtemp(prefix="airflow-home-")
-os.environ["TLDR_TEST_AIRFLOW_HOME"] = os.environ["AIRFLOW_HOME"]
-os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
-os.environ.setdefault("TLDR_DATA_ROOT", tempfile.mkdtemp(prefix="tldr-data-"))
-sys.path.insert(0, str(ROOT / "dags"))
 
 from test_airflow_e2e import migrated_db  # noqa: E402,F401  (fixture: the session's migrated Airflow DB)
 from tldr_dagkit.crawl_registry import landed_shards, new_shards, register  # noqa: E402

@@ -8,21 +8,12 @@ validated against the Kubernetes 1.35 schema in strict mode (a misspelt field fa
 from __future__ import annotations
 
 import json
-import os
-import sys
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# Airflow reads its home at import: give the test session its own, never the user's ~/airflow.
-os.environ["AIRFLOW_HOME"] = os.environ.get("TLDR_TEST_AIRFLOW_HOME") or tempfile.mkdtemp(prefix="airflow-home-")
-os.environ["TLDR_TEST_AIRFLOW_HOME"] = os.environ["AIRFLOW_HOME"]
-os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
-os.environ.setdefault("TLDR_DATA_ROOT", tempfile.mkdtemp(prefix="tldr-data-"))
-sys.path.insert(0, str(ROOT / "dags"))
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 pytest.importorskip("airflow.providers.cncf.kubernetes")

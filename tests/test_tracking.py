@@ -1,23 +1,14 @@
 """MLflow tracking against a real local store: parent/stage runs, Airflow tags, registry, redaction."""
 
 import mlflow
-import pytest
 
 from tldr_tasks import tracking
 from tldr_tasks.config import Config
 from tldr_tasks.stages.base import StageIO, StageResult
 
 
-@pytest.fixture()
-def store(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.setenv("TLDR_MLFLOW_EXPERIMENT", "test")
-    monkeypatch.delenv("TLDR_RUN_KEY", raising=False)
-    return tmp_path
-
-
-def test_stages_of_one_compression_share_a_parent_run(store, monkeypatch):
-    io = StageIO(input=str(store / "crawl"), out=str(store / "out"))
+def test_stages_of_one_compression_share_a_parent_run(mlflow_store, monkeypatch):
+    io = StageIO(input=str(mlflow_store / "crawl"), out=str(mlflow_store / "out"))
     monkeypatch.setenv("AIRFLOW_CTX_DAG_RUN_ID", "manual__2026-11-25")
     monkeypatch.setenv("AIRFLOW_CTX_TASK_ID", "embed")
     monkeypatch.setenv("AIRFLOW_CTX_TRY_NUMBER", "2")
@@ -27,7 +18,7 @@ def test_stages_of_one_compression_share_a_parent_run(store, monkeypatch):
         with tracking.stage_run(Config(), io, stage, kwargs) as parent:
             tracking.log_stage_result(stage, StageResult(metrics={"samples": 10}), 1.5)
     client = mlflow.MlflowClient()
-    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
     assert sorted(r.info.run_name for r in children) == ["cluster", "embed[0/2]", "embed[1/2]"]
     assert all(r.data.metrics["samples"] == 10 and r.data.metrics["seconds"] == 1.5 for r in children)
@@ -37,11 +28,11 @@ def test_stages_of_one_compression_share_a_parent_run(store, monkeypatch):
     assert parent_run.data.params["sample.ratio"] == "0.25"
 
 
-def test_captioner_is_registered_as_a_new_model_version(store):
-    folder = store / "captioner"
+def test_captioner_is_registered_as_a_new_model_version(mlflow_store):
+    folder = mlflow_store / "captioner"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
-    io = StageIO(input="in", out=str(store / "out"))
+    io = StageIO(input="in", out=str(mlflow_store / "out"))
     parent = tracking.parent_run_id(Config(), io)
     assert tracking.register_captioner(parent, str(folder)) == "1"
     assert tracking.register_captioner(parent, str(folder)) == "2"

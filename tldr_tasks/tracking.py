@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -72,10 +73,10 @@ def parent_run_id(cfg: Config, io: StageIO) -> str:
         return found[0].info.run_id
     tags = {"tldr.run_key": key, "tldr.input": redact(io.input), "tldr.out": redact(io.out),
             "tldr.config_hash": cfg.hash(), **_airflow_tags()}
-    run = mlflow.MlflowClient().create_run(mlflow.get_experiment_by_name(
+    client = mlflow.MlflowClient()
+    run = client.create_run(mlflow.get_experiment_by_name(
         os.environ.get("TLDR_MLFLOW_EXPERIMENT", EXPERIMENT)).experiment_id, tags=tags,
         run_name=os.environ.get("TLDR_RUN_NAME") or f"compress {key.rsplit('/', 1)[-1]}")
-    client = mlflow.MlflowClient()
     params = _flatten(cfg.to_dict())
     from mlflow.entities import Param
 
@@ -118,8 +119,6 @@ def log_to_parent(parent: str, metrics: dict[str, float], artifacts: list[str] =
     """Summary numbers and files (report, plots, manifest) on the compression's parent run."""
     mlflow = _mlflow()
     client = mlflow.MlflowClient()
-    import time
-
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
