@@ -11,11 +11,13 @@ The `runner` picks where stages run: `local` (on the Airflow worker) or `kuberne
 stage, GPU limits, the stage image from the `tldr_kubernetes` config).
 
 **Schedule**: runs when `tldr_ingest` registers a new crawl version (Asset `tldr_crawl`), else weekly.
-The captioner and the per-shard embeddings under the output root are reused, so a recompression
-embeds only the new shards.
+A captioner with the run's parameters under the output root is reused (retrained when the form
+asks or the crawl has grown past the set share), and the per-shard embeddings are keyed by
+captioner version, so a recompression embeds only the new shards.
 
-**Outcome**: the `publish` task's XCom holds the output URL, the MLflow run id and the metrics;
-every stage's MLflow run carries this run's id as a tag.
+**Outcome**: the `publish` task's XCom holds the output URL, the captioner, the MLflow run id and
+the metrics; the MLflow parent run ends FINISHED (or FAILED when a task fails for good), and every
+stage's nested run carries this run's id as a tag.
 """
 
 import os

@@ -45,3 +45,25 @@ def mlflow_store(tmp_path, monkeypatch):
     monkeypatch.setenv("TLDR_MLFLOW_EXPERIMENT", "tests")
     monkeypatch.delenv("TLDR_RUN_KEY", raising=False)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def random_captioner(tiny_crawl, tmp_path_factory) -> str:
+    """Folder of an untrained (random-weight) captioner for the tiny crawl's 32 px images: its captions
+    are gibberish but deterministic. Read-only."""
+    import torch
+
+    from tldr_tasks.config import CaptionerConfig
+    from tldr_tasks.data.shards import Sample, iter_shard
+    from tldr_tasks.models import captioner as cap
+    from tldr_tasks.models.tokenizer import train_tokenizer
+    from tldr_tasks.storage import expand_shards
+
+    captions = [s.caption for url in expand_shards(f"{tiny_crawl}/train") for s in iter_shard(url)
+                if isinstance(s, Sample)]
+    tokenizer = train_tokenizer(captions, 300)
+    torch.manual_seed(0)
+    model = cap.build_captioner(CaptionerConfig(image_size=32, codebook_size=32, codebook_init="random"), tokenizer)
+    url = str(tmp_path_factory.mktemp("random_captioner"))
+    cap.save_captioner(model.eval(), tokenizer, {}, url)
+    return url

@@ -1,7 +1,9 @@
 """tldr_compress end to end in Airflow (slow: minutes each).
 
-- `airflow dags test tldr_compress` with the local runner on a tiny crawl: compressed shards, the
-  publish XCom, and the MLflow run tagged with the Airflow run id.
+- `airflow dags test tldr_compress` twice with the local runner on a tiny crawl, with other
+  `captioner.*` values: compressed shards, the publish XCom, two captioners trained and registered
+  as two model versions, both MLflow parent runs FINISHED with their nested stage runs, all tagged
+  with the Airflow run id. A run failing at run time ends its parent run FAILED.
 - The real services (scripts/airflow-local.sh) on a free loopback port: trigger through the REST
   API with a conf, wait for success; a ratio of 1.5 is refused with 400.
 """
@@ -47,11 +49,13 @@ def migrated_db():
     return os.environ["AIRFLOW_HOME"]
 
 
-def dags_test(dag_id: str, conf: dict, env: dict) -> None:
+def dags_test(dag_id: str, conf: dict, env: dict, state: str = "success") -> None:
     proc = subprocess.run([str(BIN / "airflow"), "dags", "test", dag_id, "-c", json.dumps(conf)], env=env,
                           capture_output=True, text=True, timeout=1800)
     log = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "state=success" in log, log[-5000:]
+    assert f"state={state}" in log, log[-5000:]
+    if state == "success":
+        assert proc.returncode == 0, log[-5000:]
 
 
 def latest(dag_id: str, task_id: str) -> tuple[str, object]:
@@ -79,25 +83,73 @@ def shard_count(url: str) -> int:
     return len(list(Path(url).glob("*.tar")))
 
 
+def stage_runs(client, parent) -> dict[str, object]:
+    """The parent's nested runs by stage name (sharded stages: one per shard group)."""
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return {c.info.run_name: c for c in children}
+
+
 @pytest.mark.slow
-def test_dags_test_local_runner(tiny_crawl, migrated_db, tmp_path):
+def test_dags_test_local_runner_honours_captioner_params(tiny_crawl, migrated_db, tmp_path):
+    import mlflow
+
     env = airflow_env(tmp_path)
     out = tmp_path / "compressed"
-    dags_test("tldr_compress", {**TINY_CONF, "input_url": f"{tiny_crawl}/train", "output_url": str(out),
-                                "runner": "local"}, env)
-    run_id, summary = latest("tldr_compress", "publish")
+    runs = []
+    for extra in ([], ["captioner.lr=0.001"]):  # the second run asks for another captioner
+        conf = {**TINY_CONF, "input_url": f"{tiny_crawl}/train", "output_url": str(out), "runner": "local",
+                "overrides": TINY_CONF["overrides"] + extra}
+        dags_test("tldr_compress", conf, env)
+        runs.append(latest("tldr_compress", "publish"))
+
+    run_id, summary = runs[0]
     assert summary["runner"] == "local" and summary["out"].startswith(str(out / "runs"))
     assert shard_count(summary["shards_url"]) >= 1
     assert summary["metrics"]["kept"] == pytest.approx(200 * 0.25, abs=4)
-    assert summary["embed"] == {"shards_embedded": 2, "shards_reused": 0}
+    assert (summary["embed"]["shards_embedded"], summary["embed"]["shards_reused"]) == (2, 0)
     assert summary["evaluation"] is None
-    runs = mlflow_runs_for(env["MLFLOW_TRACKING_URI"], run_id)
-    assert runs, f"no MLflow run tagged airflow.run_id={run_id}"
-    assert summary["mlflow_run_id"] in {r.info.run_id for r in runs}
-    parent = next(r for r in runs if r.info.run_id == summary["mlflow_run_id"])
-    assert parent.data.tags["tldr.run_key"] == f"tldr_compress/{run_id}"
-    stage_tags = {r.data.tags.get("airflow.task_id") for r in runs}
-    assert {"local.train_captioner", "local.materialize"} <= stage_tags
+    # Two captioners, one per set of captioner parameters, each trained, embedded with and registered once.
+    trained = sorted(str(p.parent) for p in (out / "captioners").glob("*/COMPLETE"))
+    assert sorted(s["captioner"] for _, s in runs) == trained and len(trained) == 2
+    assert runs[1][1]["embed"]["shards_embedded"] == 2  # embeddings are keyed by captioner version
+
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    versions = client.search_model_versions("name = 'tldr-captioner'")
+    assert sorted(str(v.version) for v in versions) == ["1", "2"]
+    assert {v.run_id for v in versions} == {s["mlflow_run_id"] for _, s in runs}
+    for run_id, summary in runs:
+        parent = client.get_run(summary["mlflow_run_id"])
+        assert parent.info.status == "FINISHED"
+        assert parent.data.tags["tldr.run_key"] == f"tldr_compress/{run_id}"
+        assert parent.data.tags["airflow.run_id"] == run_id and parent.data.tags["airflow.dag_id"] == "tldr_compress"
+        assert parent.data.metrics["materialize.kept"] == summary["metrics"]["kept"]
+        children = stage_runs(client, parent)
+        assert set(children) == {"train-captioner", "embed[0/2]", "embed[1/2]", "cluster", "sample",
+                                 "caption[0/2]", "caption[1/2]", "materialize"}
+        for child in children.values():
+            assert child.info.status == "FINISHED"
+            assert child.data.tags["airflow.run_id"] == run_id
+            assert child.data.tags["airflow.task_id"].startswith("local.")
+        assert children["train-captioner"].data.tags["tldr.skipped"] == "false"
+
+
+@pytest.mark.slow
+def test_a_run_failing_at_run_time_ends_its_parent_failed(tiny_crawl, migrated_db, tmp_path):
+    import mlflow
+
+    env = airflow_env(tmp_path, TLDR_RETRY_DELAY_S="1")  # retries as configured, without the 30 s waits
+    # The plan accepts it; the stages' preflight refuses it (more clusters than the 200 samples).
+    conf = {**TINY_CONF, "clusters": 1000, "input_url": f"{tiny_crawl}/train", "output_url": str(tmp_path / "out"),
+            "runner": "local"}
+    dags_test("tldr_compress", conf, env, state="failed")
+    run_id, summary = latest("tldr_compress", "publish")
+    assert summary is None
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    parents = [r for r in mlflow_runs_for(env["MLFLOW_TRACKING_URI"], run_id) if "tldr.run_key" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FAILED"
+    attempts = stage_runs(client, parents[0])
+    assert not attempts  # refused before any stage run started: no nested run
 
 
 def free_port() -> int:

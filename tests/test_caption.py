@@ -11,10 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tldr_tasks.config import CaptionerConfig, load_config
+from tldr_tasks.config import load_config
 from tldr_tasks.data.shards import Sample, iter_shard
 from tldr_tasks.models import captioner as cap
-from tldr_tasks.models.tokenizer import train_tokenizer
 from tldr_tasks.stages import caption
 from tldr_tasks.stages.base import StageIO
 
@@ -31,14 +30,8 @@ def crawl_samples(tiny_crawl):
 
 
 @pytest.fixture(scope="module")
-def captioner_dir(crawl_samples, tmp_path_factory):
-    """An untrained (random) captioner: captions are gibberish but deterministic."""
-    tokenizer = train_tokenizer([s.caption for s in crawl_samples.values()], 300)
-    torch.manual_seed(0)
-    model = cap.build_captioner(CaptionerConfig(image_size=32, codebook_size=32, codebook_init="random"), tokenizer)
-    url = str(tmp_path_factory.mktemp("captioner"))
-    cap.save_captioner(model.eval(), tokenizer, {}, url)
-    return url
+def captioner_dir(random_captioner):
+    return random_captioner
 
 
 def make_run(tmp_path, tiny_crawl, captioner_dir, crawl_samples, every: int = 3) -> tuple[StageIO, dict]:
@@ -56,7 +49,7 @@ def make_run(tmp_path, tiny_crawl, captioner_dir, crawl_samples, every: int = 3)
 
 
 def read_output(run_io: StageIO, stem: str):
-    return pq.read_table(io.BytesIO(Path(run_io.caption_dir, f"{stem}.parquet").read_bytes())).to_pydict()
+    return pq.read_table(io.BytesIO(Path(caption.output_url(run_io, stem)).read_bytes())).to_pydict()
 
 
 def test_captions_exactly_the_selected_keys(tmp_path, tiny_crawl, captioner_dir, crawl_samples):
@@ -66,11 +59,12 @@ def test_captions_exactly_the_selected_keys(tmp_path, tiny_crawl, captioner_dir,
     assert not result.skipped
     assert result.metrics["captions_written"] == sum(len(v) for v in by_shard.values())
     assert result.metrics["captions_per_second"] > 0 and result.metrics["shards_done"] == 2
-    assert sorted(os.listdir(run_io.caption_dir)) == sorted(f"{s}.parquet" for s in by_shard)
+    assert sorted(os.listdir(run_io.caption_dir)) == sorted(Path(caption.output_url(run_io, s)).name for s in by_shard)
     model, tokenizer = cap.load_captioner(captioner_dir)
     for stem, keys in by_shard.items():
         out = read_output(run_io, stem)
-        assert set(out) == {"key", "generated"}
+        assert set(out) == {"key", "original", "generated", "confidence", "grounding"}
+        assert out["original"] == [crawl_samples[k].caption for k in out["key"]]
         assert sorted(out["key"]) == sorted(keys) and len(out["key"]) == len(keys)
         assert all(isinstance(g, str) for g in out["generated"])
         # the stage's captions are the model's beam-search captions of exactly those images
@@ -78,12 +72,29 @@ def test_captions_exactly_the_selected_keys(tmp_path, tiny_crawl, captioner_dir,
         pixels = cap.image_to_tensor([crawl_samples[k].image for k in first], 32)
         expected = model.generate_captions(pixels, tokenizer, num_beams=2, min_new_tokens=2, max_new_tokens=6)
         assert out["generated"][:3] == expected
+        # confidence: the mean token log-probability of that caption given its own image (teacher-forced)
+        ids, mask = cap.tokenize_captions(tokenizer, expected, model.arch["max_tokens"])
+        own = -model.per_sample_loss(pixels, ids, mask)
+        assert out["confidence"][:3] == pytest.approx(own.tolist(), abs=1e-4)
+        assert all(c <= 0 for c in out["confidence"])
+
+
+def test_grounding_is_zero_for_a_caption_that_ignores_the_image(captioner_dir, crawl_samples):
+    """The same image twice: another image of the batch explains the caption equally well."""
+    model, tokenizer = cap.load_captioner(captioner_dir)
+    image = next(iter(crawl_samples.values())).image
+    pixels = cap.image_to_tensor([image, image], 32)
+    confidence, grounding = caption.caption_confidence(model, tokenizer, pixels, ["a red circle", "a red circle"])
+    assert grounding == pytest.approx([0.0, 0.0], abs=1e-5)
+    assert confidence[0] == pytest.approx(confidence[1])
+    confidence, grounding = caption.caption_confidence(model, tokenizer, pixels[:1], ["a red circle"])
+    assert grounding[0] != grounding[0]  # a lone caption has nothing to compare with: NaN, the gate fails it
 
 
 def test_rerun_skips_done_shards_and_redoes_only_missing(tmp_path, tiny_crawl, captioner_dir, crawl_samples):
     run_io, by_shard = make_run(tmp_path, tiny_crawl, captioner_dir, crawl_samples, every=5)
     caption.run(CFG, run_io)
-    files = {s: Path(run_io.caption_dir, f"{s}.parquet") for s in by_shard}
+    files = {s: Path(caption.output_url(run_io, s)) for s in by_shard}
     stamps = {s: f.stat().st_mtime_ns for s, f in files.items()}
     again = caption.run(CFG, run_io)
     assert again.skipped and again.metrics["captions_written"] == 0
@@ -102,11 +113,11 @@ def test_workers_split_the_source_shards(tmp_path, tiny_crawl, captioner_dir, cr
     run_io, by_shard = make_run(tmp_path, tiny_crawl, captioner_dir, crawl_samples, every=7)
     stems = sorted(by_shard)
     first = caption.run(CFG, run_io, shard_index=0, num_shards=2)
-    assert os.listdir(run_io.caption_dir) == [f"{stems[0]}.parquet"]
+    assert os.listdir(run_io.caption_dir) == [Path(caption.output_url(run_io, stems[0])).name]
     assert first.metrics["captions_written"] == len(by_shard[stems[0]])
     second = caption.run(CFG, run_io, shard_index=1, num_shards=2)
     assert second.metrics["captions_written"] == len(by_shard[stems[1]])
-    assert sorted(os.listdir(run_io.caption_dir)) == [f"{s}.parquet" for s in stems]
+    assert sorted(os.listdir(run_io.caption_dir)) == [Path(caption.output_url(run_io, s)).name for s in stems]
     with pytest.raises(ValueError, match="shard-index"):
         caption.run(CFG, run_io, shard_index=2, num_shards=2)
 
@@ -125,4 +136,4 @@ def test_errors_say_what_to_fix(tmp_path, tiny_crawl, captioner_dir, crawl_sampl
                    os.path.join(run_io.sample_dir, "selected.parquet"))
     with pytest.raises(ValueError, match="missing or unreadable"):
         caption.run(CFG, run_io)
-    assert not Path(run_io.caption_dir, f"{shard}.parquet").exists()
+    assert not Path(caption.output_url(run_io, shard)).exists()

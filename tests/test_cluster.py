@@ -33,7 +33,7 @@ def _setup(tmp_path, parts, feature="quantized_mean"):
     assert directory.endswith(f"{VERSION}-{feature}")
     for i, (keys, features, loss, rejects) in enumerate(parts):
         (crawl / f"{i:05d}.tar").write_bytes(b"")  # cluster never opens the shards
-        embed.save_part(embed.part_url(directory, f"{i:05d}.tar"), embed.EmbedPart(
+        embed.save_part(embed.part_url(directory, str(crawl / f"{i:05d}.tar")), embed.EmbedPart(
             keys=np.asarray(keys, dtype=str), features=features, loss=np.asarray(loss, np.float32),
             reject_keys=np.asarray([k for k, _ in rejects], dtype=str),
             reject_reasons=np.asarray([r for _, r in rejects], dtype=str),

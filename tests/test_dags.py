@@ -8,7 +8,9 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import mlflow
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +176,7 @@ def test_run_folder_names_are_path_safe():
     assert run_folder_name("asset_triggered__a/b c") == "asset_triggered__a-b-c"
 
 
-def test_asset_triggered_run_compresses_the_landed_crawl(compress):
+def test_asset_triggered_run_compresses_the_landed_crawl(compress, tiny_crawl, mlflow_store):
     """A run started by tldr_ingest's Asset event reads the crawl URL and version from the event."""
     from datetime import UTC, datetime
 
@@ -189,11 +191,49 @@ def test_asset_triggered_run_compresses_the_landed_crawl(compress):
             source_dag_id="tldr_ingest", source_run_id="scheduled__x", source_map_index=-1, source_aliases=[],
             timestamp=datetime.now(UTC))
 
-    events = TriggeringAssetEventsAccessor.build([event("aaa", "/old/crawl"), event("bbb", "/data-repo/crawl")])
-    plan = compress.task_dict["plan"].python_callable(params=validated(compress, {}), run_id="asset_triggered__1",
+    old, landed = f"{tiny_crawl}/eval", f"{tiny_crawl}/train"
+    events = TriggeringAssetEventsAccessor.build([event("aaa", old), event("bbb", landed)])
+    ti = SimpleNamespace(dag_id="tldr_compress")
+    params = validated(compress, {"output_url": str(mlflow_store / "out")})
+    plan = compress.task_dict["plan"].python_callable(params=params, run_id="asset_triggered__1", ti=ti,
                                                       triggering_asset_events=events)
-    assert plan["input"] == "/data-repo/crawl" and plan["input_version"] == "bbb"
-    assert "--input /data-repo/crawl " in plan["local__cluster"]
-    manual = compress.task_dict["plan"].python_callable(params=validated(compress, {"input_url": "/mine"}),
-                                                        run_id="manual__1", triggering_asset_events=None)
-    assert manual["input"] == "/mine" and manual["input_version"] is None
+    assert plan["input"] == landed and plan["input_version"] == "bbb"
+    assert f"--input {landed} " in plan["local__cluster"]
+    # plan opened the run's MLflow parent run, tagged with the Airflow run and the crawl version
+    parent = mlflow.MlflowClient().get_run(plan["mlflow_run_id"])
+    assert parent.info.status == "RUNNING" and parent.data.tags["tldr.run_key"] == "tldr_compress/asset_triggered__1"
+    assert parent.data.tags["airflow.run_id"] == "asset_triggered__1"
+    assert parent.data.tags["tldr.input_version"] == "bbb"
+    manual = compress.task_dict["plan"].python_callable(params={**params, "input_url": old}, run_id="manual__1", ti=ti,
+                                                        triggering_asset_events=None)
+    assert manual["input"] == old and manual["input_version"] is None
+
+
+def test_failure_callback_ends_the_parent_run_failed(compress, tiny_crawl, mlflow_store):
+    from tldr_dagkit.compress import end_run_failed
+
+    ti = SimpleNamespace(dag_id="tldr_compress")
+    params = validated(compress, {"input_url": f"{tiny_crawl}/train", "output_url": str(mlflow_store / "out")})
+    plan = compress.task_dict["plan"].python_callable(params=params, run_id="manual__2", ti=ti)
+    assert compress.default_args["on_failure_callback"] is end_run_failed
+    end_run_failed({"ti": ti, "run_id": "manual__2"})
+    assert mlflow.MlflowClient().get_run(plan["mlflow_run_id"]).info.status == "FAILED"
+    end_run_failed({"ti": ti, "run_id": "manual__never_planned"})  # no parent yet: nothing to end, no error
+
+
+def test_parsing_reads_no_variable_or_connection():
+    """Parsing runs in the dag-processor on every change: it must not query the metadata database."""
+    code = ("import airflow.sdk, airflow.models\n"
+            "def refuse(*a, **k): raise AssertionError('read at parse time')\n"
+            "for cls in (airflow.sdk.Variable, airflow.sdk.Connection, airflow.models.Variable, "
+            "airflow.models.Connection):\n"
+            "    for name in ('get', 'get_connection_from_secrets', 'get_variable_from_secrets'):\n"
+            "        if hasattr(cls, name): setattr(cls, name, refuse)\n"
+            "from airflow.dag_processing.dagbag import DagBag\n"
+            f"b = DagBag(dag_folder={str(DAGS)!r})\n"
+            "assert not b.import_errors, b.import_errors\n"
+            "print(sorted(b.dags))")
+    env = {k: v for k, v in airflow_env().items() if not k.startswith("AIRFLOW_VAR_")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "['tldr_compress', 'tldr_ingest']"

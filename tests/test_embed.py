@@ -2,13 +2,14 @@
 other workers reuse finished parts."""
 
 import io
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from tldr_tasks import storage
+from tldr_tasks import content, storage
 from tldr_tasks.config import FEATURES, Config
 from tldr_tasks.data.shards import ShardWriter
 from tldr_tasks.models.captioner import build_captioner, image_to_tensor, load_captioner, save_captioner
@@ -60,8 +61,10 @@ def _io(root, out="run", cache=None):
 def test_features_have_right_shape_and_dtype(crawl, feature):
     io = _io(crawl, out=f"run-{feature}")
     result = embed.run(_cfg(feature), io)
-    assert len(result.outputs) == 3 and all(u.endswith(f"-{feature}/{i:05d}.npz") for i, u in
-                                             enumerate(result.outputs))
+    # parts are named by the shard's name and content: {stem}-{md5 of the tar}.npz
+    assert len(result.outputs) == 3 and all(
+        u.endswith(f"-{feature}/{i:05d}-{content.file_md5(str(crawl / 'crawl' / f'{i:05d}.tar'))}.npz")
+        for i, u in enumerate(result.outputs))
     part = embed.load_part(result.outputs[1])
     assert part.keys.tolist() == ["0006", "0007", "0009", "0010", "0011"]  # 0008 rejected
     expected = {"quantized_mean": ((5, CODE_DIM), np.float16), "cls": ((5, CODE_DIM), np.float16),
@@ -114,15 +117,43 @@ def test_sharded_workers_cover_every_shard_once(crawl):
     io = _io(crawl, out="run-workers", cache="shared-cache")
     w0 = embed.run(_cfg("code_histogram"), io, shard_index=0, num_shards=2)
     w1 = embed.run(_cfg("code_histogram"), io, shard_index=1, num_shards=2)
-    assert [u.rsplit("/", 1)[1] for u in w0.outputs] == ["00000.npz", "00002.npz"]
-    assert [u.rsplit("/", 1)[1] for u in w1.outputs] == ["00001.npz"]
+    assert [u.rsplit("/", 1)[1][:5] for u in w0.outputs] == ["00000", "00002"]
+    assert [u.rsplit("/", 1)[1][:5] for u in w1.outputs] == ["00001"]
     assert w0.metrics["shards_embedded"] + w1.metrics["shards_embedded"] == 3
     assert w0.metrics["samples"] + w1.metrics["samples"] == 17
     directory = embed.parts_dir(_cfg("code_histogram"), io)
     assert directory.startswith(str(crawl / "shared-cache"))
-    assert [u.rsplit("/", 1)[1] for u in storage.listdir(directory, ".npz")] == ["00000.npz", "00001.npz",
-                                                                                 "00002.npz"]
+    assert storage.listdir(directory, ".npz") == sorted(w0.outputs + w1.outputs)
     keys = np.concatenate([embed.load_part(u).keys for u in storage.listdir(directory, ".npz")])
     assert len(keys) == len(set(keys.tolist())) == 17
     with pytest.raises(ValueError, match="shard-index"):
         embed.run(_cfg("code_histogram"), io, shard_index=2, num_shards=2)
+
+
+def test_new_content_under_an_old_name_is_embedded_again_and_reported_replaced(crawl, tmp_path):
+    shutil.copytree(crawl / "crawl", tmp_path / "crawl")
+    cache = str(tmp_path / "cache")  # shared by both runs, as tldr_compress shares <output root>/embed
+
+    def run(name):
+        io = StageIO(input=str(tmp_path / "crawl"), out=str(tmp_path / name), captioner=str(crawl / "captioner"),
+                     embed_cache=cache)
+        return io, embed.run(_cfg(), io)
+
+    first_io, first = run("first")
+    assert {s["status"] for s in embed.shard_status(first_io).values()} == {"embedded"}
+    old_digest = content.file_md5(str(tmp_path / "crawl" / "00001.tar"))
+    # a second crawl's 00001.tar: same name, other samples
+    with ShardWriter(str(tmp_path / "other"), shard_size=6) as writer:
+        for i in range(4):
+            writer.write(f"x{i:03d}", {"png": _png(100 + i), "txt": b"a blue circle"})
+    shutil.copy(tmp_path / "other" / "00000.tar", tmp_path / "crawl" / "00001.tar")
+
+    second_io, second = run("second")
+    assert second.metrics["shards_embedded"] == 1 and second.metrics["shards_replaced"] == 1
+    assert second.metrics["shards_reused"] == 2 and second.metrics["samples"] == 4
+    status = embed.shard_status(second_io)
+    assert {s: r["status"] for s, r in status.items()} == {"00000": "reused", "00001": "replaced", "00002": "reused"}
+    assert status["00001"]["replaced_digests"] == [old_digest]
+    assert second.outputs[1] != first.outputs[1]
+    assert embed.load_part(second.outputs[1]).keys.tolist() == ["x000", "x001", "x002", "x003"]
+    assert embed.load_part(first.outputs[1]).keys.tolist()[0] == "0006"  # the old content's part is kept

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pod_security import assert_restricted
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "tldr-vlp"
@@ -63,6 +64,18 @@ def test_default_render_is_valid(helm):
     assert deployment["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == \
         "tldr-vlp-mlflow"
     assert kinds["Service"][0]["spec"]["ports"][0]["port"] == 5000
+
+
+def test_chart_pods_meet_the_restricted_pod_security_standard(helm):
+    for values in ((), ("--set", "mlflow.persistence.enabled=false")):
+        for deployment in by_kind(template(helm, *values))["Deployment"]:
+            spec = deployment["spec"]["template"]["spec"]
+            assert_restricted(spec, uid=1000)
+            # read-only root filesystem: /tmp is a writable emptyDir, and HOME points there
+            container = spec["containers"][0]
+            tmp = next(m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/tmp")
+            assert next(v for v in spec["volumes"] if v["name"] == tmp)["emptyDir"] == {}
+            assert {"name": "HOME", "value": "/tmp"} in container["env"]
 
 
 def test_rbac_lets_airflow_run_pods(helm):

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 from test_airflow_e2e import migrated_db  # noqa: E402,F401  (fixture: the session's migrated Airflow DB)
-from tldr_dagkit.crawl_registry import landed_shards, new_shards, register  # noqa: E402
+from tldr_dagkit.crawl_registry import checkout_version, landed_shards, new_shards, register  # noqa: E402
 
 
 def land(landing: Path, name: str, stats: bool = True, payload: bytes = b"") -> None:
@@ -58,6 +58,30 @@ def test_register_versions_with_dvc(tmp_path):
     # Registering the same content again gives the same version: the md5 is the crawl's identity.
     third = register([], str(repo), str(remote))
     assert third["version"] == second["version"]
+
+
+def test_a_relanded_name_with_new_content_is_a_new_version_and_the_old_one_stays_retrievable(tmp_path):
+    landing, repo, remote = tmp_path / "landing", tmp_path / "repo", tmp_path / "remote"
+    land(landing, "00000", payload=b"first crawl, shard 0")
+    land(landing, "00001", payload=b"first crawl, shard 1")
+    first = register(new_shards(str(landing), str(repo), 0), str(repo), str(remote))
+    assert first["replaced_shards"] == []
+    # the same bytes copied again (a new mtime): read, recognised, not new
+    land(landing, "00001", payload=b"first crawl, shard 1")
+    assert new_shards(str(landing), str(repo), 0) == []
+    # a second crawl numbers its shards from 00000 again
+    land(landing, "00000", payload=b"second crawl, shard 0")
+    assert [Path(u).name for u in new_shards(str(landing), str(repo), 0)] == ["00000.tar"]
+    second = register(new_shards(str(landing), str(repo), 0), str(repo), str(remote))
+    assert second["new_shards"] == ["00000.tar"] and second["replaced_shards"] == ["00000.tar"]
+    assert second["version"] != first["version"] and second["shards"] == 2
+    assert (repo / "crawl" / "00000.tar").read_bytes() == b"second crawl, shard 0"
+    assert new_shards(str(landing), str(repo), 0) == []
+    # the first version from DVC, also with the local cache gone (pulled from the remote)
+    shutil.rmtree(repo / ".dvc" / "cache")
+    old = checkout_version(str(repo), first["version"])
+    assert (old / "00000.tar").read_bytes() == b"first crawl, shard 0"
+    assert (old / "00001.tar").read_bytes() == b"first crawl, shard 1"
 
 
 def test_ingest_dag_shape():
@@ -105,7 +129,7 @@ def test_ingest_then_recompress_embeds_only_new_shards(tmp_path):
     dags_test("tldr_compress", conf, env)
     _, summary = latest("tldr_compress", "publish")
     assert summary["input"] == first["url"]
-    assert summary["embed"] == {"shards_embedded": 2, "shards_reused": 0}
+    assert summary["embed"] == {"shards_embedded": 2, "shards_reused": 0, "shards_replaced": 0}
 
     land_shards(shards[2:])
     dags_test("tldr_ingest", {"settle_seconds": 0}, env)
@@ -115,7 +139,7 @@ def test_ingest_then_recompress_embeds_only_new_shards(tmp_path):
     assert asset_event_versions()[-1] == second["version"]
     dags_test("tldr_compress", conf, env)
     _, summary = latest("tldr_compress", "publish")
-    assert summary["embed"] == {"shards_embedded": 2, "shards_reused": 2}
+    assert summary["embed"] == {"shards_embedded": 2, "shards_reused": 2, "shards_replaced": 0}
     assert summary["metrics"]["input_samples"] == 200
 
 

@@ -19,10 +19,13 @@ kubernetes_validate = pytest.importorskip("kubernetes_validate")
 pytest.importorskip("airflow.providers.cncf.kubernetes")
 
 from kubernetes.client import ApiClient  # noqa: E402
+from pod_security import assert_restricted  # noqa: E402
 from tldr_dagkit import settings  # noqa: E402
 from tldr_dagkit.compress import build_compress_dag  # noqa: E402
 from tldr_dagkit.plan import build_plan  # noqa: E402
 
+from tldr_tasks import captioners  # noqa: E402
+from tldr_tasks.config import Config  # noqa: E402
 from tldr_tasks.pipeline import STAGES  # noqa: E402
 
 K8S_VERSION = "1.35.0"
@@ -131,7 +134,8 @@ def test_commands(default_pods):
     assert args[:2] == ["run", "train-captioner"]
     root = settings.output_root()
     assert args[args.index("--out") + 1] == f"{root}/runs/manual__2026-01-02T03-04-05-00-00"
-    assert args[args.index("--captioner") + 1] == f"{root}/captioner"
+    # the captioner folder is keyed by its parameters (plan's default when no crawl version is known)
+    assert args[args.index("--captioner") + 1] == f"{root}/captioners/{captioners.params_key(Config())}"
     assert args[args.index("--embed-cache") + 1] == f"{root}/embed"
     assert args[args.index("--input") + 1] == settings.crawl_url()
     assert args[-2:] == ["--result-json", "/airflow/xcom/return.json"]
@@ -160,6 +164,31 @@ def test_secrets_are_references_and_context_env(default_pods):
             assert env["MLFLOW_TRACKING_URI"] == "http://tldr-vlp-mlflow:5000"
             # No credential value travels in the pod spec itself.
             assert not any(k.startswith("AWS_") or "PASSWORD" in k or "TOKEN" in k for k in env)
+
+
+def test_pods_meet_the_restricted_pod_security_standard(default_pods):
+    dockerfile = (ROOT / "containers" / "Dockerfile").read_text()
+    assert "useradd --uid 1000" in dockerfile and "USER 1000" in dockerfile  # the image's uid
+    for name, pods in default_pods.items():
+        for pod in pods:
+            assert_restricted(pod["spec"], uid=1000)
+            assert {c["name"] for c in pod["spec"]["containers"]} == {"base", "airflow-xcom-sidecar"}
+            # the root filesystem is read-only: /tmp and the caches are emptyDirs
+            volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+            mounts = {m["mountPath"]: m["name"] for m in main_container(pod)["volumeMounts"]}
+            for path in ("/tmp", "/home/tldr/.cache"):
+                assert volumes[mounts[path]]["emptyDir"] == {}, (name, path)
+            assert env_of(pod)["XDG_CACHE_HOME"] == "/home/tldr/.cache"
+
+
+def test_torch_threads_equal_the_cpu_limit(default_pods):
+    for name, pods in default_pods.items():
+        for pod in pods:
+            container = main_container(pod)
+            limit = int(container["resources"]["limits"]["cpu"])
+            # DeepSpeed starts one process per GPU: they share the limit
+            processes = int(container["command"][2]) if container["command"][0] == "deepspeed" else 1
+            assert int(env_of(pod)["OMP_NUM_THREADS"]) * processes == limit, name
 
 
 def test_pod_lifecycle_and_xcom(default_pods):
@@ -194,6 +223,7 @@ def test_non_default_params_and_config(monkeypatch):
                                     "tldr_tasks.cli"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
     assert container["resources"]["limits"]["cpu"] == "32"
+    assert env_of(captioner)["OMP_NUM_THREADS"] == "8"  # 32 CPUs shared by 4 DeepSpeed ranks
     assert captioner["spec"]["nodeSelector"] == {"pool": "batch", "gpu-type": "h100"}
     assert captioner["spec"]["tolerations"][0]["tolerationSeconds"] == 60
     assert captioner["metadata"]["namespace"] == "ml"

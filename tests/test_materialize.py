@@ -14,7 +14,7 @@ from PIL import Image
 
 from tldr_tasks.config import Config
 from tldr_tasks.data.shards import Sample, ShardWriter, encode_json, iter_shard
-from tldr_tasks.stages import materialize
+from tldr_tasks.stages import caption, materialize
 from tldr_tasks.stages.base import StageIO
 
 
@@ -43,13 +43,27 @@ def selection(tmp_path):
     _write_parquet(out / "cluster" / "assignments.parquet", assignments)
     _write_parquet(out / "cluster" / "rejects.parquet",
                    [{"key": "0007", "shard": "00001", "reason": "undecodable image: broken"}])
-    selected = [{"key": k, "shard": f"{int(k) // 5:05d}", "cluster": int(k) % 3}
+    selected = [{"key": k, "shard": f"{int(k) // 5:05d}", "cluster": int(k) % 3, "alignment": 0.5}
                 for k in ("0001", "0003", "0006", "0009")]
     _write_parquet(out / "sample" / "selected.parquet", selected)
+    (out / "sample" / "stats.json").write_text(json.dumps({"kept": 4, "alignment_kept_mean": 0.5}))
+    run_io = StageIO(input=str(crawl), out=str(out))
     for shard in ("00000", "00001"):
-        rows = [{"key": r["key"], "generated": f"generated {r['key']}"} for r in selected if r["shard"] == shard]
-        _write_parquet(out / "caption" / f"{shard}.parquet", rows)
-    return StageIO(input=str(crawl), out=str(out))
+        rows = [{"key": r["key"], "original": f"caption {int(r['key'])}", "generated": f"generated {r['key']}",
+                 "confidence": -0.3, "grounding": 2.0} for r in selected if r["shard"] == shard]
+        _write_parquet(Path(caption.output_url(run_io, shard)), rows)
+    return run_io
+
+
+def _rewrite_captions(run_io, **columns):
+    """Overwrite the caption parts' columns, e.g. grounding=[...] in key order."""
+    for shard in ("00000", "00001"):
+        path = Path(caption.output_url(run_io, shard))
+        rows = pq.read_table(path).to_pylist()
+        for row in rows:
+            index = ("0001", "0003", "0006", "0009").index(row["key"])
+            row.update({name: values[index] for name, values in columns.items()})
+        _write_parquet(path, rows)
 
 
 def test_materialize_writes_selected_samples_with_fused_captions(selection):
@@ -95,6 +109,41 @@ def test_rerun_is_skipped_and_shards_are_deterministic(selection, tmp_path):
 
 
 def test_missing_generated_caption_is_an_error(selection):
-    Path(selection.out, "caption", "00001.parquet").unlink()
+    Path(caption.output_url(selection, "00001")).unlink()
     with pytest.raises(RuntimeError, match="run the caption stage"):
         materialize.run(Config(), selection)
+
+
+def test_key_txt_is_the_gated_caption_and_the_manifest_counts_reasons(selection):
+    # 0001 trusted, 0003 unsure of itself, 0006 fits any image as well, 0009 has no caption
+    _rewrite_captions(selection, confidence=[-0.3, -2.5, -0.3, float("nan")], grounding=[2.0, 2.0, 0.1, float("nan")],
+                      generated=["generated 0001", "generated 0003", "generated 0006", ""])
+    cfg = Config()
+    cfg.caption.fusion = "generated"
+    result = materialize.run(cfg, selection)
+    samples = {s.key: s for url in result.outputs if url.endswith(".tar") for s in iter_shard(url)}
+    assert {k: s.caption for k, s in samples.items()} == {
+        "0001": "generated 0001", "0003": "caption 3", "0006": "caption 6", "0009": "caption 9"}
+    assert samples["0003"].meta["caption_reason"] == "original:low_confidence"
+    assert samples["0006"].meta["grounding"] == 0.1 and samples["0001"].meta["alignment"] == 0.5
+    assert samples["0009"].meta["confidence"] is None  # strict JSON, no NaN
+    manifest = json.loads(open(f"{selection.out}/shards/manifest.json").read())
+    assert manifest["captions"] == {"replaced": 1, "appended": 0, "original:fusion": 0,
+                                    "original:low_confidence": 1, "original:ungrounded": 1,
+                                    "original:collapse": 0, "original:no_generated": 1}
+    assert sum(manifest["captions"].values()) == manifest["kept"]
+    assert manifest["alignment"] == {"alignment_kept_mean": 0.5}
+    assert result.metrics["captions_replaced"] == 1 and result.metrics["caption_collapsed"] == 0
+
+
+def test_collapsed_captions_fall_back_to_the_originals_and_say_so(selection, capsys):
+    _rewrite_captions(selection, generated=["the same"] * 4)
+    cfg = Config()
+    cfg.caption.fusion = "generated"
+    result = materialize.run(cfg, selection)
+    samples = [s for url in result.outputs if url.endswith(".tar") for s in iter_shard(url)]
+    assert [s.caption for s in samples] == ["caption 1", "caption 3", "caption 6", "caption 9"]
+    manifest = json.loads(open(f"{selection.out}/shards/manifest.json").read())
+    assert manifest["collapse_check"]["collapsed"] and manifest["captions"]["original:collapse"] == 4
+    assert result.metrics["caption_collapsed"] == 1.0
+    assert "collapsed" in capsys.readouterr().err

@@ -71,8 +71,9 @@ def test_deterministic_strategies_keep_hand_computed_keys(tmp_path, strategy, ex
     assert [r["key"] for r in rows] == sorted(expected)  # sorted by key
     assert all(r["shard"] == ("00000" if r["key"] < "k06" else "00001") for r in rows)
     stats = json.loads((tmp_path / "run" / "sample" / "stats.json").read_text())
-    assert stats == {"input": 12, "kept": 3, "dropped": 9, "ratio": 0.25, "ratio_achieved": 0.25, "clusters": 3,
-                     "clusters_kept": 2, "strategy": strategy, "seed": 0}
+    assert {k: v for k, v in stats.items() if not k.startswith("alignment_")} == {
+        "input": 12, "kept": 3, "dropped": 9, "ratio": 0.25, "ratio_achieved": 0.25, "clusters": 3,
+        "clusters_kept": 2, "strategy": strategy, "alignment": "cluster_pool", "aligned_share": 0.5, "seed": 0}
     assert result.metrics["kept"] == 3 and not result.skipped
 
 
@@ -154,3 +155,68 @@ def test_balanced_takes_the_same_number_from_every_cluster():
     cluster = np.repeat(np.arange(4), sizes)
     keep = choose(cluster, None, 20 / 114, seed=0, strategy="balanced")
     assert np.bincount(cluster[keep], minlength=4).tolist() == [8, 3, 8, 1]
+
+
+def test_alignment_scores_are_robust_z_scores_within_each_cluster():
+    cluster = np.array([0, 0, 0, 1, 1, 1, 1])
+    loss = np.array([1.0, 2.0, 3.0, 10.0, 10.0, 12.0, np.nan])
+    score = sample.alignment_scores(cluster, loss)
+    # cluster 0: median 2, MAD 1 -> z = (loss - 2) / 1.4826, negated
+    assert score[:3] == pytest.approx([1 / 1.4826, 0.0, -1 / 1.4826])
+    # cluster 1 sits at another loss level but its typical pair scores the same as cluster 0's
+    assert score[3] == score[4] and score[3] >= 0 and score[5] < 0
+    assert score[6] == -np.inf  # an empty caption is the worst aligned
+
+
+def _planted_crawl(n=3000, clusters=30, misaligned=0.3, seed=0):
+    """Clusters at different loss levels (the captioner knows popular content best); a planted share of
+    misaligned pairs lies well above its cluster's level."""
+    rng = np.random.default_rng(seed)
+    cluster = np.sort(rng.integers(clusters, size=n))
+    level = rng.uniform(0.5, 2.5, size=clusters)[cluster]
+    bad = rng.random(n) < misaligned
+    loss = level + np.where(bad, rng.normal(1.5, 0.3, n), rng.normal(0.0, 0.15, n))
+    rows = [{"key": f"{i:06d}", "shard": "00000", "cluster": int(c), "distance": 0.0, "loss": float(v)}
+            for i, (c, v) in enumerate(zip(cluster, loss))]
+    return rows, bad
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "balanced"])
+def test_alignment_pool_keeps_the_exact_ratio_and_prefers_clean_pairs(tmp_path, strategy):
+    rows, bad = _planted_crawl()
+    shares = {}
+    kept_per_cluster = {}
+    for alignment in ("none", "cluster_pool", "global_pool", "rank"):
+        cfg = _cfg(strategy, 0.25)
+        cfg.sample.alignment = alignment
+        io = _io(tmp_path / alignment, rows)
+        result = sample.run(cfg, io)
+        kept = [int(r["key"]) for r in _selected(io)]
+        assert len(kept) == result.metrics["kept"] == sample.target_count(0.25, 3000)
+        shares[alignment] = bad[kept].mean()
+        kept_per_cluster[alignment] = np.bincount([rows[i]["cluster"] for i in kept], minlength=30)
+        scored = pq.read_table(f"{io.out}/sample/alignment.parquet").to_pylist()
+        assert len(scored) == 3000 and sum(r["kept"] for r in scored) == len(kept)
+    assert 0.2 < shares["none"] < 0.4  # uniform sampling keeps the crawl's noise
+    assert shares["cluster_pool"] < 0.03 and shares["rank"] < 0.03
+    # every alignment mode fills the same per-cluster quotas: coverage of clusters is unchanged
+    for alignment in ("cluster_pool", "global_pool", "rank"):
+        assert np.array_equal(kept_per_cluster[alignment], kept_per_cluster["none"])
+    stats = json.loads((tmp_path / "cluster_pool" / "run" / "sample" / "stats.json").read_text())
+    assert stats["alignment_kept_mean"] > stats["alignment_input_mean"]
+    assert stats["alignment_kept_misaligned_share"] < stats["alignment_input_misaligned_share"]
+
+
+def test_cluster_pool_draws_uniformly_from_the_better_half():
+    """Unlike `rank`, which always takes the very best-aligned pairs, the pool draws at random from the
+    better half, so the pick varies with the seed and keeps the cluster's variety."""
+    cluster = np.zeros(100, dtype=np.int64)
+    loss = np.linspace(0.0, 1.0, 100)  # row i is the i-th best aligned
+    alignment = sample.alignment_scores(cluster, loss)
+    eligible = sample.eligible_pairs(cluster, loss, alignment, "cluster_pool", 0.5)
+    assert eligible.tolist() == [True] * 50 + [False] * 50
+    picks = [np.flatnonzero(sample.choose(cluster, None, 0.2, seed, "uniform", eligible)) for seed in (0, 1)]
+    assert all(len(p) == 20 and p.max() < 50 for p in picks)
+    assert not np.array_equal(*picks)
+    ranked = np.flatnonzero(sample.choose(cluster, -alignment, 0.2, 0, "uniform"))
+    assert ranked.tolist() == list(range(20))

@@ -1,5 +1,7 @@
 """MLflow tracking against a real local store: parent/stage runs, Airflow tags, registry, redaction."""
 
+import json
+
 import mlflow
 
 from tldr_tasks import tracking
@@ -28,16 +30,35 @@ def test_stages_of_one_compression_share_a_parent_run(mlflow_store, monkeypatch)
     assert parent_run.data.params["sample.ratio"] == "0.25"
 
 
-def test_captioner_is_registered_as_a_new_model_version(mlflow_store):
-    folder = mlflow_store / "captioner"
-    folder.mkdir()
-    (folder / "config.json").write_text("{}")
+def test_captioner_is_registered_once_per_trained_version(mlflow_store):
+    def captioner(name: str, weights: str) -> str:
+        folder = mlflow_store / name
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        (folder / "COMPLETE").write_text(json.dumps({"version": weights}))
+        return str(folder)
+
+    first, second = captioner("a", "w1"), captioner("b", "w2")
     io = StageIO(input="in", out=str(mlflow_store / "out"))
     parent = tracking.parent_run_id(Config(), io)
-    assert tracking.register_captioner(parent, str(folder)) == "1"
-    assert tracking.register_captioner(parent, str(folder)) == "2"
+    assert tracking.register_captioner(parent, first) == "1"
+    assert tracking.register_captioner(parent, first) == "1"  # a retry, or a run reusing it: no new version
+    other_run = tracking.parent_run_id(Config(), StageIO(input="in", out=str(mlflow_store / "out2")))
+    assert tracking.register_captioner(other_run, first) == "1"
+    assert tracking.register_captioner(other_run, second) == "2"  # other weights: a new version
     version = mlflow.MlflowClient().get_model_version(tracking.CAPTIONER_MODEL_NAME, "2")
-    assert version.run_id == parent and version.source.endswith("/captioner")
+    assert version.run_id == other_run and version.source.endswith("/captioner")
+    assert version.tags["captioner_version"] == "w2"
+    assert mlflow.MlflowClient().get_run(other_run).data.tags["tldr.captioner_version"] == "2"
+
+
+def test_parent_run_is_ended_by_key(mlflow_store):
+    io = StageIO(input="in", out=str(mlflow_store / "out"))
+    parent = tracking.parent_run_id(Config(), io, key="dag/run1", tags={"airflow.run_id": "run1"})
+    assert tracking.find_parent("dag/run1") == parent and tracking.find_parent("dag/other") is None
+    assert tracking.finish_parent_by_key("dag/run1", "FAILED") == parent
+    assert mlflow.MlflowClient().get_run(parent).info.status == "FAILED"
+    assert tracking.finish_parent_by_key("dag/other", "FAILED") is None
 
 
 def test_credentials_never_reach_tags():

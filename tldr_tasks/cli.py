@@ -6,6 +6,9 @@
     tldr-vlp make-crawl --out DIR              the synthetic benchmark crawl
     tldr-vlp import --images DIR --captions F --out DIR   a folder of images + captions -> shards
     tldr-vlp stages                            the stage list with resources
+    tldr-vlp report RUN_DIR                    report.html of a run (images, clusters, captions, curves)
+    tldr-vlp compare RUN_ID_OR_DIR ...         parameters and metrics of several runs side by side
+    tldr-vlp benchmark --seeds 0,1,2 --out DIR  the README's results: every seed, chosen on validation
 """
 
 from __future__ import annotations
@@ -15,14 +18,14 @@ import sys
 
 from tldr_tasks.config import ConfigError, load_config
 
-COMMANDS = ("demo", "compress", "run", "make-crawl", "import", "stages")
+COMMANDS = ("demo", "compress", "run", "make-crawl", "import", "stages", "report", "compare", "benchmark")
 
 
 def _common_overrides(args: argparse.Namespace) -> list[str]:
     """Shortcut flags -> `section.key=value` overrides (explicit --set wins, it comes last)."""
     shortcuts = {"ratio": "sample.ratio", "clusters": "cluster.clusters", "feature": "embed.feature",
-                 "strategy": "sample.strategy", "fusion": "caption.fusion", "seed": "seed",
-                 "samples": "crawl.samples", "noise": "crawl.noise"}
+                 "strategy": "sample.strategy", "alignment": "sample.alignment", "fusion": "caption.fusion",
+                 "seed": "seed", "samples": "crawl.samples", "noise": "crawl.noise"}
     out = [f"{key}={getattr(args, name)}" for name, key in shortcuts.items()
            if getattr(args, name, None) is not None]
     return out + list(args.overrides)
@@ -33,7 +36,8 @@ def _add_shortcuts(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clusters", type=int, help="k-means clusters (default 100)")
     parser.add_argument("--feature", help="clustering feature: quantized_mean, code_histogram, cls, code_index_pca")
     parser.add_argument("--strategy", help="sampling: uniform, balanced, hard, near_centroid, far_centroid, random")
-    parser.add_argument("--fusion", help="caption fusion: concat, alternate, generated, original")
+    parser.add_argument("--fusion", help="caption fusion: mix, generated, concat, original")
+    parser.add_argument("--alignment", help="which pairs fill a quota: cluster_pool, global_pool, rank, none")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--params", default=None, help="params.yaml (default: built-in defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -87,6 +91,38 @@ def demo_main(argv: list[str]) -> int:
     return 0
 
 
+def benchmark_main(argv: list[str]) -> int:
+    from tldr_tasks.benchmark import VARIANTS, benchmark, markdown
+
+    parser = argparse.ArgumentParser(prog="tldr-vlp benchmark", description="Regenerate the README's results: "
+                                     "every seed's crawl compressed by every selection variant and evaluated; "
+                                     "defaults chosen on the validation split, the test split reported.")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument("--out", default="runs/benchmark", help="folder (resumable; default runs/benchmark)")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run at once, one process each (default 1)")
+    parser.add_argument("--variants", default=",".join(v.name for v in VARIANTS),
+                        help="selection variants to compare (default: all of " + ", ".join(v.name for v in VARIANTS)
+                        + "); the first also trains the baselines")
+    parser.add_argument("--samples", type=int, help="crawl size (default 8000)")
+    parser.add_argument("--noise", type=float, help="share of noisy captions (default 0.3)")
+    _add_shortcuts(parser)
+    args = parser.parse_args(argv)
+    by_name = {v.name: v for v in VARIANTS}
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        variants = [by_name[name] for name in args.variants.split(",") if name]
+    except (ValueError, KeyError) as err:
+        parser.error(f"--seeds takes integers and --variants names from {', '.join(by_name)}: {err}")
+    try:
+        cfg = load_config(args.params, _common_overrides(args))
+        result = benchmark(args.out, cfg, seeds, variants, jobs=args.jobs)
+    except ConfigError as err:
+        parser.error(str(err))
+    print(markdown(result))
+    print(f"{args.out}/benchmark.json, {args.out}/learning_curve.png")
+    return 0
+
+
 def stages_main(argv: list[str]) -> int:
     from tldr_tasks.pipeline import STAGES
 
@@ -123,7 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         from tldr_tasks.data.importer import main as import_main
 
         return import_main(rest) or 0
-    return {"compress": compress_main, "demo": demo_main, "stages": stages_main}[command](rest)
+    if command in ("report", "compare"):
+        from importlib import import_module
+
+        return import_module(f"tldr_tasks.{command}").main(rest)
+    return {"compress": compress_main, "demo": demo_main, "stages": stages_main,
+            "benchmark": benchmark_main}[command](rest)
 
 
 if __name__ == "__main__":

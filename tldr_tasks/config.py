@@ -14,8 +14,9 @@ import yaml
 
 FEATURES = ("quantized_mean", "code_histogram", "cls", "code_index_pca")
 STRATEGIES = ("uniform", "balanced", "hard", "near_centroid", "far_centroid", "random")
-FUSIONS = ("concat", "alternate", "generated", "original")
-PRECISIONS = ("fp32", "bf16")
+ALIGNMENTS = ("cluster_pool", "global_pool", "rank", "none")
+FUSIONS = ("mix", "generated", "concat", "original")
+PRECISIONS = ("fp32", "bf16", "bf16-autocast")  # bf16: bf16 weights; bf16-autocast: fp32 weights, bf16 math
 
 
 class ConfigError(ValueError):
@@ -68,6 +69,14 @@ class CaptionerConfig:
     zero_stage: int = 0
     precision: str = "fp32"
     checkpoint_every: int = 200  # optimizer steps between DeepSpeed checkpoints
+    # Hugging Face folders (local or fsspec URLs) for the encoder (vit/deit) and/or the decoder
+    # (gpt2/bert, whose tokenizer is then used); empty: random init.
+    init_from: list = field(default_factory=list)
+    # The data stream (tldr_tasks/data/stream.py): each global batch takes batch_size / data_streams
+    # samples from each of data_streams contiguous parts of the crawl; a multiple of the rank count.
+    data_streams: int = 8
+    shuffle_buffer: int = 1000  # undecoded samples per stream (memory: this x streams x sample bytes)
+    loader_workers: int = 2  # decoding processes per rank (at most data_streams / ranks are used)
 
     def validate(self):
         _choice("captioner.codebook_init", self.codebook_init, ("keywords", "random"))
@@ -75,6 +84,10 @@ class CaptionerConfig:
         _check(self.zero_stage in (0, 1, 2, 3), f"captioner.zero_stage={self.zero_stage} must be 0..3")
         _check(self.epochs > 0 and self.batch_size > 0 and self.lr > 0, "captioner epochs/batch_size/lr must be > 0")
         _check(self.codebook_size > 1, "captioner.codebook_size must be > 1")
+        _check(self.data_streams > 0 and self.batch_size % self.data_streams == 0,
+               f"captioner.data_streams={self.data_streams} must divide captioner.batch_size={self.batch_size}")
+        _check(self.shuffle_buffer > 0 and self.loader_workers >= 0,
+               "captioner.shuffle_buffer must be > 0 and captioner.loader_workers >= 0")
 
 
 @dataclass
@@ -103,10 +116,15 @@ class ClusterConfig:
 class SampleConfig:
     ratio: float = 0.25
     strategy: str = "uniform"
+    alignment: str = "cluster_pool"  # which pairs fill a cluster's quota (see stages/sample.py)
+    aligned_share: float = 0.5  # the pool: this share of the better-aligned pairs (released code: half)
 
     def validate(self):
         _check(0.0 < self.ratio <= 1.0, f"sample.ratio={self.ratio} must be in (0, 1], e.g. 0.25 keeps a quarter")
         _choice("sample.strategy", self.strategy, STRATEGIES)
+        _choice("sample.alignment", self.alignment, ALIGNMENTS)
+        _check(0.0 < self.aligned_share <= 1.0,
+               f"sample.aligned_share={self.aligned_share} must be in (0, 1], e.g. 0.5 for the better half")
 
 
 @dataclass
@@ -115,10 +133,20 @@ class CaptionConfig:
     min_new_tokens: int = 3
     max_new_tokens: int = 30
     batch_size: int = 128
-    fusion: str = "alternate"
+    fusion: str = "mix"  # see tldr_tasks/fusion.py
+    # Generated text ships only above this mean token log-probability given the image, this grounding
+    # (nats per token more than given another image), and only when the run's generated captions keep
+    # this share of the originals' entropy (else: collapse). See tldr_tasks/fusion.py.
+    min_confidence: float = -1.0
+    min_grounding: float = 0.5
+    min_entropy_ratio: float = 0.5
 
     def validate(self):
         _choice("caption.fusion", self.fusion, FUSIONS)
+        _check(self.min_confidence <= 0.0, f"caption.min_confidence={self.min_confidence} is a log-probability: "
+               "use a value <= 0 (e.g. -1.0); -inf disables the per-sample gate")
+        _check(0.0 <= self.min_entropy_ratio <= 1.0,
+               f"caption.min_entropy_ratio={self.min_entropy_ratio} must be in [0, 1] (0 disables the collapse check)")
         _check(self.num_beams >= 1, "caption.num_beams must be >= 1")
         _check(0 < self.min_new_tokens <= self.max_new_tokens, "caption needs 0 < min_new_tokens <= max_new_tokens")
 
@@ -137,19 +165,20 @@ class EvaluateConfig:
 
     preset: str = "tiny"  # models/model_configs/clip-<preset>.json
     # 5 epochs of the full set fix the compute-matched budget: 5 * ceil(8000 / 128) = 315 steps per arm;
-    # the 5 demo trainings (3 x 315 + 2 x 80 steps at ~0.56 s/step on 2 cores) take ~10 minutes.
+    # the 3 demo trainings (3 x 315 steps at ~0.56 s/step on 2 cores) take ~9 minutes.
     epochs: int = 5
     batch_size: int = 128
     lr: float = 1e-3  # at 315 steps: full-set scene R@1 12.2 (1e-3) vs 9.8 (5e-4)
     arms: list[str] = field(default_factory=lambda: ["full", "tldr", "random"])
-    protocols: list[str] = field(default_factory=lambda: ["compute_matched", "epoch_matched"])
+    # The learning curve: every arm is also scored after these shares of its steps.
+    curve_points: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 0.75])
 
     def validate(self):
         for arm in self.arms:
-            _check(arm in ("full", "tldr", "random") or arm.startswith("tldr_"),
-                   f"evaluate.arms: unknown arm {arm!r} (full, tldr, random or tldr_<fusion>)")
-        for protocol in self.protocols:
-            _choice("evaluate.protocols", protocol, ("compute_matched", "epoch_matched"))
+            _check(arm in ("full", "tldr", "random", "random_generated") or arm.startswith("tldr_"),
+                   f"evaluate.arms: unknown arm {arm!r} (full, tldr, random, random_generated or tldr_<fusion>)")
+        for point in self.curve_points:
+            _check(0.0 < point < 1.0, f"evaluate.curve_points: {point} must be a share of the steps in (0, 1)")
 
 
 @dataclass

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tldr_tasks.stages.base import Resources
+from tldr_tasks import storage
+from tldr_tasks.stages.base import Resources, StageIO
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,11 @@ class StageSpec:
         deps: stages whose outputs it reads.
         params: the params.yaml sections it depends on (dvc.yaml mirrors them).
         optional: only runs when asked for (the evaluation).
+        output: the StageIO property naming the folder it writes; its params record lives there.
+        done_marker: the file under `output` written last once the whole stage is done; None for
+            sharded stages, whose parts (one file per input shard) are each done on their own.
+        keyed_output: `output` is shared between runs and its sub-folders are named by what made
+            them (embed: `<captioner version>-<feature>`), so it needs no params record.
     """
 
     name: str
@@ -29,23 +35,35 @@ class StageSpec:
     deps: tuple[str, ...] = ()
     params: tuple[str, ...] = ()
     optional: bool = False
+    output: str = ""
+    done_marker: str | None = None
+    keyed_output: bool = False
+
+    def output_dir(self, io: StageIO) -> str:
+        return getattr(io, self.output)
+
+    def is_done(self, io: StageIO) -> bool:
+        """True when the done marker exists (stages without one decide part by part in `run`)."""
+        return bool(self.done_marker) and storage.exists(storage.join(self.output_dir(io), self.done_marker))
 
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("train-captioner", "train_captioner", Resources(cpus=8, memory_gb=32, gpus=1),
-              params=("seed", "captioner")),
+              params=("seed", "captioner"), output="captioner_dir", done_marker="COMPLETE"),
     StageSpec("embed", "embed", Resources(cpus=4, memory_gb=16, gpus=1), sharded=True,
-              deps=("train-captioner",), params=("embed",)),
+              deps=("train-captioner",), params=("embed",), output="embed_dir", keyed_output=True),
     StageSpec("cluster", "cluster", Resources(cpus=8, memory_gb=32, gpus=1),
-              deps=("embed",), params=("seed", "cluster")),
+              deps=("embed",), params=("seed", "cluster"), output="cluster_dir", done_marker="stats.json"),
     StageSpec("sample", "sample", Resources(cpus=2, memory_gb=8),
-              deps=("cluster",), params=("seed", "sample")),
+              deps=("cluster",), params=("seed", "sample"), output="sample_dir", done_marker="stats.json"),
     StageSpec("caption", "caption", Resources(cpus=4, memory_gb=16, gpus=1), sharded=True,
-              deps=("train-captioner", "sample"), params=("caption",)),
+              deps=("train-captioner", "sample"), params=("caption",), output="caption_dir"),
     StageSpec("materialize", "materialize", Resources(cpus=2, memory_gb=8),
-              deps=("cluster", "sample", "caption"), params=("caption.fusion", "materialize")),
+              deps=("cluster", "sample", "caption"), params=("caption.fusion", "materialize"),
+              output="shards_dir", done_marker="manifest.json"),
     StageSpec("evaluate", "evaluate", Resources(cpus=8, memory_gb=32, gpus=1),
-              deps=("materialize",), params=("seed", "evaluate"), optional=True),
+              deps=("materialize",), params=("seed", "evaluate"), optional=True, output="evaluate_dir",
+              done_marker="report.json"),
 )
 
 STAGE_NAMES = tuple(s.name for s in STAGES)
@@ -56,6 +74,31 @@ def get_stage(name: str) -> StageSpec:
         if spec.name == name:
             return spec
     raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
+
+
+def upstream(name: str) -> list[str]:
+    """`name` and every stage it reads from, directly or not, in pipeline order."""
+    needed, todo = set(), [name]
+    while todo:
+        stage = todo.pop()
+        if stage not in needed:
+            needed.add(stage)
+            todo += get_stage(stage).deps
+    return [s for s in STAGE_NAMES if s in needed]
+
+
+def stage_params(cfg, name: str) -> dict:
+    """The parameters a stage's output depends on, its own and its upstream stages', as dotted keys
+    (`{"sample.ratio": 0.25, "seed": 0, ...}`): what its params record holds and compares."""
+    resolved = cfg.to_dict()
+    out = {}
+    for stage in upstream(name):
+        for item in get_stage(stage).params:
+            value = resolved
+            for part in item.split("."):
+                value = value[part]
+            out.update({f"{item}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {item: value})
+    return dict(sorted(out.items()))
 
 
 def load_stage_module(name: str):

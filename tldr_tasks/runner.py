@@ -1,4 +1,9 @@
-"""The local runner: every stage in order, in this process, resumable, tracked in MLflow.
+"""The stage executor and the local runner.
+
+`execute_stage` is the one way a stage runs: `compress` calls it in this process, `tldr-vlp run`
+(Airflow's BashOperator, the Kubernetes pod, dvc.yaml) calls it in a process of its own. The
+runners differ only in where a stage runs, never in what it does: preflight, the stage's params
+record, the MLflow stage run, the captioner's registration and the result.
 
 `compress` is the main job on a user's crawl (`tldr-vlp compress --input URL --out URL`). A rerun
 with the same --out skips every finished part; a rerun with different parameters is refused, so
@@ -8,13 +13,16 @@ an output folder never mixes two configurations.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
 from tldr_tasks import storage, tracking
 from tldr_tasks.config import Config, ConfigError
-from tldr_tasks.pipeline import STAGES, load_stage_module
-from tldr_tasks.stages.base import StageIO, StageResult
+from tldr_tasks.pipeline import STAGES, get_stage, load_stage_module, stage_params
+from tldr_tasks.stages.base import StageIO, StageResult, cpu_limit
+
+PARAMS_RECORD = "params.json"  # in a stage's output folder: the parameters its parts were made with
 
 
 def check_run_config(cfg: Config, io: StageIO) -> None:
@@ -64,19 +72,106 @@ def preflight(cfg: Config, io: StageIO, with_eval: bool) -> None:
         raise ConfigError(f"sample.ratio={cfg.sample.ratio} keeps no sample of {samples}; raise --ratio")
 
 
-def run_stage(cfg: Config, io: StageIO, name: str, **kwargs) -> tuple[StageResult, float]:
-    """One stage in this process inside its MLflow stage run; returns the result and seconds taken."""
+def thread_defaults() -> None:
+    """OpenMP settings for the stage's torch, set before torch loads (a caller's choice wins): one
+    thread per core this process may use (CPU affinity and cgroup quota, not the node's cores), and
+    passive waiting, so idle OpenMP threads sleep instead of spinning on a core another process needs."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(cpu_limit()))
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def input_fingerprint(input_url: str, version: str | None = None) -> dict:
+    """A crawl's identity without reading it: {"version", "shards"}: `version` when the crawl has a
+    registered one (tldr_ingest's DVC md5), else a hash of its shard names and sizes."""
+    import hashlib
+
+    shards = storage.expand_shards(input_url)
+    if not version:
+        sizes = [f"{storage.shard_stem(u)}:{storage.filesystem(u)[0].size(storage.filesystem(u)[1])}" for u in shards]
+        version = hashlib.sha256("\n".join(sizes).encode()).hexdigest()[:12]
+    return {"version": version, "shards": len(shards)}
+
+
+def check_stage_params(cfg: Config, io: StageIO, name: str) -> None:
+    """Refuse to add to a stage's output made with other parameters; record them on first use.
+
+    The record (`params.json` in the stage's folder) holds every parameter the stage's output
+    depends on, upstream stages' included, so a rerun with the same ones skips finished parts and
+    one with other ones is refused with the changed keys named, never mixed with stale parts.
+    Exempt: embed (its shared folder is keyed by captioner version and feature) and a captioner
+    passed with --captioner (reused as it is, whatever it was trained with).
+    """
+    spec = get_stage(name)
+    if spec.keyed_output or (name == "train-captioner" and io.captioner):
+        if name == "train-captioner" and not spec.is_done(io) and not storage.exists(
+                storage.join(io.captioner_dir, PARAMS_RECORD)):
+            _write_record(cfg, io, name)  # a captioner about to be trained: its identity, for reuse
+        return
+    url = storage.join(spec.output_dir(io), PARAMS_RECORD)
+    if not storage.exists(url):
+        _write_record(cfg, io, name)
+        return
+    recorded = json.loads(storage.read_text(url))["params"]
+    wanted = stage_params(cfg, name)
+    changed = [f"{k}: {recorded.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(recorded) | set(wanted))
+               if recorded.get(k) != wanted.get(k)]
+    if changed:
+        raise ConfigError(f"{tracking.redact(spec.output_dir(io))} was made with other parameters (changed "
+                          f"{'; '.join(changed)}); rerun with the recorded values, use a new --out, or delete "
+                          f"that folder and those of the stages after {name}")
+
+
+def _write_record(cfg: Config, io: StageIO, name: str) -> None:
+    spec = get_stage(name)
+    record = {"stage": name, "params": stage_params(cfg, name)}
+    if name == "train-captioner":
+        # The crawl it was trained on (Airflow passes its registered version): the reuse policy reads it.
+        record["input"] = input_fingerprint(io.input, os.environ.get("TLDR_INPUT_VERSION"))
+    storage.write_text_atomic(storage.join(spec.output_dir(io), PARAMS_RECORD),
+                              json.dumps(record, indent=1, sort_keys=True, default=str))
+
+
+def execute_stage(cfg: Config, io: StageIO, name: str, **kwargs) -> tuple[StageResult, float, str | None]:
+    """Run one stage: preflight, params record, the stage inside its MLflow stage run, and (for
+    train-captioner) the captioner's registration. Returns (result, seconds, parent run id).
+
+    Under the DeepSpeed launcher every rank calls this; only rank 0 checks, records and tracks.
+    """
+    thread_defaults()
     module = load_stage_module(name)
+    if int(os.environ.get("RANK", "0")) != 0:
+        started = time.time()
+        return module.run(cfg, io, **kwargs), time.time() - started, None
+    preflight(cfg, io, with_eval=name == "evaluate")
+    check_stage_params(cfg, io, name)
     started = time.time()
-    with tracking.stage_run(cfg, io, name, kwargs):
+    with tracking.stage_run(cfg, io, name, kwargs) as parent:
         result = module.run(cfg, io, **kwargs)
         tracking.log_stage_result(name, result, time.time() - started)
-    return result, time.time() - started
+    if name == "train-captioner":
+        # Once per trained weights, on every path (a retry or a run reusing it registers nothing new).
+        tracking.register_captioner(parent, io.captioner_dir,
+                                    description=f"trained on {tracking.redact(io.input)}")
+    return result, time.time() - started, parent
+
+
+def run_stage(cfg: Config, io: StageIO, name: str, **kwargs) -> tuple[StageResult, float]:
+    """`execute_stage` without the parent id: (result, seconds)."""
+    result, seconds, _ = execute_stage(cfg, io, name, **kwargs)
+    return result, seconds
+
+
+def result_summary(name: str, io: StageIO, result: StageResult, parent: str | None) -> dict:
+    """The stage's result as one JSON-able dict: what `tldr-vlp run` prints last and writes to
+    --result-json (the BashOperator's and the pod's XCom)."""
+    return {"stage": name, "metrics": result.metrics, "outputs": [tracking.redact(u) for u in result.outputs[:20]],
+            "skipped": result.skipped, "out": tracking.redact(io.out), "mlflow_run_id": parent}
 
 
 def compress(cfg: Config, io: StageIO, with_eval: bool = False) -> dict:
     """Run every stage (and the evaluation when asked) and return a summary dict:
     {"results": {stage: metrics}, "seconds": {stage: s}, "mlflow_run_id", "manifest"}."""
+    thread_defaults()
     preflight(cfg, io, with_eval)
     check_run_config(cfg, io)
     parent = tracking.parent_run_id(cfg, io)
@@ -90,10 +185,6 @@ def compress(cfg: Config, io: StageIO, with_eval: bool = False) -> dict:
             results[spec.name], seconds[spec.name] = result.metrics, round(took, 1)
             state = "already done, skipped" if result.skipped else f"done in {took:.1f} s"
             print(f"[{number}/{len(stages)}] {spec.name}: {state}", file=sys.stderr, flush=True)
-            if spec.name == "train-captioner" and not result.skipped:
-                version = tracking.register_captioner(parent, io.captioner_dir,
-                                                      description=f"trained on {tracking.redact(io.input)}")
-                tracking.log_to_parent(parent, {}, tags={"tldr.captioner_version": str(version)})
     except BaseException:
         tracking.finish_parent(parent, "FAILED")
         raise

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import time
 from pathlib import Path
 
 from tldr_tasks.config import ConfigError, load_config
@@ -35,8 +33,9 @@ def io_from_args(args: argparse.Namespace) -> StageIO:
 
 
 def stage_main(name: str, argv: list[str] | None = None) -> int:
-    from tldr_tasks import tracking
-    from tldr_tasks.pipeline import get_stage, load_stage_module
+    """Parse the stage's command line and run it through `runner.execute_stage`."""
+    from tldr_tasks.pipeline import get_stage
+    from tldr_tasks.runner import execute_stage, result_summary
 
     spec = get_stage(name)
     parser = argparse.ArgumentParser(prog=f"tldr-vlp run {name}", description=f"Run the {name} stage.")
@@ -51,17 +50,10 @@ def stage_main(name: str, argv: list[str] | None = None) -> int:
         parser.error(str(err))
     io = io_from_args(args)
     kwargs = {"shard_index": args.shard_index, "num_shards": args.num_shards} if spec.sharded else {}
-    module = load_stage_module(name)
-    if int(os.environ.get("RANK", "0")) != 0:
-        # Under the DeepSpeed launcher every rank trains; only rank 0 tracks and reports.
-        module.run(cfg, io, **kwargs)
+    result, _, parent = execute_stage(cfg, io, name, **kwargs)
+    if parent is None:  # a DeepSpeed rank other than 0: rank 0 reports
         return 0
-    started = time.time()
-    with tracking.stage_run(cfg, io, name, kwargs) as parent_run_id:
-        result = module.run(cfg, io, **kwargs)
-        tracking.log_stage_result(name, result, time.time() - started)
-    summary = {"stage": name, "metrics": result.metrics, "outputs": [tracking.redact(u) for u in result.outputs[:20]],
-               "skipped": result.skipped, "out": tracking.redact(io.out), "mlflow_run_id": parent_run_id}
+    summary = result_summary(name, io, result, parent)
     if args.result_json:
         Path(args.result_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.result_json).write_text(json.dumps(summary))

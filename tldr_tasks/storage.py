@@ -97,6 +97,24 @@ def local_staging(url: str, suffix: str = "") -> Iterator[str]:
             os.remove(local)
 
 
+def write_parquet(url: str, table) -> None:
+    """Write the pyarrow Table `table` to `url` atomically (built on local disk, published in one
+    move); pyarrow's defaults, so the same table gives the same bytes."""
+    import pyarrow.parquet as pq
+
+    with local_staging(url, suffix=".parquet") as local:
+        pq.write_table(table, local)
+
+
+def read_parquet(url: str, columns: list[str] | None = None):
+    """The pyarrow Table at `url` (any fsspec URL); only `columns` when given."""
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
 def _is_local(fs) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")

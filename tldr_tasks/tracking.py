@@ -7,6 +7,10 @@ The store is MLFLOW_TRACKING_URI, or a local SQLite file `mlflow.db` in the work
 their parent run by the tag `tldr.run_key` (env TLDR_RUN_KEY, default the output URL), so stages run
 as separate processes or pods still land in one run. Airflow's context (AIRFLOW_CTX_* env) is
 recorded as tags.
+
+The parent run's life belongs to whoever orchestrates: `compress` opens and ends it; in Airflow
+`plan` opens it, `publish` ends it FINISHED and a task's failure callback ends it FAILED; a lone
+`tldr-vlp run` opens it when missing and leaves it running.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from tldr_tasks.config import Config
 from tldr_tasks.stages.base import StageIO, StageResult
@@ -39,8 +44,18 @@ def redact(text: str) -> str:
 def _mlflow():
     import mlflow
 
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
-    mlflow.set_experiment(os.environ.get("TLDR_MLFLOW_EXPERIMENT", EXPERIMENT))
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    name = os.environ.get("TLDR_MLFLOW_EXPERIMENT", EXPERIMENT)
+    if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
+        # Artifacts (the registered captioners) beside the SQLite file, not in ./mlruns of whatever
+        # folder the stage process happens to run in.
+        folder = os.path.join(os.path.dirname(os.path.abspath(uri[len("sqlite:///"):])), "mlruns")
+        try:
+            mlflow.create_experiment(name, artifact_location=Path(folder).as_uri())
+        except mlflow.exceptions.MlflowException:  # another stage process created it first
+            pass
+    mlflow.set_experiment(name)
     return mlflow
 
 
@@ -63,16 +78,23 @@ def _airflow_tags() -> dict[str, str]:
     return {tag: os.environ[env] for env, tag in AIRFLOW_CONTEXT.items() if os.environ.get(env)}
 
 
-def parent_run_id(cfg: Config, io: StageIO) -> str:
-    """The id of this compression's parent run, created (with the full config) on first use."""
+def find_parent(key: str) -> str | None:
+    """The id of the parent run tagged `tldr.run_key = key`, or None (nothing is created)."""
+    found = _mlflow().search_runs(filter_string=f"tags.`tldr.run_key` = '{key}'",
+                                  order_by=["attributes.start_time ASC"], max_results=1, output_format="list")
+    return found[0].info.run_id if found else None
+
+
+def parent_run_id(cfg: Config, io: StageIO, tags: dict[str, str] | None = None, key: str | None = None) -> str:
+    """The id of this compression's parent run (tag `tldr.run_key` = `key`, default `run_key(io)`),
+    created with the full config as params and `tags` on first use."""
     mlflow = _mlflow()
-    key = run_key(io)
-    found = mlflow.search_runs(filter_string=f"tags.`tldr.run_key` = '{key}'",
-                               order_by=["attributes.start_time ASC"], max_results=1, output_format="list")
+    key = key or run_key(io)
+    found = find_parent(key)
     if found:
-        return found[0].info.run_id
+        return found
     tags = {"tldr.run_key": key, "tldr.input": redact(io.input), "tldr.out": redact(io.out),
-            "tldr.config_hash": cfg.hash(), **_airflow_tags()}
+            "tldr.config_hash": cfg.hash(), **_airflow_tags(), **(tags or {})}
     client = mlflow.MlflowClient()
     run = client.create_run(mlflow.get_experiment_by_name(
         os.environ.get("TLDR_MLFLOW_EXPERIMENT", EXPERIMENT)).experiment_id, tags=tags,
@@ -137,18 +159,40 @@ def finish_parent(parent: str, status: str = "FINISHED") -> None:
     _mlflow().MlflowClient().set_terminated(parent, status)
 
 
+def finish_parent_by_key(key: str, status: str) -> str | None:
+    """End the parent run tagged `tldr.run_key = key` with `status` (FINISHED or FAILED) when it
+    exists; returns its id. An orchestrator's last step or failure callback calls this."""
+    parent = find_parent(key)
+    if parent:
+        finish_parent(parent, status)
+    return parent
+
+
 def register_captioner(parent: str, captioner_dir: str, description: str = "") -> str:
-    """Log the captioner folder (safetensors + config + tokenizer) on the parent run and register it
-    as a new version of the `tldr-captioner` model. Returns the version number."""
+    """Register the captioner in `captioner_dir` as a version of the `tldr-captioner` model, once per
+    trained weights: a captioner already registered (by its weights hash, the tag
+    `captioner_version`) keeps its version, so retries and runs reusing it add none. Otherwise the
+    folder (safetensors + config + tokenizer) is logged on the parent run and registered.
+    Returns the model version number, also set as the parent's tag `tldr.captioner_version`."""
+    from tldr_tasks.models.captioner import captioner_version
+
     mlflow = _mlflow()
     client = mlflow.MlflowClient()
-    client.log_artifacts(parent, captioner_dir, artifact_path="captioner")
+    weights = captioner_version(captioner_dir)
     try:
         client.get_registered_model(CAPTIONER_MODEL_NAME)
-    except Exception:  # MlflowException RESOURCE_DOES_NOT_EXIST
+    except mlflow.exceptions.MlflowException:  # RESOURCE_DOES_NOT_EXIST
         client.create_registered_model(CAPTIONER_MODEL_NAME,
                                        description="TL;DR codebook captioner (ViT -> VQ codebook -> decoder)")
-    source = f"{client.get_run(parent).info.artifact_uri}/captioner"
-    version = client.create_model_version(CAPTIONER_MODEL_NAME, source=source, run_id=parent,
-                                          description=description)
-    return str(version.version)
+    known = client.search_model_versions(f"name = '{CAPTIONER_MODEL_NAME}' and tags.captioner_version = '{weights}'")
+    if known:
+        version = str(min(int(v.version) for v in known))
+    else:
+        client.log_artifacts(parent, captioner_dir, artifact_path="captioner")
+        source = f"{client.get_run(parent).info.artifact_uri}/captioner"
+        version = str(client.create_model_version(CAPTIONER_MODEL_NAME, source=source, run_id=parent,
+                                                  tags={"captioner_version": weights},
+                                                  description=description).version)
+    client.set_tag(parent, "tldr.captioner_version", version)
+    client.set_tag(parent, "tldr.captioner_weights", weights)
+    return version

@@ -7,6 +7,10 @@ Shape of a run:
     evaluation_requested -> <group>.evaluate          (short-circuit: only when asked)
     -> publish                                        (XCom: output URL, MLflow run id, metrics)
 
+The run's MLflow parent run is opened by `plan`, ended FINISHED by `publish`, and ended FAILED by
+the failure callback of any task that fails for good (after its retries); every stage task logs a
+nested run under it through the same executor `compress` uses (`tldr-vlp run <stage>`).
+
 Both runners are always in the DAG; `choose_runner` (a branch) picks one per run, so the trigger
 form chooses and the graph shows which ran. Sharded stages (embed, caption) fan out with dynamic
 task mapping, one task (pod) per shard group; `plan` computes every command once from the params.
@@ -24,7 +28,7 @@ from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable, P
 from kubernetes.client import models as k8s
 
 from tldr_dagkit import settings
-from tldr_dagkit.plan import build_plan, task_id
+from tldr_dagkit.plan import build_plan, check_params, task_id
 from tldr_tasks.config import FEATURES, FUSIONS, STRATEGIES, Config
 from tldr_tasks.pipeline import STAGES, StageSpec
 
@@ -32,7 +36,26 @@ CRAWL_ASSET = Asset(name="tldr_crawl", uri="tldr://crawl/registered")
 COMPRESSED_ASSET = Asset(name="tldr_compressed", uri="tldr://compressed/latest")
 DISTRIBUTED_STAGES = ("train-captioner",)  # run under the DeepSpeed launcher over the pod's GPUs
 GROUPS = {"local": "local", "kubernetes": "kubernetes"}  # runner -> task group id
-DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": 2.0}
+STAGE_UID = 1000  # the stage image's user (containers/Dockerfile: useradd --uid 1000, USER 1000)
+STAGE_CACHE = "/home/tldr/.cache"  # HOME/.cache of that user: HF, Triton, pip caches go below it
+
+
+def end_run_failed(context) -> None:
+    """Failure callback of every task (it runs once the task has no retry left): the run's MLflow
+    parent run ends FAILED, so a failed Airflow run never leaves it RUNNING."""
+    from tldr_tasks import tracking
+
+    parent = tracking.finish_parent_by_key(run_key(context["ti"].dag_id, context["run_id"]), "FAILED")
+    print(f"MLflow run {parent} ended FAILED" if parent else "no MLflow run opened yet")
+
+
+def run_key(dag_id: str, run_id: str) -> str:
+    """The MLflow parent run's `tldr.run_key` (the stages get it as TLDR_RUN_KEY)."""
+    return f"{dag_id}/{run_id}"
+
+
+DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=settings.retry_delay_s()),
+                "retry_exponential_backoff": 2.0, "on_failure_callback": end_run_failed}
 
 
 def captioner_presets() -> list[str]:
@@ -67,6 +90,12 @@ def compress_params() -> dict[str, Param]:
                         description="How the original and the generated caption make the training caption."),
         "captioner_preset": Param(d.captioner.preset, type="string", enum=captioner_presets(),
                                   title="Captioner preset", description="Size of the codebook captioner."),
+        "retrain_captioner": Param(False, type="boolean", title="Retrain the captioner",
+                                   description="Train a new captioner on the current crawl even if one with the "
+                                               "same parameters exists under the output root (else it is reused)."),
+        "captioner_max_growth": Param(0.5, type="number", minimum=0, title="Retrain after crawl growth",
+                                      description="Retrain once the crawl has grown by more than this share "
+                                                  "(0.5 = 50% more shards) since the reused captioner was trained."),
         "run_evaluation": Param(False, type="boolean", title="Run evaluation",
                                 description="Train the downstream CLIP on full vs compressed vs random "
                                             "subsets (long; needs the eval input)."),
@@ -120,10 +149,18 @@ def pod_settings(spec: StageSpec, config: dict) -> dict:
         node_selector.update(config.get("gpu_node_selector") or {})
         tolerations += config.get("gpu_tolerations") or []
     cmds = ["tldr-vlp"]
+    processes = 1
     if spec.name in DISTRIBUTED_STAGES and gpus >= 1:
         # --no_local_rank: the launcher would otherwise put --local_rank=I before `run` (LOCAL_RANK env is set).
         cmds = ["deepspeed", "--num_gpus", str(gpus), "--no_local_rank", "--module", "tldr_tasks.cli"]
+        processes = gpus
+    uid = int(config.get("run_as_user", STAGE_UID))
     env = {
+        # Torch would size its thread pool by the node's cores and stall on CFS throttling: one
+        # thread per core of the limit, shared by the processes (DeepSpeed starts one per GPU).
+        "OMP_NUM_THREADS": str(max(1, int(cpus) // processes)),
+        "XDG_CACHE_HOME": STAGE_CACHE,
+        "TRITON_CACHE_DIR": f"{STAGE_CACHE}/triton",
         "TLDR_RUN_KEY": "{{ dag.dag_id }}/{{ run_id }}",
         "AIRFLOW_CTX_DAG_ID": "{{ dag.dag_id }}",
         "AIRFLOW_CTX_DAG_RUN_ID": "{{ run_id }}",
@@ -149,6 +186,17 @@ def pod_settings(spec: StageSpec, config: dict) -> dict:
         "env_from": [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=name))
                      for name in config.get("secret_env_from") or []],
         "container_resources": k8s.V1ResourceRequirements(requests=quantities, limits=limits),
+        # The restricted Pod Security Standard: non-root (the image's uid), no privilege escalation,
+        # no capabilities, the runtime's seccomp profile; plus a read-only root filesystem, with
+        # emptyDirs for what the stages write locally (/tmp: staging, DeepSpeed checkpoints; caches).
+        "security_context": k8s.V1PodSecurityContext(
+            run_as_non_root=True, run_as_user=uid, run_as_group=uid, fs_group=uid,
+            seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault")),
+        "container_security_context": restricted_container_context(uid),
+        "xcom_sidecar_container_security_context": restricted_container_context(uid),
+        "volumes": [k8s.V1Volume(name=name, empty_dir=k8s.V1EmptyDirVolumeSource()) for name in ("tmp", "cache")],
+        "volume_mounts": [k8s.V1VolumeMount(name="tmp", mount_path="/tmp"),
+                          k8s.V1VolumeMount(name="cache", mount_path=STAGE_CACHE)],
         "node_selector": node_selector,
         "tolerations": [k8s.V1Toleration(**_snake(t)) for t in tolerations],
         "startup_timeout_seconds": int(config.get("startup_timeout_seconds", 900)),
@@ -158,6 +206,13 @@ def pod_settings(spec: StageSpec, config: dict) -> dict:
         # Delete pods that succeeded; keep failed ones for `kubectl logs/describe`.
         "on_finish_action": "delete_succeeded_pod",
     }
+
+
+def restricted_container_context(uid: int) -> k8s.V1SecurityContext:
+    return k8s.V1SecurityContext(
+        run_as_non_root=True, run_as_user=uid, allow_privilege_escalation=False, privileged=False,
+        read_only_root_filesystem=True, capabilities=k8s.V1Capabilities(drop=["ALL"]),
+        seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"))
 
 
 def _snake(toleration: dict) -> dict:
@@ -206,6 +261,30 @@ def _parse_result(value):
     return value
 
 
+def open_run(params, dag_id: str, run_id: str, input_url: str, input_version: str | None) -> dict:
+    """The `plan` task: check the params, pick the captioner (tldr_tasks.captioners' policy), compute
+    every task's command and open the run's MLflow parent run. Returns the plan plus `mlflow_run_id`
+    and `captioner_reason`."""
+    from tldr_tasks import captioners, tracking
+    from tldr_tasks.runner import input_fingerprint
+    from tldr_tasks.stages.base import StageIO
+
+    cfg = check_params(params, input_url)
+    crawl = input_fingerprint(input_url, input_version)
+    choice = captioners.choose(str(params["output_url"]).rstrip("/"), cfg, crawl["version"], crawl["shards"],
+                               retrain=bool(params.get("retrain_captioner")),
+                               max_growth=float(params.get("captioner_max_growth", 0.5)))
+    plan = build_plan(params, run_id, executable=settings.tldr_executable(), result_json=settings.POD_RESULT_PATH,
+                      input_url=input_url, input_version=input_version, captioner_url=choice["url"])
+    tags = {"airflow.dag_id": dag_id, "airflow.run_id": run_id, "tldr.input_version": crawl["version"],
+            "tldr.captioner": tracking.redact(choice["url"]), "tldr.captioner_choice": choice["reason"]}
+    plan["mlflow_run_id"] = tracking.parent_run_id(cfg, StageIO(input=input_url, out=plan["out"]), tags=tags,
+                                                   key=run_key(dag_id, run_id))
+    plan["captioner_reason"] = choice["reason"]
+    print(f"captioner {choice['url']}: {choice['reason']}\nMLflow run: {plan['mlflow_run_id']}")
+    return plan
+
+
 def build_compress_dag(dag_id: str, doc_md: str | None) -> DAG:
     config = settings.kubernetes_config()
     cron = os.environ.get("TLDR_COMPRESS_CRON", "0 4 * * 0")
@@ -225,15 +304,13 @@ def build_compress_dag(dag_id: str, doc_md: str | None) -> DAG:
     ) as dag:
 
         @task(multiple_outputs=True)
-        def plan(params=None, run_id=None, triggering_asset_events=None) -> dict:
+        def plan(params=None, run_id=None, ti=None, triggering_asset_events=None) -> dict:
             """Every task's command for this run; refuses bad parameters before any work starts."""
             url, version = _landed_input(triggering_asset_events)
             # A scheduled (Asset/cron) run compresses the landed crawl; a manual one what the form says.
-            return build_plan(params, run_id, executable=settings.tldr_executable(),
-                              result_json=settings.POD_RESULT_PATH, input_url=url or params["input_url"],
-                              input_version=version)
+            return open_run(params, ti.dag_id, run_id, url or params["input_url"], version)
 
-        @task
+        @task(multiple_outputs=False)
         def shard_groups(groups: list) -> list[dict]:
             """One entry per shard group: the sharded stages' tasks (pods) are mapped over this list."""
             return groups
@@ -246,7 +323,7 @@ def build_compress_dag(dag_id: str, doc_md: str | None) -> DAG:
         def evaluation_requested(params=None) -> bool:
             return bool(params["run_evaluation"])
 
-        @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS, outlets=[COMPRESSED_ASSET])
+        @task(multiple_outputs=True, trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS, outlets=[COMPRESSED_ASSET])
         def publish(plan: dict, ti=None, outlet_events=None) -> dict:
             """The run's outcome in one XCom: the output URL, the MLflow run id and the key metrics."""
             group = GROUPS[plan["runner"]]
@@ -265,11 +342,19 @@ def build_compress_dag(dag_id: str, doc_md: str | None) -> DAG:
                 "input": plan["input"],
                 "input_version": plan["input_version"],
                 "runner": plan["runner"],
-                "mlflow_run_id": (materialized or {}).get("mlflow_run_id"),
+                "captioner": plan["captioner"],
+                "mlflow_run_id": plan["mlflow_run_id"],
                 "metrics": (materialized or {}).get("metrics", {}),
                 "embed": embed_totals,
                 "evaluation": (evaluated or {}).get("metrics") if evaluated else None,
             }
+            from tldr_tasks import tracking
+
+            metrics = {f"materialize.{k}": v for k, v in summary["metrics"].items()}
+            metrics.update({f"embed.{k}": v for k, v in embed_totals.items()})
+            metrics.update({f"evaluate.{k}": v for k, v in (summary["evaluation"] or {}).items()})
+            tracking.log_to_parent(plan["mlflow_run_id"], metrics)
+            tracking.finish_parent(plan["mlflow_run_id"], "FINISHED")
             outlet_events[COMPRESSED_ASSET].extra = {k: summary[k] for k in ("out", "mlflow_run_id", "input_version")}
             print(f"compressed shards: {summary['shards_url']}\nMLflow run: {summary['mlflow_run_id']}")
             return summary

@@ -4,8 +4,10 @@ The `plan` task of tldr_compress calls `build_plan` once per run, so both runner
 commands, and the plan (visible as that task's XCom) says exactly what every task will run.
 
 Layout of a run (the recompression layout): `<output_root>/runs/<run_id>` is the run folder;
-`<output_root>/captioner` and `<output_root>/embed` are shared by every run, so a scheduled rerun
-reuses the trained captioner and embeds only shards it has not embedded before.
+`<output_root>/captioners/<params key>-<crawl version>` holds one captioner per set of captioner
+parameters and training crawl (`tldr_tasks.captioners`: which one a run uses), and
+`<output_root>/embed` the per-shard embeddings keyed by captioner version, so a scheduled rerun
+reuses a compatible captioner and embeds only shards it has not embedded before.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ def settings(params: Mapping) -> list[str]:
     return out + [str(item) for item in params.get("overrides") or []]
 
 
-def stage_arguments(stage: str, params: Mapping, run_id: str, input_url: str, *, shard_index: int | None = None,
-                    num_shards: int | None = None, result_json: str | None = None) -> list[str]:
+def stage_arguments(stage: str, params: Mapping, run_id: str, input_url: str, captioner_url: str, *,
+                    shard_index: int | None = None, num_shards: int | None = None,
+                    result_json: str | None = None) -> list[str]:
     """The arguments after `tldr-vlp` for one task of one stage.
 
     Args:
@@ -51,13 +54,14 @@ def stage_arguments(stage: str, params: Mapping, run_id: str, input_url: str, *,
         params: the run's params (the trigger form's fields).
         run_id: the Airflow run id; names the run folder.
         input_url: the crawl to compress (params["input_url"] or the landed crawl of an Asset event).
+        captioner_url: the captioner folder the run trains or reuses.
         shard_index, num_shards: the worker's shard group, for sharded stages only.
         result_json: also write the result here (the pod runner's XCom file).
     """
     spec = get_stage(stage)
     root = str(params["output_url"]).rstrip("/")
     args = ["run", stage, "--input", input_url, "--out", f"{root}/runs/{run_folder_name(run_id)}",
-            "--captioner", f"{root}/captioner", "--embed-cache", f"{root}/embed"]
+            "--captioner", captioner_url, "--embed-cache", f"{root}/embed"]
     if spec.optional and params.get("eval_input_url"):
         args += ["--eval-input", str(params["eval_input_url"])]
     for item in settings(params):
@@ -71,18 +75,10 @@ def stage_arguments(stage: str, params: Mapping, run_id: str, input_url: str, *,
     return args
 
 
-def build_plan(params: Mapping, run_id: str, *, executable: str, result_json: str,
-               input_url: str | None = None, input_version: str | None = None) -> dict:
-    """Every task's command for one run.
-
-    Returns a flat dict (Airflow pushes each key as its own XCom): `out`, `input`, `input_version`,
-    `runner`, `shard_groups`; for every unsharded stage `local__<task>` (the shell command) and
-    `pod__<task>` (the container arguments); `groups`: one dict per shard group with the same two
-    keys for every sharded stage (the mapped tasks fan out over this list).
-    """
+def check_params(params: Mapping, input_url: str | None):
+    """The run's resolved Config; raises (naming what to fix) before any task starts."""
     from tldr_tasks.config import load_config
 
-    input_url = input_url or params.get("input_url")
     if not input_url:
         raise ValueError("no input crawl: set the input_url param (a folder or brace pattern of .tar shards)")
     if not params.get("output_url"):
@@ -90,22 +86,41 @@ def build_plan(params: Mapping, run_id: str, *, executable: str, result_json: st
     if params.get("run_evaluation") and not params.get("eval_input_url"):
         raise ValueError("run_evaluation is on but eval_input_url is empty: give the clean held-out shards "
                          "(the synthetic crawl writes them beside the crawl) or turn evaluation off")
-    # Refuse a bad override here, before any task (or pod) starts; the message names the key.
-    load_config(None, settings(params))
+    # A bad override is refused here, before any task (or pod) starts; the message names the key.
+    return load_config(None, settings(params))
+
+
+def build_plan(params: Mapping, run_id: str, *, executable: str, result_json: str,
+               input_url: str | None = None, input_version: str | None = None,
+               captioner_url: str | None = None) -> dict:
+    """Every task's command for one run.
+
+    Returns a flat dict (Airflow pushes each key as its own XCom): `out`, `input`, `input_version`,
+    `runner`, `shard_groups`, `captioner`; for every unsharded stage `local__<task>` (the shell
+    command) and `pod__<task>` (the container arguments); `groups`: one dict per shard group with the
+    same two keys for every sharded stage (the mapped tasks fan out over this list).
+    `captioner_url` defaults to the folder keyed by the run's captioner parameters and crawl version.
+    """
+    from tldr_tasks.captioners import folder
+
+    input_url = input_url or params.get("input_url")
+    cfg = check_params(params, input_url)
     groups = int(params.get("shard_groups") or 1)
     root = str(params["output_url"]).rstrip("/")
+    captioner_url = captioner_url or folder(root, cfg, input_version)
     plan = {"out": f"{root}/runs/{run_folder_name(run_id)}", "input": input_url, "input_version": input_version,
-            "runner": params.get("runner", "local"), "shard_groups": groups,
+            "runner": params.get("runner", "local"), "shard_groups": groups, "captioner": captioner_url,
             "groups": [{} for _ in range(groups)]}
     for spec in STAGES:
         tid = task_id(spec.name)
         if spec.sharded:
             for i, group in enumerate(plan["groups"]):
-                args = stage_arguments(spec.name, params, run_id, input_url, shard_index=i, num_shards=groups)
+                args = stage_arguments(spec.name, params, run_id, input_url, captioner_url, shard_index=i,
+                                       num_shards=groups)
                 group[f"local__{tid}"] = shell_command(executable, args)
                 group[f"pod__{tid}"] = args + ["--result-json", result_json]
         else:
-            args = stage_arguments(spec.name, params, run_id, input_url)
+            args = stage_arguments(spec.name, params, run_id, input_url, captioner_url)
             plan[f"local__{tid}"] = shell_command(executable, args)
             plan[f"pod__{tid}"] = args + ["--result-json", result_json]
     return plan

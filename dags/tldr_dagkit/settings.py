@@ -3,9 +3,13 @@
 Every default can be changed without editing code:
 - TLDR_DATA_ROOT (env): the local data root; landing folder, DVC data repo, outputs live below it.
 - TLDR_RUNNER (env): the runner a run uses when the trigger does not choose ("local" | "kubernetes").
+- TLDR_RETRY_DELAY_S (env): seconds before a failed task's first retry (default 30, doubling).
 - Kubernetes settings: kubernetes.json beside this file <- the JSON file named by env
-  TLDR_KUBERNETES_CONFIG (the Helm chart mounts its ConfigMap there) <- the Airflow Variable
-  `tldr_kubernetes` (JSON), key by key.
+  TLDR_KUBERNETES_CONFIG (the Helm chart mounts its ConfigMap there) <- the JSON in env
+  AIRFLOW_VAR_TLDR_KUBERNETES, key by key.
+
+Everything here is read when the DAG file is parsed, so it reads files and the environment only:
+never an Airflow Variable or Connection from the metadata database (every parse would query it).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-CONFIG_VARIABLE = "tldr_kubernetes"
+CONFIG_ENV = "AIRFLOW_VAR_TLDR_KUBERNETES"
 RUNNERS = ("local", "kubernetes")
 POD_RESULT_PATH = "/airflow/xcom/return.json"  # KubernetesPodOperator's XCom sidecar reads this file
 
@@ -63,11 +67,16 @@ def tldr_executable() -> str:
     return os.environ.get("TLDR_VLP_BIN") or venv_bin("tldr-vlp")
 
 
-def kubernetes_config() -> dict:
-    """The pod settings: defaults <- TLDR_KUBERNETES_CONFIG file <- Airflow Variable, merged by key.
+def retry_delay_s() -> float:
+    return float(os.environ.get("TLDR_RETRY_DELAY_S", "30"))
 
-    Read when the DAG file is parsed; the Variable lookup returns None (no error) where no Airflow
-    metadata database is reachable (unit tests), and AIRFLOW_VAR_TLDR_KUBERNETES also sets it.
+
+def kubernetes_config() -> dict:
+    """The pod settings: defaults <- TLDR_KUBERNETES_CONFIG file <- AIRFLOW_VAR_TLDR_KUBERNETES, by key.
+
+    The environment variable is the env form of the Airflow Variable `tldr_kubernetes`, read
+    directly: the pod settings shape the DAG, so they are read at parse time, where a metadata
+    database lookup must not happen.
     """
     config = json.loads((Path(__file__).parent / "kubernetes.json").read_text())
     path = os.environ.get("TLDR_KUBERNETES_CONFIG")
@@ -76,11 +85,10 @@ def kubernetes_config() -> dict:
             raise FileNotFoundError(f"TLDR_KUBERNETES_CONFIG={path} does not exist: mount the chart's "
                                     "ConfigMap there or unset the variable")
         config.update(json.loads(Path(path).read_text()))
-    from airflow.sdk import Variable
-
-    override = Variable.get(CONFIG_VARIABLE, default=None, deserialize_json=True)
-    if override:
+    raw = os.environ.get(CONFIG_ENV, "").strip()
+    if raw:
+        override = json.loads(raw)
         if not isinstance(override, dict):
-            raise ValueError(f"Airflow Variable {CONFIG_VARIABLE} must be a JSON object, got {override!r}")
+            raise ValueError(f"{CONFIG_ENV} must be a JSON object, got {override!r}")
         config.update(override)
     return config

@@ -127,29 +127,45 @@ def _unsafe_member(name: str) -> bool:
     return name.startswith("/") or ".." in name.split("/") or "\\" in name or ":" in name.split("/")[0]
 
 
-def _sample_from_parts(key: str, shard: str, parts: dict[str, bytes]) -> Sample | Rejected:
-    if not KEY_PATTERN.match(key):
-        return Rejected(key, shard, "key has characters outside [A-Za-z0-9_-]")
-    image_ext = next((ext for ext in IMAGE_EXTS if ext in parts), None)
-    if image_ext is None:
-        return Rejected(key, shard, "no image (.jpg/.png/.webp) in sample")
-    meta: dict = {}
-    if "json" in parts:
+@dataclass
+class RawSample:
+    """One sample's tar members, not decoded yet: what a stream shuffles and skips cheaply."""
+
+    key: str
+    shard: str
+    parts: dict[str, bytes]
+
+    def text(self) -> tuple[str, dict, str] | Rejected:
+        """(caption, meta, image extension) without decoding the image, or the Rejected the
+        sample gets for its key, a missing image or a caption that is not UTF-8."""
+        if not KEY_PATTERN.match(self.key):
+            return Rejected(self.key, self.shard, "key has characters outside [A-Za-z0-9_-]")
+        image_ext = next((ext for ext in IMAGE_EXTS if ext in self.parts), None)
+        if image_ext is None:
+            return Rejected(self.key, self.shard, "no image (.jpg/.png/.webp) in sample")
+        meta: dict = {}
+        if "json" in self.parts:
+            try:
+                meta = json.loads(self.parts["json"].decode("utf-8"))
+                if not isinstance(meta, dict):
+                    meta = {}
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+                meta = {}  # metadata is optional; a broken one does not cost the sample
         try:
-            meta = json.loads(parts["json"].decode("utf-8"))
-            if not isinstance(meta, dict):
-                meta = {}
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            meta = {}  # metadata is optional; a broken one does not cost the sample
-    try:
-        caption = _decode_caption(parts.get("txt"), meta)
-    except UnicodeDecodeError:
-        return Rejected(key, shard, "caption is not valid UTF-8")
-    try:
-        image, image_bytes, stored_ext = decode_image(parts[image_ext])
-    except ImageRejected as err:
-        return Rejected(key, shard, str(err))
-    return Sample(key, shard, image, image_bytes, stored_ext, caption, meta)
+            return _decode_caption(self.parts.get("txt"), meta), meta, image_ext
+        except UnicodeDecodeError:
+            return Rejected(self.key, self.shard, "caption is not valid UTF-8")
+
+    def decode(self) -> Sample | Rejected:
+        text = self.text()
+        if isinstance(text, Rejected):
+            return text
+        caption, meta, image_ext = text
+        try:
+            image, image_bytes, stored_ext = decode_image(self.parts[image_ext])
+        except ImageRejected as err:
+            return Rejected(self.key, self.shard, str(err))
+        return Sample(self.key, self.shard, image, image_bytes, stored_ext, caption, meta)
 
 
 @dataclass
@@ -167,12 +183,19 @@ def _is_compressed(head: bytes) -> bool:
 
 def iter_shard(url: str) -> Iterator[Sample | Rejected]:
     """Every sample of one shard, in order, as a Sample or a Rejected with its reason.
+    See `iter_raw_shard` for the rules; images are decoded here."""
+    for item in iter_raw_shard(url):
+        yield item.decode() if isinstance(item, RawSample) else item
+
+
+def iter_raw_shard(url: str) -> Iterator[RawSample | Rejected]:
+    """Every sample of one shard, in order, as its undecoded members or a Rejected with its reason.
 
     Members are grouped into samples by key (the file name up to its first dot, WebDataset's rule).
     Nothing is extracted to disk. A sample is rejected when one of its members is unsafe (absolute
     path, `..`), a link or special file, or larger than MAX_MEMBER_BYTES; when its key repeats; when
-    its image is empty, undecodable or a decompression bomb; or when its caption is not UTF-8.
-    When the shard breaks off (truncated or corrupt tar), the sample being read is rejected and one
+    its image is empty, undecodable or a decompression bomb, or its caption not UTF-8 (both found by
+    `RawSample.decode`). When the shard breaks off (truncated or corrupt tar), the sample being read is rejected and one
     `Rejected(None, ...)` stands for whatever followed; a file that is no tar at all gives only that.
     """
     shard = storage.shard_stem(url)
@@ -180,13 +203,13 @@ def iter_shard(url: str) -> Iterator[Sample | Rejected]:
     group: _Group | None = None
     count = 0
 
-    def close(done: _Group) -> Sample | Rejected:
+    def close(done: _Group) -> RawSample | Rejected:
         if done.key in seen:
             return Rejected(done.key, shard, "duplicate key in shard")
         seen.add(done.key)
         if done.problem:
             return Rejected(done.key, shard, done.problem)
-        return _sample_from_parts(done.key, shard, done.parts)
+        return RawSample(done.key, shard, done.parts)
 
     try:
         fs, path = storage.filesystem(url)

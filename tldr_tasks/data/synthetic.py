@@ -143,6 +143,19 @@ def names_scene(caption: str, truth: dict) -> bool:
                for o in objects)
 
 
+def describes_scene_exactly(caption: str, truth: dict) -> bool:
+    """True iff the "colour shape" phrases of `caption` are exactly the scene's: every object named and
+    no object that is not there. Stricter than names_scene: "wrong caption; right caption" is False."""
+    objects = truth.get("objects") or []
+    if not caption or not objects:
+        return False
+    named = {f"{m.group(1).lower()} {m.group(2).lower()}" for m in _PHRASE.finditer(caption)}
+    return named == {_cs(o) for o in objects}
+
+
+_PHRASE = re.compile(rf"\b({'|'.join(COLOURS)})\s+({'|'.join(SHAPES)})\b", re.IGNORECASE)
+
+
 # ---------------------------------------------------------------------------------------------- scenes
 
 

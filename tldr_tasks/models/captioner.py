@@ -18,6 +18,7 @@ last: a folder without it is unfinished.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -41,6 +42,10 @@ log = logging.getLogger(__name__)
 PRESET_DIR = Path(__file__).parent / "model_configs"
 WEIGHTS, CONFIG, MARKER, TOKENIZER = "model.safetensors", "config.json", "COMPLETE", "tokenizer.json"
 FORMAT = "tldr-captioner/1"
+# Hugging Face model types `captioner.init_from` accepts, by role.
+VISION_MODELS = {"vit": "ViTModel", "deit": "DeiTModel"}
+TEXT_MODELS = {"gpt2": "GPT2LMHeadModel", "bert": "BertLMHeadModel"}
+OUR_SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
 STOPWORDS = frozenset(
     "a an the and or of on in at to with for from by is are was were be this that these those it its "
     "there here some very has have photo image picture img jpg png jpeg click enlarge view".split())
@@ -112,6 +117,9 @@ class CosineCodebook(nn.Module):
         self.entropy_weight = entropy_weight
         self.temperature = temperature  # cosine similarities in [-1, 1] -> assignment logits
         self.weight = nn.Parameter(F.normalize(torch.randn(size, dim), dim=-1))
+        # Data-parallel training sets this: the usage entropy is then that of the global batch's
+        # average assignment (a differentiable all-reduce), so N ranks follow the 1-rank gradient.
+        self.sync_ranks = False
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         z = F.normalize(z, dim=-1)
@@ -126,6 +134,12 @@ class CosineCodebook(nn.Module):
             p = log_p.exp()
             token_entropy = -(p * log_p).sum(-1).mean()
             mean_p = p.mean(0)
+            if self.sync_ranks:
+                import torch.distributed.nn.functional as dist_nn
+
+                # new_full, not new_tensor: a fill on the device, no host-to-device copy to wait for.
+                total = dist_nn.all_reduce(torch.cat([p.sum(0), p.new_full((1,), p.shape[0])]))
+                mean_p = total[:-1] / total[-1]
             usage_entropy = -(mean_p * mean_p.clamp(min=1e-12).log()).sum()
             vq_loss = vq_loss + self.entropy_weight * (token_entropy - usage_entropy)
         return z + (q - z).detach(), codes, vq_loss
@@ -141,10 +155,8 @@ class Captioner(nn.Module):
 
     def __init__(self, arch: dict):
         super().__init__()
-        from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTModel
-
         self.arch = arch
-        vision, text = arch["vision"], arch["text"]
+        vision = arch["vision"]
         # Optional convolutional stem (Xiao et al. 2021, "Early convolutions help transformers see
         # better"): stride-2 3x3 convs replace the patchify step and the ViT reads their feature map
         # as 1x1 patches. From random init it learns shapes in far fewer steps than a patchify ViT.
@@ -155,31 +167,44 @@ class Captioner(nn.Module):
                 layers += [nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.GroupNorm(8, width), nn.GELU()]
                 channels, grid = width, grid // 2
             self.stem = nn.Sequential(*layers)
+        vision_config = hf_config(arch["vision_config"]) if "vision_config" in arch else None
+        if vision_config is None:
+            from transformers import ViTConfig
+
+            vision_config = ViTConfig(image_size=grid, num_channels=channels, **vision)
         # Dropout 0: the runs are deterministic without RNG state, so a resumed run equals an
         # uninterrupted one; these small models train for a few epochs and do not overfit.
-        self.encoder = ViTModel(ViTConfig(image_size=grid, num_channels=channels, hidden_dropout_prob=0.0,
-                                          attention_probs_dropout_prob=0.0, **vision),
-                                add_pooling_layer=False)
-        tokens = (grid // vision["patch_size"]) ** 2 + 1
-        self.pre_quant = nn.Sequential(nn.LayerNorm(vision["hidden_size"]),
-                                       nn.Linear(vision["hidden_size"], arch["code_dim"]))
+        vision_config.hidden_dropout_prob = vision_config.attention_probs_dropout_prob = 0.0
+        self.encoder = _model_class(vision_config.model_type, VISION_MODELS)(vision_config, add_pooling_layer=False)
+        # A pretrained encoder at another resolution interpolates its position embeddings.
+        self._interpolate = grid != vision_config.image_size
+        extra = 2 if vision_config.model_type == "deit" else 1  # CLS (+ DeiT's distillation token)
+        tokens = (grid // vision_config.patch_size) ** 2 + extra
+        # Pixels arrive in [-1, 1]; a pretrained encoder may expect other statistics (DeiT: ImageNet's).
+        mean, std = arch.get("pixel_mean", [0.5] * 3), arch.get("pixel_std", [0.5] * 3)
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self._renormalise = (mean, std) != ([0.5] * 3, [0.5] * 3)
+        self.pre_quant = nn.Sequential(nn.LayerNorm(vision_config.hidden_size),
+                                       nn.Linear(vision_config.hidden_size, arch["code_dim"]))
         self.codebook = CosineCodebook(arch["codebook_size"], arch["code_dim"], arch["beta"],
                                        arch.get("entropy_weight", 0.0), arch.get("entropy_temperature", 0.1))
+        text_config = _decoder_config(arch)
         # Codes carry no position; the decoder gets it back from a learned per-token embedding.
-        self.post_quant = nn.Linear(arch["code_dim"], text["n_embd"])
-        self.token_pos = nn.Parameter(torch.zeros(1, tokens, text["n_embd"]))
+        self.post_quant = nn.Linear(arch["code_dim"], text_config.hidden_size)
+        self.token_pos = nn.Parameter(torch.zeros(1, tokens, text_config.hidden_size))
         nn.init.normal_(self.token_pos, std=0.02)
-        self.decoder = GPT2LMHeadModel(GPT2Config(
-            vocab_size=arch["vocab_size"], n_positions=arch["n_positions"], add_cross_attention=True,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=arch["bos_token_id"],
-            eos_token_id=arch["eos_token_id"], pad_token_id=arch["pad_token_id"], **text))
+        self.decoder = _model_class(text_config.model_type, TEXT_MODELS)(text_config)
 
     @property
     def image_size(self) -> int:
         return self.arch["image_size"]
 
     def encode(self, pixels: torch.Tensor) -> EncoderOutput:
-        hidden = self.encoder(pixel_values=self.stem(pixels)).last_hidden_state
+        if self._renormalise:
+            pixels = (pixels * 0.5 + 0.5 - self.pixel_mean.to(pixels.dtype)) / self.pixel_std.to(pixels.dtype)
+        hidden = self.encoder(pixel_values=self.stem(pixels),
+                              interpolate_pos_encoding=self._interpolate).last_hidden_state
         z = self.pre_quant(hidden)
         quantized, codes, vq_loss = self.codebook(z)
         return EncoderOutput(quantized=quantized, codes=codes, cls=F.normalize(z[:, 0], dim=-1),
@@ -188,19 +213,26 @@ class Captioner(nn.Module):
     def _memory(self, quantized: torch.Tensor) -> torch.Tensor:
         return self.post_quant(quantized) + self.token_pos[:, : quantized.shape[1]]
 
-    def losses(self, pixels, input_ids, attention_mask) -> dict[str, torch.Tensor]:
-        """{'loss', 'lm_loss', 'vq_loss'} (scalars) and 'codes' [B, T]."""
-        enc = self.encode(pixels)
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
-        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask,
-                           encoder_hidden_states=self._memory(enc.quantized), labels=labels)
-        return {"loss": out.loss + enc.vq_loss, "lm_loss": out.loss, "vq_loss": enc.vq_loss,
-                "codes": enc.codes}
+    def losses(self, pixels, input_ids, attention_mask, lm_tokens=None) -> dict[str, torch.Tensor]:
+        """{'loss', 'lm_loss', 'vq_loss'} (scalars) and 'codes' [B, T].
 
-    def forward(self, pixels, input_ids, attention_mask) -> torch.Tensor:
+        Args:
+            lm_tokens: what the summed caption token loss is divided by; default this batch's
+                predicted tokens. Data-parallel ranks pass the global batch's count / ranks, so
+                that the average of their gradients is the gradient of the global batch's mean.
+        """
+        enc = self.encode(pixels)
+        logits = self.decoder(input_ids=input_ids, attention_mask=attention_mask,
+                              encoder_hidden_states=self._memory(enc.quantized)).logits
+        mask = attention_mask[:, 1:].flatten().float()
+        token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="none")
+        lm_loss = (token_loss * mask).sum() / (mask.sum() if lm_tokens is None else lm_tokens)
+        return {"loss": lm_loss + enc.vq_loss, "lm_loss": lm_loss, "vq_loss": enc.vq_loss, "codes": enc.codes}
+
+    def forward(self, pixels, input_ids, attention_mask, lm_tokens=None) -> torch.Tensor:
         """Training loss: caption LM loss + VQ loss (scalar). The parts of the last call stay in
         `self.last_losses` (detached) for logging, since a DeepSpeed engine returns only the loss."""
-        losses = self.losses(pixels, input_ids, attention_mask)
+        losses = self.losses(pixels, input_ids, attention_mask, lm_tokens)
         self.last_losses = {"lm_loss": losses["lm_loss"].detach(), "vq_loss": losses["vq_loss"].detach()}
         return losses["loss"]
 
@@ -248,15 +280,18 @@ def load_preset(name: str) -> dict:
 
 
 def build_captioner(cfg, tokenizer, keyword_captions: list[str] | None = None) -> Captioner:
-    """A randomly initialised captioner for `cfg` (a CaptionerConfig) and `tokenizer`.
+    """A captioner for `cfg` (a CaptionerConfig) and `tokenizer`: random weights, except the encoder
+    and decoder that `cfg.init_from` names (Hugging Face folders; see `pretrained_folders`).
 
     Args:
-        cfg: preset, image_size, codebook_size, beta, max_tokens, codebook_init.
-        tokenizer: the caption tokenizer (its vocab size and special ids go into the model).
+        cfg: preset, image_size, codebook_size, beta, max_tokens, codebook_init, init_from.
+        tokenizer: the caption tokenizer (its vocab size and special ids go into the model); with a
+            pretrained decoder, the one `pretrained_tokenizer` loads from its folder.
         keyword_captions: captions whose frequent keywords initialise the codebook when
             cfg.codebook_init == "keywords"; None or empty falls back to a random codebook.
     """
     preset = load_preset(cfg.preset)
+    folders = pretrained_folders(cfg.init_from)
     arch = {
         "format": FORMAT, "preset": cfg.preset, "image_size": cfg.image_size,
         "vision": preset["vision"], "text": preset["text"], "code_dim": preset["code_dim"],
@@ -266,16 +301,176 @@ def build_captioner(cfg, tokenizer, keyword_captions: list[str] | None = None) -
         "n_positions": max(preset.get("n_positions", 64), cfg.max_tokens + 2),
         "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "special_tokens": {name: getattr(tokenizer, name) for name in OUR_SPECIAL_TOKENS},
     }
-    stride = preset["vision"]["patch_size"] * 2 ** len(arch["stem_channels"])
+    patch = preset["vision"]["patch_size"]
+    if "vision" in folders:
+        config = _pretrained_config(folders["vision"])
+        arch.update(vision_config=config.to_dict(), stem_channels=[], **_pixel_stats(folders["vision"]))
+        patch = config.patch_size
+    if "text" in folders:
+        config = _pretrained_config(folders["text"])
+        positions = getattr(config, "n_positions", None) or config.max_position_embeddings
+        if positions < cfg.max_tokens + 2:
+            raise ValueError(f"the decoder at {cfg.init_from} holds {positions} positions, fewer than "
+                             f"captioner.max_tokens + 2 = {cfg.max_tokens + 2}")
+        arch.update(text_config=config.to_dict(), vocab_size=config.vocab_size, n_positions=positions)
+    stride = patch * 2 ** len(arch["stem_channels"])
     if cfg.image_size % stride:
         raise ValueError(f"captioner.image_size={cfg.image_size} must be a multiple of {stride}, the "
-                         f"{cfg.preset!r} preset's patch size in pixels")
+                         f"encoder's patch size in pixels")
     model = Captioner(arch)
+    _load_pretrained(model, folders)
     if cfg.codebook_init == "keywords" and keyword_captions:
         with torch.no_grad():
             model.codebook.weight.copy_(keyword_codebook(keyword_captions, cfg.codebook_size, arch["code_dim"]))
     return model
+
+
+def hf_config(config: dict):
+    """A transformers config from its to_dict() (as kept in a captioner's arch)."""
+    from transformers import AutoConfig
+
+    config = dict(config)
+    return AutoConfig.for_model(config.pop("model_type"), **config)
+
+
+def _model_class(model_type: str, known: dict[str, str]):
+    import transformers
+
+    if model_type not in known:
+        raise ValueError(f"model type {model_type!r} is not supported here; use one of {sorted(known)}")
+    if model_type == "bert" and known is TEXT_MODELS:
+        return _bert_decoder_class()
+    return getattr(transformers, known[model_type])
+
+
+@functools.cache  # one class, so isinstance checks and pickling see the same type
+def _bert_decoder_class():
+    """BertLMHeadModel whose generate() works with cross-attention: transformers 5 hands a decoder-only
+    model a plain DynamicCache, while BERT's cross-attention layers need an EncoderDecoderCache (the
+    one BERT builds itself when called without a cache)."""
+    from transformers import BertLMHeadModel, DynamicCache, EncoderDecoderCache
+
+    class BertCaptionDecoder(BertLMHeadModel):
+        def forward(self, *args, cache=None, encoder_hidden_states=None, **kwargs):
+            if (isinstance(cache, DynamicCache) and encoder_hidden_states is not None
+                    and cache.get_seq_length() == 0):
+                cache = EncoderDecoderCache(cache, DynamicCache(config=self.config))
+            return super().forward(*args, cache=cache, encoder_hidden_states=encoder_hidden_states, **kwargs)
+
+    return BertCaptionDecoder
+
+
+def _decoder_config(arch: dict):
+    """The decoder's config: the preset's GPT-2 sizes or a pretrained model's config, made a
+    dropout-free decoder that cross-attends to the codes and knows the tokenizer's special ids."""
+    if "text_config" in arch:
+        config = hf_config(arch["text_config"])
+    else:
+        from transformers import GPT2Config
+
+        config = GPT2Config(vocab_size=arch["vocab_size"], n_positions=arch["n_positions"],
+                            bos_token_id=arch["bos_token_id"], eos_token_id=arch["eos_token_id"], **arch["text"])
+    config.add_cross_attention = config.is_decoder = True
+    for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if hasattr(config, name):
+            setattr(config, name, 0.0)
+    config.bos_token_id, config.eos_token_id = arch["bos_token_id"], arch["eos_token_id"]
+    config.pad_token_id = arch["pad_token_id"]
+    return config
+
+
+def pretrained_folders(urls: list[str]) -> dict[str, str]:
+    """{"vision": folder, "text": folder} for the Hugging Face folders (`save_pretrained` output;
+    local paths or fsspec URLs) in `captioner.init_from`, each recognised by its config.json's
+    model_type (vit/deit: the encoder; gpt2/bert: the decoder). Remote folders are copied to
+    `$TLDR_CACHE_DIR` first. Nothing is downloaded from a model hub."""
+    folders: dict[str, str] = {}
+    for url in urls:
+        local = _local_folder(url)
+        model_type = json.loads(Path(local, "config.json").read_text()).get("model_type")
+        role = "vision" if model_type in VISION_MODELS else "text" if model_type in TEXT_MODELS else None
+        if role is None:
+            raise ValueError(f"captioner.init_from: {url} holds a {model_type!r} model; the encoder must be one of "
+                             f"{sorted(VISION_MODELS)}, the decoder one of {sorted(TEXT_MODELS)}")
+        if role in folders:
+            raise ValueError(f"captioner.init_from names two {role} models: {folders[role]} and {url}")
+        folders[role] = local
+    return folders
+
+
+def _local_folder(url: str) -> str:
+    from fsspec.core import split_protocol
+
+    protocol, path = split_protocol(url)
+    if protocol not in (None, "file", "local"):
+        cache = os.environ.get("TLDR_CACHE_DIR", os.path.expanduser("~/.cache/tldr-vlp"))
+        path = os.path.join(cache, "init-" + hashlib.sha256(url.encode()).hexdigest()[:12])
+        if not Path(path, "config.json").exists():
+            fs, remote = storage.filesystem(url)
+            tmp = tempfile.mkdtemp(dir=cache)
+            fs.get(remote.rstrip("/") + "/", tmp, recursive=True)
+            os.replace(tmp, path)  # atomic: a half-copied folder never looks complete
+    if not Path(path, "config.json").is_file():
+        raise FileNotFoundError(f"captioner.init_from: no Hugging Face folder (config.json) at {url}. Save one "
+                                "with `Model.from_pretrained(NAME).save_pretrained(DIR)` where a hub is reachable")
+    return path
+
+
+def _pretrained_config(folder: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder)
+
+
+def _pixel_stats(folder: str) -> dict:
+    """The encoder's expected pixel mean/std from its preprocessor_config.json (ViT: 0.5, DeiT: ImageNet's)."""
+    path = Path(folder, "preprocessor_config.json")
+    if not path.exists():
+        return {}
+    pre = json.loads(path.read_text())
+    return {"pixel_mean": list(pre.get("image_mean", [0.5] * 3)), "pixel_std": list(pre.get("image_std", [0.5] * 3))}
+
+
+def _load_pretrained(model: Captioner, folders: dict[str, str]) -> None:
+    """Copy the pretrained weights into the encoder / decoder; the decoder's cross-attention
+    layers are new (transformers initialises them) and train from scratch."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialised cross-attention weights" is expected
+    try:
+        if "vision" in folders:
+            cls = _model_class(model.encoder.config.model_type, VISION_MODELS)
+            model.encoder.load_state_dict(cls.from_pretrained(folders["vision"], add_pooling_layer=False).state_dict())
+        if "text" in folders:
+            cls = _model_class(model.decoder.config.model_type, TEXT_MODELS)
+            source = cls.from_pretrained(folders["text"], config=model.decoder.config)
+            model.decoder.load_state_dict(source.state_dict())
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def pretrained_tokenizer(folder: str):
+    """The tokenizer saved beside a pretrained decoder, as a PreTrainedTokenizerFast with the special
+    tokens the captioner needs: BERT's [CLS]/[SEP] serve as begin/end, GPT-2 pads with its end token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    specials = {"bos_token": tok.bos_token or tok.cls_token, "eos_token": tok.eos_token or tok.sep_token,
+                "unk_token": tok.unk_token}
+    specials["pad_token"] = tok.pad_token or specials["eos_token"]
+    if not (specials["bos_token"] and specials["eos_token"]):
+        raise ValueError(f"the tokenizer at {folder} has no begin/end tokens (bos/eos or cls/sep)")
+    return wrap_with_specials(tok.backend_tokenizer.to_str(), specials)
+
+
+def wrap_with_specials(tokenizer_json: str, specials: dict):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json), **specials)
 
 
 def top_keywords(captions: list[str], limit: int) -> list[str]:
@@ -447,18 +642,17 @@ def load_captioner(url: str, device: str = "cpu") -> tuple[Captioner, object]:
     """(model in eval mode on `device`, tokenizer) from a folder written by save_captioner."""
     from safetensors.torch import load
 
-    from tldr_tasks.models.tokenizer import wrap_tokenizer
-
     _require_complete(url)
     meta = json.loads(storage.read_text(storage.join(url, CONFIG)))
     if meta.get("format") != FORMAT:
         raise ValueError(f"{url} holds captioner format {meta.get('format')!r}, expected {FORMAT!r}")
     model = Captioner(meta["arch"])
+    tied = set(model.state_dict()) - set(_state_dict_without_ties(model))  # left out by save_captioner
     missing, unexpected = model.load_state_dict(load(storage.read_bytes(storage.join(url, WEIGHTS))), strict=False)
-    tied = {"decoder.lm_head.weight"}
     if unexpected or set(missing) - tied:
         raise ValueError(f"captioner weights at {url} do not match its config: missing {missing}, "
                          f"unexpected {unexpected}")
     model.decoder.tie_weights()
-    tokenizer = wrap_tokenizer(storage.read_text(storage.join(url, TOKENIZER)))
+    specials = meta["arch"].get("special_tokens", OUR_SPECIAL_TOKENS)  # captioners saved before it: ours
+    tokenizer = wrap_with_specials(storage.read_text(storage.join(url, TOKENIZER)), specials)
     return model.to(device).eval(), tokenizer

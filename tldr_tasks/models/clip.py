@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,14 +35,14 @@ assert EOS_ID != 2
 def available_cpus() -> int:
     """Threads for torch: OMP_NUM_THREADS when set (a pod, or a host shared with other jobs: an
     oversubscribed 2-core host ran 4x slower with 2 threads than with 1), else the cores this process
-    may use (respects taskset / container cpusets)."""
+    may use: its CPU affinity (taskset / container cpusets) and its cgroup CPU quota (a container's
+    CPU limit), whichever is smaller."""
+    from tldr_tasks.stages.base import cpu_limit
+
     configured = os.environ.get("OMP_NUM_THREADS", "").strip()
     if configured.isdigit() and int(configured) > 0:
         return int(configured)
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+    return cpu_limit()
 
 
 def load_preset(preset: str) -> dict:
@@ -205,22 +204,25 @@ def _features(output) -> torch.Tensor:
     return output.pooler_output if hasattr(output, "pooler_output") else output
 
 
-def train_clip(images: torch.Tensor | np.ndarray, caption_for: Callable[[int, random.Random], str],
-               tokenizer: CaptionTokenizer, *, steps: int, batch_size: int = 128, lr: float = 5e-4,
-               seed: int = 0, preset: str = "tiny", weight_decay: float = 0.1, warmup_steps: int | None = None,
-               device: str | None = None, desc: str = "clip") -> tuple[torch.nn.Module, float]:
+def train_clip(images: torch.Tensor | np.ndarray, captions: Sequence[str], tokenizer: CaptionTokenizer, *,
+               steps: int, batch_size: int = 128, lr: float = 5e-4, seed: int = 0, preset: str = "tiny",
+               weight_decay: float = 0.1, warmup_steps: int | None = None, device: str | None = None,
+               desc: str = "clip", checkpoints: Sequence[int] = (),
+               on_checkpoint: Callable[[int, torch.nn.Module], None] | None = None) -> tuple[torch.nn.Module, float]:
     """Train a fresh CLIP for exactly `steps` optimizer steps; returns (model in eval mode, seconds).
 
     Args:
         images: uint8 [N, S, S, 3] at the preset's image size.
-        caption_for: the caption of sample `index` on this visit; `rng` is the training's seeded
-            random stream (per-visit choices such as `alternate` fusion draw from it).
+        captions: the caption of every sample (what the shards' KEY.txt holds).
         tokenizer: shared by every arm so arms differ only in their data.
         steps: optimizer steps; one epoch is ceil(N / batch_size) steps.
         batch_size: upper bound; batches of an epoch are near-equal and never repeat a sample.
         lr: peak AdamW learning rate; linear warmup then cosine decay to 0.
-        seed: fixes initialisation, sample order and caption choices.
+        seed: fixes initialisation and sample order.
         warmup_steps: default 10% of steps, at most 200.
+        checkpoints: step counts (< steps) after which `on_checkpoint(step, model)` scores the model
+            in eval mode: the learning curve of one training, not of shorter schedules. Not counted
+            in the returned seconds.
     """
     n = len(images)
     if n < 2:
@@ -245,14 +247,17 @@ def train_clip(images: torch.Tensor | np.ndarray, caption_for: Callable[[int, ra
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     pixels_all = torch.as_tensor(images)
-    rng = random.Random(seed)
+    if len(captions) != n:
+        raise ValueError(f"{n} images but {len(captions)} captions")
+    pending = sorted(set(checkpoints))
+    scoring = 0.0
     started = time.perf_counter()
     bar = tqdm(batch_schedule(n, batch_size, steps, seed), total=steps, desc=desc, unit="step",
                mininterval=2.0, leave=False)
     for batch in bar:
         index = torch.as_tensor(batch)
         pixels = to_pixels(pixels_all[index], device)
-        input_ids, mask = tokenizer([caption_for(int(i), rng) for i in batch])
+        input_ids, mask = tokenizer([captions[int(i)] for i in batch])
         image_emb = F.normalize(_features(model.get_image_features(pixel_values=pixels)), dim=-1)
         text_emb = F.normalize(_features(model.get_text_features(input_ids=input_ids.to(device),
                                                                  attention_mask=mask.to(device))), dim=-1)
@@ -262,11 +267,19 @@ def train_clip(images: torch.Tensor | np.ndarray, caption_for: Callable[[int, ra
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        done = scheduler.last_epoch  # optimizer steps taken
+        if on_checkpoint is not None and pending and done == pending[0] and done < steps:
+            pending.pop(0)
+            paused = time.perf_counter()
+            on_checkpoint(done, model.eval())
+            model.train()
+            scoring += time.perf_counter() - paused
+        if done % 20 == 0:  # loss.item() syncs the device: not every step
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started - scoring
     return model.eval(), seconds
 
 

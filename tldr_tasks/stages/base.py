@@ -1,8 +1,17 @@
-"""The stage contract shared by every stage, both runners and the DAG builder."""
+"""The stage contract shared by every stage, both runners and the DAG builder.
+
+A stage module has `run(cfg, io, ...) -> StageResult` (the work) and `main(argv)` (the CLI). Its
+contract is declared once in `tldr_tasks.pipeline.STAGES`: where it writes (`StageSpec.output`), the
+file written last when the whole stage is done (`done_marker`), and whether it is sharded into parts
+(one per input shard). `tldr_tasks.runner.execute_stage` is the one way a stage runs, whoever
+orchestrates it.
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tldr_tasks import storage
 
@@ -80,8 +89,54 @@ class StageResult:
     skipped: bool = False  # True when every part was already done (a resumed run)
 
 
+def numeric(stats: dict) -> dict[str, float]:
+    """The numbers of a stats dict (booleans and strings left out): a StageResult's metrics."""
+    return {k: float(v) for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def my_parts(items: list, shard_index: int, num_shards: int) -> list:
     """The items worker `shard_index` of `num_shards` owns: every num_shards-th, so groups stay even."""
     if num_shards < 1 or not 0 <= shard_index < num_shards:
         raise ValueError(f"--shard-index must be in [0, --num-shards); got {shard_index} of {num_shards}")
     return items[shard_index::num_shards]
+
+
+def cpu_limit() -> int:
+    """Cores this process may really use: the smaller of its CPU affinity (taskset, cpusets) and the
+    cgroup CPU quota (`cpu.max`, a container's CPU limit), at least 1. A pod limited to 2 CPUs on a
+    64-core node gets 2: more threads than that only wait on CFS throttling."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    return max(1, min(cores, quota) if quota else cores)
+
+
+def _cgroup_quota(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> int | None:
+    """The tightest CPU limit on this process's cgroup and its parents, rounded down (cgroup v2
+    `cpu.max`; v1 `cpu.cfs_quota_us`); None when unlimited or unknown."""
+    try:
+        own = next((line.split(":", 2)[2].strip() for line in Path(proc_cgroup).read_text().splitlines()
+                    if line.startswith("0::")), "/")
+    except OSError:
+        own = "/"
+    limits = []
+    folder = Path(root, own.lstrip("/"))
+    while True:  # v2: the process's own cgroup up to the root (a container sees its own as the root)
+        try:
+            quota, period = (folder / "cpu.max").read_text().split()[:2]  # "200000 100000" or "max 100000"
+            if quota != "max":
+                limits.append(max(1, int(quota) // int(period)))
+        except (OSError, ValueError):
+            pass
+        if folder == Path(root) or Path(root) not in folder.parents:
+            break
+        folder = folder.parent
+    try:
+        quota = int(Path(root, "cpu", "cpu.cfs_quota_us").read_text())  # v1: -1 when unlimited
+        if quota > 0:
+            limits.append(max(1, quota // int(Path(root, "cpu", "cpu.cfs_period_us").read_text())))
+    except (OSError, ValueError):
+        pass
+    return min(limits) if limits else None

@@ -5,8 +5,8 @@
 
 Reads `{sample_dir}/selected.parquet` (key, shard, cluster), takes this worker's source shards
 (every num_shards-th of the sorted shard stems), decodes only the selected samples and writes
-`{caption_dir}/{stem}.parquet` (key, generated) per source shard, atomically. A shard whose
-parquet exists is skipped, so a restarted worker only does what is left.
+`{caption_dir}/{stem}.parquet` (key, original, generated, confidence, grounding) per source shard,
+atomically. A shard whose parquet exists is skipped, so a restarted worker only does what is left.
 """
 
 from __future__ import annotations
@@ -57,10 +57,10 @@ def run(cfg: Config, io: StageIO, shard_index: int = 0, num_shards: int = 1) -> 
     written, seconds = 0, 0.0
     for stem in todo:
         started = time.time()
-        keys, captions = caption_shard(model, tokenizer, urls[stem], keys_by_shard[stem], cfg, device)
+        columns = caption_shard(model, tokenizer, urls[stem], keys_by_shard[stem], cfg, device)
         seconds += time.time() - started
-        write_captions(output_url(io, stem), keys, captions)
-        written += len(keys)
+        write_captions(output_url(io, stem), *columns)
+        written += len(columns[0])
     return StageResult(
         metrics={"captions_written": float(written), "captions_per_second": written / seconds if seconds else 0.0,
                  "shards_done": float(len(todo)), "shards_skipped": float(len(mine) - len(todo))},
@@ -68,12 +68,17 @@ def run(cfg: Config, io: StageIO, shard_index: int = 0, num_shards: int = 1) -> 
 
 
 def output_url(io: StageIO, stem: str) -> str:
-    return storage.join(io.caption_dir, f"{stem}.parquet")
+    """The caption part of a source shard's content, `{stem}-{md5}.parquet` (tldr_tasks.content): a
+    re-landed shard of the same name is captioned again, never given the old content's captions."""
+    from tldr_tasks import content
+
+    url = next(u for u in io.input_shards() if storage.shard_stem(u) == stem)
+    return storage.join(io.caption_dir, f"{content.shard_id(url)}.parquet")
 
 
 def caption_shard(model, tokenizer, shard_url: str, keys: set[str], cfg: Config, device: str):
-    """(keys, generated captions) for the `keys` of one shard, in shard order. Raises when a
-    selected key is missing or unreadable: the selection and the input disagree."""
+    """(keys, originals, generated captions, confidences, groundings) for the `keys` of one shard, in shard
+    order. Raises when a selected key is missing or unreadable: the selection and the input disagree."""
     from tqdm import tqdm
 
     from tldr_tasks.data.shards import Sample, iter_shard
@@ -81,20 +86,29 @@ def caption_shard(model, tokenizer, shard_url: str, keys: set[str], cfg: Config,
 
     c = cfg.caption
     out_keys: list[str] = []
+    out_originals: list[str] = []
     out_captions: list[str] = []
+    out_confidence: list[float] = []
+    out_grounding: list[float] = []
     batch_keys: list[str] = []
     batch_images: list = []
+    batch_originals: list[str] = []
 
     def flush():
         if not batch_keys:
             return
         pixels = image_to_tensor(batch_images, model.image_size).to(device)
-        out_captions.extend(model.generate_captions(pixels, tokenizer, num_beams=c.num_beams,
-                                                    min_new_tokens=c.min_new_tokens,
-                                                    max_new_tokens=c.max_new_tokens))
+        captions = model.generate_captions(pixels, tokenizer, num_beams=c.num_beams,
+                                           min_new_tokens=c.min_new_tokens, max_new_tokens=c.max_new_tokens)
+        out_captions.extend(captions)
+        confidence, grounding = caption_confidence(model, tokenizer, pixels, captions)
+        out_confidence.extend(confidence)
+        out_grounding.extend(grounding)
         out_keys.extend(batch_keys)
+        out_originals.extend(batch_originals)
         batch_keys.clear()
         batch_images.clear()
+        batch_originals.clear()
 
     with tqdm(total=len(keys), desc=f"caption {storage.shard_stem(shard_url)}", unit="img",
               file=sys.stderr, disable=None) as progress:
@@ -102,6 +116,7 @@ def caption_shard(model, tokenizer, shard_url: str, keys: set[str], cfg: Config,
             if isinstance(item, Sample) and item.key in keys:
                 batch_keys.append(item.key)
                 batch_images.append(item.image)
+                batch_originals.append(item.caption)
                 if len(batch_keys) >= c.batch_size:
                     flush()
                     progress.update(c.batch_size)
@@ -112,14 +127,46 @@ def caption_shard(model, tokenizer, shard_url: str, keys: set[str], cfg: Config,
     if missing:
         raise ValueError(f"{len(missing)} selected key(s) of {shard_url} are missing or unreadable there "
                          f"(e.g. {sorted(missing)[:3]}): the input changed since the selection was made")
-    return out_keys, out_captions
+    return out_keys, out_originals, out_captions, out_confidence, out_grounding
 
 
-def write_captions(url: str, keys: list[str], captions: list[str]) -> None:
+def caption_confidence(model, tokenizer, pixels, captions: list[str]) -> tuple[list[float], list[float]]:
+    """Two scores per caption (NaN for an empty one), both teacher-forced:
+    confidence  the mean token log-probability of the caption given its image (length-normalised);
+    grounding   confidence minus the same given another image of the batch: how much the image, not
+                the language model alone, explains the caption. A collapsed or undertrained
+                captioner writes fluent, confident captions that fit any image: grounding ~0.
+    The gate in fusion.ship_caption reads both."""
+    import torch
+
+    from tldr_tasks.models.captioner import tokenize_captions
+
+    confidence = [float("nan")] * len(captions)
+    grounding = [float("nan")] * len(captions)
+    rows = [i for i, text in enumerate(captions) if text.strip()]
+    if rows:
+        ids, mask = tokenize_captions(tokenizer, [captions[i] for i in rows], model.arch["max_tokens"])
+        ids, mask = ids.to(pixels.device), mask.to(pixels.device)
+        own = pixels[rows]
+        with torch.inference_mode():
+            given_own = -model.per_sample_loss(own, ids, mask).float().cpu()
+            given_other = -model.per_sample_loss(own.roll(1, dims=0), ids, mask).float().cpu()
+        for j, i in enumerate(rows):
+            confidence[i] = float(given_own[j])
+            if len(rows) > 1:  # a lone caption has no other image to compare with
+                grounding[i] = float(given_own[j] - given_other[j])
+    return confidence, grounding
+
+
+def write_captions(url: str, keys: list[str], originals: list[str], captions: list[str],
+                   confidence: list[float], grounding: list[float]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.table({"key": pa.array(keys, pa.string()), "generated": pa.array(captions, pa.string())})
+    table = pa.table({"key": pa.array(keys, pa.string()), "original": pa.array(originals, pa.string()),
+                      "generated": pa.array(captions, pa.string()),
+                      "confidence": pa.array(confidence, pa.float64()),
+                      "grounding": pa.array(grounding, pa.float64())})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     storage.write_bytes_atomic(url, sink.getvalue().to_pybytes())

@@ -27,15 +27,11 @@ from tldr_tasks import storage
 from tldr_tasks.config import Config, ConfigError
 from tldr_tasks.stage_cli import stage_main
 from tldr_tasks.stages import embed
-from tldr_tasks.stages.base import StageIO, StageResult
+from tldr_tasks.stages.base import StageIO, StageResult, numeric
 
 DUPLICATE_REASON = "duplicate key across shards"
 PCA_TRAIN_POINTS = 200_000  # enough to estimate a covariance of a few hundred dims
 NORMALISE_BATCH = 1 << 18  # rows converted to float32 at a time (256-d: 256 MiB)
-
-
-def _numeric(stats: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _outputs(out: str) -> list[str]:
@@ -176,13 +172,6 @@ def assign(index, features: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndar
     return cluster, distance
 
 
-def _write_parquet(url: str, table) -> None:
-    import pyarrow.parquet as pq
-
-    with storage.local_staging(url, suffix=".parquet") as local:
-        pq.write_table(table, local)
-
-
 def _plot_sizes(url: str, sizes: np.ndarray, k: int) -> None:
     from matplotlib.figure import Figure  # no pyplot: no global backend state, Agg canvas by default
 
@@ -207,7 +196,7 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     out = io.cluster_dir
     stats_url = storage.join(out, "stats.json")
     if storage.exists(stats_url):
-        return StageResult(metrics=_numeric(json.loads(storage.read_text(stats_url))), outputs=_outputs(out),
+        return StageResult(metrics=numeric(json.loads(storage.read_text(stats_url))), outputs=_outputs(out),
                            skipped=True)
     timings: dict[str, float] = {}
     started = time.time()
@@ -236,10 +225,10 @@ def run(cfg: Config, io: StageIO) -> StageResult:
 
     t = time.time()
     shard_col = pa.DictionaryArray.from_arrays(pa.array(shard_id, pa.int32()), pa.array(stems, pa.string()))
-    _write_parquet(storage.join(out, "assignments.parquet"), pa.table({
+    storage.write_parquet(storage.join(out, "assignments.parquet"), pa.table({
         "key": pa.array(keys, pa.string()), "shard": shard_col, "cluster": cluster, "distance": distance,
         "loss": loss}))
-    _write_parquet(storage.join(out, "rejects.parquet"), pa.table({
+    storage.write_parquet(storage.join(out, "rejects.parquet"), pa.table({
         "key": pa.array([r[0] for r in rejects], pa.string()), "shard": pa.array([r[1] for r in rejects], pa.string()),
         "reason": pa.array([r[2] for r in rejects], pa.string())}))
     buffer = _io.BytesIO()
@@ -261,7 +250,7 @@ def run(cfg: Config, io: StageIO) -> StageResult:
         **{k_: round(v, 3) for k_, v in timings.items()}, "seconds": round(time.time() - started, 3),
     }
     storage.write_text_atomic(stats_url, json.dumps(stats, indent=2, sort_keys=True))
-    return StageResult(metrics=_numeric(stats), outputs=_outputs(out))
+    return StageResult(metrics=numeric(stats), outputs=_outputs(out))
 
 
 def main(argv=None):

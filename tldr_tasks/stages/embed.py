@@ -1,9 +1,12 @@
 """Stage `embed`: every image of the crawl -> its codebook feature and the captioner's loss.
 
 One worker per shard group (`--shard-index/--num-shards`); each input shard becomes one file
-`{embed_dir}/{captioner_version}-{feature}/{shard_stem}.npz`, written atomically. An existing file
-means the shard is done, so the stage is resumable and incremental: a recompression with the same
-captioner (and a shared `--embed-cache`) only embeds shards it has not seen.
+`{embed_dir}/{captioner_version}-{feature}/{shard_stem}-{md5}.npz`, written atomically, named by the
+shard's content (tldr_tasks.content). An existing file means the shard is done, so the stage is
+resumable and incremental: a recompression with the same captioner (and a shared `--embed-cache`)
+only embeds shards whose content it has not seen; a re-landed `00000.tar` with new content is
+embedded again and reported as `replaced`. Each shard's outcome (embedded, reused, replaced) is
+recorded in `{out}/embed/status/{shard_stem}.json` (see `shard_status`).
 
     tldr-vlp run embed --input 'crawl/{00000..00099}.tar' --out runs/r1 --shard-index 0 --num-shards 4
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import io as _io
 import json
+import posixpath
 import time
 import zipfile
 from collections.abc import Iterator
@@ -26,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tldr_tasks import storage
+from tldr_tasks import content, storage
 from tldr_tasks.config import Config
 from tldr_tasks.data.shards import Rejected, Sample, iter_shard
 from tldr_tasks.stage_cli import stage_main
@@ -64,7 +68,31 @@ def parts_dir(cfg: Config, io: StageIO, version: str | None = None) -> str:
 
 
 def part_url(directory: str, shard_url: str) -> str:
-    return storage.join(directory, storage.shard_stem(shard_url) + ".npz")
+    """The part of one shard's content: another `00000.tar` gets another part."""
+    return storage.join(directory, content.shard_id(shard_url) + ".npz")
+
+
+def status_url(io: StageIO, stem: str) -> str:
+    # In the run folder, not the (possibly shared) embed cache: the outcome belongs to this run.
+    return storage.join(io.out, "embed", "status", f"{stem}.json")
+
+
+def record_status(io: StageIO, shard_url: str, status: str, replaced: list[str]) -> None:
+    """Write a shard's outcome unless this run already recorded one for the same content, so a resumed
+    worker does not relabel the shards its killed predecessor embedded as reused."""
+    stem, digest = storage.shard_stem(shard_url), content.shard_digest(shard_url)
+    url = status_url(io, stem)
+    if storage.exists(url) and json.loads(storage.read_text(url)).get("digest") == digest:
+        return
+    storage.write_text_atomic(url, json.dumps({"shard": stem, "digest": digest, "status": status,
+                                               "replaced_digests": replaced}, sort_keys=True))
+
+
+def shard_status(io: StageIO) -> dict[str, dict]:
+    """{stem: {"shard", "digest", "status": embedded|reused|replaced, "replaced_digests"}} of this run."""
+    records = [json.loads(storage.read_text(u)) for u in storage.listdir(storage.join(io.out, "embed", "status"),
+                                                                          ".json")]
+    return {r["shard"]: r for r in records}
 
 
 def check_unique_stems(shards: list[str]) -> None:
@@ -207,9 +235,22 @@ def run(cfg: Config, io: StageIO, shard_index: int = 0, num_shards: int = 1) -> 
     mine = my_parts(shards, shard_index, num_shards)
     version = captioner_version(io.captioner_dir)
     directory = parts_dir(cfg, io, version)
-    todo = [s for s in mine if not storage.exists(part_url(directory, s))]
+    cached = {posixpath.basename(u) for u in storage.listdir(directory, ".npz")}
+    todo = []
+    replaced = 0
+    for shard_url in mine:
+        name = posixpath.basename(part_url(directory, shard_url))
+        # Parts of earlier content under the same file name: `{stem}-{md5}.npz` with another md5.
+        older = sorted(n.removesuffix(".npz").rsplit("-", 1)[1] for n in cached
+                       if n != name and n.rsplit("-", 1)[0] == storage.shard_stem(shard_url))
+        status = "reused" if name in cached else ("replaced" if older else "embedded")
+        record_status(io, shard_url, status, older)
+        if status != "reused":
+            todo.append(shard_url)
+            replaced += status == "replaced"
     metrics = {"samples": 0.0, "rejected": 0.0, "shards_embedded": float(len(todo)),
-               "shards_reused": float(len(mine) - len(todo)), "images_per_s": 0.0}
+               "shards_reused": float(len(mine) - len(todo)), "shards_replaced": float(replaced),
+               "images_per_s": 0.0}
     outputs = [part_url(directory, s) for s in mine]
     if not todo:
         return StageResult(metrics=metrics, outputs=outputs, skipped=True)

@@ -1,22 +1,25 @@
-"""evaluate: train the same tiny CLIP on the full crawl, the TL;DR subset and a random subset of the
-same size, and score each on a clean held-out split.
+"""evaluate: train the same tiny CLIP on the full crawl, the TL;DR subset and baselines, and score
+each on a clean held-out validation split (every default is chosen there) and test split (reported).
 
 Arms (evaluate.arms):
-    full            every accepted input sample, original captions.
-    tldr            the compressed shards; each visit's caption is fusion.training_caption() with the
-                    shards' own fusion mode.
-    random          a seeded uniform subset of the accepted input, as large as the TL;DR set.
-    tldr_<mode>     the compressed samples with captions fused by <mode> (concat, alternate,
-                    generated, original): how fusion is measured rather than assumed.
-Protocols (evaluate.protocols):
-    compute_matched every arm gets evaluate.epochs * ceil(N_full / batch) optimizer steps (fixed compute,
-                    as DataComp): compares data quality.
-    epoch_matched   every arm trains evaluate.epochs epochs over its own data (the paper's protocol):
-                    shows the cost saving. The full arm is the same run in both and is trained once.
-Scores on the eval split: image->text and text->image R@1/5/10 (a hit is any retrieved item showing
-the same scene: eval descriptions repeat), zero-shot colour/shape accuracy, training seconds. With
-ground truth in KEY.json ("truth") it also measures the captioner's accuracy and the caption noise
-before and after compression. Writes `evaluate/report.json` and `evaluate/retrieval.png`.
+    full              every accepted input sample, original captions.
+    tldr              the compressed shards exactly as a client reads them: KEY.txt.
+    random            a seeded uniform subset of the accepted input, as large as the TL;DR set,
+                      original captions (the paper's baseline).
+    tldr_original     the TL;DR selection with the original captions: what selection alone does.
+    random_generated  the random subset with captions from the run's captioner, shipped by the same
+                      rule as the TL;DR set (fusion, gate, collapse check): what captions alone do.
+    tldr_<fusion>     the TL;DR selection shipped with another caption.fusion (mix, generated, concat),
+                      decided by the same fusion.ship_caption: how a fusion would do before it ships.
+Every arm trains evaluate.epochs * ceil(N_full / batch) optimizer steps (compute-matched, as
+DataComp: compares data quality) and is scored on both splits at evaluate.curve_points of that budget
+too, so a learning curve per arm shows how soon an arm is good: time_to_accuracy is the share of the
+full arm's steps an arm needs to reach 95% of the full arm's best mean R@1.
+Scores: image->text and text->image R@1/5/10 (a hit is any retrieved item showing the same scene:
+eval descriptions repeat), zero-shot colour/shape accuracy, training seconds. With ground truth in
+KEY.json ("truth") it also measures the caption noise of the input, of what each arm trains on and of
+what ships, and the captioner's accuracy on the held-out images, head and tail scenes apart.
+Writes `evaluate/report.json` and `evaluate/retrieval.png` (bars and learning curves).
 
     tldr-vlp run evaluate --input crawl/train --eval-input crawl/eval --out runs/x
 """
@@ -26,8 +29,6 @@ from __future__ import annotations
 import hashlib
 import io as _io
 import json
-import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,13 +36,14 @@ from tqdm import tqdm
 
 from tldr_tasks import storage
 from tldr_tasks.config import FUSIONS, Config
-from tldr_tasks.fusion import training_caption
+from tldr_tasks.fusion import collapse_check, ship_caption
 from tldr_tasks.stage_cli import stage_main
 from tldr_tasks.stages.base import StageIO, StageResult
 
-PROTOCOL_KEYS = {"compute_matched": "retrieval", "epoch_matched": "retrieval_epoch_matched"}
+SPLITS = ("validation", "test")
 ARM_METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mean_r1", "zero_shot_acc",
-               "zero_shot_colour", "zero_shot_shape", "mean_r1_instance", "train_seconds", "steps", "samples")
+               "zero_shot_colour", "zero_shot_shape", "mean_r1_instance")
+TIME_TO_ACCURACY_SHARE = 0.95
 
 
 @dataclass
@@ -61,15 +63,10 @@ class Split:
         truths = [m.get("truth") for m in self.metas]
         return truths if truths and all(isinstance(t, dict) for t in truths) else None
 
-
-@dataclass
-class Arm:
-    """One training set: the images and the caption a trainer sees on each visit."""
-
-    name: str
-    images: np.ndarray
-    caption_for: Callable[[int, random.Random], str]
-    truths: list[dict] | None = None
+    def take(self, index) -> Split:
+        index = list(index)
+        return Split(self.images[index], [self.keys[i] for i in index], [self.captions[i] for i in index],
+                     [self.metas[i] for i in index])
 
 
 def read_split(urls: list[str], image_size: int, desc: str) -> Split:
@@ -95,16 +92,25 @@ def read_split(urls: list[str], image_size: int, desc: str) -> Split:
     return split
 
 
-def compressed_captions(split: Split) -> tuple[list[str], list[str], list[str]]:
-    """(original, generated, fusion mode) per compressed sample, from the KEY.json materialize wrote."""
+def split_eval(split: Split) -> dict[str, Split]:
+    """The held-out shards halved into validation and test by a hash of each key: stable whatever the
+    shard layout, and the same items on every run."""
+    parts = {name: [] for name in SPLITS}
+    for i, key in enumerate(split.keys):
+        parts[SPLITS[hashlib.sha256(key.encode()).digest()[0] % 2]].append(i)
+    return {name: split.take(index) for name, index in parts.items()}
+
+
+def compressed_fields(split: Split) -> dict[str, list]:
+    """original, generated, confidence, grounding per compressed sample, from the KEY.json materialize wrote."""
     missing = [k for k, m in zip(split.keys, split.metas) if "original_caption" not in m]
     if missing:
         raise ValueError(f"{len(missing)} compressed samples (e.g. {missing[0]}) lack original_caption in KEY.json: "
                          "the shards were not written by `materialize`; rerun it")
-    originals = [m["original_caption"] for m in split.metas]
-    generated = [m.get("generated_caption", "") for m in split.metas]
-    modes = [m.get("fusion", "concat") for m in split.metas]
-    return originals, generated, modes
+    return {"original": [m["original_caption"] for m in split.metas],
+            "generated": [m.get("generated_caption") or "" for m in split.metas],
+            **{name: [float("nan") if m.get(name) is None else m[name] for m in split.metas]
+               for name in ("confidence", "grounding")}}
 
 
 def random_subset(n_total: int, size: int, seed: int) -> np.ndarray:
@@ -115,50 +121,107 @@ def random_subset(n_total: int, size: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, 1]).choice(n_total, size=size, replace=False))
 
 
-def build_arms(names: list[str], full: Split, tldr: Split, seed: int) -> dict[str, Arm]:
+def shipped_captions(keys: list[str], originals: list[str], generated: list[str], confidence: list[float],
+                     grounding: list[float], cfg: Config, fusion: str) -> list[str]:
+    """What materialize would write to KEY.txt for these samples with caption.fusion = `fusion`."""
+    c = cfg.caption
+    collapsed = collapse_check(originals, generated, c.min_entropy_ratio)["collapsed"]
+    return [ship_caption(k, o, g, conf, ground, mode=fusion, min_confidence=c.min_confidence,
+                         min_grounding=c.min_grounding, seed=cfg.seed, collapsed=collapsed)[0]
+            for k, o, g, conf, ground in zip(keys, originals, generated, confidence, grounding)]
+
+
+def generate(io: StageIO, cfg: Config, images: np.ndarray, desc: str) -> tuple[list[str], list[float], list[float]]:
+    """Captions, confidences and groundings from the run's captioner for uint8 images, as the caption
+    stage makes them."""
+    import torch
+    from PIL import Image
+
+    from tldr_tasks.models.captioner import image_to_tensor, load_captioner
+    from tldr_tasks.stages.caption import caption_confidence
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_captioner(io.captioner_dir, device=device)
+    c = cfg.caption
+    captions: list[str] = []
+    confidence: list[float] = []
+    grounding: list[float] = []
+    for i in tqdm(range(0, len(images), c.batch_size), desc=f"caption {desc}", unit="batch", leave=False):
+        pixels = image_to_tensor([Image.fromarray(a) for a in images[i:i + c.batch_size]],
+                                 model.image_size).to(device)
+        batch = model.generate_captions(pixels, tokenizer, num_beams=c.num_beams, min_new_tokens=c.min_new_tokens,
+                                        max_new_tokens=c.max_new_tokens)
+        captions += batch
+        scores = caption_confidence(model, tokenizer, pixels, batch)
+        confidence += scores[0]
+        grounding += scores[1]
+    return captions, confidence, grounding
+
+
+@dataclass
+class Arm:
+    """One training set: images and the one caption per sample a trainer reads."""
+
+    name: str
+    images: np.ndarray
+    captions: list[str]
+    truths: list[dict] | None = None
+
+
+def build_arms(names: list[str], full: Split, tldr: Split, cfg: Config, io: StageIO) -> dict[str, Arm]:
     """The training sets of `names` (see the module doc)."""
-    originals, generated, modes = compressed_captions(tldr)
+    fields = compressed_fields(tldr)
+    idx = random_subset(len(full), len(tldr), cfg.seed)
     arms: dict[str, Arm] = {}
     for name in names:
         if name == "full":
-            arms[name] = Arm(name, full.images, lambda i, rng, c=full.captions: c[i], full.truths())
-        elif name == "random":
-            idx = random_subset(len(full), len(tldr), seed)
-            captions = [full.captions[i] for i in idx]
-            truths = full.truths()
-            arms[name] = Arm(name, full.images[idx], lambda i, rng, c=captions: c[i],
-                             [truths[i] for i in idx] if truths else None)
-        elif name == "tldr" or name.startswith("tldr_"):
-            mode = name.removeprefix("tldr_") if name != "tldr" else None
-            if mode is not None and mode not in FUSIONS:
+            arms[name] = Arm(name, full.images, full.captions, full.truths())
+        elif name == "tldr":
+            arms[name] = Arm(name, tldr.images, tldr.captions, tldr.truths())
+        elif name == "tldr_original":
+            arms[name] = Arm(name, tldr.images, fields["original"], tldr.truths())
+        elif name.startswith("tldr_"):
+            mode = name.removeprefix("tldr_")
+            if mode not in FUSIONS:
                 raise ValueError(f"evaluate.arms: {name!r} names no fusion mode; use tldr_<{'|'.join(FUSIONS)}>")
-
-            def caption_for(i, rng, mode=mode):
-                return training_caption(originals[i], generated[i], mode or modes[i], rng)
-
-            arms[name] = Arm(name, tldr.images, caption_for, tldr.truths())
+            captions = shipped_captions(tldr.keys, fields["original"], fields["generated"], fields["confidence"],
+                                        fields["grounding"], cfg, mode)
+            arms[name] = Arm(name, tldr.images, captions, tldr.truths())
+        elif name in ("random", "random_generated"):
+            subset = full.take(idx)
+            captions = subset.captions
+            if name == "random_generated":
+                generated, confidence, grounding = generate(io, cfg, subset.images, "random subset")
+                captions = shipped_captions(subset.keys, subset.captions, generated, confidence, grounding, cfg,
+                                            cfg.caption.fusion)
+            arms[name] = Arm(name, subset.images, captions, subset.truths())
         else:
-            raise ValueError(f"evaluate.arms: unknown arm {name!r} (full, tldr, random or tldr_<fusion>)")
+            raise ValueError(f"evaluate.arms: unknown arm {name!r} (full, tldr, random, random_generated or "
+                             "tldr_<fusion>)")
     return arms
 
 
-def protocol_steps(protocol: str, n_arm: int, n_full: int, epochs: int, batch_size: int) -> int:
-    """Optimizer steps of one arm: compute_matched = epochs * ceil(N_full / batch) for every arm,
-    epoch_matched = epochs * ceil(N_arm / batch)."""
+def training_steps(n_full: int, epochs: int, batch_size: int) -> int:
+    """Every arm's budget: epochs * ceil(N_full / batch) optimizer steps (compute-matched)."""
     from tldr_tasks.models.clip import epoch_batches
 
-    if protocol == "compute_matched":
-        return epochs * epoch_batches(n_full, batch_size)
-    if protocol == "epoch_matched":
-        return epochs * epoch_batches(n_arm, batch_size)
-    raise ValueError(f"unknown protocol {protocol!r}: use compute_matched or epoch_matched")
+    return epochs * epoch_batches(n_full, batch_size)
 
 
-def training_vocabulary(full: Split, tldr: Split) -> list[str]:
-    """Every caption any arm can train on: the originals plus the generated captions (the fused forms
-    add no words). Eval captions are excluded so held-out words stay unknown, as they would be."""
-    originals, generated, _ = compressed_captions(tldr)
-    return full.captions + originals + generated
+def curve_steps(steps: int, points: list[float]) -> list[int]:
+    """The learning curve's step counts: the fractions `points` of `steps`, then `steps` itself."""
+    return sorted({max(1, round(p * steps)) for p in points if 0 < p < 1} | {steps})
+
+
+def time_to_accuracy(curves: dict[str, list[list[float]]], full_steps: int,
+                     share: float = TIME_TO_ACCURACY_SHARE) -> dict[str, float | None]:
+    """Per arm: the first step at which its mean R@1 reaches `share` of the full arm's best, as a share
+    of the full arm's steps; None when it never does (or there is no full arm)."""
+    if "full" not in curves:
+        return {}
+    target = share * max(r1 for _, r1 in curves["full"])
+    return {arm: next((step / full_steps for step, r1 in curve if r1 >= target), None)
+            for arm, curve in curves.items()}
 
 
 # --- ground truth (the synthetic benchmark) ---------------------------------------------------------
@@ -179,28 +242,45 @@ def scene_groups(split: Split) -> list[str] | None:
     return [synthetic.scene_signature(t) for t in truths]
 
 
-def ground_truth_metrics(full: Split, tldr: Split, random_idx: np.ndarray) -> dict:
-    """Caption accuracy, noise before/after compression and distinct scenes kept; {} without truth."""
-    synthetic, full_truths, tldr_truths = _synthetic(), full.truths(), tldr.truths()
-    if synthetic is None or full_truths is None or tldr_truths is None:
+def noise_rate(captions: list[str], truths: list[dict]) -> float:
+    """Share of captions that do not describe their scene exactly (a wrong object next to the right ones
+    counts as noise: "wrong caption; right caption" is not clean)."""
+    from tldr_tasks.data.synthetic import describes_scene_exactly
+
+    return float(np.mean([not describes_scene_exactly(c, t) for c, t in zip(captions, truths)])) if truths else 0.0
+
+
+def ground_truth_metrics(full: Split, arms: dict[str, Arm], eval_split: Split, io: StageIO, cfg: Config) -> dict:
+    """Caption noise of the input, of every arm and of what ships; distinct scenes per arm; the
+    captioner's accuracy on held-out images, head and tail scenes apart. {} without ground truth."""
+    synthetic, full_truths, eval_truths = _synthetic(), full.truths(), eval_split.truths()
+    if synthetic is None or full_truths is None or eval_truths is None:
         return {}
-    originals, generated, _ = compressed_captions(tldr)
-    named = synthetic.names_scene
-
-    def share(flags) -> float:
-        flags = list(flags)
-        return float(np.mean(flags)) if flags else float("nan")
-
-    def scenes(truths) -> int:
-        return len({json.dumps(t.get("scene"), sort_keys=True) for t in truths})
-
-    return {
-        "caption_accuracy": share(named(g, t) for g, t in zip(generated, tldr_truths)),
-        "noise_rate_input": share(not named(c, t) for c, t in zip(full.captions, full_truths)),
-        "noise_rate_output": share(not named(c, t) for c, t in zip(tldr.captions, tldr_truths)),
-        "distinct_scenes": {"tldr": scenes(tldr_truths), "random": scenes([full_truths[i] for i in random_idx]),
-                            "full": scenes(full_truths)},
-    }
+    metrics: dict = {"noise_rate_input": noise_rate(full.captions, full_truths), "noise_rate": {},
+                     "distinct_scenes": {}}
+    for name, arm in arms.items():
+        if arm.truths is not None:
+            metrics["noise_rate"][name] = noise_rate(arm.captions, arm.truths)
+            metrics["distinct_scenes"][name] = len({t.get("scene") for t in arm.truths})
+    if "tldr" in metrics["noise_rate"]:
+        metrics["noise_rate_output"] = metrics["noise_rate"]["tldr"]
+    # Head: the most popular scenes that together make up half the crawl; tail: all others.
+    counts: dict = {}
+    for t in full_truths:
+        counts[t.get("scene")] = counts.get(t.get("scene"), 0) + 1
+    head, covered = set(), 0
+    for scene, count in sorted(counts.items(), key=lambda kv: -kv[1]):
+        if covered >= len(full_truths) / 2:
+            break
+        head.add(scene)
+        covered += count
+    generated = generate(io, cfg, eval_split.images, "held-out")[0]
+    correct = [synthetic.describes_scene_exactly(g, t) for g, t in zip(generated, eval_truths)]
+    in_head = [t.get("scene") in head for t in eval_truths]
+    metrics["caption_accuracy"] = float(np.mean(correct))
+    metrics["caption_accuracy_head"] = float(np.mean([c for c, h in zip(correct, in_head) if h] or [np.nan]))
+    metrics["caption_accuracy_tail"] = float(np.mean([c for c, h in zip(correct, in_head) if not h] or [np.nan]))
+    return metrics
 
 
 @dataclass
@@ -257,33 +337,60 @@ def score(model, tokenizer, eval_split: Split, groups, zero_shot: ZeroShot | Non
     return metrics
 
 
-def _cache_url(io: StageIO, cfg: Config, arm: str, steps: int) -> str:
-    """Finished trainings are kept per (arm, steps, settings) so a restarted evaluation resumes."""
-    settings = json.dumps({"seed": cfg.seed, "evaluate": cfg.to_dict()["evaluate"], "steps": steps}, sort_keys=True)
+def _cache_url(io: StageIO, cfg: Config, arm: str, steps: int, captions: list[str]) -> str:
+    """Finished trainings are kept per (arm, data, settings) so a restarted evaluation resumes."""
+    settings = json.dumps({"seed": cfg.seed, "evaluate": cfg.to_dict()["evaluate"], "steps": steps,
+                           "captions": hashlib.sha256("\n".join(captions).encode()).hexdigest()}, sort_keys=True)
     digest = hashlib.sha256(settings.encode()).hexdigest()[:10]
     return storage.join(io.evaluate_dir, "arms", f"{arm}-{steps}-{digest}.json")
 
 
+def train_and_score(arm: Arm, tokenizer, splits: dict[str, Split], steps: int, cfg: Config) -> dict:
+    """Train one arm and score it on every split, at the curve points and at the end."""
+    from tldr_tasks.models import clip
+
+    ev = cfg.evaluate
+    tasks = {name: (scene_groups(split), zero_shot_task(split)) for name, split in splits.items()}
+    curve: dict[str, list[list[float]]] = {name: [] for name in splits}
+
+    def on_checkpoint(step, model):
+        for name, split in splits.items():
+            curve[name].append([step, score(model, tokenizer, split, *tasks[name])["mean_r1"]])
+
+    model, seconds = clip.train_clip(arm.images, arm.captions, tokenizer, steps=steps, batch_size=ev.batch_size,
+                                     lr=ev.lr, seed=cfg.seed, preset=ev.preset, desc=arm.name,
+                                     checkpoints=curve_steps(steps, ev.curve_points)[:-1],
+                                     on_checkpoint=on_checkpoint)
+    result = {"steps": steps, "samples": len(arm.images), "train_seconds": round(seconds, 2)}
+    for name, split in splits.items():
+        metrics = score(model, tokenizer, split, *tasks[name])
+        result[name] = {k: metrics[k] for k in ARM_METRICS}
+        curve[name].append([steps, metrics["mean_r1"]])
+    result["curve"] = curve
+    return result
+
+
 def plot(report: dict, url: str) -> None:
-    """Grouped bar chart: mean R@1 per arm, one bar per protocol."""
+    """Left: test mean R@1 per arm; right: every arm's test learning curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    protocols = [(key, p) for p, key in PROTOCOL_KEYS.items() if report.get(key)]
-    arms = list(dict.fromkeys(a for key, _ in protocols for a in report[key]))
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * max(1, len(arms)), 3.6))
-    width = 0.8 / max(1, len(protocols))
-    for j, (key, protocol) in enumerate(protocols):
-        values = [report[key].get(a, {}).get("mean_r1", np.nan) for a in arms]
-        xs = np.arange(len(arms)) + (j - (len(protocols) - 1) / 2) * width
-        bars = ax.bar(xs, values, width, label=protocol.replace("_", " "))
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    ax.set_xticks(np.arange(len(arms)), arms)
-    ax.set_ylabel("mean R@1 (%), scene-level")
-    ax.set_title(f"retrieval on {report.get('eval_samples', '?')} held-out samples")
-    ax.legend(fontsize=8)
+    arms = report["arms"]
+    fig, (bars, curves) = plt.subplots(1, 2, figsize=(4 + 1.6 * max(1, len(arms)), 3.8))
+    values = [arms[a]["test"]["mean_r1"] for a in arms]
+    drawn = bars.bar(range(len(arms)), values, color=[f"C{i}" for i in range(len(arms))])
+    bars.bar_label(drawn, fmt="%.1f", fontsize=7)
+    bars.set_xticks(range(len(arms)), list(arms), rotation=20, fontsize=8)
+    bars.set_ylabel("mean R@1 (%), scene-level, test split")
+    for i, (name, arm) in enumerate(arms.items()):
+        steps, r1 = zip(*arm["curve"]["test"])
+        curves.plot(steps, r1, marker="o", color=f"C{i}", label=name)
+    curves.set_xlabel("optimizer steps")
+    curves.set_ylabel("mean R@1 (%), test split")
+    curves.legend(fontsize=7)
+    fig.suptitle(f"{report['splits']['test']} held-out test items, {report['steps']} steps per arm", fontsize=9)
     fig.tight_layout()
     buffer = _io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
@@ -292,18 +399,22 @@ def plot(report: dict, url: str) -> None:
 
 
 def flatten(report: dict) -> dict[str, float]:
-    """report.json -> flat numeric metrics ("compute_matched.tldr.mean_r1", "caption_accuracy", ...)."""
+    """report.json -> flat numeric metrics ("test.tldr.mean_r1", "noise_rate.tldr", ...)."""
     metrics: dict[str, float] = {}
-    for protocol, key in PROTOCOL_KEYS.items():
-        for arm, values in (report.get(key) or {}).items():
-            for name, value in values.items():
+    for arm, values in report.get("arms", {}).items():
+        for split in SPLITS:
+            for name, value in values.get(split, {}).items():
                 if value is not None and value == value:  # NaN/None (no zero-shot task) is not a metric
-                    metrics[f"{protocol}.{arm}.{name}"] = float(value)
-    for name in ("caption_accuracy", "noise_rate_input", "noise_rate_output", "eval_samples"):
+                    metrics[f"{split}.{arm}.{name}"] = float(value)
+        metrics[f"train_seconds.{arm}"] = float(values["train_seconds"])
+    for group in ("noise_rate", "distinct_scenes", "time_to_accuracy"):
+        for arm, value in (report.get(group) or {}).items():
+            if value is not None:
+                metrics[f"{group}.{arm}"] = float(value)
+    for name in ("caption_accuracy", "caption_accuracy_head", "caption_accuracy_tail", "noise_rate_input",
+                 "noise_rate_output"):
         if report.get(name) is not None:
             metrics[name] = float(report[name])
-    for arm, value in (report.get("distinct_scenes") or {}).items():
-        metrics[f"distinct_scenes.{arm}"] = float(value)
     return metrics
 
 
@@ -328,49 +439,32 @@ def run(cfg: Config, io: StageIO) -> StageResult:
         raise ValueError(f"no compressed shards in {io.shards_dir}: run `materialize` first")
     full = read_split(io.input_shards(), size, "input")
     tldr = read_split(tldr_urls, size, "compressed")
-    eval_split = read_split(storage.expand_shards(io.eval_input), size, "eval")
-    if len(full) < 2 or len(tldr) < 2 or len(eval_split) < 2:
+    held_out = read_split(storage.expand_shards(io.eval_input), size, "eval")
+    splits = split_eval(held_out)
+    if len(full) < 2 or len(tldr) < 2 or min(len(s) for s in splits.values()) < 2:
         raise ValueError(f"too few samples to evaluate: input {len(full)}, compressed {len(tldr)}, "
-                         f"eval {len(eval_split)} (need >= 2 each)")
+                         + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + " (need >= 2 each)")
 
-    tokenizer = clip.CaptionTokenizer.train(training_vocabulary(full, tldr),
+    arms = build_arms(list(ev.arms), full, tldr, cfg, io)
+    # One tokenizer for every arm, from every caption any arm trains on (held-out words stay unknown).
+    tokenizer = clip.CaptionTokenizer.train([c for arm in arms.values() for c in arm.captions],
                                             max_tokens=clip.load_preset(ev.preset)["max_text_tokens"])
-    arms = build_arms(list(ev.arms), full, tldr, cfg.seed)
-    groups = scene_groups(eval_split)
-    zero_shot = zero_shot_task(eval_split)
+    steps = training_steps(len(full), ev.epochs, ev.batch_size)
+    results: dict[str, dict] = {}
+    for name, arm in arms.items():
+        cache = _cache_url(io, cfg, name, steps, arm.captions)
+        if storage.exists(cache):
+            results[name] = json.loads(storage.read_text(cache))
+        else:
+            results[name] = train_and_score(arm, tokenizer, splits, steps, cfg)
+            storage.write_text_atomic(cache, json.dumps(results[name], sort_keys=True))
 
-    results: dict[tuple[str, int], dict] = {}
-    report: dict = {key: {} for key in PROTOCOL_KEYS.values()}
-    for protocol in ev.protocols:
-        for name, arm in arms.items():
-            steps = protocol_steps(protocol, len(arm.images), len(full), ev.epochs, ev.batch_size)
-            if (name, steps) not in results:  # e.g. the full arm: the same run under both protocols
-                cache = _cache_url(io, cfg, name, steps)
-                if storage.exists(cache):
-                    results[(name, steps)] = json.loads(storage.read_text(cache))
-                else:
-                    model, seconds = clip.train_clip(arm.images, arm.caption_for, tokenizer, steps=steps,
-                                                     batch_size=ev.batch_size, lr=ev.lr, seed=cfg.seed,
-                                                     preset=ev.preset, desc=f"{protocol} {name}")
-                    metrics = score(model, tokenizer, eval_split, groups, zero_shot)
-                    metrics.update(train_seconds=round(seconds, 2), steps=steps, samples=len(arm.images))
-                    storage.write_text_atomic(cache, json.dumps(metrics, sort_keys=True))
-                    results[(name, steps)] = metrics
-            report[PROTOCOL_KEYS[protocol]][name] = {k: results[(name, steps)][k] for k in ARM_METRICS}
-
-    random_idx = random_subset(len(full), len(tldr), cfg.seed)
-    truth = ground_truth_metrics(full, tldr, random_idx)
-    report.update({
-        "caption_accuracy": truth.get("caption_accuracy"),
-        "noise_rate_input": truth.get("noise_rate_input"),
-        "noise_rate_output": truth.get("noise_rate_output"),
-        "distinct_scenes": truth.get("distinct_scenes", {}),
-        "eval_samples": len(eval_split),
-        "scene_level_hits": groups is not None,
-        "fusion": sorted(set(compressed_captions(tldr)[2])),
-        "tokenizer_vocab": tokenizer.vocab_size,
-        "config": {"seed": cfg.seed, "evaluate": cfg.to_dict()["evaluate"]},
-    })
+    report: dict = {"arms": results, "steps": steps, "splits": {k: len(v) for k, v in splits.items()},
+                    "scene_level_hits": scene_groups(held_out) is not None,
+                    "time_to_accuracy": time_to_accuracy({a: r["curve"]["test"] for a, r in results.items()}, steps),
+                    "fusion": cfg.caption.fusion, "tokenizer_vocab": tokenizer.vocab_size,
+                    "config": {"seed": cfg.seed, "evaluate": cfg.to_dict()["evaluate"]}}
+    report.update(ground_truth_metrics(full, arms, splits["validation"], io, cfg))
     plot(report, plot_url)
     # the report is the completion marker: written last
     storage.write_text_atomic(report_url, json.dumps(_clean(report), indent=1, sort_keys=True))

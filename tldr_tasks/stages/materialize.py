@@ -2,10 +2,12 @@
 
 Selection wrote keys, not copies; this is the one step that copies images. Output shards use the
 input layout (`KEY.png|jpg|webp`, `KEY.txt`, `KEY.json`), readable by open_clip's webdataset loader.
-`KEY.txt` holds the fused caption (caption.fusion); `KEY.json` the original and generated captions,
+`KEY.txt` holds exactly the caption a trainer should use (fusion.ship_caption: the quality gate, the
+collapse check and caption.fusion, decided once per sample); `KEY.json` the original and generated
+captions, the generated caption's confidence, the pair's alignment score, why that caption shipped,
 cluster id and source shard. `manifest.json` accounts for every input sample (kept + dropped by
-selection + rejected with a reason, per shard and in total) and is written last: its presence
-means the output is complete.
+selection + rejected with a reason, per shard and in total), counts the shipped captions per reason
+and is written last: its presence means the output is complete.
 
     tldr-vlp run materialize --input crawl/train --out runs/x
 """
@@ -15,18 +17,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections import Counter, defaultdict
 
+import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from tldr_tasks import storage
+from tldr_tasks import fusion, storage
 from tldr_tasks.config import Config
 from tldr_tasks.data.shards import Sample, encode_json, iter_shard, write_tar
-from tldr_tasks.fusion import fuse
 from tldr_tasks.stage_cli import stage_main
+from tldr_tasks.stages import caption
 from tldr_tasks.stages.base import StageIO, StageResult
 from tldr_tasks.tracking import redact
+
+CAPTION_REASONS = (fusion.REPLACED, fusion.APPENDED, fusion.ORIGINAL_BY_FUSION, fusion.ORIGINAL_LOW_CONFIDENCE,
+                   fusion.ORIGINAL_UNGROUNDED, fusion.ORIGINAL_COLLAPSE, fusion.ORIGINAL_NO_GENERATED)
 
 
 def _read_parquet(url: str) -> list[dict]:
@@ -81,15 +88,16 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     ordered = sorted(selected, key=lambda r: (shard_order[r["shard"]], r["key"]))
     size = cfg.materialize.shard_size
     groups = [ordered[i:i + size] for i in range(0, len(ordered), size)]
-    generated: dict[str, str] = {}
+    captions: dict[str, dict] = {}
     for stem in sorted({r["shard"] for r in selected}):
-        part = storage.join(io.caption_dir, f"{stem}.parquet")
+        part = caption.output_url(io, stem)  # named by the source shard's content
         if storage.exists(part):
-            generated.update((row["key"], row["generated"]) for row in _read_parquet(part))
-    missing = [r["key"] for r in selected if r["key"] not in generated]
+            captions.update((row["key"], row) for row in _read_parquet(part))
+    missing = [r["key"] for r in selected if r["key"] not in captions]
     if missing:
         raise RuntimeError(f"{len(missing)} selected samples have no generated caption (e.g. {missing[0]}): "
                            "run the caption stage for every shard group first")
+    shipped, gate = decide_captions(selected, captions, cfg)
 
     outputs = []
     by_url = {storage.shard_stem(u): u for u in shard_urls}
@@ -105,15 +113,17 @@ def run(cfg: Config, io: StageIO) -> StageResult:
                 if isinstance(item, Sample) and item.key in wanted and item.key not in samples:
                     samples[item.key] = item
         write_tar(out_url, [(row["key"], _output_parts(samples[row["key"]], selected_by_key[row["key"]],
-                                                       generated[row["key"]], cfg.caption.fusion))
+                                                       captions[row["key"]], shipped[row["key"]], cfg.caption.fusion))
                             for row in group])
 
     accounting = account(assignments, rejects, set(selected_by_key))
     metrics = {"input_samples": accounting["input_samples"], "kept": accounting["kept"],
                "dropped": accounting["dropped"], "rejected": accounting["rejected"],
                "ratio": accounting["kept"] / max(1, accounting["input_samples"] - accounting["rejected"]),
-               "output_shards": len(outputs)}
+               "output_shards": len(outputs), **gate["metrics"]}
     manifest = {**accounting, "metrics": metrics, "ratio": metrics["ratio"], "fusion": cfg.caption.fusion,
+                "captions": gate["captions"], "collapse_check": gate["collapse_check"],
+                "alignment": sample_alignment_stats(io),
                 "strategy": cfg.sample.strategy, "config_hash": cfg.hash(), "config": cfg.to_dict(),
                 # URLs may carry credentials (s3://key:secret@...); the manifest travels with the data
                 "input": redact(io.input),
@@ -125,13 +135,64 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     return StageResult(metrics=metrics, outputs=outputs + [manifest_url])
 
 
-def _output_parts(sample: Sample, selected_row: dict, generated: str, fusion: str) -> dict[str, bytes]:
-    meta = {"original_caption": sample.caption, "generated_caption": generated, "fusion": fusion,
-            "cluster": int(selected_row["cluster"]), "source_shard": sample.shard, "source_key": sample.key}
+def decide_captions(selected: list[dict], captions: dict[str, dict], cfg: Config) -> tuple[dict, dict]:
+    """The caption every kept sample ships ({key: (text, reason)}) and the gate's report: the run-level
+    collapse check, the count per reason and the confidence distribution. A collapse is printed."""
+    c = cfg.caption
+    rows = [captions[r["key"]] for r in selected]
+    check = fusion.collapse_check([r["original"] for r in rows], [r["generated"] for r in rows], c.min_entropy_ratio)
+    if check["collapsed"] and c.fusion != "original":
+        print(f"materialize: the generated captions collapsed ({check['distinct_generated']} distinct for "
+              f"{check['samples']} images, entropy {check['entropy_ratio']:.2f} of the originals' < "
+              f"{c.min_entropy_ratio}): shipping the original captions. Train the captioner longer, from a "
+              "pretrained model (captioner.init_from), or on more data.", file=sys.stderr)
+    shipped = {r["key"]: fusion.ship_caption(r["key"], r["original"], r["generated"], _score(r, "confidence"),
+                                             _score(r, "grounding"), mode=c.fusion, min_confidence=c.min_confidence,
+                                             min_grounding=c.min_grounding, seed=cfg.seed,
+                                             collapsed=check["collapsed"])
+               for r in rows}
+    reasons = Counter(reason for _, reason in shipped.values())
+    confidence = np.array([_score(r, "confidence") for r in rows], dtype=np.float64)
+    grounding = np.array([_score(r, "grounding") for r in rows], dtype=np.float64)
+    counts = {reason: reasons.get(reason, 0) for reason in CAPTION_REASONS}
+    metrics = {f"captions_{reason.replace(':', '_')}": float(n) for reason, n in counts.items()}
+    metrics.update(caption_collapsed=float(check["collapsed"]), caption_entropy_ratio=check["entropy_ratio"],
+                   caption_confidence_mean=_mean(confidence), caption_grounding_mean=_mean(grounding))
+    return shipped, {"captions": counts, "collapse_check": check, "metrics": metrics}
+
+
+def _score(row: dict, name: str) -> float:
+    value = row.get(name)
+    return float("nan") if value is None else float(value)
+
+
+def _mean(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if len(finite) else float("nan")
+
+
+def sample_alignment_stats(io: StageIO) -> dict:
+    """The alignment distribution before/after selection, as the sample stage measured it."""
+    stats = json.loads(storage.read_text(storage.join(io.sample_dir, "stats.json")))
+    return {k: v for k, v in stats.items() if k.startswith("alignment")}
+
+
+def _output_parts(sample: Sample, selected_row: dict, caption_row: dict, shipped: tuple[str, str],
+                  fusion_mode: str) -> dict[str, bytes]:
+    text, reason = shipped
+    meta = {"original_caption": sample.caption, "generated_caption": caption_row["generated"],
+            "confidence": _score(caption_row, "confidence"), "grounding": _score(caption_row, "grounding"),
+            "alignment": selected_row.get("alignment"),
+            "caption_reason": reason, "fusion": fusion_mode, "cluster": int(selected_row["cluster"]),
+            "source_shard": sample.shard, "source_key": sample.key}
+    if meta["alignment"] is not None and not np.isfinite(meta["alignment"]):
+        meta["alignment"] = None  # an empty caption: strict JSON has no -inf
+    for name in ("confidence", "grounding"):
+        if meta[name] != meta[name]:
+            meta[name] = None
     if "truth" in sample.meta:
         meta["truth"] = sample.meta["truth"]
-    return {sample.image_ext: sample.image_bytes, "txt": fuse(sample.caption, generated, fusion).encode("utf-8"),
-            "json": encode_json(meta)}
+    return {sample.image_ext: sample.image_bytes, "txt": text.encode("utf-8"), "json": encode_json(meta)}
 
 
 def main(argv=None):

@@ -2,19 +2,28 @@
 
     tldr-vlp run sample --input 'crawl/{00000..00099}.tar' --out runs/r1 --set sample.ratio=0.25
 
-Strategies (`sample.strategy`), all keeping round(ratio * N) samples:
-    uniform        uniformly at random within every cluster (the paper's default); per-cluster quotas
-                   by largest remainder, so each cluster keeps ~ratio of its members
-    balanced       the same number from every cluster (capped at its size), uniformly at random within:
-                   big clusters of near-duplicates give up most, rare content is kept whole
+Strategies (`sample.strategy`) set each cluster's quota, all keeping exactly round(ratio * N):
+    uniform        ~ratio of every cluster (the paper's default; largest-remainder quotas)
+    balanced       the same number from every cluster (capped at its size): big clusters of
+                   near-duplicates give up most, rare content is kept whole
     hard           within every cluster, the highest captioner loss (empty captions, NaN loss, last)
     near_centroid  within every cluster, the smallest distance to the centroid
     far_centroid   within every cluster, the largest distance
     random         uniformly at random over all samples, ignoring clusters (the paper's baseline)
 
+Alignment (`sample.alignment`) decides which pairs fill a uniform or balanced quota. Every sample's
+alignment score is minus its caption loss, robustly z-scored within its cluster (`alignment_scores`):
+    cluster_pool   uniformly at random from the better-aligned `aligned_share` of each cluster: drops
+                   misaligned pairs while keeping the cluster's variety
+    global_pool    uniformly from the better-aligned `aligned_share` of all pairs by raw loss (the
+                   released code's filter; favours popular content, whose loss is lowest)
+    rank           best-aligned first (fewest misaligned pairs, least variety)
+    none           every pair equally likely (the paper's uniform sampling)
+
 Rows are put in key order first and ties are broken by key, so the choice depends only on the
-assignments and cfg.seed. Outputs in `{out}/sample/`: selected.parquet (key, shard, cluster; sorted
-by key) and stats.json, written last as the done-marker.
+assignments and cfg.seed. Outputs in `{out}/sample/`: selected.parquet (key, shard, cluster, loss,
+alignment; sorted by key), alignment.parquet (the same for every sample, plus `kept`) and stats.json
+(counts, alignment distribution of the input and of the kept set), written last as the done-marker.
 """
 
 from __future__ import annotations
@@ -28,6 +37,10 @@ from tldr_tasks import storage
 from tldr_tasks.config import Config, ConfigError
 from tldr_tasks.stage_cli import stage_main
 from tldr_tasks.stages.base import StageIO, StageResult
+
+# A pair whose caption loss lies this many robust standard deviations above its cluster's median is
+# counted as likely misaligned (the noise estimate in stats.json and MLflow).
+MISALIGNED_Z = 2.0
 
 
 def target_count(ratio: float, n: int) -> int:
@@ -63,15 +76,62 @@ def balanced_quotas(sizes: np.ndarray, total: int) -> np.ndarray:
     return quotas
 
 
-def choose(cluster: np.ndarray, score: np.ndarray | None, ratio: float, seed: int, strategy: str) -> np.ndarray:
+def alignment_scores(cluster: np.ndarray, loss: np.ndarray) -> np.ndarray:
+    """How well each caption fits its image, comparable across clusters: minus the captioner's
+    length-normalised loss of the original caption, robustly z-scored within the sample's cluster
+    ((loss - median) / (1.4826 * MAD)). Higher is better aligned; an empty caption (NaN loss) is -inf.
+    Raw loss also tracks popularity (the captioner knows head scenes best); within a cluster of
+    look-alike images it mostly tracks whether the caption describes the image."""
+    score = np.full(len(loss), -np.inf)
+    for c in np.unique(cluster):
+        rows = np.flatnonzero((cluster == c) & ~np.isnan(loss))
+        if not len(rows):
+            continue
+        values = loss[rows].astype(np.float64)
+        median = np.median(values)
+        spread = 1.4826 * np.median(np.abs(values - median))
+        spread = spread if spread > 1e-6 else max(float(values.std()), 1e-6)
+        score[rows] = -(values - median) / spread
+    return score
+
+
+def eligible_pairs(cluster: np.ndarray, loss: np.ndarray, alignment: np.ndarray, mode: str,
+                   share: float) -> np.ndarray:
+    """Which rows a cluster's quota is drawn from first (sample.alignment):
+    cluster_pool  the better-aligned `share` of every cluster (by alignment score);
+    global_pool   the better-aligned `share` of all pairs by raw loss (the released code's filter);
+    none/rank     every row."""
+    n = len(cluster)
+    if mode in ("none", "rank"):
+        return np.ones(n, dtype=bool)
+    if mode == "global_pool":
+        order = np.lexsort((np.arange(n), np.where(np.isnan(loss), np.inf, loss)))
+        eligible = np.zeros(n, dtype=bool)
+        eligible[order[: int(math.ceil(share * n))]] = True
+        return eligible
+    if mode == "cluster_pool":
+        order = np.lexsort((np.arange(n), -alignment, cluster))
+        grouped = cluster[order]
+        rank = np.arange(n) - np.searchsorted(grouped, grouped, side="left")
+        sizes = np.bincount(cluster)
+        eligible = np.zeros(n, dtype=bool)
+        eligible[order[rank < np.ceil(share * sizes[grouped])]] = True
+        return eligible
+    raise ValueError(f"unknown sample.alignment {mode!r}")
+
+
+def choose(cluster: np.ndarray, score: np.ndarray | None, ratio: float, seed: int, strategy: str,
+           eligible: np.ndarray | None = None) -> np.ndarray:
     """Boolean mask of the rows to keep. Rows must already be in key order.
 
     Args:
         cluster: cluster id per row.
-        score: per-row priority within a cluster, lower first (None for uniform and random).
-        ratio: share to keep.
+        score: per-row priority within a cluster, lower first (None: random order).
+        ratio: share to keep; exactly target_count(ratio, n) rows are kept.
         seed: seeds the random strategies.
         strategy: one of config.STRATEGIES.
+        eligible: rows each cluster's quota takes before any other (None: all); a cluster with too few
+            eligible rows tops its quota up from the rest in score order, so the ratio holds exactly.
     """
     n = len(cluster)
     total = target_count(ratio, n)
@@ -80,27 +140,41 @@ def choose(cluster: np.ndarray, score: np.ndarray | None, ratio: float, seed: in
     if strategy == "random":
         keep[rng.choice(n, total, replace=False)] = True
         return keep
-    if strategy in ("uniform", "balanced"):
+    if score is None:
         score = rng.random(n)
+    first = np.zeros(n) if eligible is None else (~eligible).astype(np.float64)
     sizes = np.bincount(cluster, minlength=int(cluster.max()) + 1 if n else 0)
     quotas = balanced_quotas(sizes, total) if strategy == "balanced" else cluster_quotas(sizes, ratio, total)
-    # Cluster-major, then score, then key position: the first quota rows of each cluster are kept.
-    order = np.lexsort((np.arange(n), score, cluster))
+    # Cluster-major, eligible first, then score, then key position: the first quota rows are kept.
+    order = np.lexsort((np.arange(n), score, first, cluster))
     grouped = cluster[order]
     rank = np.arange(n) - np.searchsorted(grouped, grouped, side="left")
     keep[order[rank < quotas[grouped]]] = True
     return keep
 
 
-def scores(strategy: str, loss: np.ndarray, distance: np.ndarray) -> np.ndarray | None:
-    """Lower is kept first."""
+def scores(strategy: str, alignment_mode: str, loss: np.ndarray, distance: np.ndarray,
+           alignment: np.ndarray) -> np.ndarray | None:
+    """Lower is kept first; None keeps a seeded random order (uniform, balanced, random)."""
     if strategy == "hard":
         return np.where(np.isnan(loss), np.inf, -loss.astype(np.float64))
     if strategy == "near_centroid":
         return distance.astype(np.float64)
     if strategy == "far_centroid":
         return -distance.astype(np.float64)
+    if alignment_mode == "rank":
+        return -alignment
     return None
+
+
+def distribution(values: np.ndarray, prefix: str) -> dict[str, float]:
+    """Mean and quartiles of the finite values (empty captions excluded), for stats and MLflow."""
+    finite = values[np.isfinite(values)]
+    if not len(finite):
+        return {}
+    q25, q50, q75 = np.percentile(finite, [25, 50, 75])
+    return {f"{prefix}_mean": float(finite.mean()), f"{prefix}_q25": float(q25), f"{prefix}_median": float(q50),
+            f"{prefix}_q75": float(q75), f"{prefix}_misaligned_share": float(np.mean(values < -MISALIGNED_Z))}
 
 
 def _numeric(stats: dict) -> dict[str, float]:
@@ -116,9 +190,10 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     out = io.sample_dir
     stats_url = storage.join(out, "stats.json")
     selected_url = storage.join(out, "selected.parquet")
+    scores_url = storage.join(out, "alignment.parquet")
     if storage.exists(stats_url):
         return StageResult(metrics=_numeric(json.loads(storage.read_text(stats_url))),
-                           outputs=[selected_url, stats_url], skipped=True)
+                           outputs=[selected_url, scores_url, stats_url], skipped=True)
     assignments = storage.join(io.cluster_dir, "assignments.parquet")
     if not storage.exists(assignments):
         raise FileNotFoundError(f"{assignments} not found: run `tldr-vlp run cluster` with the same --out first")
@@ -129,23 +204,32 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     if n == 0:
         raise ValueError(f"{assignments} holds no samples: every input was rejected (see "
                          f"{io.cluster_dir}/rejects.parquet)")
-    ratio, strategy = cfg.sample.ratio, cfg.sample.strategy
-    if target_count(ratio, n) == 0:
-        raise ConfigError(f"sample.ratio={ratio} keeps 0 of {n} samples; raise it to at least {1.0 / max(n, 1):.4g} "
+    s = cfg.sample
+    if target_count(s.ratio, n) == 0:
+        raise ConfigError(f"sample.ratio={s.ratio} keeps 0 of {n} samples; raise it to at least {1.0 / max(n, 1):.4g} "
                           "(e.g. --set sample.ratio=0.25)")
     cluster = table["cluster"].to_numpy().astype(np.int64)
-    score = scores(strategy, table["loss"].to_numpy().astype(np.float64),
-                   table["distance"].to_numpy().astype(np.float64))
-    keep = choose(cluster, score, ratio, cfg.seed, strategy)
-    selected = table.filter(pa.array(keep)).select(["key", "shard", "cluster"])
+    loss = table["loss"].to_numpy().astype(np.float64)
+    alignment = alignment_scores(cluster, loss)
+    score = scores(s.strategy, s.alignment, loss, table["distance"].to_numpy().astype(np.float64), alignment)
+    # hard, near_centroid and far_centroid order each cluster by their own score; random has no clusters
+    eligible = (eligible_pairs(cluster, loss, alignment, s.alignment, s.aligned_share)
+                if s.strategy in ("uniform", "balanced") else None)
+    keep = choose(cluster, score, s.ratio, cfg.seed, s.strategy, eligible)
+    scored = table.select(["key", "shard", "cluster", "loss"]).append_column(
+        "alignment", pa.array(alignment, pa.float64())).append_column("kept", pa.array(keep))
+    with storage.local_staging(scores_url, suffix=".parquet") as local:
+        pq.write_table(scored, local)
+    selected = scored.filter(pa.array(keep)).drop_columns(["kept"])
     with storage.local_staging(selected_url, suffix=".parquet") as local:
         pq.write_table(selected, local)
     kept = int(keep.sum())
-    stats = {"input": n, "kept": kept, "dropped": n - kept, "ratio": ratio, "ratio_achieved": kept / n,
+    stats = {"input": n, "kept": kept, "dropped": n - kept, "ratio": s.ratio, "ratio_achieved": kept / n,
              "clusters": int(len(np.unique(cluster))), "clusters_kept": int(len(np.unique(cluster[keep]))),
-             "strategy": strategy, "seed": cfg.seed}
+             "strategy": s.strategy, "alignment": s.alignment, "aligned_share": s.aligned_share, "seed": cfg.seed,
+             **distribution(alignment, "alignment_input"), **distribution(alignment[keep], "alignment_kept")}
     storage.write_text_atomic(stats_url, json.dumps(stats, indent=2, sort_keys=True))
-    return StageResult(metrics=_numeric(stats), outputs=[selected_url, stats_url])
+    return StageResult(metrics=_numeric(stats), outputs=[selected_url, scores_url, stats_url])
 
 
 def main(argv=None):

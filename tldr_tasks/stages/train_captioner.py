@@ -31,6 +31,8 @@ from tldr_tasks.stages.base import StageIO, StageResult
 log = logging.getLogger(__name__)
 
 KEEP_CHECKPOINTS = 2  # older DeepSpeed checkpoints are deleted; one spare survives a bad write
+LOG_EVERY = 50  # steps between progress-bar loss readings (each one waits for the device)
+TOKENIZER_CAPTIONS = 200_000  # the tokenizer and the keyword codebook learn from the first this many captions
 
 
 def run(cfg: Config, io: StageIO) -> StageResult:
@@ -48,37 +50,58 @@ def train(cfg: Config, io: StageIO, stop_after_steps: int | None = None) -> Stag
         return StageResult(metrics={}, outputs=[io.captioner_dir], skipped=True)
 
     import deepspeed
+
+    started = time.time()
+    owned = _init_distributed(deepspeed)
+    try:
+        return _train(cfg, io, stop_after_steps, started)
+    finally:
+        # DeepSpeed warns at exit otherwise; a caller that brought its own process group keeps it.
+        # deepspeed.comm's, not torch's: it also drops DeepSpeed's cached groups, so a later
+        # training in the same process starts a fresh group.
+        if owned is not None:
+            deepspeed.comm.destroy_process_group()
+            for name in owned:
+                os.environ.pop(name, None)
+
+
+def _train(cfg: Config, io: StageIO, stop_after_steps: int | None, started: float) -> StageResult:
+    import deepspeed
     import torch
 
-    c = cfg.captioner
-    started = time.time()
-    _init_distributed(deepspeed)
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if c.batch_size % world:
-        raise ValueError(f"captioner.batch_size={c.batch_size} must be divisible by the {world} ranks "
-                         "(it is the global batch)")
-    ckpt_dir = checkpoint_dir(io.captioner_dir)
+    from tldr_tasks.data import stream
+    from tldr_tasks.models import captioner as cap
 
-    images, captions = load_training_data(io.input_shards(), c.image_size, show_progress=rank == 0)
-    if len(captions) < c.batch_size:
-        raise ValueError(f"only {len(captions)} captioned training samples in {io.input}; need at least "
+    c = cfg.captioner
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if c.batch_size % world or c.data_streams % world:
+        raise ValueError(f"captioner.batch_size={c.batch_size} and captioner.data_streams={c.data_streams} must be "
+                         f"divisible by the {world} ranks (the batch is global)")
+    ckpt_dir = checkpoint_dir(io.captioner_dir)
+    # DeepSpeed rewrites `latest` in place: a kill inside that write leaves it empty. The tag folder
+    # it names is complete (written before it); with no valid tag, train from the start.
+    latest = Path(ckpt_dir) / "latest"
+    tag = latest.read_text().strip() if latest.exists() else ""
+    resuming = bool(tag) and (Path(ckpt_dir) / tag).is_dir()
+    index, captions = _shared_index(io.input_shards(), ckpt_dir, rank, need_captions=not resuming)
+    if index.total < c.batch_size:
+        raise ValueError(f"only {index.total} captioned training samples in {io.input}; need at least "
                          f"captioner.batch_size={c.batch_size}")
-    tokenizer = _shared_tokenizer(captions, c.vocab_size, ckpt_dir, rank)
-    input_ids, attention_mask = cap.tokenize_captions(tokenizer, captions, c.max_tokens)
+    folders = cap.pretrained_folders(c.init_from)
+    tokenizer = (cap.pretrained_tokenizer(folders["text"]) if "text" in folders
+                 else _shared_tokenizer(captions, c.vocab_size, ckpt_dir, rank))
 
     torch.manual_seed(cfg.seed)
     model = cap.build_captioner(c, tokenizer, captions if c.codebook_init == "keywords" else None)
-    steps_per_epoch = len(captions) // c.batch_size  # the ragged tail of each epoch is dropped
+    del captions  # only rank 0 of a fresh run holds them, and only the first TOKENIZER_CAPTIONS
+    model.codebook.sync_ranks = world > 1
+    steps_per_epoch = index.total // c.batch_size  # the ragged tail of each epoch is dropped
     total_steps = steps_per_epoch * c.epochs
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                            config=deepspeed_config(c, total_steps, world))
     _load_tensors_only(engine)
     done = 0
-    latest = Path(ckpt_dir) / "latest"
-    # DeepSpeed rewrites `latest` in place: a kill inside that write leaves it empty. The tag folder
-    # it names is complete (written before it); with no valid tag, train from the start.
-    tag = latest.read_text().strip() if latest.exists() else ""
-    if tag and (Path(ckpt_dir) / tag).is_dir():
+    if resuming:
         path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
         done = int((client_state or {}).get("step", 0))
         log.info("resumed from %s at step %d of %d", path, done, total_steps)
@@ -86,28 +109,42 @@ def train(cfg: Config, io: StageIO, stop_after_steps: int | None = None) -> Stag
 
     dtype = torch.bfloat16 if c.precision == "bf16" else torch.float32
     device = engine.device
-    micro = c.batch_size // world
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=c.precision == "bf16-autocast")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the loader forks after tokenizer training
     engine.train()
-    losses: list[float] = []  # LM + VQ (the VQ part includes the negative codebook-usage entropy)
-    lm_losses: list[float] = []
+    # Per-step losses stay on the device (LM + VQ; the VQ part includes the negative codebook-usage
+    # entropy): reading one is a host sync, so the progress bar reads them every LOG_EVERY steps.
+    losses = torch.zeros(steps_per_epoch, 2, device=device)
+    first_logged = steps_per_epoch  # none yet: resumed after the last step, the final losses are NaN
     step, trained_samples, train_started = done, 0, time.time()
     progress = _progress(total_steps, done, rank)
     for epoch in range(done // steps_per_epoch, c.epochs):
-        order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        for index in range(step - epoch * steps_per_epoch, steps_per_epoch):
-            batch = order[index * c.batch_size + rank * micro: index * c.batch_size + (rank + 1) * micro]
-            length = int(attention_mask[batch].sum(1).max())
-            pixels = cap.normalize_uint8(images[batch]).to(device=device, dtype=dtype)
-            loss = engine(pixels, input_ids[batch, :length].to(device), attention_mask[batch, :length].to(device))
+        start = step - epoch * steps_per_epoch
+        first_logged = start
+        data = stream.TrainStream(index, batch_size=c.batch_size, streams=c.data_streams, seed=cfg.seed,
+                                  epoch=epoch, image_size=c.image_size, tokenizer=tokenizer, max_tokens=c.max_tokens,
+                                  shuffle_buffer=c.shuffle_buffer, rank=rank, world=world, start_step=start)
+        for batch in stream.batches(data, c.loader_workers, device):
+            index_in_epoch = batch["step"]
+            pixels = cap.normalize_uint8(batch["pixels"]).to(dtype)
+            mask = batch["attention_mask"]
+            lm_tokens = mask[:, 1:].sum().float()
+            if world > 1:  # the global batch's predicted tokens, as a per-rank average (see Captioner.losses)
+                torch.distributed.all_reduce(lm_tokens)
+                lm_tokens = lm_tokens / world
+            with autocast:
+                loss = engine(pixels, batch["input_ids"], mask, lm_tokens)
             engine.backward(loss)
             engine.step()
             step += 1
             trained_samples += c.batch_size
-            losses.append(loss.item())
-            lm_losses.append(float(engine.module.last_losses["lm_loss"]))
+            losses[index_in_epoch, 0] = loss.detach().float()
+            losses[index_in_epoch, 1] = engine.module.last_losses["lm_loss"].float()
             progress.update(1)
-            progress.set_postfix(loss=f"{losses[-1]:.3f}", lm=f"{lm_losses[-1]:.3f}", epoch=epoch)
-            end_of_epoch = index == steps_per_epoch - 1
+            if rank == 0 and (step % LOG_EVERY == 0 or index_in_epoch == steps_per_epoch - 1):
+                loss_now, lm_now = losses[index_in_epoch].tolist()
+                progress.set_postfix(loss=f"{loss_now:.3f}", lm=f"{lm_now:.3f}", epoch=epoch)
+            end_of_epoch = index_in_epoch == steps_per_epoch - 1
             if end_of_epoch or step % c.checkpoint_every == 0 or step == stop_after_steps:
                 engine.save_checkpoint(ckpt_dir, tag=f"step{step:08d}", client_state={"step": step})
                 if rank == 0:
@@ -118,21 +155,22 @@ def train(cfg: Config, io: StageIO, stop_after_steps: int | None = None) -> Stag
     progress.close()
     train_seconds = time.time() - train_started
 
+    # means over the last epoch's steps (or over what this process trained of it, when resumed late)
+    final = losses[first_logged:].double().mean(0) if first_logged < steps_per_epoch else torch.full((2,), float("nan"))
+    if world > 1:  # every rank saw different batches: report the mean over ranks
+        final = final.to(device)
+        torch.distributed.all_reduce(final)
+        final = final / world
     metrics = {
         "steps": float(step), "steps_resumed": float(done), "epochs": float(c.epochs),
-        "train_samples": float(len(captions)), "world_size": float(world),
+        "train_samples": float(index.total), "world_size": float(world),
         "setup_seconds": setup_seconds, "train_seconds": train_seconds,
         "samples_per_second": trained_samples / train_seconds if trained_samples else 0.0,
-        # means over the last epoch's steps (or over what this process trained, when resumed late)
-        "final_train_loss": _tail_mean(losses, steps_per_epoch),
-        "final_lm_loss": _tail_mean(lm_losses, steps_per_epoch),
+        "final_train_loss": float(final[0]), "final_lm_loss": float(final[1]),
     }
-    if world > 1:  # every rank saw different batches: report the mean over ranks
-        summed = torch.tensor([metrics["final_train_loss"], metrics["final_lm_loss"]], dtype=torch.float64)
-        torch.distributed.all_reduce(summed)
-        metrics["final_train_loss"], metrics["final_lm_loss"] = (float(v) / world for v in summed)
     model = engine.module
-    metrics.update(codebook_usage(model, images, input_ids, attention_mask, dtype, device))
+    model.codebook.sync_ranks = False  # the usage check below runs on each rank alone
+    metrics.update(codebook_usage(model, stream.head(index, 256, c.image_size, tokenizer, c.max_tokens), dtype, device))
     if rank == 0:
         version = cap.save_captioner(model.float().cpu(), tokenizer, cfg.to_dict(), io.captioner_dir)
         log.info("captioner %s exported to %s", version, io.captioner_dir)
@@ -142,11 +180,6 @@ def train(cfg: Config, io: StageIO, stop_after_steps: int | None = None) -> Stag
     if world > 1:
         torch.distributed.barrier()
     return StageResult(metrics=metrics, outputs=[io.captioner_dir])
-
-
-def _tail_mean(values: list[float], count: int) -> float:
-    tail = values[-count:]
-    return float(sum(tail) / len(tail)) if tail else float("nan")
 
 
 def deepspeed_config(c, total_steps: int, world: int) -> dict:
@@ -169,41 +202,18 @@ def deepspeed_config(c, total_steps: int, world: int) -> dict:
     }
 
 
-def load_training_data(shard_urls: list[str], image_size: int, show_progress: bool = True):
-    """Every readable sample with a non-empty caption: (uint8 images [N,3,S,S], captions).
-    Rejected samples and empty captions are left out (they teach the decoder nothing)."""
-    import torch
-    from tqdm import tqdm
-
-    from tldr_tasks.data.shards import Sample, iter_shard
-    from tldr_tasks.models.captioner import images_to_uint8
-
-    chunks, captions = [], []
-    for url in tqdm(shard_urls, desc="read shards", unit="shard", file=sys.stderr, disable=not show_progress):
-        batch_images = []
-        for item in iter_shard(url):
-            if isinstance(item, Sample) and item.caption.strip():
-                batch_images.append(item.image)
-                captions.append(item.caption)
-        if batch_images:
-            chunks.append(images_to_uint8(batch_images, image_size))
-    if not chunks:
-        raise ValueError(f"no captioned samples in {len(shard_urls)} input shard(s): check --input")
-    return torch.cat(chunks), captions
-
-
-def codebook_usage(model, images, input_ids, attention_mask, dtype, device, samples: int = 256) -> dict:
-    """Distinct codes and code perplexity over the tokens of the first `samples` training images,
-    plus their mean caption loss: a collapsed codebook uses a handful of codes."""
+def codebook_usage(model, piece: dict, dtype, device) -> dict:
+    """Distinct codes and code perplexity over the tokens of a few training images (`piece`, from
+    `stream.head`), plus their mean caption loss: a collapsed codebook uses a handful of codes."""
     import torch
 
     from tldr_tasks.models.captioner import normalize_uint8
 
     model.eval()
     with torch.no_grad():
-        pixels = normalize_uint8(images[:samples]).to(device=device, dtype=dtype)
+        pixels = normalize_uint8(piece["pixels"]).to(device=device, dtype=dtype)
         codes = model.encode(pixels).codes.flatten()
-        lm = model.per_sample_loss(pixels, input_ids[:samples].to(device), attention_mask[:samples].to(device))
+        lm = model.per_sample_loss(pixels, piece["input_ids"].to(device), piece["attention_mask"].to(device))
     counts = torch.bincount(codes.cpu(), minlength=model.arch["codebook_size"]).double()
     p = counts[counts > 0] / counts.sum()
     return {"codes_used": float((counts > 0).sum()), "code_perplexity": float(torch.exp(-(p * p.log()).sum())),
@@ -223,12 +233,16 @@ def checkpoint_dir(captioner_url: str) -> str:
     return os.path.join(cache, f"captioner-{digest}", "checkpoints")
 
 
-def _init_distributed(deepspeed) -> None:
+def _init_distributed(deepspeed) -> list[str] | None:
     """One process without a launcher gets a world of one (else DeepSpeed looks for MPI). On CPU
     the shared-memory all-reduce op is switched off: it is JIT-compiled with gcc on first use
-    (40-70 s) and gloo does the job; on GPUs NCCL is used and nothing is compiled."""
+    (40-70 s) and gloo does the job; on GPUs NCCL is used and nothing is compiled.
+
+    Returns None when a process group already existed (the caller's), else the environment
+    variables set here: the caller destroys the group and removes them when done."""
     import torch
 
+    before = set(os.environ)
     if "RANK" not in os.environ:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -239,8 +253,10 @@ def _init_distributed(deepspeed) -> None:
 
     if get_accelerator().device_name() == "cpu" and os.environ.get("TLDR_DS_SHM_COMM", "0") != "1":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(verbose=False)
+    if torch.distributed.is_initialized():
+        return None
+    deepspeed.init_distributed(verbose=False)
+    return sorted(set(os.environ) - before)
 
 
 def _load_tensors_only(engine) -> None:
@@ -267,6 +283,30 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _shared_index(urls: list[str], ckpt_dir: str, rank: int, need_captions: bool):
+    """Rank 0 counts the trainable samples of every shard (kept beside the checkpoints: a resumed
+    run does not re-read the crawl) and the other ranks read its count. Returns the index and, on
+    rank 0 when `need_captions` (a fresh start: tokenizer and keyword codebook), the first
+    TOKENIZER_CAPTIONS captions; else an empty list."""
+    import torch
+
+    from tldr_tasks.data.stream import ShardIndex, index_shards
+
+    path = Path(ckpt_dir) / "index.json"
+    captions: list[str] = []
+    if rank == 0:
+        index = ShardIndex.from_json(path.read_text()) if path.exists() else None
+        if index is None or index.urls != list(urls) or need_captions:
+            index, captions = index_shards(urls, TOKENIZER_CAPTIONS)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(index.to_json())
+            tmp.replace(path)
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+    return ShardIndex.from_json(path.read_text()), captions
 
 
 def _shared_tokenizer(captions: list[str], vocab_size: int, ckpt_dir: str, rank: int):

@@ -24,6 +24,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   "image_pull_policy": {{ .Values.stage.image.pullPolicy | toJson }},
   "image_pull_secrets": {{ .Values.stage.imagePullSecrets | toJson }},
   "service_account_name": {{ .Values.stage.serviceAccount.name | toJson }},
+  "run_as_user": {{ .Values.stage.runAsUser }},
   "node_selector": {{ .Values.stage.nodeSelector | toJson }},
   "gpu_node_selector": {{ .Values.stage.gpuNodeSelector | toJson }},
   "tolerations": {{ .Values.stage.tolerations | toJson }},

@@ -1,0 +1,169 @@
+"""report.html: a self-contained page of a run (charts, kept and dropped samples with their captions), the
+metrics and plot tables DVC reads, and the page rendered in headless Chromium with every image loaded."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from tldr_tasks import cli
+from tldr_tasks.data.shards import ShardWriter, encode_json, write_tar
+from tldr_tasks.report import render_report
+
+N = 12  # samples k00..k11 in two input shards; cluster i % 3; even i kept
+
+
+def _png(i: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (20 * i, 255 - 20 * i, 90)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _table(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def _arm(r1: float) -> dict:
+    test = {"i2t_r1": r1, "i2t_r5": r1 + 10, "i2t_r10": r1 + 20, "t2i_r1": r1, "t2i_r5": r1 + 9, "t2i_r10": r1 + 19,
+            "mean_r1": r1}
+    return {"test": test, "validation": test, "train_seconds": 1.5, "steps": 8,
+            "curve": {"test": [[2, r1 / 4], [4, r1 / 2], [8, r1]], "validation": [[8, r1]]}}
+
+
+@pytest.fixture()
+def run_dir(tmp_path) -> Path:
+    """A finished, evaluated run folder in the formats the stages write, made by hand (no models)."""
+    crawl, run = tmp_path / "crawl", tmp_path / "run"
+    with ShardWriter(str(crawl), shard_size=6) as writer:
+        for i in range(N):
+            writer.write(f"k{i:02d}", {"png": _png(i), "txt": f"original {i}".encode()})
+    rows = [{"key": f"k{i:02d}", "shard": f"{i // 6:05d}", "cluster": i % 3, "distance": 0.1, "loss": 2.0}
+            for i in range(N)]
+    kept = [r for i, r in enumerate(rows) if i % 2 == 0]
+    _table(run / "cluster" / "assignments.parquet", rows)
+    _table(run / "sample" / "selected.parquet", [{k: r[k] for k in ("key", "shard", "cluster")} for r in kept])
+    _table(run / "sample" / "alignment.parquet",
+           [{"key": r["key"], "alignment": i / 10, "kept": i % 2 == 0} for i, r in enumerate(rows)])
+    write_tar(str(run / "shards" / "00000.tar"), [(r["key"], {"png": _png(int(r["key"][1:])), "txt": b"shipped",
+                                                               "json": encode_json({
+        "original_caption": f"original {int(r['key'][1:])}", "generated_caption": f"generated {int(r['key'][1:])}",
+        "confidence": -0.25, "alignment": int(r["key"][1:]) / 10, "caption_reason": "replaced",
+        "cluster": r["cluster"]})}) for r in kept])
+    manifest = {"input": str(crawl), "input_version": "v1", "config_hash": "abc", "input_samples": N, "kept": 6,
+                "dropped": 6, "rejected": 0, "ratio": 0.5, "metrics": {"caption_confidence_mean": -0.25},
+                "config": {"seed": 0, "sample": {"ratio": 0.5, "strategy": "uniform"}, "cluster": {"clusters": 3}}}
+    (run / "shards" / "manifest.json").write_text(json.dumps(manifest))
+    (run / "embed" / "status").mkdir(parents=True)
+    for stem, status in (("00000", "reused"), ("00001", "replaced")):
+        (run / "embed" / "status" / f"{stem}.json").write_text(json.dumps(
+            {"shard": stem, "digest": "0" * 32, "status": status, "replaced_digests": []}))
+    (run / "evaluate").mkdir()
+    (run / "evaluate" / "report.json").write_text(json.dumps({"arms": {"full": _arm(20.0), "tldr": _arm(16.0)}}))
+    return run
+
+
+class _Page(HTMLParser):
+    """The page's <img> sources and alts and the classes of its sample cards."""
+
+    def __init__(self):
+        super().__init__()
+        self.images: list[dict] = []
+        self.cards: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs)
+        if tag == "div" and "card" in (attrs.get("class") or "").split():
+            self.cards.append(attrs["class"])
+
+
+def _parse(page: str) -> _Page:
+    parser = _Page()
+    parser.feed(page)
+    return parser
+
+
+def test_report_shows_kept_and_dropped_samples_with_captions_and_charts(run_dir):
+    page = render_report(str(run_dir))
+    parsed = _parse(page)
+    # self-contained: every image is inlined, nothing is fetched
+    assert parsed.images and all(i["src"].startswith("data:image/png;base64,") for i in parsed.images)
+    charts = {i["alt"] for i in parsed.images if not i["alt"].startswith("k")}
+    assert charts == {"cluster sizes", "alignment, input vs kept", "retrieval", "learning curves"}
+    # three clusters of 4 samples: 2 kept, 2 dropped each, every one with its image
+    assert sorted(parsed.cards) == ["card dropped"] * 6 + ["card kept"] * 6
+    assert sorted(i["alt"] for i in parsed.images if i["alt"].startswith("k")) == [f"k{i:02d}" for i in range(N)]
+    assert "generated 4" in page and "original 3" in page  # kept: both captions; dropped: its original
+    assert "generated 3" not in page  # a dropped sample was never captioned
+    assert "replaced" in page and "reused" in page  # the embed outcome of each input shard
+    # not evaluated: no retrieval bars or learning curves, the rest unchanged
+    (run_dir / "evaluate" / "report.json").unlink()
+    charts = {i["alt"] for i in _parse(render_report(str(run_dir))).images if not i["alt"].startswith("k")}
+    assert charts == {"cluster sizes", "alignment, input vs kept"}
+
+
+def test_report_command_writes_metrics_and_plot_tables(run_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert cli.main(["report", str(run_dir), "--out", str(out)]) == 0
+    assert str(out / "report.html") in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["kept"], metrics["dropped"], metrics["clusters"]) == (6, 6, 3)
+    assert metrics["alignment_mean_input"] == pytest.approx(np.mean(np.arange(N) / 10), abs=1e-4)
+    assert metrics["alignment_mean_kept"] == pytest.approx(np.mean(np.arange(0, N, 2) / 10), abs=1e-4)
+    assert (metrics["shards_reused"], metrics["shards_replaced"], metrics["shards_embedded"]) == (1, 1, 0)
+    assert metrics["eval.test.tldr.mean_r1"] == 16.0
+    curves = list(csv.DictReader((out / "learning_curves.csv").open()))
+    assert [(r["step"], r["full"], r["tldr"]) for r in curves] == [("2", "5.0", "4.0"), ("4", "10.0", "8.0"),
+                                                                  ("8", "20.0", "16.0")]
+    sizes = list(csv.DictReader((out / "cluster_sizes.csv").open()))
+    assert [(r["size"], r["kept"]) for r in sizes] == [("4", "2")] * 3
+    alignment = list(csv.DictReader((out / "alignment.csv").open()))
+    assert sum(int(r["input"]) for r in alignment) == N and sum(int(r["kept"]) for r in alignment) == 6
+    with pytest.raises(SystemExit):
+        cli.main(["report", str(tmp_path / "nothing-here")])
+
+
+CHECK_IMAGES = """<script>
+window.addEventListener("load", () => {
+  for (const img of document.images) img.setAttribute("data-loaded", String(img.complete && img.naturalWidth > 0));
+  document.body.setAttribute("data-checked", String(document.images.length));
+});
+</script></body>"""
+
+
+def chromium(*args: str) -> subprocess.CompletedProcess:
+    """Debian's chromium, headless, with the flags a machine without network and without a display needs."""
+    binary = shutil.which("chromium")
+    if binary is None:
+        pytest.skip("chromium is not installed (`make test` installs it: apt-get install chromium)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--virtual-time-budget=5000"]
+    return subprocess.run([binary, *flags, *args], capture_output=True, text=True, timeout=120, check=True)
+
+
+def test_report_renders_in_headless_chromium_with_every_image_loaded(run_dir, tmp_path):
+    page = render_report(str(run_dir))
+    checked = tmp_path / "checked.html"
+    checked.write_text(page.replace("</body>", CHECK_IMAGES))
+    profile = f"--user-data-dir={tmp_path / 'profile'}"
+    dom = chromium(profile, "--dump-dom", checked.as_uri()).stdout
+    loaded = [i.get("data-loaded") for i in _parse(dom).images]
+    assert f'data-checked="{len(_parse(page).images)}"' in dom  # the check ran, over every image
+    assert len(loaded) == 16 and set(loaded) == {"true"}
+    shot = tmp_path / "report.png"
+    chromium(profile, f"--screenshot={shot}", "--window-size=1200,900", checked.as_uri())
+    assert Image.open(shot).size == (1200, 900)

@@ -1,0 +1,163 @@
+"""The stage executor: params records (refuse other parameters, skip with the same), the captioner
+reuse policy, and the CPU count torch is given."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tldr_tasks import captioners
+from tldr_tasks.config import ConfigError, load_config
+from tldr_tasks.pipeline import stage_params, upstream
+from tldr_tasks.runner import PARAMS_RECORD, check_stage_params, input_fingerprint
+from tldr_tasks.stages.base import StageIO, _cgroup_quota
+
+TLDR_VLP = str(Path(sys.executable).with_name("tldr-vlp"))
+
+
+def fake_cluster_output(out: Path, crawl: str) -> None:
+    """What `cluster` leaves for `sample`: an assignment per input sample (4 clusters)."""
+    keys = [f"{i:07d}" for i in range(200)]
+    rng = np.random.default_rng(0)
+    (out / "cluster").mkdir(parents=True)
+    pq.write_table(pa.table({"key": keys, "shard": ["00000"] * 100 + ["00001"] * 100,
+                             "cluster": rng.integers(0, 4, 200), "distance": rng.random(200).astype(np.float32),
+                             "loss": rng.random(200).astype(np.float32)}), out / "cluster" / "assignments.parquet")
+
+
+def run_cli(stage: str, crawl: str, out: Path, mlflow_store: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {"PATH": str(Path(sys.executable).parent), "MLFLOW_TRACKING_URI": f"sqlite:///{mlflow_store}/mlflow.db",
+           "TLDR_MLFLOW_EXPERIMENT": "tests", "OMP_NUM_THREADS": "1", "HOME": str(mlflow_store)}
+    return subprocess.run([TLDR_VLP, "run", stage, "--input", f"{crawl}/train", "--out", str(out), *extra],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_run_with_changed_params_on_an_existing_output_is_refused(tiny_crawl, mlflow_store):
+    out = mlflow_store / "run"
+    fake_cluster_output(out, tiny_crawl)
+    first = run_cli("sample", tiny_crawl, out, mlflow_store)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads(first.stdout.splitlines()[-1])["skipped"] is False
+    record = json.loads((out / "sample" / PARAMS_RECORD).read_text())
+    assert record["params"]["sample.ratio"] == 0.25 and record["params"]["cluster.clusters"] == 100
+    selected = (out / "sample" / "selected.parquet").stat().st_mtime_ns
+
+    same = run_cli("sample", tiny_crawl, out, mlflow_store, "--set", "sample.ratio=0.25")
+    assert same.returncode == 0 and json.loads(same.stdout.splitlines()[-1])["skipped"] is True
+
+    changed = run_cli("sample", tiny_crawl, out, mlflow_store, "--set", "sample.ratio=0.3", "--set", "seed=1")
+    assert changed.returncode == 2
+    assert "sample.ratio: 0.25 -> 0.3" in changed.stderr and "seed: 0 -> 1" in changed.stderr
+    assert "sample.strategy" not in changed.stderr  # only what changed is named
+    assert (out / "sample" / "selected.parquet").stat().st_mtime_ns == selected  # nothing was rewritten
+
+
+def test_upstream_params_are_part_of_a_stage_record(tmp_path):
+    assert upstream("materialize") == ["train-captioner", "embed", "cluster", "sample", "caption", "materialize"]
+    params = stage_params(load_config(None, []), "sample")
+    assert {"seed", "captioner.epochs", "embed.feature", "cluster.clusters", "sample.ratio"} <= set(params)
+    assert not any(k.startswith(("caption.", "materialize.", "evaluate.")) for k in params)
+    io = StageIO(input="unused", out=str(tmp_path))
+    check_stage_params(load_config(None, []), io, "sample")  # first use: recorded
+    # a new captioner upstream makes the sample stale too
+    with pytest.raises(ConfigError, match=r"captioner.epochs: 6 -> 2"):
+        check_stage_params(load_config(None, ["captioner.epochs=2"]), io, "sample")
+    check_stage_params(load_config(None, ["evaluate.epochs=1"]), io, "sample")  # not upstream: accepted
+
+
+def test_embed_and_a_reused_captioner_need_no_record(tmp_path):
+    io = StageIO(input="unused", out=str(tmp_path / "out"), captioner=str(tmp_path / "theirs"))
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "COMPLETE").write_text('{"version": "v"}')
+    check_stage_params(load_config(None, ["captioner.epochs=1"]), io, "train-captioner")
+    check_stage_params(load_config(None, ["captioner.epochs=3"]), io, "train-captioner")  # reused as it is
+    check_stage_params(load_config(None, ["embed.batch_size=8"]), io, "embed")
+    assert not (tmp_path / "theirs" / PARAMS_RECORD).exists() and not (tmp_path / "out").exists()
+
+
+def fake_captioner(root: Path, cfg, shards: int, version: str, complete: bool = True) -> str:
+    url = captioners.folder(str(root), cfg, version)
+    Path(url).mkdir(parents=True)
+    (Path(url) / PARAMS_RECORD).write_text(json.dumps({"stage": "train-captioner",
+                                                       "params": stage_params(cfg, "train-captioner"),
+                                                       "input": {"version": version, "shards": shards}}))
+    if complete:
+        (Path(url) / "COMPLETE").write_text('{"version": "w"}')
+    return url
+
+
+def test_captioner_policy(tmp_path):
+    cfg, other = load_config(None, []), load_config(None, ["captioner.epochs=2"])
+    assert captioners.params_key(cfg) != captioners.params_key(other)
+    assert captioners.params_key(cfg) == captioners.params_key(load_config(None, ["sample.ratio=0.5"]))
+    first = captioners.choose(str(tmp_path), cfg, "v10", 10)
+    assert first["url"] == captioners.folder(str(tmp_path), cfg, "v10") and "no captioner" in first["reason"]
+
+    old = fake_captioner(tmp_path, cfg, 10, "v10")
+    fake_captioner(tmp_path, cfg, 40, "v40", complete=False)  # a training still running: not a candidate
+    assert captioners.choose(str(tmp_path), cfg, "v15", 15)["url"] == old  # grew 50%: reused
+    grown = captioners.choose(str(tmp_path), cfg, "v16", 16)
+    assert grown["url"] == captioners.folder(str(tmp_path), cfg, "v16") and "grew from 10 to 16" in grown["reason"]
+    assert captioners.choose(str(tmp_path), cfg, "v16", 16, max_growth=1.0)["url"] == old
+    assert captioners.choose(str(tmp_path), cfg, "v11", 11, retrain=True)["url"].endswith("-v11")
+    # other captioner parameters never reuse it
+    assert captioners.choose(str(tmp_path), other, "v10", 10)["url"] == captioners.folder(str(tmp_path), other, "v10")
+    newer = fake_captioner(tmp_path, cfg, 16, "v16")
+    assert captioners.choose(str(tmp_path), cfg, "v17", 17)["url"] == newer  # the newest compatible one
+
+
+def test_input_fingerprint_is_path_independent(tiny_crawl, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(Path(tiny_crawl) / "train", copy)
+    here = input_fingerprint(f"{tiny_crawl}/train")
+    assert here == input_fingerprint(str(copy)) and here["shards"] == 2
+    assert input_fingerprint(str(copy), "dvc-md5")["version"] == "dvc-md5"
+
+
+def test_cpu_quota_from_cgroups(tmp_path):
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/kubepods/pod1/ctr\n")
+    (tmp_path / "kubepods" / "pod1" / "ctr").mkdir(parents=True)
+    assert _cgroup_quota(str(tmp_path), str(proc)) is None  # no cpu.max anywhere: unlimited
+    (tmp_path / "kubepods" / "pod1" / "ctr" / "cpu.max").write_text("max 100000\n")
+    (tmp_path / "kubepods" / "pod1" / "cpu.max").write_text("250000 100000\n")  # 2.5 CPUs on the pod
+    assert _cgroup_quota(str(tmp_path), str(proc)) == 2
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("300000")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000")
+    assert _cgroup_quota(str(v1), str(tmp_path / "missing")) == 3
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1")
+    assert _cgroup_quota(str(v1), str(tmp_path / "missing")) is None
+
+
+def test_torch_threads_follow_the_cpu_limit(monkeypatch):
+    from tldr_tasks.models import clip
+    from tldr_tasks.stages import base
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(base, "_cgroup_quota", lambda: 1)
+    assert clip.available_cpus() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert clip.available_cpus() == 3
+
+
+def test_parquet_helpers_round_trip_atomically(tmp_path):
+    from tldr_tasks import storage
+
+    table = pa.table({"key": ["b", "a"], "cluster": [1, 0]})
+    storage.write_parquet(str(tmp_path / "x" / "t.parquet"), table)
+    storage.write_parquet(str(tmp_path / "y.parquet"), table)
+    assert [p.name for p in (tmp_path / "x").iterdir()] == ["t.parquet"]  # no temporary file left
+    assert storage.read_parquet(str(tmp_path / "x" / "t.parquet")).equals(table)
+    assert storage.read_parquet(str(tmp_path / "x" / "t.parquet"), columns=["key"]).column_names == ["key"]
+    assert (tmp_path / "x" / "t.parquet").read_bytes() == (tmp_path / "y.parquet").read_bytes()
