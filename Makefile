@@ -9,7 +9,7 @@ FULL_STAMP := $(VENV)/.full-$(HASH)
 # torch first and pinned: a bare `torch` would resolve a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test test-fast lint airflow bench clean install
+.PHONY: demo test test-fast lint airflow bench benchmark clean install browser
 
 $(CORE_STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,11 +29,22 @@ demo: $(CORE_STAMP)
 	$(VENV)/bin/tldr-vlp demo --out runs/demo
 
 ## every test, slow end-to-end ones included (what CI runs)
-test: $(FULL_STAMP)
+test: $(FULL_STAMP) browser
 	$(VENV)/bin/pytest -q -ra
 
+## Debian's chromium, for the test that renders report.html headless (installed once, if missing)
+browser:
+	@command -v chromium >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
+
+## the README's results: 3 seeds, every selection variant, defaults chosen on validation, test reported
+## (hours on 2 CPU cores; minutes on a GPU host: add JOBS=3 there)
+JOBS ?= 1
+benchmark: $(CORE_STAMP)
+	$(VENV)/bin/tldr-vlp benchmark --seeds 0,1,2 --jobs $(JOBS) --out runs/benchmark
+
 ## the quick tests only
-test-fast: $(FULL_STAMP)
+test-fast: $(FULL_STAMP) browser
 	$(VENV)/bin/pytest -q -m "not slow"
 
 lint: $(FULL_STAMP)
@@ -43,7 +54,11 @@ lint: $(FULL_STAMP)
 airflow: $(FULL_STAMP)
 	bash scripts/airflow-local.sh
 
+## performance (not part of make test): per-stage samples/s and peak RSS against crawl size, the fast
+## paths against the slow ones, cluster + sample at 1M (benchmarks/results/; ~20-30 min on 2 cores)
 bench: $(FULL_STAMP)
+	$(PY) benchmarks/side_by_side.py
+	$(PY) benchmarks/stage_scale.py
 	$(PY) benchmarks/cluster_scale.py
 
 clean:

@@ -35,6 +35,8 @@ RESULTS = Path(__file__).parent / "results"
 sys.path.insert(0, str(Path(__file__).parent))
 from stage_scale import device_info, peak_rss_gib  # noqa: E402
 
+from tldr_tasks.runner import thread_defaults  # noqa: E402
+
 
 def kmeans(n: int = 100_000, dim: int = 128, k: int = 1000, niter: int = 20) -> dict:
     from sklearn.cluster import KMeans  # scikit-learn comes with mlflow
@@ -213,6 +215,9 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default=None, help="default: a temporary folder, deleted afterwards")
     parser.add_argument("--train-child", nargs=2, metavar=("MODE", "CRAWL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    # The executor's thread settings (passive OpenMP waits: spinning threads crawl on a busy machine),
+    # set before torch loads here or in the children, which inherit them.
+    thread_defaults()
     if args.train_child:
         train_child(args.train_child[0], Path(args.train_child[1]))
         return 0

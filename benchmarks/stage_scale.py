@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tldr_tasks.runner import thread_defaults
+
 RESULTS = Path(__file__).parent / "results"
 STAGES = ("train-captioner", "embed", "cluster", "sample", "caption", "materialize")
 # One epoch at the demo's sizes; clusters stay at about 50 samples each at every crawl size.
@@ -127,6 +129,9 @@ def main(argv=None) -> int:
     parser.add_argument("--child", nargs=3, metavar=("STAGE", "CRAWL", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    # The executor's thread settings (passive OpenMP waits: spinning threads crawl on a busy machine),
+    # set before torch loads here or in the children, which inherit them.
+    thread_defaults()
     if args.child:
         child(args.child[0], Path(args.child[1]), Path(args.child[2]), args.overrides)
         return 0

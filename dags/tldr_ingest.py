@@ -2,11 +2,12 @@
 ### tldr_ingest: register newly crawled shards as a DVC-versioned crawl
 
 Every 10 minutes, looks for complete `.tar` shards in the landing folder (`landing_url`, local or
-s3://) that are not registered yet, copies them into the DVC data repo's `crawl/` folder, runs
+s3://) whose content is not registered yet (a new name, or a known name with other bytes: a second
+crawl's `00000.tar`, listed as replaced), copies them into the DVC data repo's `crawl/` folder, runs
 `dvc add crawl` and `dvc push` (the crawl folder's md5 is the version, logged in `versions.jsonl`),
 and emits an event on the Asset `tldr_crawl` whose extra holds the version, URL and shard counts.
 `tldr_compress` is scheduled on that Asset: it recompresses the whole crawl, reusing the captioner
-and the embeddings of shards it has seen, so only the new shards are embedded.
+and the embeddings of shard contents it has seen, so only new content is embedded.
 
 Nothing new: the run stops after `find_new_shards` (skipped, not failed).
 

@@ -147,3 +147,18 @@ def test_code_index_pca_whitens_to_pca_dim(tmp_path):
     features = cluster.build_features(cfg, codes)
     assert features.dtype == np.float16 and features.shape == (100, 8)
     assert np.allclose(np.linalg.norm(features.astype(np.float32), axis=1), 1.0, atol=1e-2)
+
+
+def test_cluster_count_follows_crawl_size_and_ratio():
+    from tldr_tasks.config import Config
+    from tldr_tasks.stages.cluster import cluster_count
+
+    cfg = Config()
+    assert cfg.cluster.clusters == 0  # the default is the rule
+    assert cluster_count(cfg, 8000) == 89  # 2 * sqrt(0.25 * 8000)
+    assert cluster_count(cfg, 2_820_000) == 1679  # CC3M at 25%
+    cfg.sample.ratio = 1.0
+    assert cluster_count(cfg, 8000) == 179  # keeping more: more clusters
+    assert cluster_count(cfg, 3) == 3  # never more clusters than samples
+    cfg.cluster.clusters = 7
+    assert cluster_count(cfg, 8000) == 7  # an explicit count wins

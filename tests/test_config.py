@@ -26,7 +26,7 @@ def test_overrides_are_typed():
     ("sample.strategy=best", "sample.strategy='best' is not one of uniform"),
     ("embed.feature=pixels", "embed.feature='pixels' is not one of"),
     ("caption.fusion=merge", "caption.fusion='merge' is not one of"),
-    ("cluster.clusters=0", "cluster.clusters=0 must be >= 1"),
+    ("cluster.clusters=-1", "cluster.clusters=-1 must be >= 1, or 0 for the size rule"),
     ("cluster.clusters=many", "cluster.clusters='many': expected int"),
     ("sample.ratoi=0.2", "unknown parameter sample.ratoi"),
     ("sampel.ratio=0.2", "unknown params section 'sampel'"),

@@ -35,7 +35,7 @@ def test_bad_parameters_are_refused_before_any_work(tiny_crawl, tmp_path, capsys
 
 
 @pytest.mark.slow
-def test_compress_end_to_end(tiny_crawl, tmp_path, mlflow_store):
+def test_compress_end_to_end(tiny_crawl, tmp_path, mlflow_store, capsys):
     out = tmp_path / "run"
     argv = ["compress", "--input", str(Path(tiny_crawl) / "train"), "--out", str(out), *TINY]
     assert cli.main(argv) == 0
@@ -46,9 +46,15 @@ def test_compress_end_to_end(tiny_crawl, tmp_path, mlflow_store):
     urls = sorted(str(p) for p in (out / "shards").glob("*.tar"))
     pairs = list(wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("png;jpg;webp", "txt", "json"))
     assert len(pairs) == manifest["kept"]
-    image, text, meta = pairs[0]
-    assert image.size == (32, 32) and text.startswith(meta["original_caption"].strip()[:10])
-    assert meta["generated_caption"]
+    assert pairs[0][0].size == (32, 32)
+    # the captioner trained for one epoch (~7 steps) writes captions the gate does not trust: every
+    # KEY.txt is the original caption, and the manifest and the CLI say why
+    assert all(text == meta["original_caption"].strip() for _, text, meta in pairs)
+    assert all(meta["caption_reason"].startswith("original:") for _, _, meta in pairs)
+    assert manifest["captions"]["replaced"] == manifest["captions"]["appended"] == 0
+    assert sum(manifest["captions"].values()) == manifest["kept"]
+    printed = capsys.readouterr()
+    assert "captions: 0 generated shipped" in printed.out
     # tracked: a parent run with one nested run per stage, and the captioner registered
     client = mlflow.MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
@@ -73,11 +79,11 @@ def test_demo_writes_the_report(tmp_path, mlflow_store, monkeypatch):
             *TINY]
     assert cli.main(argv) == 0
     report = json.loads((demo_dir / "report.json").read_text())
-    for key in ("input_samples", "output_samples", "ratio", "retrieval", "retrieval_epoch_matched",
+    for key in ("input_samples", "output_samples", "ratio", "arms", "time_to_accuracy", "captions",
                 "caption_accuracy", "noise_rate_input", "noise_rate_output", "seconds", "mlflow_run_id"):
         assert key in report, key
-    assert set(report["retrieval"]) >= {"full", "tldr", "random"}
-    assert set(report["retrieval"]["tldr"]) >= {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"}
+    assert set(report["arms"]) >= {"full", "tldr", "random"}
+    assert set(report["arms"]["tldr"]["test"]) >= {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"}
     assert 0.2 < report["noise_rate_input"] < 0.45  # the crawl's 30% noise, measured from ground truth
     assert report["output_samples"] == round(0.3 * report["input_samples"])
     # DVC versions of the raw and the compressed data, pushed to the local remote

@@ -50,28 +50,35 @@ TLDR_VLP = str(Path(sys.executable).with_name("tldr-vlp"))
 STAGE_DIRS = {"train-captioner": "captioner", "embed": "embed", "cluster": "cluster", "sample": "sample",
               "caption": "caption", "materialize": "shards"}
 
-SITECUSTOMIZE = '''"""Test hook of tests/test_resume.py: sleep after every published output."""
+SITECUSTOMIZE = '''"""Test hook of tests/test_resume.py: sleep after every published output whose file name
+matches TLDR_TEST_PUBLISH_MATCH (a glob; default every file)."""
 import os
 
 if os.environ.get("TLDR_TEST_PUBLISH_DELAY"):
+    import posixpath
     import time
     from contextlib import contextmanager
+    from fnmatch import fnmatch
 
     from tldr_tasks import storage
 
     _delay = float(os.environ["TLDR_TEST_PUBLISH_DELAY"])
+    _match = os.environ.get("TLDR_TEST_PUBLISH_MATCH", "*")
     _write, _staging = storage.write_bytes_atomic, storage.local_staging
+
+    def _pause(url):
+        if fnmatch(posixpath.basename(url), _match):
+            time.sleep(_delay)
 
     def write_bytes_atomic(url, data):
         _write(url, data)
-        if not url.endswith("/params.json"):  # the executor's params record comes before any output
-            time.sleep(_delay)
+        _pause(url)
 
     @contextmanager
     def local_staging(url, suffix=""):
         with _staging(url, suffix) as local:
             yield local
-        time.sleep(_delay)
+        _pause(url)
 
     storage.write_bytes_atomic, storage.local_staging = write_bytes_atomic, local_staging
 '''
@@ -110,13 +117,14 @@ def reference(tiny_crawl, workspace) -> Path:
     return out
 
 
-def _env(workspace: Path, delay: bool) -> dict[str, str]:
+def _env(workspace: Path, delay: bool, match: str = "*") -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS and k != "TLDR_RUN_KEY"}
     env.update(MLFLOW_TRACKING_URI=f"sqlite:///{workspace}/mlflow.db", OMP_NUM_THREADS="1",
                TLDR_MLFLOW_EXPERIMENT="resume-tests")
     if delay:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(workspace / "hook"), env.get("PYTHONPATH")) if p)
         env["TLDR_TEST_PUBLISH_DELAY"] = str(DELAY_S)
+        env["TLDR_TEST_PUBLISH_MATCH"] = match
     return env
 
 
@@ -251,6 +259,7 @@ class Case:
     """How one stage resumes: what its resumed run reports, and which files hold timings or paths."""
 
     stage: str
+    part: str  # glob of the outputs the stage is killed between (below its folder)
     per_part: bool  # resumes part by part: the finished part is kept, only the rest is written
     resumed: dict  # metrics of the run that finishes the killed one
     compared_apart: tuple[str, ...] = ()  # compared without their timings and paths
@@ -258,17 +267,12 @@ class Case:
 
 # train-captioner (DeepSpeed checkpoints) and evaluate (cached arms) have tests of their own below.
 CASES = (
-    Case("embed", True, {"shards_reused": 1, "shards_embedded": 1}),
-    Case("cluster", False, {"samples": 200}, ("stats.json",)),
-    Case("sample", False, {"kept": 60}),
-    Case("caption", True, {"shards_skipped": 1, "shards_done": 1}),
-    Case("materialize", True, {"kept": 60, "output_shards": 6}, ("manifest.json",)),
+    Case("embed", "*.npz", True, {"shards_reused": 1, "shards_embedded": 1}),
+    Case("cluster", "*.parquet", False, {"samples": 200}, ("stats.json",)),
+    Case("sample", "*.parquet", False, {"kept": 60}),
+    Case("caption", "*.parquet", True, {"shards_skipped": 1, "shards_done": 1}),
+    Case("materialize", "*.tar", True, {"kept": 60, "output_shards": 6}, ("manifest.json",)),
 )
-
-
-def published(folder: Path) -> list[Path]:
-    """The stage's outputs under their final names (not its params record)."""
-    return [p for p in files(folder).values() if p.name != PARAMS_RECORD and ".tmp-" not in p.name]
 
 
 def without_volatile(path: Path) -> dict:
@@ -287,19 +291,20 @@ def test_stage_killed_after_its_first_output_resumes_to_the_same_bytes(case, tin
     folder, expected = out / STAGE_DIRS[case.stage], reference / STAGE_DIRS[case.stage]
     command = _command(case.stage, tiny_crawl, out, *(("--shard-index", "0", "--num-shards", "1")
                                                       if spec.sharded else ()))
-    start_and_kill(command, _env(workspace, delay=True), lambda: bool(published(folder)), tmp_path / "killed.log")
+    start_and_kill(command, _env(workspace, delay=True, match=case.part), lambda: any(folder.rglob(case.part)),
+                   tmp_path / "killed.log")
 
-    done = published(folder)
-    assert len(done) == 1  # killed right after its first output was published
+    done = sorted(folder.rglob(case.part))
+    assert len(done) == 1  # killed right after its first part was published
     assert_no_partial_files(folder)
     if spec.done_marker:
         assert not (folder / spec.done_marker).exists()  # the done marker comes last
     first = done[0].relative_to(folder)
-    assert done[0].read_bytes() == (expected / first).read_bytes() or str(first) in case.compared_apart
+    assert done[0].read_bytes() == (expected / first).read_bytes()  # complete under its final name
     before = stamps(done)
     leftover = None
     if case.per_part:  # beside the finished part, what a kill inside the next part's write leaves
-        second = next(p for p in sorted(expected.rglob(f"*{first.suffix}")) if p.relative_to(expected) != first)
+        second = next(p for p in sorted(expected.rglob(case.part)) if p.relative_to(expected) != first)
         leftover = plant_partial_write(folder / second.relative_to(expected), second)
 
     summary = run_to_end(command, _env(workspace, delay=False), tmp_path)
@@ -333,10 +338,12 @@ EVAL_ARGS = ["--eval-input", "EVAL", "--set", "evaluate.preset=micro", "--set", 
              "--set", "evaluate.batch_size=32"]
 
 
-def _without_timings(report: dict) -> dict:
-    for protocol in ("retrieval", "retrieval_epoch_matched"):
-        for metrics in report[protocol].values():
-            metrics.pop("train_seconds")
+def _without_timings(report):
+    """The report without its wall-clock times (any `*_seconds` key, at any depth)."""
+    if isinstance(report, dict):
+        return {k: _without_timings(v) for k, v in report.items() if not k.endswith("seconds")}
+    if isinstance(report, list):
+        return [_without_timings(v) for v in report]
     return report
 
 
@@ -351,7 +358,8 @@ def test_evaluate_reuses_finished_arms_after_a_kill(tiny_crawl, reference, works
     shutil.copytree(reference, out)
     arms = out / "evaluate" / "arms"
     command = _command("evaluate", tiny_crawl, out, *args)
-    start_and_kill(command, _env(workspace, delay=True), lambda: arms.exists() and any(arms.glob("*.json")),
+    start_and_kill(command, _env(workspace, delay=True, match="*-*-*.json"),  # arms/<arm>-<steps>-<digest>.json
+                   lambda: arms.exists() and any(arms.glob("*.json")),
                    tmp_path / "killed.log")
     done = sorted(arms.glob("*.json"))
     assert len(done) == 1 and not (out / "evaluate" / "report.json").exists()

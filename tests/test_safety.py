@@ -255,7 +255,7 @@ def test_the_manifest_names_its_input_without_credentials(tmp_path):
     from PIL import Image
 
     from tldr_tasks.data.shards import ShardWriter, encode_json
-    from tldr_tasks.stages import materialize
+    from tldr_tasks.stages import caption, materialize
 
     # fsspec's in-memory filesystem takes `AKIAKEY:secret@bucket/...` as a plain path, so the URL
     # below resolves without any network while carrying userinfo like a real s3:// URL would.
@@ -265,8 +265,7 @@ def test_the_manifest_names_its_input_without_credentials(tmp_path):
     tables = {"cluster/assignments.parquet": [{"key": f"{i:04d}", "shard": "00000", "cluster": 0, "distance": 0.0,
                                                "loss": 1.0} for i in range(4)],
               "cluster/rejects.parquet": [{"key": "0009", "shard": "00000", "reason": "undecodable image"}],
-              "sample/selected.parquet": [{"key": "0001", "shard": "00000", "cluster": 0}],
-              "caption/00000.parquet": [{"key": "0001", "generated": "a red square"}]}
+              "sample/selected.parquet": [{"key": "0001", "shard": "00000", "cluster": 0}]}
     for name, rows in tables.items():
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(rows), out / name)
@@ -276,7 +275,12 @@ def test_the_manifest_names_its_input_without_credentials(tmp_path):
         with ShardWriter(crawl, shard_size=4) as writer:
             for i in range(4):
                 writer.write(f"{i:04d}", {"png": buffer.getvalue(), "txt": b"caption", "json": encode_json({})})
-        result = materialize.run(load_config(), StageIO(input=crawl, out=str(out)))
+        io = StageIO(input=crawl, out=str(out))
+        part = Path(caption.output_url(io, "00000"))  # named by the shard's content
+        part.parent.mkdir(parents=True, exist_ok=True)
+        row = {"key": "0001", "original": "caption", "generated": "a red square"}
+        pq.write_table(pa.Table.from_pylist([row]), part)
+        result = materialize.run(load_config(), io)
     finally:
         fsspec.filesystem("memory").rm(bucket, recursive=True)
     assert result.metrics["kept"] == 1

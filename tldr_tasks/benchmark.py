@@ -44,14 +44,15 @@ class Variant:
     name: str
     strategy: str
     alignment: str
+    cluster_scale: int = 1  # clusters = this times the size rule (finer clusters cap near-duplicates harder)
 
 
 VARIANTS = (
     Variant("paper_uniform", "uniform", "none"),  # the paper's sampling
     Variant("released_global_half", "uniform", "global_pool"),  # the released code's filter
     Variant("uniform_cluster_pool", "uniform", "cluster_pool"),
-    Variant("balanced", "balanced", "none"),
     Variant("balanced_cluster_pool", "balanced", "cluster_pool"),
+    Variant("balanced_cluster_pool_fine", "balanced", "cluster_pool", cluster_scale=4),
 )
 
 
@@ -73,6 +74,7 @@ def run_seed(out: Path, cfg: Config, seed: int, variants=VARIANTS) -> dict:
     """Every variant of one seed; returns (and keeps in seed{seed}/reports.json) {variant: evaluate's
     report.json plus the manifest's caption counts}, and under "_gate" the calibration of the caption
     gate on this seed's validation images and the threshold every variant of the seed then used."""
+    from tldr_tasks import storage
     from tldr_tasks.data.synthetic import make_crawl
     from tldr_tasks.pipeline import load_stage_module
     from tldr_tasks.runner import compress
@@ -96,8 +98,15 @@ def run_seed(out: Path, cfg: Config, seed: int, variants=VARIANTS) -> dict:
     for number, variant in enumerate(variants):
         vcfg = from_dict(seed_cfg.to_dict()).validate()
         vcfg.sample.strategy, vcfg.sample.alignment = variant.strategy, variant.alignment
-        # The baselines do not depend on the selection rule: the first variant trains them once.
-        vcfg.evaluate.arms = [*(BASELINE_ARMS if number == 0 else ()), *FUSION_ARMS]
+        if variant.cluster_scale != 1:
+            from tldr_tasks.runner import count_input_samples
+            from tldr_tasks.stages.cluster import cluster_count
+
+            samples = count_input_samples(storage.expand_shards(base.input))
+            vcfg.cluster.clusters = variant.cluster_scale * cluster_count(vcfg, samples)
+        # The baselines do not depend on the selection rule: the first variant trains them once, with
+        # every fusion; the paper's concatenation (collapses the text tower here) only there.
+        vcfg.evaluate.arms = [*BASELINE_ARMS, *FUSION_ARMS] if number == 0 else [*FUSION_ARMS[:-1]]
         io = StageIO(input=base.input, out=str(root / variant.name), eval_input=base.eval_input,
                      captioner=base.captioner_dir, embed_cache=str(root / "embed"))
         print(f"benchmark: seed {seed}, {variant.name} ({number + 1}/{len(variants)})", file=sys.stderr, flush=True)
@@ -144,8 +153,9 @@ def choose_on_validation(per_seed: list[dict]) -> dict:
     variants = [v for v in per_seed[0] if not v.startswith("_")]
     for variant in variants:
         for arm in FUSION_ARMS:
-            scores[(variant, arm)] = float(np.mean([seed[variant]["arms"][arm]["validation"]["mean_r1"]
-                                                    for seed in per_seed]))
+            if arm in per_seed[0][variant]["arms"]:
+                scores[(variant, arm)] = float(np.mean([seed[variant]["arms"][arm]["validation"]["mean_r1"]
+                                                        for seed in per_seed]))
     variant, arm = max(scores, key=scores.get)
     return {"variant": variant, "fusion": arm.removeprefix("tldr_"),
             "validation_mean_r1": {f"{v}/{a}": round(s, 2) for (v, a), s in sorted(scores.items())},

@@ -69,7 +69,21 @@ def compress_main(argv: list[str]) -> int:
     print(f"kept {manifest['kept']} of {manifest['input_samples']} samples "
           f"({manifest['dropped']} dropped by selection, {manifest['rejected']} rejected: see "
           f"{args.out}/shards/rejects.jsonl); shards in {args.out}/shards; MLflow run {summary['mlflow_run_id']}")
+    print(caption_summary(manifest))
     return 0
+
+
+def caption_summary(manifest: dict) -> str:
+    """One line on which captions shipped and why the others kept their original."""
+    counts = manifest["captions"]
+    kept_original = {reason.removeprefix("original:"): n for reason, n in counts.items()
+                     if reason.startswith("original:") and n}
+    line = (f"captions: {counts['replaced'] + counts['appended']} generated shipped ({counts['replaced']} replaced, "
+            f"{counts['appended']} appended), {sum(kept_original.values())} kept the original"
+            + (f" ({', '.join(f'{k} {v}' for k, v in kept_original.items())})" if kept_original else ""))
+    if manifest["collapse_check"]["collapsed"]:
+        line += "; the captioner COLLAPSED, so no generated caption shipped (see collapse_check in the manifest)"
+    return line
 
 
 def demo_main(argv: list[str]) -> int:

@@ -37,7 +37,7 @@ class CrawlConfig:
     """The synthetic benchmark crawl (`tldr-vlp make-crawl`)."""
 
     samples: int = 8000
-    eval_samples: int = 1000
+    eval_samples: int = 2000  # halved by key into a validation and a test split
     image_size: int = 64
     noise: float = 0.3  # share of captions that are web noise
     prototypes: int = 1500  # distinct scenes; popularity is Zipf-distributed
@@ -101,14 +101,14 @@ class EmbedConfig:
 
 @dataclass
 class ClusterConfig:
-    clusters: int = 100
+    clusters: int = 0  # 0: round(2 * sqrt(sample.ratio * samples)) (stages/cluster.py: cluster_count)
     niter: int = 20
     pca_dim: int = 256  # only for the code_index_pca feature (the released code's 256-d whitening)
     max_points_per_centroid: int = 256  # k-means trains on at most clusters * this many points
     assign_batch: int = 262144
 
     def validate(self):
-        _check(self.clusters >= 1, f"cluster.clusters={self.clusters} must be >= 1")
+        _check(self.clusters >= 0, f"cluster.clusters={self.clusters} must be >= 1, or 0 for the size rule")
         _check(self.niter >= 1, f"cluster.niter={self.niter} must be >= 1")
 
 

@@ -82,7 +82,7 @@ def ship_caption(key: str, original: str, generated: str, confidence: float, gro
 def _entropy_bits(texts: list[str]) -> float:
     counts = Counter(texts)
     total = sum(counts.values())
-    return -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
+    return max(0.0, -sum(c / total * math.log2(c / total) for c in counts.values())) if total else 0.0
 
 
 def collapse_check(originals: list[str], generated: list[str], min_entropy_ratio: float) -> dict:

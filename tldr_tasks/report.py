@@ -289,7 +289,7 @@ STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
 h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd}
 table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}
-.charts img{margin:4px;border:1px solid #eee}.grid{display:flex;flex-wrap:wrap;gap:8px}
+.charts img{margin:4px;border:1px solid #eee;width:420px}.grid{display:flex;flex-wrap:wrap;gap:8px}
 .card{width:190px;border:3px solid #ccc;border-radius:6px;padding:6px;font-size:12px}
 .card.kept{border-color:#2a9d4b}.card.dropped{border-color:#bbb;opacity:.75}
 .badge{font-weight:bold}.kept .badge{color:#2a9d4b}.dropped .badge{color:#777}
@@ -319,39 +319,43 @@ def _card(card: dict) -> str:
     return f'<div class="card {state}">{image}' + "<br>".join(lines) + "</div>"
 
 
+def _rows(items) -> str:
+    return "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in items)
+
+
 def render_report(run_dir: str) -> str:
-    """The report page of the run in `run_dir`, as one self-contained HTML string."""
+    """The report page of the run in `run_dir`, as one self-contained HTML string: what was kept first
+    (charts, the sample grid), the full tables after."""
     run = load_run(run_dir)
     manifest = run["manifest"]
     metrics = summary_metrics(run)
+    params = params_of(run)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>tldr-vlp report: {html.escape(run_dir)}"
              f"</title><style>{STYLE}</style></head><body>",
              f"<h1>tldr-vlp run {html.escape(run_dir)}</h1>",
-             f"<p>input {_fmt(manifest.get('input'))} (version {_fmt(manifest.get('input_version'))}), "
-             f"config {_fmt(manifest.get('config_hash'))}</p>",
-             "<h2>Parameters and metrics</h2><table>",
-             *(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in params_of(run).items()),
-             *(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in metrics.items()
-               if not k.startswith("eval.")), "</table>"]
-    if run["embed_status"]:
-        parts += ["<h2>Input shards</h2><table><tr><th>shard</th><th>embed</th><th>content md5</th></tr>",
-                  *(f"<tr><td>{html.escape(s)}</td><td>{html.escape(r['status'])}</td><td>{html.escape(r['digest'])}"
-                    f"</td></tr>" for s, r in sorted(run["embed_status"].items())), "</table>"]
+             f"<p>kept <b>{_fmt(manifest.get('kept'))}</b> of {_fmt(manifest.get('input_samples'))} samples "
+             f"({_fmt(manifest.get('dropped'))} dropped, {_fmt(manifest.get('rejected'))} rejected); "
+             + ", ".join(f"{html.escape(k)} {_fmt(v)}" for k, v in params.items())
+             + f"<br><span class='muted'>input {_fmt(manifest.get('input'))} (version "
+             f"{_fmt(manifest.get('input_version'))}), config {_fmt(manifest.get('config_hash'))}</span></p>"]
     charts = [("cluster sizes", cluster_sizes_chart(run)), ("alignment, input vs kept", alignment_chart(run)),
               ("retrieval", retrieval_chart(run)), ("learning curves", learning_chart(run))]
-    parts.append('<h2>Charts</h2><div class="charts">')
+    parts.append('<div class="charts">')
     parts += [f'<img src="{uri}" alt="{title}" title="{title}">' for title, uri in charts if uri]
-    parts.append("</div>")
-    if run["evaluation"]:
-        evaluated = {k.removeprefix("eval."): v for k, v in metrics.items() if k.startswith("eval.")}
-        parts += ["<h2>Evaluation</h2><table>",
-                  *(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in evaluated.items()),
-                  "</table>"]
-    parts.append("<h2>Samples by cluster</h2>")
+    parts.append("</div><h2>Samples by cluster</h2>")
     for cluster, size, kept, cards in sample_cards(run):
         parts.append(f"<h3>cluster {cluster}: {size} samples, {kept} kept</h3><div class='grid'>")
         parts += [_card(c) for c in cards]
         parts.append("</div>")
+    parts += ["<h2>Metrics</h2><table>", _rows((k, v) for k, v in metrics.items() if not k.startswith("eval.")),
+              "</table>"]
+    if run["embed_status"]:
+        parts += ["<h2>Input shards</h2><table><tr><th>shard</th><th>embed</th><th>content md5</th></tr>",
+                  *(f"<tr><td>{html.escape(s)}</td><td>{html.escape(r['status'])}</td><td>{html.escape(r['digest'])}"
+                    f"</td></tr>" for s, r in sorted(run["embed_status"].items())), "</table>"]
+    if run["evaluation"]:
+        parts += ["<h2>Evaluation</h2><table>",
+                  _rows((k.removeprefix("eval."), v) for k, v in metrics.items() if k.startswith("eval.")), "</table>"]
     parts.append("</body></html>")
     return "\n".join(parts)
 

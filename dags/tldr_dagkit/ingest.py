@@ -48,12 +48,14 @@ def build_ingest_dag(dag_id: str, doc_md: str | None) -> DAG:
             print(f"{len(found)} new shard(s) in {params['landing_url']}: {found[:20]}")
             return found
 
-        @task(outlets=[CRAWL_ASSET])
+        @task(outlets=[CRAWL_ASSET], multiple_outputs=False)  # one XCom: the record, as the Asset event carries it
         def register_version(shards: list[str], params=None, outlet_events=None) -> dict:
             """Copy in, `dvc add` + `dvc push`; the Asset event carries the version to tldr_compress."""
             from tldr_dagkit.crawl_registry import register
 
             record = register(list(shards), params["data_repo"], params["dvc_remote"])
+            print(f"crawl version {record['version']}: {record['shards']} shard(s), new {record['new_shards']}, "
+                  f"of which replaced (a known name, other content) {record['replaced_shards']}")
             outlet_events[CRAWL_ASSET].extra = record
             return record
 

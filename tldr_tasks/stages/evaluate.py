@@ -337,12 +337,16 @@ def score(model, tokenizer, eval_split: Split, groups, zero_shot: ZeroShot | Non
     return metrics
 
 
-def _cache_url(io: StageIO, cfg: Config, arm: str, steps: int, captions: list[str]) -> str:
-    """Finished trainings are kept per (arm, data, settings) so a restarted evaluation resumes."""
-    settings = json.dumps({"seed": cfg.seed, "evaluate": cfg.to_dict()["evaluate"], "steps": steps,
-                           "captions": hashlib.sha256("\n".join(captions).encode()).hexdigest()}, sort_keys=True)
-    digest = hashlib.sha256(settings.encode()).hexdigest()[:10]
-    return storage.join(io.evaluate_dir, "arms", f"{arm}-{steps}-{digest}.json")
+def _cache_url(io: StageIO, cfg: Config, arm: Arm, steps: int, tokenizer) -> str:
+    """Finished trainings are kept by what they trained on (settings, tokenizer, images, captions): a restarted
+    evaluation resumes, and two arms with the same data (the shards' own fusion re-decided, or every
+    fusion of a collapsed run) train once."""
+    digest = hashlib.sha256(json.dumps({"seed": cfg.seed, "evaluate": cfg.to_dict()["evaluate"], "steps": steps},
+                                       sort_keys=True).encode())
+    digest.update(tokenizer.to_json().encode())
+    digest.update(np.ascontiguousarray(arm.images).tobytes())
+    digest.update("\n".join(arm.captions).encode())
+    return storage.join(io.evaluate_dir, "arms", f"{steps}-{digest.hexdigest()[:16]}.json")
 
 
 def train_and_score(arm: Arm, tokenizer, splits: dict[str, Split], steps: int, cfg: Config) -> dict:
@@ -452,7 +456,7 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     steps = training_steps(len(full), ev.epochs, ev.batch_size)
     results: dict[str, dict] = {}
     for name, arm in arms.items():
-        cache = _cache_url(io, cfg, name, steps, arm.captions)
+        cache = _cache_url(io, cfg, arm, steps, tokenizer)
         if storage.exists(cache):
             results[name] = json.loads(storage.read_text(cache))
         else:
