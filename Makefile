@@ -41,7 +41,7 @@ browser:
 ## (hours on 2 CPU cores; minutes on a GPU host: add JOBS=3 there)
 JOBS ?= 1
 benchmark: $(CORE_STAMP)
-	$(VENV)/bin/tldr-vlp benchmark --seeds 0,1,2 --jobs $(JOBS) --out runs/benchmark
+	$(VENV)/bin/tldr-vlp benchmark --seeds 0,1,2 --jobs $(JOBS) --out runs/benchmark --readme README.md
 
 ## the quick tests only
 test-fast: $(FULL_STAMP) browser

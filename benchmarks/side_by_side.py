@@ -4,7 +4,7 @@
 
 - k-means: the cluster stage's `train_kmeans` (faiss, AFK-MC2 seeding) against scikit-learn's
   KMeans (k-means++, Lloyd), 100k x 128 float32 points in 1000 Gaussian blobs, k=1000, 20 iterations,
-  both on all points; the mean squared distance to the nearest centroid shows they solve it as well.
+  both on all points; the mean squared distance to the nearest centroid compares their solutions.
 - captioning: beam search (3 beams, 30 new tokens, every caption forced to full length so both arms
   do the same work) in batches of 128 with the KV cache, against one image at a time without it.
 - embed: the embed stage's `embed_shard` with its batch size against the same code with batch 1

@@ -1,6 +1,6 @@
 """Per-stage throughput and peak memory against crawl size, on whatever device is present.
 
-    .venv/bin/python benchmarks/stage_scale.py                       # sizes 2000,6000,18000 (make bench)
+    .venv/bin/python benchmarks/stage_scale.py                       # sizes 2000,5000,12500 (make bench)
     .venv/bin/python benchmarks/stage_scale.py --sizes 1000,4000 --workdir /tmp/scale
 
 For every size: a synthetic crawl (64 px, the demo's settings), then train-captioner (one epoch),
@@ -124,7 +124,7 @@ def plot(records: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="2000,6000,18000", help="crawl sizes, comma-separated")
+    parser.add_argument("--sizes", default="2000,5000,12500", help="crawl sizes, comma-separated")
     parser.add_argument("--workdir", default=None, help="default: a temporary folder, deleted afterwards")
     parser.add_argument("--child", nargs=3, metavar=("STAGE", "CRAWL", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help=argparse.SUPPRESS)

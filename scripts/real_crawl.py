@@ -60,7 +60,8 @@ def caption_for(emoji: dict, skin_key: str = "") -> str:
     category = (emoji.get("category") or "").lower()
     text = name + skin_phrase(skin_key)
     if subcategory and category:
-        text += f", a {subcategory} emoji from the {category} set"
+        article = "an" if subcategory[0] in "aeiou" else "a"
+        text += f", {article} {subcategory} emoji from the {category} set"
     elif category:
         text += f", an emoji from the {category} set"
     return text

@@ -55,3 +55,16 @@ def test_gate_threshold_is_the_lowest_precise_enough():
     assert benchmark.gate_threshold([{"min_grounding": 0.0, "precision": 0.5},
                                      {"min_grounding": 2.0, "precision": None}]) == math.inf
     assert benchmark.ci95([3.0]) == 0.0
+
+
+def test_readme_block_is_replaced_and_nothing_else(tmp_path):
+    result = benchmark.assemble([_seed(0), _seed(1)], [0, 1], benchmark.choose_on_validation([_seed(0), _seed(1)]))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{benchmark.README_START}\nold table\n{benchmark.README_END}\noutro\n")
+    benchmark.update_readme(str(readme), result)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old table" not in text
+    assert benchmark.markdown(result) in text
+    readme.write_text("no block")
+    with pytest.raises(ValueError, match="benchmark:start"):
+        benchmark.update_readme(str(readme), result)

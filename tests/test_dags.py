@@ -118,7 +118,7 @@ def validated(dag, conf: dict) -> dict:
 
 
 @pytest.mark.parametrize("conf", [
-    {"ratio": 1.5}, {"ratio": 0}, {"ratio": -0.1}, {"clusters": 0}, {"clusters": 2.5},
+    {"ratio": 1.5}, {"ratio": 0}, {"ratio": -0.1}, {"clusters": -1}, {"clusters": 2.5},
     {"feature": "pixels"}, {"strategy": "best"}, {"fusion": "merge"}, {"captioner_preset": "huge"},
     {"runner": "slurm"}, {"shard_groups": 0}, {"run_evaluation": "yes"}, {"input_url": ""},
     {"overrides": ["not an override"]},

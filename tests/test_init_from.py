@@ -128,7 +128,6 @@ def test_init_from_copies_a_remote_folder_once(tmp_path, monkeypatch):
     import fsspec
 
     monkeypatch.setenv("TLDR_CACHE_DIR", str(tmp_path / "cache"))
-    (tmp_path / "cache").mkdir()
     save_vision(tmp_path / "enc", "vit")
     fs = fsspec.filesystem("memory")
     for name in os.listdir(tmp_path / "enc"):

@@ -70,6 +70,7 @@ def test_train_exports_a_loadable_captioner(trained, tiny_crawl):
     assert 0 < result.metrics["final_lm_loss"] < 8 and result.metrics["final_train_loss"] < 8
     assert cap.is_complete(io.captioner_dir)
     assert not Path(io.captioner_dir, "checkpoints").exists()  # removed once the export is complete
+    assert not torch.distributed.is_initialized()  # the stage's own process group is destroyed at the end
     saved = json.loads(Path(io.captioner_dir, cap.CONFIG).read_text())
     assert saved["run_config"] == cfg.to_dict()
     assert saved["arch"]["codebook_size"] == 64 and saved["arch"]["image_size"] == 32
@@ -110,6 +111,15 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(trained, tiny_crawl, tm
     a, b = weights(full_io), weights(io)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bf16_autocast_keeps_fp32_weights_and_trains(tiny_crawl, tmp_path):
+    cfg = config("captioner.precision=bf16-autocast", "captioner.epochs=1")
+    assert tc.deepspeed_config(cfg.captioner, total_steps=10, world=1)["bf16"]["enabled"] is False
+    io = train_io(tiny_crawl, tmp_path)
+    result = tc.run(cfg, io)
+    assert 0 < result.metrics["final_lm_loss"] < 8
+    assert all(t.dtype == torch.float32 for t in weights(io).values())
 
 
 def test_deepspeed_config_from_captioner_config():

@@ -106,7 +106,7 @@ def demo_main(argv: list[str]) -> int:
 
 
 def benchmark_main(argv: list[str]) -> int:
-    from tldr_tasks.benchmark import VARIANTS, benchmark, markdown
+    from tldr_tasks.benchmark import VARIANTS, benchmark, markdown, update_readme
 
     parser = argparse.ArgumentParser(prog="tldr-vlp benchmark", description="Regenerate the README's results: "
                                      "every seed's crawl compressed by every selection variant and evaluated; "
@@ -117,6 +117,7 @@ def benchmark_main(argv: list[str]) -> int:
     parser.add_argument("--variants", default=",".join(v.name for v in VARIANTS),
                         help="selection variants to compare (default: all of " + ", ".join(v.name for v in VARIANTS)
                         + "); the first also trains the baselines")
+    parser.add_argument("--readme", help="also write the results table into this README's benchmark block")
     parser.add_argument("--samples", type=int, help="crawl size (default 8000)")
     parser.add_argument("--noise", type=float, help="share of noisy captions (default 0.3)")
     _add_shortcuts(parser)
@@ -132,6 +133,8 @@ def benchmark_main(argv: list[str]) -> int:
         result = benchmark(args.out, cfg, seeds, variants, jobs=args.jobs)
     except ConfigError as err:
         parser.error(str(err))
+    if args.readme:
+        update_readme(args.readme, result)
     print(markdown(result))
     print(f"{args.out}/benchmark.json, {args.out}/learning_curve.png")
     return 0

@@ -16,12 +16,10 @@ import sys
 from fnmatch import fnmatch
 
 from tldr_tasks import storage
-from tldr_tasks.report import load_run, summary_metrics
+from tldr_tasks.report import PARAMS, load_run, summary_metrics
 
 # The rows shown without --all; a pattern matches a run folder's metric ("kept") and the stage-prefixed
 # name an MLflow parent run carries ("materialize.kept") alike.
-KEY_PARAMS = ("seed", "embed.feature", "cluster.clusters", "sample.ratio", "sample.strategy", "sample.alignment",
-              "caption.fusion", "captioner.preset", "captioner.epochs", "evaluate.epochs")
 KEY_METRICS = ("*input_samples", "*kept", "*dropped", "*rejected", "ratio", "*.ratio", "clusters", "*cluster_size_*",
                "*alignment_mean_*", "*confidence_mean", "*shards_embedded", "*shards_reused", "*shards_replaced",
                "*test.*.mean_r1", "*noise_rate_*", "*time_to_accuracy.*", "seconds.*")
@@ -59,11 +57,11 @@ def _same(values: list) -> bool:
 
 def table(runs: list[dict], show_all: bool = False) -> list[tuple[str, list, bool]]:
     """Rows (name, one value per run, differs): parameters first, then metrics; only the key ones
-    (KEY_PARAMS, KEY_METRICS) unless `show_all`."""
+    (PARAMS, KEY_METRICS) unless `show_all`."""
     rows = []
     for kind in ("params", "metrics"):
         for name in sorted({name for run in runs for name in run[kind]}):
-            key = name in KEY_PARAMS if kind == "params" else any(fnmatch(name, p) for p in KEY_METRICS)
+            key = name in PARAMS if kind == "params" else any(fnmatch(name, p) for p in KEY_METRICS)
             if key or show_all:
                 values = [run[kind].get(name) for run in runs]
                 rows.append((name, values, not _same(values)))

@@ -101,7 +101,7 @@ class EmbedConfig:
 
 @dataclass
 class ClusterConfig:
-    clusters: int = 0  # 0: round(2 * sqrt(sample.ratio * samples)) (stages/cluster.py: cluster_count)
+    clusters: int = 0  # 0: round(8 * sqrt(sample.ratio * samples)) (stages/cluster.py: cluster_count)
     niter: int = 20
     pca_dim: int = 256  # only for the code_index_pca feature (the released code's 256-d whitening)
     max_points_per_centroid: int = 256  # k-means trains on at most clusters * this many points
@@ -115,7 +115,7 @@ class ClusterConfig:
 @dataclass
 class SampleConfig:
     ratio: float = 0.25
-    strategy: str = "uniform"
+    strategy: str = "balanced"  # chosen on the benchmark's validation split (README, Results)
     alignment: str = "cluster_pool"  # which pairs fill a cluster's quota (see stages/sample.py)
     aligned_share: float = 0.5  # the pool: this share of the better-aligned pairs (released code: half)
 

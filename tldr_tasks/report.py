@@ -33,8 +33,9 @@ from tldr_tasks import storage
 CLUSTERS_SHOWN = 8
 PER_CLUSTER = 3  # kept and dropped samples shown per cluster, each
 THUMB_PX = 112
+# The key parameters: the report's headline and `compare`'s rows.
 PARAMS = ("seed", "embed.feature", "cluster.clusters", "sample.ratio", "sample.strategy", "sample.alignment",
-          "caption.fusion", "captioner.preset", "evaluate.epochs")
+          "caption.fusion", "captioner.preset", "captioner.epochs", "evaluate.epochs")
 
 
 def _read_json(url: str) -> dict | None:

@@ -80,8 +80,9 @@ def compress_params() -> dict[str, Param]:
                                         "under <root> are shared, so a rerun only embeds new shards."),
         "ratio": Param(d.sample.ratio, type="number", exclusiveMinimum=0, maximum=1, title="Keep ratio",
                        description="Share of the crawl to keep, in (0, 1]; the paper keeps 0.25."),
-        "clusters": Param(d.cluster.clusters, type="integer", minimum=1, title="Clusters",
-                          description="k-means clusters over the codebook features (paper: 3000 for CC3M)."),
+        "clusters": Param(d.cluster.clusters, type="integer", minimum=0, title="Clusters",
+                          description="k-means clusters over the codebook features (paper: 3000 for CC3M); "
+                                      "0 = round(2 * sqrt(ratio * samples))."),
         "feature": Param(d.embed.feature, type="string", enum=list(FEATURES), title="Clustering feature",
                          description="How an image's codebook codes become a vector."),
         "strategy": Param(d.sample.strategy, type="string", enum=list(STRATEGIES), title="Sampling strategy",

@@ -65,21 +65,25 @@ class ShardIndex:
 def index_shards(urls: list[str], keep_captions: int) -> tuple[ShardIndex, list[str]]:
     """(trainable samples per shard, the first `keep_captions` trainable captions in input order)."""
 
-    def scan(url: str) -> tuple[int, list[str]]:
+    def scan(url: str, keep: int) -> tuple[int, list[str]]:
         count, captions = 0, []
         for item in iter_raw_shard(url):
             caption = trainable_caption(item)
             if caption is not None:
                 count += 1
-                if len(captions) < keep_captions:
+                if len(captions) < keep:
                     captions.append(caption)
         return count, captions
 
     counts, captions = [], []
     with ThreadPoolExecutor(INDEX_THREADS) as pool:
-        for count, shard_captions in pool.map(scan, urls):
-            counts.append(count)
-            captions.extend(shard_captions[: keep_captions - len(captions)])
+        # A window of shards at a time: at most that many shards' captions are held at once.
+        for start in range(0, len(urls), 2 * INDEX_THREADS):
+            window = urls[start: start + 2 * INDEX_THREADS]
+            keep = keep_captions - len(captions)
+            for count, shard_captions in pool.map(scan, window, [keep] * len(window)):
+                counts.append(count)
+                captions.extend(shard_captions[: keep_captions - len(captions)])
     if not sum(counts):
         raise ValueError(f"no captioned samples in {len(urls)} input shard(s): check --input")
     return ShardIndex(list(urls), counts), captions
@@ -143,7 +147,7 @@ class TrainStream(IterableDataset):
         for step in range(self.start_step, self.steps()):
             pieces = [next(c) for c in chunks]
             samples = [s for piece in pieces for s in piece]
-            yield self._collate(step, samples)
+            yield collate(step, samples, self.image_size, self.tokenizer, self.max_tokens)
 
     def _chunks(self, stream: int) -> Iterator[list]:
         """Decoded chunks of one stream from start_step on; the last one holds whatever remains."""
@@ -156,7 +160,7 @@ class TrainStream(IterableDataset):
             next(raw, None)
         for step in range(self.start_step, self.steps()):
             take = self.chunk if step < full_steps else end - begin  # the tail: all that is left
-            yield [s for s in (self._decode(r) for _, r in zip(range(take), raw)) if s is not None]
+            yield [s for s in (decode(r) for _, r in zip(range(take), raw)) if s is not None]
 
     def _range(self, begin: int, end: int) -> Iterator[RawSample]:
         """Trainable raw samples [begin, end) of this epoch's shard order."""
@@ -178,28 +182,31 @@ class TrainStream(IterableDataset):
             if offset >= end:
                 return
 
-    @staticmethod
-    def _decode(raw: RawSample):
-        sample = raw.decode()
-        if isinstance(sample, Rejected):
-            # Members that looked fine but pixels that do not decode: rare; the step is one sample short.
-            log.warning("skipping %s/%s in training: %s", raw.shard, raw.key, sample.reason)
-            return None
-        return sample
 
-    def _collate(self, step: int, samples: list) -> dict:
-        from tldr_tasks.models.captioner import images_to_uint8, tokenize_captions
+def decode(raw: RawSample):
+    """The decoded Sample, or None (logged) when its pixels do not decode."""
+    sample = raw.decode()
+    if isinstance(sample, Rejected):
+        # Members that looked fine but pixels that do not decode: rare; the step is one sample short.
+        log.warning("skipping %s/%s in training: %s", raw.shard, raw.key, sample.reason)
+        return None
+    return sample
 
-        width = self.max_tokens + 2
-        ids = torch.full((len(samples), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(samples), width), dtype=torch.long)
-        pixels = torch.zeros((0, 3, self.image_size, self.image_size), dtype=torch.uint8)
-        if samples:
-            pixels = images_to_uint8([s.image for s in samples], self.image_size)
-            piece_ids, piece_mask = tokenize_captions(self.tokenizer, [s.caption for s in samples], self.max_tokens)
-            ids[:, : piece_ids.shape[1]], mask[:, : piece_mask.shape[1]] = piece_ids, piece_mask
-        return {"step": step, "keys": [f"{s.shard}/{s.key}" for s in samples], "pixels": pixels, "input_ids": ids,
-                "attention_mask": mask, "length": int(mask.sum(1).max()) if samples else 0}
+
+def collate(step: int, samples: list, image_size: int, tokenizer, max_tokens: int) -> dict:
+    """One piece: see TrainStream."""
+    from tldr_tasks.models.captioner import images_to_uint8, tokenize_captions
+
+    width = max_tokens + 2
+    ids = torch.full((len(samples), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    pixels = torch.zeros((0, 3, image_size, image_size), dtype=torch.uint8)
+    if samples:
+        pixels = images_to_uint8([s.image for s in samples], image_size)
+        piece_ids, piece_mask = tokenize_captions(tokenizer, [s.caption for s in samples], max_tokens)
+        ids[:, : piece_ids.shape[1]], mask[:, : piece_mask.shape[1]] = piece_ids, piece_mask
+    return {"step": step, "keys": [f"{s.shard}/{s.key}" for s in samples], "pixels": pixels, "input_ids": ids,
+            "attention_mask": mask, "length": int(mask.sum(1).max()) if samples else 0}
 
 
 def loader_workers(requested: int, dataset: TrainStream) -> int:
@@ -241,10 +248,8 @@ def _join(pieces: list[dict], device: torch.device) -> dict:
 
 def head(index: ShardIndex, count: int, image_size: int, tokenizer, max_tokens: int) -> dict:
     """The first `count` trainable samples in input order, collated like a training piece."""
-    stream = TrainStream(index, batch_size=1, streams=1, seed=0, epoch=0, image_size=image_size,
-                         tokenizer=tokenizer, max_tokens=max_tokens, shuffle_buffer=1)
     raw = (item for url in index.urls for item in iter_raw_shard(url) if trainable_caption(item) is not None)
-    samples = [s for s in (stream._decode(r) for _, r in zip(range(count), raw)) if s is not None]
-    piece = stream._collate(0, samples)
+    samples = [s for s in (decode(r) for _, r in zip(range(count), raw)) if s is not None]
+    piece = collate(0, samples, image_size, tokenizer, max_tokens)
     length = piece["length"]
     return {**piece, "input_ids": piece["input_ids"][:, :length], "attention_mask": piece["attention_mask"][:, :length]}

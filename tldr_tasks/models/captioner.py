@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
@@ -409,9 +410,15 @@ def _local_folder(url: str) -> str:
         path = os.path.join(cache, "init-" + hashlib.sha256(url.encode()).hexdigest()[:12])
         if not Path(path, "config.json").exists():
             fs, remote = storage.filesystem(url)
+            os.makedirs(cache, exist_ok=True)
             tmp = tempfile.mkdtemp(dir=cache)
             fs.get(remote.rstrip("/") + "/", tmp, recursive=True)
-            os.replace(tmp, path)  # atomic: a half-copied folder never looks complete
+            try:
+                os.replace(tmp, path)  # atomic: a half-copied folder never looks complete
+            except OSError:  # another rank on this node renamed its copy first
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not Path(path, "config.json").exists():
+                    raise
     if not Path(path, "config.json").is_file():
         raise FileNotFoundError(f"captioner.init_from: no Hugging Face folder (config.json) at {url}. Save one "
                                 "with `Model.from_pretrained(NAME).save_pretrained(DIR)` where a hub is reachable")

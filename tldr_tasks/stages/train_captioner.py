@@ -11,6 +11,11 @@ restarted run resumes from the latest one and ends in the same weights as an uni
 the data order is a function of (seed, epoch), dropout is off and steps already done are skipped.
 The checkpoints are deleted once the export is complete.
 Only rank 0 exports. The batch size is global: each of N ranks takes batch_size / N samples.
+
+The crawl is read as a stream (tldr_tasks/data/stream.py): memory does not grow with the crawl, and
+the global batches do not depend on the number of ranks, so N ranks end in the weights of one
+(the LM loss is normalised by the global batch's tokens and the codebook-usage entropy is
+all-reduced). `captioner.init_from` starts the encoder / decoder from Hugging Face folders.
 """
 
 from __future__ import annotations
