@@ -46,6 +46,8 @@ def test_choice_is_made_on_validation_and_test_is_reported_with_a_ci():
     # time to accuracy: tldr reaches 95% of full's best (0.95 * 21) at its first curve point
     assert result["time_to_accuracy"]["tldr"] == 0.5 and result["time_to_accuracy"]["random"] is None
     assert "| tldr | 19.0 ± 2.5 |" in benchmark.markdown(result)
+    # the same offset on every seed: the paired difference has no spread
+    assert result["paired_differences"]["tldr - full"] == {"mean": -2.0, "ci95": 0.0, "values": [-2, -2, -2]}
 
 
 def test_gate_threshold_is_the_lowest_precise_enough():

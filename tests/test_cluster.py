@@ -155,10 +155,10 @@ def test_cluster_count_follows_crawl_size_and_ratio():
 
     cfg = Config()
     assert cfg.cluster.clusters == 0  # the default is the rule
-    assert cluster_count(cfg, 8000) == 89  # 2 * sqrt(0.25 * 8000)
-    assert cluster_count(cfg, 2_820_000) == 1679  # CC3M at 25%
+    assert cluster_count(cfg, 8000) == 358  # 8 * sqrt(0.25 * 8000)
+    assert cluster_count(cfg, 2_820_000) == 6717  # CC3M at 25%
     cfg.sample.ratio = 1.0
-    assert cluster_count(cfg, 8000) == 179  # keeping more: more clusters
+    assert cluster_count(cfg, 8000) == 716  # keeping more: more clusters
     assert cluster_count(cfg, 3) == 3  # never more clusters than samples
     cfg.cluster.clusters = 7
     assert cluster_count(cfg, 8000) == 7  # an explicit count wins

@@ -46,7 +46,7 @@ def test_run_with_changed_params_on_an_existing_output_is_refused(tiny_crawl, ml
     assert first.returncode == 0, first.stderr[-3000:]
     assert json.loads(first.stdout.splitlines()[-1])["skipped"] is False
     record = json.loads((out / "sample" / PARAMS_RECORD).read_text())
-    assert record["params"]["sample.ratio"] == 0.25 and record["params"]["cluster.clusters"] == 100
+    assert record["params"]["sample.ratio"] == 0.25 and "cluster.niter" in record["params"]  # upstream too
     selected = (out / "sample" / "selected.parquet").stat().st_mtime_ns
 
     same = run_cli("sample", tiny_crawl, out, mlflow_store, "--set", "sample.ratio=0.25")

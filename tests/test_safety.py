@@ -222,6 +222,8 @@ def test_credentials_in_the_environment_are_never_logged(tmp_path):
     _assignments(out)
     (tmp_path / "crawl").mkdir()
     (tmp_path / "crawl" / "00000.tar").write_bytes(b"")  # sample reads the assignments, not the shards
+    # img2dataset's stats beside it: the executor's preflight counts the crawl's samples from them
+    (tmp_path / "crawl" / "00000_stats.json").write_text('{"successes": 120}')
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS and k != "TLDR_RUN_KEY"}
     # The username is no secret: MLflow records it as the runs' owner (tag mlflow.user), by design.
     env.update(SECRETS, MLFLOW_TRACKING_USERNAME="h6-user", MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db",

@@ -193,7 +193,8 @@ def assemble(per_seed: list[dict], seeds: list[int], chosen: dict, split: str = 
              for name, (variant, arm) in sources.items()}
     return {
         "machine": machine(), "seeds": seeds, "split": split, "chosen_on_validation": chosen,
-        "arms": arms, "learning_curve": curves, "time_to_accuracy": tta, "noise_rate": noise,
+        "arms": arms, "paired_differences": paired_differences(arms), "learning_curve": curves,
+        "time_to_accuracy": tta, "noise_rate": noise,
         "noise_rate_input": summarise([r["noise_rate_input"] for r in chosen_runs]),
         "distinct_scenes": {name: summarise([seed[v]["distinct_scenes"][a] for seed in per_seed])
                             for name, (v, a) in sources.items()},
@@ -207,6 +208,20 @@ def assemble(per_seed: list[dict], seeds: list[int], chosen: dict, split: str = 
                                                     for seed in per_seed])}
                        for name, (v, a) in sources.items()},
     }
+
+
+PAIRS = (("tldr", "full"), ("tldr", "random"), ("tldr_original", "random"), ("random_generated", "random"))
+
+
+def paired_differences(arms: dict) -> dict:
+    """Mean R@1 differences between arms on the same seed (same crawl, same eval items), with their CI:
+    the seeds' crawls differ in difficulty, which widens each arm's own CI but cancels in a difference."""
+    out = {}
+    for a, b in PAIRS:
+        if a in arms and b in arms:
+            diffs = [x - y for x, y in zip(arms[a]["mean_r1"]["values"], arms[b]["mean_r1"]["values"])]
+            out[f"{a} - {b}"] = summarise(diffs)
+    return out
 
 
 def machine() -> str:
@@ -253,7 +268,10 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | {cell(stats['mean_r1'])} | {cell(stats['i2t_r1'])} | {cell(stats['t2i_r1'])} "
                      f"| {cell(stats['zero_shot_acc'])} | {100 * result['noise_rate'][name]['mean']:.1f}% "
                      f"| {result['distinct_scenes'][name]['mean']:.0f} "
-                     f"| {'never' if tta is None else f'{tta:.2f}'} |")
+                     f"| {'never' if tta is None else f'{tta:.3f}'} |")
+    lines += ["", "Paired differences of mean R@1 (same seed, same crawl): "
+              + "; ".join(f"{name} {cell(stat)}" for name, stat in result.get("paired_differences", {}).items())
+              + "."]
     return "\n".join(lines) + "\n"
 
 

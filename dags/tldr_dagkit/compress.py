@@ -82,7 +82,7 @@ def compress_params() -> dict[str, Param]:
                        description="Share of the crawl to keep, in (0, 1]; the paper keeps 0.25."),
         "clusters": Param(d.cluster.clusters, type="integer", minimum=0, title="Clusters",
                           description="k-means clusters over the codebook features (paper: 3000 for CC3M); "
-                                      "0 = round(2 * sqrt(ratio * samples))."),
+                                      "0 = round(8 * sqrt(ratio * samples))."),
         "feature": Param(d.embed.feature, type="string", enum=list(FEATURES), title="Clustering feature",
                          description="How an image's codebook codes become a vector."),
         "strategy": Param(d.sample.strategy, type="string", enum=list(STRATEGIES), title="Sampling strategy",

@@ -133,9 +133,10 @@ def caption_shard(model, tokenizer, shard_url: str, keys: set[str], cfg: Config,
 def caption_confidence(model, tokenizer, pixels, captions: list[str]) -> tuple[list[float], list[float]]:
     """Two scores per caption (NaN for an empty one), both teacher-forced:
     confidence  the mean token log-probability of the caption given its image (length-normalised);
-    grounding   confidence minus the same given another image of the batch: how much the image, not
+    grounding   confidence minus the same given the image half a batch away: how much the image, not
                 the language model alone, explains the caption. A collapsed or undertrained
-                captioner writes fluent, confident captions that fit any image: grounding ~0.
+                captioner writes fluent, confident captions that fit any image: grounding ~0. (Half a
+                batch, not the next image: shards in key order put near-duplicates side by side.)
     The gate in fusion.ship_caption reads both."""
     import torch
 
@@ -150,7 +151,7 @@ def caption_confidence(model, tokenizer, pixels, captions: list[str]) -> tuple[l
         own = pixels[rows]
         with torch.inference_mode():
             given_own = -model.per_sample_loss(own, ids, mask).float().cpu()
-            given_other = -model.per_sample_loss(own.roll(1, dims=0), ids, mask).float().cpu()
+            given_other = -model.per_sample_loss(own.roll(max(1, len(rows) // 2), dims=0), ids, mask).float().cpu()
         for j, i in enumerate(rows):
             confidence[i] = float(given_own[j])
             if len(rows) > 1:  # a lone caption has no other image to compare with

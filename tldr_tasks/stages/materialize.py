@@ -173,7 +173,8 @@ def _mean(values: np.ndarray) -> float:
 
 def sample_alignment_stats(io: StageIO) -> dict:
     """The alignment distribution before/after selection, as the sample stage measured it."""
-    stats = json.loads(storage.read_text(storage.join(io.sample_dir, "stats.json")))
+    url = storage.join(io.sample_dir, "stats.json")
+    stats = json.loads(storage.read_text(url)) if storage.exists(url) else {}
     return {k: v for k, v in stats.items() if k.startswith("alignment")}
 
 
