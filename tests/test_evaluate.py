@@ -52,6 +52,7 @@ def _cfg(**evaluate) -> Config:
     cfg.evaluate.batch_size = 32
     cfg.evaluate.lr = 1e-3
     cfg.caption.max_new_tokens, cfg.caption.num_beams = 6, 1
+    cfg.caption.fusion = "mix"  # the shards below mix original and generated captions
     for key, value in evaluate.items():
         setattr(cfg.evaluate, key, value)
     return cfg.validate()

@@ -11,7 +11,6 @@ atomically. A shard whose parquet exists is skipped, so a restarted worker only 
 
 from __future__ import annotations
 
-import io as _io
 import logging
 import sys
 import time
@@ -26,12 +25,11 @@ log = logging.getLogger(__name__)
 
 def run(cfg: Config, io: StageIO, shard_index: int = 0, num_shards: int = 1) -> StageResult:
     """Caption the selected samples of this worker's source shards."""
-    import pyarrow.parquet as pq
 
     selected_url = storage.join(io.sample_dir, "selected.parquet")
     if not storage.exists(selected_url):
         raise FileNotFoundError(f"{selected_url} not found: run the sample stage first")
-    table = pq.read_table(_io.BytesIO(storage.read_bytes(selected_url)), columns=["key", "shard"])
+    table = storage.read_parquet(selected_url, columns=["key", "shard"])
     keys_by_shard: dict[str, set[str]] = {}
     for key, shard in zip(table.column("key").to_pylist(), table.column("shard").to_pylist()):
         keys_by_shard.setdefault(str(shard), set()).add(str(key))
@@ -162,15 +160,11 @@ def caption_confidence(model, tokenizer, pixels, captions: list[str]) -> tuple[l
 def write_captions(url: str, keys: list[str], originals: list[str], captions: list[str],
                    confidence: list[float], grounding: list[float]) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    table = pa.table({"key": pa.array(keys, pa.string()), "original": pa.array(originals, pa.string()),
-                      "generated": pa.array(captions, pa.string()),
-                      "confidence": pa.array(confidence, pa.float64()),
-                      "grounding": pa.array(grounding, pa.float64())})
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    storage.write_bytes_atomic(url, sink.getvalue().to_pybytes())
+    storage.write_parquet(url, pa.table({
+        "key": pa.array(keys, pa.string()), "original": pa.array(originals, pa.string()),
+        "generated": pa.array(captions, pa.string()), "confidence": pa.array(confidence, pa.float64()),
+        "grounding": pa.array(grounding, pa.float64())}))
 
 
 def main(argv=None):

@@ -21,7 +21,6 @@ import sys
 from collections import Counter, defaultdict
 
 import numpy as np
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from tldr_tasks import fusion, storage
@@ -36,17 +35,18 @@ CAPTION_REASONS = (fusion.REPLACED, fusion.APPENDED, fusion.ORIGINAL_BY_FUSION, 
                    fusion.ORIGINAL_UNGROUNDED, fusion.ORIGINAL_COLLAPSE, fusion.ORIGINAL_NO_GENERATED)
 
 
-def _read_parquet(url: str) -> list[dict]:
-    with storage.filesystem(url)[0].open(storage.filesystem(url)[1], "rb") as f:
-        return pq.read_table(f).to_pylist()
+def _rows(url: str) -> list[dict]:
+    return storage.read_parquet(url).to_pylist()
 
 
 def input_version(shard_urls: list[str]) -> str:
-    """A digest of the input shards' names and sizes: which crawl version this output came from."""
+    """A digest of the input shards' names and contents: which crawl version this output came from
+    (two crawls whose shards have the same names and sizes still differ)."""
+    from tldr_tasks.content import shard_id
+
     digest = hashlib.sha256()
     for url in shard_urls:
-        fs, path = storage.filesystem(url)
-        digest.update(f"{storage.shard_stem(url)}:{fs.size(path)}\n".encode())
+        digest.update(f"{shard_id(url)}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -78,9 +78,9 @@ def run(cfg: Config, io: StageIO) -> StageResult:
         return StageResult(metrics=json.loads(storage.read_text(manifest_url))["metrics"],
                            outputs=[manifest_url], skipped=True)
     shard_urls = io.input_shards()
-    selected = _read_parquet(storage.join(io.sample_dir, "selected.parquet"))
-    assignments = _read_parquet(storage.join(io.cluster_dir, "assignments.parquet"))
-    rejects = _read_parquet(storage.join(io.cluster_dir, "rejects.parquet"))
+    selected = _rows(storage.join(io.sample_dir, "selected.parquet"))
+    assignments = _rows(storage.join(io.cluster_dir, "assignments.parquet"))
+    rejects = _rows(storage.join(io.cluster_dir, "rejects.parquet"))
     selected_by_key = {row["key"]: row for row in selected}
 
     # Output order is the input order (source shard, then key): deterministic shard contents.
@@ -92,7 +92,7 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     for stem in sorted({r["shard"] for r in selected}):
         part = caption.output_url(io, stem)  # named by the source shard's content
         if storage.exists(part):
-            captions.update((row["key"], row) for row in _read_parquet(part))
+            captions.update((row["key"], row) for row in _rows(part))
     missing = [r["key"] for r in selected if r["key"] not in captions]
     if missing:
         raise RuntimeError(f"{len(missing)} selected samples have no generated caption (e.g. {missing[0]}): "

@@ -36,7 +36,7 @@ import numpy as np
 from tldr_tasks import storage
 from tldr_tasks.config import Config, ConfigError
 from tldr_tasks.stage_cli import stage_main
-from tldr_tasks.stages.base import StageIO, StageResult
+from tldr_tasks.stages.base import StageIO, StageResult, numeric
 
 # A pair whose caption loss lies this many robust standard deviations above its cluster's median is
 # counted as likely misaligned (the noise estimate in stats.json and MLflow).
@@ -177,28 +177,22 @@ def distribution(values: np.ndarray, prefix: str) -> dict[str, float]:
             f"{prefix}_q75": float(q75), f"{prefix}_misaligned_share": float(np.mean(values < -MISALIGNED_Z))}
 
 
-def _numeric(stats: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
 def run(cfg: Config, io: StageIO) -> StageResult:
     """Select the samples to keep; skipped when stats.json exists."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     out = io.sample_dir
     stats_url = storage.join(out, "stats.json")
     selected_url = storage.join(out, "selected.parquet")
     scores_url = storage.join(out, "alignment.parquet")
     if storage.exists(stats_url):
-        return StageResult(metrics=_numeric(json.loads(storage.read_text(stats_url))),
+        return StageResult(metrics=numeric(json.loads(storage.read_text(stats_url))),
                            outputs=[selected_url, scores_url, stats_url], skipped=True)
     assignments = storage.join(io.cluster_dir, "assignments.parquet")
     if not storage.exists(assignments):
         raise FileNotFoundError(f"{assignments} not found: run `tldr-vlp run cluster` with the same --out first")
-    with storage.filesystem(assignments)[0].open(storage.filesystem(assignments)[1], "rb") as f:
-        table = pq.read_table(f, columns=["key", "shard", "cluster", "distance", "loss"])
+    table = storage.read_parquet(assignments, columns=["key", "shard", "cluster", "distance", "loss"])
     table = table.take(pc.sort_indices(table, sort_keys=[("key", "ascending")]))
     n = table.num_rows
     if n == 0:
@@ -218,18 +212,15 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     keep = choose(cluster, score, s.ratio, cfg.seed, s.strategy, eligible)
     scored = table.select(["key", "shard", "cluster", "loss"]).append_column(
         "alignment", pa.array(alignment, pa.float64())).append_column("kept", pa.array(keep))
-    with storage.local_staging(scores_url, suffix=".parquet") as local:
-        pq.write_table(scored, local)
-    selected = scored.filter(pa.array(keep)).drop_columns(["kept"])
-    with storage.local_staging(selected_url, suffix=".parquet") as local:
-        pq.write_table(selected, local)
+    storage.write_parquet(scores_url, scored)
+    storage.write_parquet(selected_url, scored.filter(pa.array(keep)).drop_columns(["kept"]))
     kept = int(keep.sum())
     stats = {"input": n, "kept": kept, "dropped": n - kept, "ratio": s.ratio, "ratio_achieved": kept / n,
              "clusters": int(len(np.unique(cluster))), "clusters_kept": int(len(np.unique(cluster[keep]))),
              "strategy": s.strategy, "alignment": s.alignment, "aligned_share": s.aligned_share, "seed": cfg.seed,
              **distribution(alignment, "alignment_input"), **distribution(alignment[keep], "alignment_kept")}
     storage.write_text_atomic(stats_url, json.dumps(stats, indent=2, sort_keys=True))
-    return StageResult(metrics=_numeric(stats), outputs=[selected_url, scores_url, stats_url])
+    return StageResult(metrics=numeric(stats), outputs=[selected_url, scores_url, stats_url])
 
 
 def main(argv=None):
