@@ -1,7 +1,6 @@
 """models/clip: retrieval math on hand-made embeddings, the tokenizer, the batch schedule, and that
 training a tiny CLIP is deterministic and learns."""
 
-import random
 
 import numpy as np
 import pytest
@@ -111,32 +110,34 @@ def _toy(n=48, size=32):
 def test_train_clip_is_deterministic_counts_steps_and_learns():
     images, captions, labels = _toy()
     tok = clip.CaptionTokenizer.train(captions)
-    visits = []
+    curve = []
 
-    def caption_for(i, rng):
-        assert isinstance(rng, random.Random)
-        visits.append(i)
-        return captions[i]
+    def on_checkpoint(step, model):
+        assert not model.training  # scored in eval mode, then training resumes
+        curve.append((step, clip.retrieval_metrics(clip.embed_images(model, images),
+                                                   clip.embed_texts(model, tok, captions), labels, labels)["mean_r1"]))
 
-    model, seconds = clip.train_clip(images, caption_for, tok, steps=40, batch_size=16, lr=2e-3, seed=1,
-                                     preset="micro")
+    model, seconds = clip.train_clip(images, captions, tok, steps=40, batch_size=16, lr=2e-3, seed=1, preset="micro",
+                                     checkpoints=[5, 20], on_checkpoint=on_checkpoint)
     assert seconds > 0 and not model.training
-    assert len(visits) == 40 * 16  # 48 samples / 16 = 3 equal batches per epoch
     img = clip.embed_images(model, images)
     txt = clip.embed_texts(model, tok, captions)
     learned = clip.retrieval_metrics(img, txt, labels, labels)
     assert learned["mean_r1"] > 90.0  # chance is 25%
+    assert [step for step, _ in curve] == [5, 20] and curve[0][1] < learned["mean_r1"]
     names = [["a red picture"], ["a green picture"], ["a blue picture"], ["a yellow picture"]]
     assert clip.zero_shot_accuracy(img, clip.class_embeddings(model, tok, names), labels) > 90.0
-    again, _ = clip.train_clip(images, lambda i, rng: captions[i], tok, steps=40, batch_size=16, lr=2e-3, seed=1,
-                               preset="micro")
+    # scoring along the way changes nothing: the same weights as a run without checkpoints
+    again, _ = clip.train_clip(images, captions, tok, steps=40, batch_size=16, lr=2e-3, seed=1, preset="micro")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 
 
-def test_train_clip_rejects_wrong_images():
+def test_train_clip_rejects_wrong_images_and_captions():
     tok = clip.CaptionTokenizer.train(["x"])
     with pytest.raises(ValueError, match="uint8"):
-        clip.train_clip(np.zeros((4, 32, 32, 3), np.float32), lambda i, r: "x", tok, steps=1, preset="micro")
+        clip.train_clip(np.zeros((4, 32, 32, 3), np.float32), ["x"] * 4, tok, steps=1, preset="micro")
+    with pytest.raises(ValueError, match="4 images but 3 captions"):
+        clip.train_clip(np.zeros((4, 32, 32, 3), np.uint8), ["x"] * 3, tok, steps=1, preset="micro")
 
 
 def test_thread_count_honours_omp_num_threads(monkeypatch):

@@ -221,6 +221,20 @@ def test_failure_callback_ends_the_parent_run_failed(compress, tiny_crawl, mlflo
     end_run_failed({"ti": ti, "run_id": "manual__never_planned"})  # no parent yet: nothing to end, no error
 
 
+def test_plan_ends_the_orphaned_runs_of_an_earlier_run_failed(compress, tiny_crawl, mlflow_store):
+    """A run marked failed (or killed) before its failure callback ran leaves its MLflow runs RUNNING;
+    with one active run per DAG, the next run's `plan` knows they are orphans."""
+    ti = SimpleNamespace(dag_id="tldr_compress")
+    params = validated(compress, {"input_url": f"{tiny_crawl}/train", "output_url": str(mlflow_store / "out")})
+    old = compress.task_dict["plan"].python_callable(params=params, run_id="manual__old", ti=ti)["mlflow_run_id"]
+    client = mlflow.MlflowClient()
+    stage = client.create_run(client.get_run(old).info.experiment_id, run_name="embed[0/2]",
+                              tags={"mlflow.parentRunId": old}).info.run_id
+    new = compress.task_dict["plan"].python_callable(params=params, run_id="manual__new", ti=ti)["mlflow_run_id"]
+    assert client.get_run(old).info.status == client.get_run(stage).info.status == "FAILED"
+    assert client.get_run(new).info.status == "RUNNING"
+
+
 def test_parsing_reads_no_variable_or_connection():
     """Parsing runs in the dag-processor on every change: it must not query the metadata database."""
     code = ("import airflow.sdk, airflow.models\n"

@@ -63,7 +63,7 @@ def test_compress_end_to_end(tiny_crawl, tmp_path, mlflow_store, capsys):
     parent = next(r for r in runs if "tldr.run_key" in r.data.tags)
     stages = {r.data.tags["tldr.stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert stages == {"train-captioner", "embed", "cluster", "sample", "caption", "materialize"}
-    assert parent.info.status == "FINISHED" and parent.data.metrics["materialize.kept"] == manifest["kept"]
+    assert parent.info.status == "FINISHED" and parent.data.metrics["kept"] == manifest["kept"]
     versions = client.search_model_versions("name = 'tldr-captioner'")
     assert [v.run_id for v in versions] == [parent.info.run_id]
     # a rerun skips every finished part; other parameters on the same --out are refused

@@ -161,3 +161,41 @@ def test_parquet_helpers_round_trip_atomically(tmp_path):
     assert storage.read_parquet(str(tmp_path / "x" / "t.parquet")).equals(table)
     assert storage.read_parquet(str(tmp_path / "x" / "t.parquet"), columns=["key"]).column_names == ["key"]
     assert (tmp_path / "x" / "t.parquet").read_bytes() == (tmp_path / "y.parquet").read_bytes()
+
+
+def test_a_rerun_on_other_input_content_is_refused(tmp_path):
+    from tldr_tasks.runner import check_run_config
+
+    crawl = tmp_path / "crawl"
+    crawl.mkdir()
+    for stem in ("00000", "00001"):
+        (crawl / f"{stem}.tar").write_bytes(stem.encode() * 100)
+    cfg, io = load_config(), StageIO(input=str(crawl), out=str(tmp_path / "out"))
+    check_run_config(cfg, io)
+    check_run_config(cfg, io)  # same parameters, same content: a resume
+    # a new crawl re-lands 00000.tar: same name and size, other bytes
+    (crawl / "00000.tar").write_bytes(b"X" * 500)
+    with pytest.raises(ConfigError, match="other input content") as refused:
+        check_run_config(cfg, io)
+    assert "use a new --out" in str(refused.value) and "00000-" in str(refused.value)
+
+
+def test_stage_timings_reach_the_summary_metrics(tmp_path):
+    from tldr_tasks.report import load_run, summary_metrics
+    from tldr_tasks.runner import record_timing
+
+    io = StageIO(input="in", out=str(tmp_path / "run"))
+    (tmp_path / "run" / "shards").mkdir(parents=True)
+    manifest = {"input_samples": 200, "kept": 50, "dropped": 150, "rejected": 0, "ratio": 0.25,
+                "captions": {"replaced": 10, "original:low_confidence": 40},
+                "collapse_check": {"collapsed": False}, "alignment": {"alignment_input_mean": 0.1,
+                                                                       "alignment_kept_mean": 0.4}}
+    (tmp_path / "run" / "shards" / "manifest.json").write_text(json.dumps(manifest))
+    record_timing(io, "embed", {"shard_index": 0, "num_shards": 2}, 3.0)  # parallel parts: their work adds up
+    record_timing(io, "embed", {"shard_index": 1, "num_shards": 2}, 1.0)
+    record_timing(io, "caption", {}, 5.0)
+    metrics = summary_metrics(load_run(io.out))
+    assert metrics["seconds.embed"] == 4.0 and metrics["samples_per_second.embed"] == 50.0
+    assert metrics["seconds.caption"] == 5.0 and metrics["samples_per_second.caption"] == 10.0  # kept samples
+    assert metrics["captions_original_low_confidence"] == 40 and metrics["caption_collapsed"] == 0
+    assert metrics["alignment_input_mean"] == 0.1 and metrics["alignment_kept_mean"] == 0.4

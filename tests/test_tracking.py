@@ -3,6 +3,7 @@
 import json
 
 import mlflow
+import pytest
 
 from tldr_tasks import tracking
 from tldr_tasks.config import Config
@@ -64,3 +65,84 @@ def test_parent_run_is_ended_by_key(mlflow_store):
 def test_credentials_never_reach_tags():
     assert tracking.redact("s3://AKIA123:s3cret@minio:9000/bucket/x") == "s3://***@minio:9000/bucket/x"
     assert tracking.redact("/local/path") == "/local/path"
+
+
+def _running_child(parent: str, name: str) -> str:
+    """A stage run as a killed process leaves it: RUNNING under `parent`."""
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("tests").experiment_id
+    return client.create_run(experiment, run_name=name, tags={"mlflow.parentRunId": parent}).info.run_id
+
+
+def test_stale_running_runs_of_a_run_key_are_ended_failed(mlflow_store):
+    killed = tracking.parent_run_id(Config(), StageIO(input="in", out="runs/a"))
+    client = mlflow.MlflowClient()  # after tracking set the test's store as the tracking URI
+    child = _running_child(killed, "embed")
+    other = tracking.parent_run_id(Config(), StageIO(input="in", out="runs/b"))  # another key: left alone
+    ended = tracking.end_stale_runs(tracking.key_filter("runs/a"), "test: found RUNNING")
+    assert sorted(ended) == sorted([killed, child])
+    for run_id in (killed, child):
+        run = client.get_run(run_id)
+        assert run.info.status == "FAILED" and run.data.tags[tracking.STALE_TAG] == "test: found RUNNING"
+    assert client.get_run(other).info.status == "RUNNING"
+    assert tracking.end_stale_runs(tracking.key_filter("runs/a"), "again") == []  # FAILED ones stay as they are
+
+
+def test_a_retried_stage_part_ends_its_killed_attempt_only(mlflow_store):
+    io = StageIO(input="in", out=str(mlflow_store / "out"))
+    parent = tracking.parent_run_id(Config(), io)
+    killed = _running_child(parent, "cluster")  # the attempt a kill interrupted
+    sibling = _running_child(parent, "embed[0/2]")  # a stage part running right now in another task
+    with tracking.stage_run(Config(), io, "cluster", {}) as found:
+        assert found == parent
+    client = mlflow.MlflowClient()
+    assert client.get_run(killed).info.status == "FAILED"
+    assert client.get_run(sibling).info.status == "RUNNING"
+
+
+def test_the_experiment_opens_on_model_training(mlflow_store):
+    tracking.parent_run_id(Config(), StageIO(input="in", out="runs/a"))
+    experiment = mlflow.MlflowClient().get_experiment_by_name("tests")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+@pytest.mark.slow
+def test_local_compress_parent_carries_summary_lineage_and_report(tiny_crawl, random_captioner, mlflow_store):
+    from tldr_tasks.compare import load
+    from tldr_tasks.config import load_config
+    from tldr_tasks.runner import compress
+
+    tiny = ["caption.num_beams=1", "caption.max_new_tokens=8", "materialize.shard_size=20", "cluster.clusters=4",
+            "sample.ratio=0.3"]
+    io = StageIO(input=f"{tiny_crawl}/train", out=str(mlflow_store / "run"), captioner=random_captioner)
+    killed = tracking.parent_run_id(load_config(None, tiny), io)  # an earlier compress on this --out, killed
+    killed_child = _running_child(killed, "embed")
+    summary = compress(load_config(None, tiny), io)
+
+    client = mlflow.MlflowClient()
+    assert client.get_run(killed).info.status == client.get_run(killed_child).info.status == "FAILED"
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.info.run_id != killed and parent.info.status == "FINISHED"
+    manifest = summary["manifest"]
+    metrics = parent.data.metrics
+    assert metrics["kept"] == manifest["kept"] and metrics["input_samples"] == manifest["input_samples"]
+    for name in ("dropped", "rejected", "ratio", "clusters", "cluster_size_max", "alignment_input_mean",
+                 "alignment_kept_mean", "captions_original_ungrounded", "caption_collapsed",
+                 "caption_confidence_mean", "seconds.embed", "samples_per_second.embed", "seconds.materialize"):
+        assert name in metrics, name
+    assert "seconds.train-captioner" not in metrics  # the captioner was reused: no work, no timing
+    # the names are what `tldr-vlp compare` shows for the run folder
+    assert set(metrics) == set(load(io.out)["metrics"])
+    artifacts = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert "manifest.json" in artifacts
+    assert {f.path for f in client.list_artifacts(parent.info.run_id, "report")} >= {
+        "report/report.html", "report/metrics.json", "report/cluster_sizes.csv", "report/alignment.csv"}
+    # lineage: input crawl and output as datasets with their digests, the captioner
+    datasets = {d.dataset.name: d for d in parent.inputs.dataset_inputs}
+    assert datasets["crawl"].dataset.digest == manifest["input_version"]
+    assert datasets["compressed"].dataset.digest == manifest["output_version"]
+    assert json.loads(datasets["crawl"].dataset.source)["uri"] == f"{tiny_crawl}/train"
+    assert {t.value for t in datasets["compressed"].tags if t.key == "mlflow.data.context"} == {"output"}
+    assert {t.value for t in datasets["crawl"].tags if t.key == "mlflow.data.context"} == {"training"}
+    assert manifest["captioner_version"] == parent.data.tags["tldr.captioner_weights"]
+    assert parent.data.tags["tldr.captioner_version"] == "1"

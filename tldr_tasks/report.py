@@ -71,7 +71,20 @@ def load_run(run_dir: str) -> dict:
             "alignment": {r["key"]: r.get("alignment")
                           for r in _read_parquet(storage.join(run_dir, "sample", "alignment.parquet"))},
             "embed_status": embed.shard_status(StageIO(input="", out=run_dir)),
-            "evaluation": _read_json(storage.join(run_dir, "evaluate", "report.json"))}
+            "evaluation": _read_json(storage.join(run_dir, "evaluate", "report.json")),
+            "timings": _timings(run_dir)}
+
+
+def _timings(run_dir: str) -> dict[str, float]:
+    """{stage: seconds} from the runner's `timings/` records, summed over a stage's parallel parts
+    (the work it took, not the wall time)."""
+    from tldr_tasks.runner import TIMINGS_DIR
+
+    seconds: dict[str, float] = {}
+    for url in storage.listdir(storage.join(run_dir, TIMINGS_DIR), ".json"):
+        record = json.loads(storage.read_text(url))
+        seconds[record["stage"]] = seconds.get(record["stage"], 0.0) + float(record["seconds"])
+    return seconds
 
 
 def params_of(run: dict) -> dict:
@@ -84,8 +97,10 @@ def _finite(values) -> np.ndarray:
 
 
 def summary_metrics(run: dict) -> dict[str, float]:
-    """Flat numeric metrics of a run: counts, cluster spread, alignment before/after, embed outcomes and,
-    when evaluated, the evaluation's own metrics (prefixed `eval.`)."""
+    """Flat numeric metrics of a run: counts, cluster spread, alignment before/after, caption counts per
+    reason, collapse flag and confidence, embed outcomes, per-stage seconds and samples/s and, when
+    evaluated, the evaluation's own metrics (prefixed `eval.`). The parent MLflow run of every path
+    carries exactly these names (runner.record_run), so `compare` lines up folders and run ids."""
     manifest = run["manifest"]
     metrics: dict[str, float] = {}
     for name in ("input_samples", "kept", "dropped", "rejected", "ratio"):
@@ -93,6 +108,15 @@ def summary_metrics(run: dict) -> dict[str, float]:
             metrics[name] = float(manifest[name])
     for name, value in (manifest.get("metrics") or {}).items():
         if name.startswith("caption") and isinstance(value, (int, float)):
+            metrics[name] = float(value)
+    # The same caption counts from the manifest's own sections (they are what a reader of the manifest sees).
+    for reason, count in (manifest.get("captions") or {}).items():
+        metrics[f"captions_{reason.replace(':', '_')}"] = float(count)
+    if "collapsed" in (manifest.get("collapse_check") or {}):
+        metrics["caption_collapsed"] = float(manifest["collapse_check"]["collapsed"])
+    # The sample stage's alignment distribution before (input) and after (kept) selection.
+    for name, value in (manifest.get("alignment") or {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             metrics[name] = float(value)
     sizes = np.array(sorted(Counter(r["cluster"] for r in run["assignments"]).values()), dtype=np.float64)
     if len(sizes):
@@ -107,6 +131,13 @@ def summary_metrics(run: dict) -> dict[str, float]:
         counted = [s for s in run["embed_status"].values() if s["status"] == status]
         if run["embed_status"]:
             metrics[f"shards_{status}"] = float(len(counted))
+    # Per-stage seconds and throughput: the caption and materialize stages handle the kept samples,
+    # the others the whole input.
+    for stage, seconds in run.get("timings", {}).items():
+        metrics[f"seconds.{stage}"] = seconds
+        samples = manifest.get("kept" if stage in ("caption", "materialize") else "input_samples")
+        if isinstance(samples, (int, float)) and seconds > 0 and stage != "evaluate":
+            metrics[f"samples_per_second.{stage}"] = samples / seconds
     if run["evaluation"]:
         from tldr_tasks.stages.evaluate import flatten
 

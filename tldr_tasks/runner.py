@@ -7,7 +7,12 @@ record, the MLflow stage run, the captioner's registration and the result.
 
 `compress` is the main job on a user's crawl (`tldr-vlp compress --input URL --out URL`). A rerun
 with the same --out skips every finished part; a rerun with different parameters is refused, so
-an output folder never mixes two configurations.
+an output folder never mixes two configurations, nor two versions of the input crawl.
+
+Every path ends a compression the same way (`record_run`: `compress` here, Airflow's `publish` for
+the local and the Kubernetes runner): the parent MLflow run gets the summary metrics under the names
+`tldr-vlp compare` shows for a run folder, the manifest, report.html and plot tables as artifacts,
+and the lineage (input and output datasets with their digests, the captioner).
 """
 
 from __future__ import annotations
@@ -23,19 +28,35 @@ from tldr_tasks.pipeline import STAGES, get_stage, load_stage_module, stage_para
 from tldr_tasks.stages.base import StageIO, StageResult, cpu_limit
 
 PARAMS_RECORD = "params.json"  # in a stage's output folder: the parameters its parts were made with
+TIMINGS_DIR = "timings"  # in the run folder: one {stage}[-i-of-n].json per stage part that did work
 
 
 def check_run_config(cfg: Config, io: StageIO) -> None:
-    """Record the resolved config in `out/config.json`; refuse an --out made with other parameters."""
+    """Record the resolved config and the input's content (`{stem}-{md5}` per shard) in
+    `out/config.json`; refuse an --out made with other parameters or from other input content.
+
+    The content matters as much as the parameters: finished stages are skipped on a rerun, so a rerun
+    on a re-landed crawl would otherwise serve the old crawl's clusters, selection and shards."""
+    from tldr_tasks import content
+
     url = storage.join(io.out, "config.json")
+    shards = [content.shard_id(u) for u in io.input_shards()]
     if storage.exists(url):
         previous = json.loads(storage.read_text(url))
         if previous.get("hash") != cfg.hash():
             changed = sorted(k for k in cfg.to_dict() if cfg.to_dict()[k] != previous.get("config", {}).get(k))
             raise ConfigError(f"{io.out} holds a run made with different parameters (sections changed: "
                               f"{', '.join(changed) or 'unknown'}); use a new --out or delete that folder")
+        recorded = previous.get("input_shards")
+        if recorded is not None and recorded != shards:  # None: a record from before inputs were kept
+            added, gone = sorted(set(shards) - set(recorded)), sorted(set(recorded) - set(shards))
+            raise ConfigError(f"{tracking.redact(io.out)} was made from other input content (new or changed "
+                              f"shards: {', '.join(added[:5]) or 'none'}; missing: {', '.join(gone[:5]) or 'none'}); "
+                              "its finished stages would be served stale: use a new --out for the new crawl "
+                              "(pass --embed-cache and --captioner to reuse unchanged shards' work)")
         return
-    storage.write_text_atomic(url, json.dumps({"hash": cfg.hash(), "config": cfg.to_dict()}, indent=1))
+    storage.write_text_atomic(url, json.dumps({"hash": cfg.hash(), "config": cfg.to_dict(),
+                                               "input_shards": shards}, indent=1))
 
 
 def count_input_samples(shard_urls: list[str]) -> int | None:
@@ -148,11 +169,46 @@ def execute_stage(cfg: Config, io: StageIO, name: str, **kwargs) -> tuple[StageR
     with tracking.stage_run(cfg, io, name, kwargs) as parent:
         result = module.run(cfg, io, **kwargs)
         tracking.log_stage_result(name, result, time.time() - started)
+    if not result.skipped:  # a skipped stage's near-zero time would hide what the work took
+        record_timing(io, name, kwargs, time.time() - started)
     if name == "train-captioner":
         # Once per trained weights, on every path (a retry or a run reusing it registers nothing new).
         tracking.register_captioner(parent, io.captioner_dir,
                                     description=f"trained on {tracking.redact(io.input)}")
     return result, time.time() - started, parent
+
+
+def record_timing(io: StageIO, name: str, kwargs: dict, seconds: float) -> None:
+    """`out/timings/{stage}[-i-of-n].json`: the seconds a stage part took, in the run folder, so the
+    report and `compare` read per-stage timings from the folder alone; one file per part, since
+    parts run in parallel processes or pods."""
+    part = name
+    if kwargs.get("num_shards", 1) > 1:
+        part = f"{name}-{kwargs['shard_index']}-of-{kwargs['num_shards']}"
+    storage.write_text_atomic(storage.join(io.out, TIMINGS_DIR, f"{part}.json"),
+                              json.dumps({"stage": name, "seconds": round(seconds, 3)}))
+
+
+def record_run(parent: str, out: str) -> dict[str, float]:
+    """End-of-compression record on the parent MLflow run, the same on every path: summary metrics
+    (report.summary_metrics, the names `tldr-vlp compare` shows for a run folder), the manifest,
+    report.html and plot tables as artifacts, the lineage. Writes `out/report/`. Returns the metrics."""
+    from tldr_tasks.report import load_run, summary_metrics, write_report
+
+    run = load_run(out)
+    metrics = summary_metrics(run)
+    manifest = run["manifest"]
+    tracking.log_to_parent(parent, metrics, artifacts=[storage.join(out, "shards", "manifest.json")])
+    try:
+        tracking.log_to_parent(parent, {}, artifacts=write_report(out), artifact_path="report")
+    except Exception as err:  # noqa: BLE001 - the shards are done and recorded; a page that failed to
+        # render must not turn a finished compression into a failed one
+        print(f"report not written: {err!r}", file=sys.stderr)
+        tracking.log_to_parent(parent, {}, tags={"tldr.report_error": repr(err)[:500]})
+    tracking.log_lineage(parent, manifest.get("input", ""), manifest.get("input_version"),
+                         storage.join(out, "shards"), manifest.get("output_version"),
+                         captioner=manifest.get("captioner_version"))
+    return metrics
 
 
 def run_stage(cfg: Config, io: StageIO, name: str, **kwargs) -> tuple[StageResult, float]:
@@ -174,7 +230,10 @@ def compress(cfg: Config, io: StageIO, with_eval: bool = False) -> dict:
     thread_defaults()
     preflight(cfg, io, with_eval)
     check_run_config(cfg, io)
-    parent = tracking.parent_run_id(cfg, io)
+    # compress owns its parent run: one RUNNING under this key is a killed earlier compress's.
+    tracking.end_stale_runs(tracking.key_filter(tracking.run_key(io)),
+                            "a later compress with the same run key found it RUNNING")
+    parent = tracking.parent_run_id(cfg, io, new=True)
     stages = [s for s in STAGES if with_eval or not s.optional]
     results: dict[str, dict] = {}
     seconds: dict[str, float] = {}
@@ -185,12 +244,10 @@ def compress(cfg: Config, io: StageIO, with_eval: bool = False) -> dict:
             results[spec.name], seconds[spec.name] = result.metrics, round(took, 1)
             state = "already done, skipped" if result.skipped else f"done in {took:.1f} s"
             print(f"[{number}/{len(stages)}] {spec.name}: {state}", file=sys.stderr, flush=True)
+        manifest = json.loads(storage.read_text(storage.join(io.shards_dir, "manifest.json")))
+        record_run(parent, io.out)
     except BaseException:
         tracking.finish_parent(parent, "FAILED")
         raise
-    manifest = json.loads(storage.read_text(storage.join(io.shards_dir, "manifest.json")))
-    summary = {f"{stage}.{k}": v for stage, metrics in results.items() for k, v in metrics.items()}
-    summary.update({f"seconds.{stage}": s for stage, s in seconds.items()})
-    tracking.log_to_parent(parent, summary)
     tracking.finish_parent(parent)
     return {"results": results, "seconds": seconds, "mlflow_run_id": parent, "manifest": manifest}

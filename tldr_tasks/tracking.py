@@ -10,22 +10,34 @@ recorded as tags.
 
 The parent run's life belongs to whoever orchestrates: `compress` opens and ends it; in Airflow
 `plan` opens it, `publish` ends it FINISHED and a task's failure callback ends it FAILED; a lone
-`tldr-vlp run` opens it when missing and leaves it running.
+`tldr-vlp run` opens it when missing and leaves it running. A run killed mid-way (SIGKILL, a run
+marked failed) cannot end its own MLflow runs: the next run that finds them RUNNING ends them FAILED
+(`end_stale_runs`): `compress` on the same --out, Airflow's next `plan` of the same DAG, a retried
+stage task under the same parent.
+
+The experiment is tagged as a model-training experiment (`mlflow.experimentKind`), so the MLflow UI
+opens it on its runs table, not on the GenAI overview.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tldr_tasks import storage
 from tldr_tasks.config import Config
 from tldr_tasks.stages.base import StageIO, StageResult
 
 EXPERIMENT = "tldr-vlp"
+# The MLflow 3 UI picks an experiment's default page by this tag; without it, it guesses "GenAI".
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+STALE_TAG = "tldr.ended_by"
 CAPTIONER_MODEL_NAME = "tldr-captioner"
 AIRFLOW_CONTEXT = {
     "AIRFLOW_CTX_DAG_ID": "airflow.dag_id",
@@ -55,7 +67,9 @@ def _mlflow():
             mlflow.create_experiment(name, artifact_location=Path(folder).as_uri())
         except mlflow.exceptions.MlflowException:  # another stage process created it first
             pass
-    mlflow.set_experiment(name)
+    experiment = mlflow.set_experiment(name)
+    if EXPERIMENT_KIND[0] not in experiment.tags:  # a kind a user chose in the UI is kept
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
     return mlflow
 
 
@@ -78,19 +92,52 @@ def _airflow_tags() -> dict[str, str]:
     return {tag: os.environ[env] for env, tag in AIRFLOW_CONTEXT.items() if os.environ.get(env)}
 
 
+def _quote(value: str) -> str:
+    return value.replace("'", "\\'")
+
+
+def key_filter(key: str) -> str:
+    """The MLflow search filter of the parent runs of run key `key`."""
+    return f"tags.`tldr.run_key` = '{_quote(key)}'"
+
+
 def find_parent(key: str) -> str | None:
-    """The id of the parent run tagged `tldr.run_key = key`, or None (nothing is created)."""
-    found = _mlflow().search_runs(filter_string=f"tags.`tldr.run_key` = '{key}'",
-                                  order_by=["attributes.start_time ASC"], max_results=1, output_format="list")
+    """The id of the newest parent run tagged `tldr.run_key = key`, or None (nothing is created).
+    Newest: a rerun of `compress` on the same --out opens a parent of its own after the old one."""
+    found = _mlflow().search_runs(filter_string=key_filter(key),
+                                  order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
     return found[0].info.run_id if found else None
 
 
-def parent_run_id(cfg: Config, io: StageIO, tags: dict[str, str] | None = None, key: str | None = None) -> str:
+def end_stale_runs(filter_string: str, reason: str) -> list[str]:
+    """End FAILED every RUNNING run matching `filter_string` (MLflow search syntax) and every RUNNING
+    child of those; tags each with `tldr.ended_by = reason`. Returns the ended run ids.
+
+    Only a caller that knows no live process owns those runs may call this: a killed process left
+    them RUNNING and nothing else would ever end them."""
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient()
+    ended: list[str] = []
+    for run in mlflow.search_runs(filter_string=f"{filter_string} and attributes.status = 'RUNNING'",
+                                  output_format="list"):
+        children = mlflow.search_runs(filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}' and "
+                                                    "attributes.status = 'RUNNING'", output_format="list")
+        for stale in [*children, run]:
+            client.set_tag(stale.info.run_id, STALE_TAG, reason)
+            client.set_terminated(stale.info.run_id, "FAILED")
+            ended.append(stale.info.run_id)
+    if ended:
+        print(f"MLflow: ended {len(ended)} orphaned RUNNING run(s) FAILED ({reason})", file=sys.stderr)
+    return ended
+
+
+def parent_run_id(cfg: Config, io: StageIO, tags: dict[str, str] | None = None, key: str | None = None,
+                  new: bool = False) -> str:
     """The id of this compression's parent run (tag `tldr.run_key` = `key`, default `run_key(io)`),
-    created with the full config as params and `tags` on first use."""
+    created with the full config as params and `tags` on first use, or always when `new`."""
     mlflow = _mlflow()
     key = key or run_key(io)
-    found = find_parent(key)
+    found = None if new else find_parent(key)
     if found:
         return found
     tags = {"tldr.run_key": key, "tldr.input": redact(io.input), "tldr.out": redact(io.out),
@@ -116,6 +163,10 @@ def stage_run(cfg: Config, io: StageIO, stage: str, kwargs: dict) -> Iterator[st
     if kwargs.get("num_shards", 1) > 1:
         name = f"{stage}[{kwargs['shard_index']}/{kwargs['num_shards']}]"
     tags = {"mlflow.parentRunId": parent, "tldr.stage": stage, **_airflow_tags()}
+    # An earlier attempt of this very task (an Airflow retry after a kill) left its run RUNNING; no
+    # two attempts of one stage part run at once, so it is orphaned.
+    end_stale_runs(f"tags.`mlflow.parentRunId` = '{parent}' and attributes.run_name = '{_quote(name)}'",
+                   "a retry of the same stage part found it RUNNING")
     with mlflow.start_run(run_name=name, tags=tags, nested=mlflow.active_run() is not None):
         mlflow.log_params({k: str(v) for k, v in kwargs.items()})
         yield parent
@@ -137,8 +188,9 @@ def _metric_name(name: str) -> str:
 
 
 def log_to_parent(parent: str, metrics: dict[str, float], artifacts: list[str] = (),
-                  tags: dict[str, str] | None = None) -> None:
-    """Summary numbers and files (report, plots, manifest) on the compression's parent run."""
+                  tags: dict[str, str] | None = None, artifact_path: str | None = None) -> None:
+    """Summary numbers and files (report, plots, manifest; local paths or fsspec URLs) on the
+    compression's parent run; files under `artifact_path` when given."""
     mlflow = _mlflow()
     client = mlflow.MlflowClient()
     from mlflow.entities import Metric
@@ -149,10 +201,56 @@ def log_to_parent(parent: str, metrics: dict[str, float], artifacts: list[str] =
     for start in range(0, len(items), 500):
         client.log_batch(parent, metrics=items[start:start + 500])
     for path in artifacts:
-        if os.path.exists(path):
-            client.log_artifact(parent, path)
+        if "://" in path and storage.exists(path):  # a remote run folder (s3://): upload a local copy
+            with tempfile.TemporaryDirectory() as tmp:
+                local = os.path.join(tmp, path.rstrip("/").rsplit("/", 1)[-1])
+                Path(local).write_bytes(storage.read_bytes(path))
+                client.log_artifact(parent, local, artifact_path)
+        elif os.path.exists(path):
+            client.log_artifact(parent, path, artifact_path)
     for key, value in (tags or {}).items():
         client.set_tag(parent, key, redact(value))
+
+
+def _dataset_source(url: str):
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+    try:
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are local
+            warnings.simplefilter("ignore")
+            return resolve_dataset_source(url)
+    except Exception:  # noqa: BLE001 - a scheme MLflow has no source type for: keep the URL as it is
+        return HTTPDatasetSource(url)
+
+
+def log_lineage(parent: str, input_url: str, input_digest: str, output_url: str, output_digest: str | None,
+                captioner: str | None = None) -> None:
+    """The compression's lineage on its parent run: the input crawl and the compressed output as
+    MLflow datasets (source = URL, digest = the crawl's DVC/content version and the output's content
+    digest; context "training" and "output", shown in the run's Datasets column), the same digests
+    and the captioner's weights hash as tags."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    client = _mlflow().MlflowClient()
+    inputs = []
+    for name, url, digest, context in (("crawl", input_url, input_digest, "training"),
+                                       ("compressed", output_url, output_digest, "output")):
+        if digest:
+            dataset = MetaDataset(_dataset_source(redact(url)), name=name, digest=str(digest))
+            inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    # MLflow has no dataset outputs for runs (log_outputs takes models): the output goes in as an
+    # input whose context says "output", as mlflow.log_input(dataset, context="output") would log it.
+    client.log_inputs(parent, datasets=inputs)
+    tags = {"tldr.input_version": input_digest, "tldr.output_version": output_digest,
+            "tldr.captioner_weights": captioner}
+    for key, value in tags.items():
+        if value:
+            client.set_tag(parent, key, str(value))
 
 
 def finish_parent(parent: str, status: str = "FINISHED") -> None:

@@ -8,8 +8,10 @@ Shape of a run:
     -> publish                                        (XCom: output URL, MLflow run id, metrics)
 
 The run's MLflow parent run is opened by `plan`, ended FINISHED by `publish`, and ended FAILED by
-the failure callback of any task that fails for good (after its retries); every stage task logs a
-nested run under it through the same executor `compress` uses (`tldr-vlp run <stage>`).
+the failure callback of any task that fails for good (after its retries), or else by the next run's
+`plan` (a run marked failed or killed leaves it RUNNING); every stage task logs a nested run under
+it through the same executor `compress` uses (`tldr-vlp run <stage>`). `publish` records on it what
+`compress` records (runner.record_run): summary metrics, manifest, report, plots, lineage.
 
 Both runners are always in the DAG; `choose_runner` (a branch) picks one per run, so the trigger
 form chooses and the graph shows which ran. Sharded stages (embed, caption) fan out with dynamic
@@ -279,6 +281,11 @@ def open_run(params, dag_id: str, run_id: str, input_url: str, input_version: st
                       input_url=input_url, input_version=input_version, captioner_url=choice["url"])
     tags = {"airflow.dag_id": dag_id, "airflow.run_id": run_id, "tldr.input_version": crawl["version"],
             "tldr.captioner": tracking.redact(choice["url"]), "tldr.captioner_choice": choice["reason"]}
+    # max_active_runs=1: no other run of this DAG is alive now, so its parent runs still RUNNING (a run
+    # marked failed or killed before its failure callback ran) are orphans: end them FAILED.
+    tracking.end_stale_runs(f"tags.`airflow.dag_id` = '{dag_id}' and tags.`tldr.run_key` != "
+                            f"'{run_key(dag_id, run_id)}' and tags.`tldr.run_key` LIKE '{dag_id}/%'",
+                            "the next run of the DAG found it RUNNING")
     plan["mlflow_run_id"] = tracking.parent_run_id(cfg, StageIO(input=input_url, out=plan["out"]), tags=tags,
                                                    key=run_key(dag_id, run_id))
     plan["captioner_reason"] = choice["reason"]
@@ -350,11 +357,11 @@ def build_compress_dag(dag_id: str, doc_md: str | None) -> DAG:
                 "evaluation": (evaluated or {}).get("metrics") if evaluated else None,
             }
             from tldr_tasks import tracking
+            from tldr_tasks.runner import record_run
 
-            metrics = {f"materialize.{k}": v for k, v in summary["metrics"].items()}
-            metrics.update({f"embed.{k}": v for k, v in embed_totals.items()})
-            metrics.update({f"evaluate.{k}": v for k, v in (summary["evaluation"] or {}).items()})
-            tracking.log_to_parent(plan["mlflow_run_id"], metrics)
+            # What local `compress` records too (metrics named as `tldr-vlp compare` shows them, the
+            # manifest, report and plots, the lineage), read from the run folder: the same for both runners.
+            record_run(plan["mlflow_run_id"], plan["out"])
             tracking.finish_parent(plan["mlflow_run_id"], "FINISHED")
             outlet_events[COMPRESSED_ASSET].extra = {k: summary[k] for k in ("out", "mlflow_run_id", "input_version")}
             print(f"compressed shards: {summary['shards_url']}\nMLflow run: {summary['mlflow_run_id']}")

@@ -128,11 +128,20 @@ def run(cfg: Config, io: StageIO) -> StageResult:
                 # URLs may carry credentials (s3://key:secret@...); the manifest travels with the data
                 "input": redact(io.input),
                 "input_version": os.environ.get("TLDR_INPUT_VERSION") or input_version(shard_urls),
-                "output_shards": [redact(u) for u in outputs]}
+                "output_shards": [redact(u) for u in outputs],
+                # Lineage (issue 9): the output's content digest (same recipe as input_version) and the
+                # weights hash of the captioner that wrote the captions; MLflow records both too.
+                "output_version": input_version(outputs), "captioner_version": _captioner_version(io)}
     rejects_lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects)
     storage.write_text_atomic(storage.join(io.shards_dir, "rejects.jsonl"), rejects_lines)
     storage.write_text_atomic(manifest_url, json.dumps(manifest, indent=1, sort_keys=True))
     return StageResult(metrics=metrics, outputs=outputs + [manifest_url])
+
+
+def _captioner_version(io: StageIO) -> str | None:
+    from tldr_tasks.models.captioner import MARKER, captioner_version
+
+    return captioner_version(io.captioner_dir) if storage.exists(storage.join(io.captioner_dir, MARKER)) else None
 
 
 def decide_captions(selected: list[dict], captions: dict[str, dict], cfg: Config) -> tuple[dict, dict]:
