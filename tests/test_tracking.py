@@ -126,10 +126,11 @@ def test_local_compress_parent_carries_summary_lineage_and_report(tiny_crawl, ra
     manifest = summary["manifest"]
     metrics = parent.data.metrics
     assert metrics["kept"] == manifest["kept"] and metrics["input_samples"] == manifest["input_samples"]
-    for name in ("dropped", "rejected", "ratio", "clusters", "cluster_size_max", "alignment_input_mean",
-                 "alignment_kept_mean", "captions_original_ungrounded", "caption_collapsed",
-                 "caption_confidence_mean", "seconds.embed", "samples_per_second.embed", "seconds.materialize"):
-        assert name in metrics, name
+    assert {"dropped", "rejected", "ratio", "clusters", "cluster_size_max", "alignment_input_mean",
+            "alignment_kept_mean", "captions_original_ungrounded", "caption_collapsed", "caption_entropy_ratio",
+            "seconds.embed", "samples_per_second.embed", "seconds.materialize"} - set(metrics) == set()
+    if manifest["metrics"]["caption_confidence_mean"] == manifest["metrics"]["caption_confidence_mean"]:
+        assert metrics["caption_confidence_mean"] == pytest.approx(manifest["metrics"]["caption_confidence_mean"])
     assert "seconds.train-captioner" not in metrics  # the captioner was reused: no work, no timing
     # the names are what `tldr-vlp compare` shows for the run folder
     assert set(metrics) == set(load(io.out)["metrics"])

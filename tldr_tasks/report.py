@@ -142,7 +142,9 @@ def summary_metrics(run: dict) -> dict[str, float]:
         from tldr_tasks.stages.evaluate import flatten
 
         metrics.update({f"eval.{k}": v for k, v in flatten(run["evaluation"]).items()})
-    return {k: round(v, 4) for k, v in sorted(metrics.items())}
+    # NaN (no confidence when no caption was scored) is left out: MLflow's parent run drops it, and
+    # metrics.json must stay strict JSON for `dvc metrics show`.
+    return {k: round(v, 4) for k, v in sorted(metrics.items()) if np.isfinite(v)}
 
 
 # ---- charts (matplotlib -> PNG data URIs) ----
