@@ -21,6 +21,7 @@ pytest.importorskip("airflow.providers.cncf.kubernetes")
 from airflow.dag_processing.dagbag import DagBag  # noqa: E402
 from airflow.sdk import AssetOrTimeSchedule  # noqa: E402
 from airflow.sdk.exceptions import ParamValidationError  # noqa: E402
+from test_report import run_dir  # noqa: E402, F401  (fixture: a finished, evaluated run folder)
 from tldr_dagkit import settings  # noqa: E402
 from tldr_dagkit.compress import CRAWL_ASSET  # noqa: E402
 from tldr_dagkit.plan import build_plan, run_folder_name  # noqa: E402
@@ -233,6 +234,30 @@ def test_plan_ends_the_orphaned_runs_of_an_earlier_run_failed(compress, tiny_cra
     new = compress.task_dict["plan"].python_callable(params=params, run_id="manual__new", ti=ti)["mlflow_run_id"]
     assert client.get_run(old).info.status == client.get_run(stage).info.status == "FAILED"
     assert client.get_run(new).info.status == "RUNNING"
+
+
+def test_publish_records_what_local_compress_records(compress, run_dir, mlflow_store):  # noqa: F811
+    """Airflow's last task (both runners) leaves the parent run as `compress` does: FINISHED, with the
+    summary metrics `tldr-vlp compare` shows for the folder, the manifest and report, the lineage."""
+    from tldr_dagkit.compress import COMPRESSED_ASSET
+
+    from tldr_tasks import tracking
+    from tldr_tasks.compare import load
+    from tldr_tasks.stages.base import StageIO
+
+    parent = tracking.parent_run_id(Config(), StageIO(input="crawl", out=str(run_dir)), key="tldr_compress/manual__3")
+    plan = {"out": str(run_dir), "input": "crawl", "input_version": "v1", "runner": "kubernetes",
+            "captioner": "captioners/x", "mlflow_run_id": parent}
+    ti = SimpleNamespace(xcom_pull=lambda task_ids: None)
+    events = {COMPRESSED_ASSET: SimpleNamespace(extra=None)}
+    compress.task_dict["publish"].python_callable(plan=plan, ti=ti, outlet_events=events)
+    run = mlflow.MlflowClient().get_run(parent)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics == load(str(run_dir))["metrics"] and run.data.metrics["kept"] == 6
+    client = mlflow.MlflowClient()
+    assert "manifest.json" in {f.path for f in client.list_artifacts(parent)}
+    assert "report/report.html" in {f.path for f in client.list_artifacts(parent, "report")}
+    assert {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs} == {"crawl": "v1"}
 
 
 def test_parsing_reads_no_variable_or_connection():

@@ -5,6 +5,7 @@ correct) written the way materialize writes it."""
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -126,18 +127,24 @@ def test_tldr_arm_trains_on_key_txt_and_fusion_arms_on_what_would_ship(splits):
         evaluate.build_arms(["tldr_shuffled"], full, tldr, cfg, StageIO(input="", out=""))
 
 
-def test_zero_shot_task_uses_one_object_eval_images_and_held_out_prompts(tiny_crawl):
+def test_the_task_comes_with_the_eval_data(tiny_crawl, tmp_path):
     eval_split = evaluate.read_split(storage.expand_shards(f"{tiny_crawl}/eval"), 32, "eval")
-    task = evaluate.zero_shot_task(eval_split)
+    task = evaluate.load_task(f"{tiny_crawl}/eval/{{00000..00000}}.tar")
+    assert task == evaluate.load_task(f"{tiny_crawl}/eval") and task["hit"] == "group"
+    zero_shot = evaluate.zero_shot_task(eval_split, task)
     truths = eval_split.truths()
-    assert task.items == [i for i, t in enumerate(truths) if len(t["objects"]) == 1]
-    for item, label in zip(task.items, task.labels):
+    assert zero_shot.items == [i for i, t in enumerate(truths) if len(t["objects"]) == 1]
+    for item, label in zip(zero_shot.items, zero_shot.labels):
         obj = truths[item]["objects"][0]
-        assert task.classes[label] == (obj["colour"], obj["shape"])
-    assert len(task.classes) == 48
-    red_circle = task.prompts[task.classes.index(("red", "circle"))]
-    assert "an image showing a red circle" in red_circle
+        assert zero_shot.classes[label] == {"colour": obj["colour"], "shape": obj["shape"]}
+    assert len(zero_shot.classes) == 48 and zero_shot.attributes == ["colour", "shape"]
+    red_circle = zero_shot.prompts[zero_shot.classes.index({"colour": "red", "shape": "circle"})]
+    assert "an image showing a red circle" in red_circle  # the eval split's held-out caption styles
     assert all("red circle" in p for p in red_circle)
+    # a held-out set without task.json (a user's own): exact-pair hits, no zero-shot
+    shutil.copy(f"{tiny_crawl}/eval/00000.tar", tmp_path / "00000.tar")
+    assert evaluate.load_task(str(tmp_path)) == {}
+    assert evaluate.scene_groups(eval_split, {}) is None and evaluate.zero_shot_task(eval_split, {}) is None
 
 
 def test_missing_eval_input_says_what_to_pass(tmp_path, tiny_crawl):
@@ -222,6 +229,6 @@ def test_rerun_is_skipped_with_the_same_metrics(evaluated):
 
 def test_scene_groups_follow_signatures(tiny_crawl):
     eval_split = evaluate.read_split(storage.expand_shards(f"{tiny_crawl}/eval"), 32, "eval")
-    groups = evaluate.scene_groups(eval_split)
+    groups = evaluate.scene_groups(eval_split, {"hit": "group"})
     assert groups == [scene_signature(t) for t in eval_split.truths()]
     assert len(set(groups)) < len(groups)  # descriptions repeat: instance hits would understate

@@ -53,7 +53,8 @@ def test_layout_and_img2dataset_side_files(crawl):
     root = crawl["root"]
     assert sorted(p.name for p in (root / "train").iterdir()) == [
         "00000.parquet", "00000.tar", "00000_stats.json", "00001.parquet", "00001.tar", "00001_stats.json"]
-    assert sorted(p.name for p in (root / "eval").iterdir()) == ["00000.parquet", "00000.tar", "00000_stats.json"]
+    assert sorted(p.name for p in (root / "eval").iterdir()) == ["00000.parquet", "00000.tar", "00000_stats.json",
+                                                                  "task.json"]
     assert len(crawl["train"]) == 200 and len(crawl["eval"]) == 60
     table = pq.read_table(root / "train" / "00001.parquet").to_pylist()
     assert [r["key"] for r in table] == [s.key for s in crawl["train"][100:]]

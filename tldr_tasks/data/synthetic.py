@@ -10,7 +10,7 @@ balanced over prototypes, clean, and captioned with templates the train split ne
 
 Layout (what img2dataset writes, plus `truth` in every KEY.json):
     {out}/train/00000.tar, 00000.parquet, 00000_stats.json, ...
-    {out}/eval/00000.tar, ...
+    {out}/eval/00000.tar, ...; eval/task.json   the evaluation task (hits, zero-shot classes, prompts)
     {out}/crawl.json      parameters and counts per noise type
 """
 
@@ -154,6 +154,31 @@ def describes_scene_exactly(caption: str, truth: dict) -> bool:
 
 
 _PHRASE = re.compile(rf"\b({'|'.join(COLOURS)})\s+({'|'.join(SHAPES)})\b", re.IGNORECASE)
+
+
+ZERO_SHOT_CLASSES: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLOURS for s in SHAPES)
+
+
+def zero_shot_class(obj: dict) -> int:
+    """The zero-shot class index of a one-object scene's object."""
+    return ZERO_SHOT_CLASSES.index((obj["colour"], obj["shape"]))
+
+
+def eval_task() -> dict:
+    """The evaluation task that travels with the eval split (eval/task.json): retrieval hits are items
+    of the same scene (KEY.json "group"); zero-shot "colour shape" classification of one-object images
+    (KEY.json "label"), each class prompted in the eval split's held-out caption styles and scored per
+    attribute."""
+    prompts = []
+    for colour, shape in ZERO_SHOT_CLASSES:
+        variants = [[{"colour": colour, "shape": shape, "size": size, "position": position}]
+                    for size in SIZES for position in POSITIONS]
+        prompts.append(sorted({template(objects, background) for template in EVAL_TEMPLATES
+                               for objects in variants for background in BACKGROUNDS}))
+    return {"hit": "group",
+            "zero_shot": {"attributes": ["colour", "shape"],
+                          "classes": [{"colour": c, "shape": s} for c, s in ZERO_SHOT_CLASSES],
+                          "prompts": prompts}}
 
 
 # ---------------------------------------------------------------------------------------------- scenes
@@ -342,6 +367,10 @@ def _write_split(out_url: str, split: str, proto_ids: np.ndarray, protos: list[d
                           "background": protos[proto_ids[i]]["background"], "noise": kind,
                           "description": descriptions[i]},
             }
+            if split == "eval":  # what eval/task.json's hits and zero-shot labels read
+                meta["group"] = scene_signature(meta["truth"])
+                if len(objects_of[i]) == 1:
+                    meta["label"] = zero_shot_class(objects_of[i][0])
             samples.append((key, {"png": image_bytes, "txt": caption.encode("utf-8"), "json": encode_json(meta)}))
             rows.append({k: meta[k] for k in ("url", "key", "caption", "status", "error_message", "width", "height",
                                               "original_width", "original_height", "sha256")})
@@ -391,6 +420,8 @@ def make_crawl(out_url: str, cfg: CrawlConfig, seed: int) -> dict:
         "train_templates": [t.__name__ for t in TRAIN_TEMPLATES],
         "eval_templates": [t.__name__ for t in EVAL_TEMPLATES],
     }
+    storage.write_bytes_atomic(storage.join(out_url, "eval", "task.json"),
+                               json.dumps(eval_task(), indent=1, sort_keys=True).encode("utf-8"))
     storage.write_bytes_atomic(storage.join(out_url, "crawl.json"),
                                json.dumps(stats, indent=2, sort_keys=True).encode("utf-8"))
     return stats

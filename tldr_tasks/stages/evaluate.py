@@ -41,8 +41,6 @@ from tldr_tasks.stage_cli import stage_main
 from tldr_tasks.stages.base import StageIO, StageResult
 
 SPLITS = ("validation", "test")
-ARM_METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mean_r1", "zero_shot_acc",
-               "zero_shot_colour", "zero_shot_shape", "mean_r1_instance")
 TIME_TO_ACCURACY_SHARE = 0.95
 
 
@@ -234,12 +232,20 @@ def _synthetic():
     return synthetic
 
 
-def scene_groups(split: Split) -> list[str] | None:
-    """The scene signature of every eval item (equal = same scene), or None without ground truth."""
-    synthetic, truths = _synthetic(), split.truths()
-    if synthetic is None or truths is None:
+def load_task(eval_input: str) -> dict:
+    """The evaluation task that comes with the held-out data: `task.json` beside its shards ({} when
+    there is none: exact-pair hits, no zero-shot). See data/synthetic.py `eval_task` for the format."""
+    shards = storage.expand_shards(eval_input)
+    url = storage.join(shards[0].rsplit("/", 1)[0], "task.json") if shards else ""
+    return json.loads(storage.read_text(url)) if url and storage.exists(url) else {}
+
+
+def scene_groups(split: Split, task: dict) -> list[str] | None:
+    """The group of every eval item (a retrieved item of the query's group is a hit) when the task
+    says hits are judged by group; None: exact pairs only."""
+    if task.get("hit") != "group" or not all("group" in m for m in split.metas):
         return None
-    return [synthetic.scene_signature(t) for t in truths]
+    return [str(m["group"]) for m in split.metas]
 
 
 def noise_rate(captions: list[str], truths: list[dict]) -> float:
@@ -285,40 +291,32 @@ def ground_truth_metrics(full: Split, arms: dict[str, Arm], eval_split: Split, i
 
 @dataclass
 class ZeroShot:
-    """Zero-shot "colour shape" classification of the eval split's one-object images: prompts per class
-    in the eval split's held-out caption styles; a prediction scores colour and shape separately."""
+    """Zero-shot classification of the eval items that carry a "label" (KEY.json): one prompt set per
+    class; a prediction is scored per attribute of the class (e.g. colour and shape)."""
 
-    classes: list[tuple[str, str]]  # (colour, shape)
+    classes: list[dict]  # attribute -> value, one per class
+    attributes: list[str]
     prompts: list[list[str]]  # per class
-    items: list[int]  # eval indices with exactly one object
+    items: list[int]  # eval indices with a label
     labels: list[int]  # class index per item
 
 
-def zero_shot_task(eval_split: Split) -> ZeroShot | None:
-    """The zero-shot task on the eval split, or None without synthetic ground truth."""
-    synthetic, truths = _synthetic(), eval_split.truths()
-    if synthetic is None or truths is None or not all("objects" in t for t in truths):
+def zero_shot_task(eval_split: Split, task: dict) -> ZeroShot | None:
+    """The task's zero-shot classification on the eval split, or None when it has none."""
+    spec = task.get("zero_shot")
+    if not spec:
         return None
-    classes = [(c, s) for c in synthetic.COLOURS for s in synthetic.SHAPES]
-    prompts = []
-    for colour, shape in classes:
-        variants = [[{"colour": colour, "shape": shape, "size": size, "position": position}]
-                    for size in synthetic.SIZES for position in synthetic.POSITIONS]
-        prompts.append(sorted({template(objects, background) for template in synthetic.EVAL_TEMPLATES
-                               for objects in variants for background in synthetic.BACKGROUNDS}))
-    index = {pair: i for i, pair in enumerate(classes)}
-    items = [i for i, t in enumerate(truths) if len(t["objects"]) == 1
-             and (t["objects"][0]["colour"], t["objects"][0]["shape"]) in index]
-    labels = [index[(truths[i]["objects"][0]["colour"], truths[i]["objects"][0]["shape"])] for i in items]
-    return ZeroShot(classes, prompts, items, labels) if items else None
+    items = [i for i, m in enumerate(eval_split.metas) if isinstance(m.get("label"), int)]
+    labels = [eval_split.metas[i]["label"] for i in items]
+    return ZeroShot(spec["classes"], spec["attributes"], spec["prompts"], items, labels) if items else None
 
 
 # --- training and scoring ---------------------------------------------------------------------------
 
 def score(model, tokenizer, eval_split: Split, groups, zero_shot: ZeroShot | None) -> dict[str, float]:
-    """Retrieval R@k in percent on the eval split (scene-level hits when `groups` is given;
-    `mean_r1_instance` counts exact pairs only) and zero-shot accuracy in percent: colour, shape and
-    their mean `zero_shot_acc` (NaN without ground truth)."""
+    """Retrieval R@k in percent on the eval split (group-level hits when `groups` is given;
+    `mean_r1_instance` counts exact pairs only) and zero-shot accuracy in percent per attribute
+    (`zero_shot_<attribute>`) and their mean `zero_shot_acc` (NaN without a zero-shot task)."""
     from tldr_tasks.models import clip
 
     image_emb = clip.embed_images(model, eval_split.images)
@@ -326,35 +324,38 @@ def score(model, tokenizer, eval_split: Split, groups, zero_shot: ZeroShot | Non
     metrics = clip.retrieval_metrics(image_emb, text_emb, groups, groups)
     # exact-pair hits too: lower, since several eval items share a description
     metrics["mean_r1_instance"] = clip.retrieval_metrics(image_emb, text_emb, ks=(1,))["mean_r1"]
-    metrics.update(zero_shot_acc=float("nan"), zero_shot_colour=float("nan"), zero_shot_shape=float("nan"))
+    metrics["zero_shot_acc"] = float("nan")
     if zero_shot is not None:
         class_emb = clip.class_embeddings(model, tokenizer, zero_shot.prompts)
         predicted = (image_emb[zero_shot.items] @ class_emb.t()).argmax(dim=1).tolist()
-        for name, part in (("zero_shot_colour", 0), ("zero_shot_shape", 1)):
-            metrics[name] = 100.0 * float(np.mean([zero_shot.classes[p][part] == zero_shot.classes[y][part]
-                                                   for p, y in zip(predicted, zero_shot.labels)]))
-        metrics["zero_shot_acc"] = (metrics["zero_shot_colour"] + metrics["zero_shot_shape"]) / 2
+        for attribute in zero_shot.attributes:
+            metrics[f"zero_shot_{attribute}"] = 100.0 * float(np.mean(
+                [zero_shot.classes[p][attribute] == zero_shot.classes[y][attribute]
+                 for p, y in zip(predicted, zero_shot.labels)]))
+        metrics["zero_shot_acc"] = float(np.mean([metrics[f"zero_shot_{a}"] for a in zero_shot.attributes]))
     return metrics
 
 
-def _cache_url(io: StageIO, cfg: Config, arm: Arm, steps: int, tokenizer) -> str:
-    """Finished trainings are kept by what they trained on (settings, tokenizer, images, captions): a restarted
+def _cache_url(io: StageIO, cfg: Config, arm: Arm, steps: int, tokenizer, task: dict) -> str:
+    """Finished trainings are kept by what they trained on and are scored by (settings, tokenizer, task,
+    images, captions): a restarted
     evaluation resumes, and two arms with the same data (the shards' own fusion re-decided, or every
     fusion of a collapsed run) train once."""
     digest = hashlib.sha256(json.dumps({"seed": cfg.seed, "evaluate": cfg.to_dict()["evaluate"], "steps": steps},
                                        sort_keys=True).encode())
     digest.update(tokenizer.to_json().encode())
+    digest.update(json.dumps(task, sort_keys=True).encode())
     digest.update(np.ascontiguousarray(arm.images).tobytes())
     digest.update("\n".join(arm.captions).encode())
     return storage.join(io.evaluate_dir, "arms", f"{steps}-{digest.hexdigest()[:16]}.json")
 
 
-def train_and_score(arm: Arm, tokenizer, splits: dict[str, Split], steps: int, cfg: Config) -> dict:
+def train_and_score(arm: Arm, tokenizer, splits: dict[str, Split], steps: int, cfg: Config, task: dict) -> dict:
     """Train one arm and score it on every split, at the curve points and at the end."""
     from tldr_tasks.models import clip
 
     ev = cfg.evaluate
-    tasks = {name: (scene_groups(split), zero_shot_task(split)) for name, split in splits.items()}
+    tasks = {name: (scene_groups(split, task), zero_shot_task(split, task)) for name, split in splits.items()}
     curve: dict[str, list[list[float]]] = {name: [] for name in splits}
 
     def on_checkpoint(step, model):
@@ -368,7 +369,7 @@ def train_and_score(arm: Arm, tokenizer, splits: dict[str, Split], steps: int, c
     result = {"steps": steps, "samples": len(arm.images), "train_seconds": round(seconds, 2)}
     for name, split in splits.items():
         metrics = score(model, tokenizer, split, *tasks[name])
-        result[name] = {k: metrics[k] for k in ARM_METRICS}
+        result[name] = metrics
         curve[name].append([steps, metrics["mean_r1"]])
     result["curve"] = curve
     return result
@@ -444,6 +445,7 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     full = read_split(io.input_shards(), size, "input")
     tldr = read_split(tldr_urls, size, "compressed")
     held_out = read_split(storage.expand_shards(io.eval_input), size, "eval")
+    task = load_task(io.eval_input)
     splits = split_eval(held_out)
     if len(full) < 2 or len(tldr) < 2 or min(len(s) for s in splits.values()) < 2:
         raise ValueError(f"too few samples to evaluate: input {len(full)}, compressed {len(tldr)}, "
@@ -456,15 +458,15 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     steps = training_steps(len(full), ev.epochs, ev.batch_size)
     results: dict[str, dict] = {}
     for name, arm in arms.items():
-        cache = _cache_url(io, cfg, arm, steps, tokenizer)
+        cache = _cache_url(io, cfg, arm, steps, tokenizer, task)
         if storage.exists(cache):
             results[name] = json.loads(storage.read_text(cache))
         else:
-            results[name] = train_and_score(arm, tokenizer, splits, steps, cfg)
+            results[name] = train_and_score(arm, tokenizer, splits, steps, cfg, task)
             storage.write_text_atomic(cache, json.dumps(results[name], sort_keys=True))
 
     report: dict = {"arms": results, "steps": steps, "splits": {k: len(v) for k, v in splits.items()},
-                    "scene_level_hits": scene_groups(held_out) is not None,
+                    "scene_level_hits": scene_groups(held_out, task) is not None, "task": task.get("hit", "item"),
                     "time_to_accuracy": time_to_accuracy({a: r["curve"]["test"] for a, r in results.items()}, steps),
                     "fusion": cfg.caption.fusion, "tokenizer_vocab": tokenizer.vocab_size,
                     "config": {"seed": cfg.seed, "evaluate": cfg.to_dict()["evaluate"]}}
