@@ -124,6 +124,12 @@ def test_dags_test_local_runner_honours_captioner_params(tiny_crawl, migrated_db
         assert parent.data.tags["tldr.run_key"] == f"tldr_compress/{run_id}"
         assert parent.data.tags["airflow.run_id"] == run_id and parent.data.tags["airflow.dag_id"] == "tldr_compress"
         assert parent.data.metrics["kept"] == summary["metrics"]["kept"]  # compare's run-folder names
+        assert "seconds.embed" in parent.data.metrics and "alignment_kept_mean" in parent.data.metrics
+        assert "report/report.html" in {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
+        manifest = json.loads((Path(summary["out"]) / "shards" / "manifest.json").read_text())
+        assert {d.dataset.name: d.dataset.digest for d in parent.inputs.dataset_inputs} == {
+            "crawl": manifest["input_version"], "compressed": manifest["output_version"]}
+        assert parent.data.tags["tldr.captioner_weights"] == manifest["captioner_version"]
         children = stage_runs(client, parent)
         assert set(children) == {"train-captioner", "embed[0/2]", "embed[1/2]", "cluster", "sample",
                                  "caption[0/2]", "caption[1/2]", "materialize"}
