@@ -59,7 +59,7 @@ def generate(work: Path, n: int, dim: int, blobs: int, shard_size: int, seed: in
         keys = np.char.zfill(np.arange(start, start + count).astype(str), 10)
         stem = f"{index:05d}"
         (work / "crawl" / f"{stem}.tar").write_bytes(b"")
-        embed.save_part(embed.part_url(directory, f"{stem}.tar"), embed.EmbedPart(
+        embed.save_part(embed.part_url(directory, str(work / "crawl" / f"{stem}.tar")), embed.EmbedPart(
             keys=keys, features=x.astype(np.float16), loss=rng.random(count, dtype=np.float32),
             reject_keys=np.zeros(0, dtype=str), reject_reasons=np.zeros(0, dtype=str),
             meta={"shard": stem, "samples": count, "rejected": 0}))
