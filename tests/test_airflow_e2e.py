@@ -91,7 +91,7 @@ def stage_runs(client, parent) -> dict[str, object]:
 
 
 @pytest.mark.slow
-def test_dags_test_local_runner_honours_captioner_params(tiny_crawl, migrated_db, tmp_path):
+def test_dags_test_local_runner_honours_captioner_params(tiny_crawl, migrated_db, tmp_path, monkeypatch, capsys):
     import mlflow
 
     env = airflow_env(tmp_path)
@@ -138,6 +138,16 @@ def test_dags_test_local_runner_honours_captioner_params(tiny_crawl, migrated_db
             assert child.data.tags["airflow.run_id"] == run_id
             assert child.data.tags["airflow.task_id"].startswith("local.")
         assert children["train-captioner"].data.tags["tldr.skipped"] == "false"
+    # the two recompressions side by side: the changed parameter is marked, both runs' metrics shown
+    from tldr_tasks import compare
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    capsys.readouterr()
+    assert compare.main(["--all", *(summary["mlflow_run_id"] for _, summary in runs)]) == 0
+    printed = capsys.readouterr().out
+    assert any(line.startswith("* captioner.lr") for line in printed.splitlines())
+    kept_row = next(line for line in printed.splitlines() if line[2:].startswith("kept "))
+    assert len(kept_row.split()) == 3  # the name and one value per run
 
 
 @pytest.mark.slow
