@@ -23,6 +23,7 @@ import json
 import math
 import platform
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,16 +129,18 @@ def gate_calibration(io, cfg: Config, samples: int = 1000) -> list[dict]:
     training crawl, the distribution the caption stage captions (the held-out split is balanced over
     scenes, most of them rare or unseen, and would measure another thing); no test data is used."""
     from tldr_tasks import storage
+    from tldr_tasks.data.spool import write_spool
     from tldr_tasks.data.synthetic import describes_scene_exactly
     from tldr_tasks.models.clip import load_preset
     from tldr_tasks.stages import evaluate
 
     size = load_preset(cfg.evaluate.preset)["image_size"]
-    crawl = evaluate.read_split(storage.expand_shards(io.input), size, "crawl")
-    picked = np.sort(np.random.default_rng([cfg.seed, 2]).choice(len(crawl), min(samples, len(crawl)), replace=False))
-    crawl = crawl.take(picked)
-    generated, confidence, grounding = evaluate.generate(io, cfg, crawl.images, "calibration")
-    right = np.array([describes_scene_exactly(g, t) for g, t in zip(generated, crawl.truths())])
+    with tempfile.TemporaryDirectory(prefix="tldr-calibration-") as scratch:
+        crawl = write_spool(storage.expand_shards(io.input), size, scratch, "crawl")
+        picked = np.random.default_rng([cfg.seed, 2]).choice(len(crawl), min(samples, len(crawl)), replace=False)
+        crawl = crawl.take(np.sort(picked))
+        generated, confidence, grounding = evaluate.generate(io, cfg, crawl.images, "calibration")
+        right = np.array([describes_scene_exactly(g, t) for g, t in zip(generated, crawl.truths())])
     confidence, grounding = np.array(confidence), np.array(grounding)
     rows = []
     for threshold in GROUNDING_GRID:
@@ -312,7 +315,6 @@ def run_in_processes(out: Path, cfg: Config, seeds: list[int], variants, jobs: i
     """One `tldr-vlp benchmark --seeds S` process per seed, `jobs` at a time; each writes its reports.json."""
     import os
     import subprocess
-    import tempfile
 
     import yaml
 

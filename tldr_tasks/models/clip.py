@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -68,9 +68,11 @@ class CaptionTokenizer:
         self._tok.enable_padding(pad_id=PAD_ID, pad_token="[PAD]")
 
     @classmethod
-    def train(cls, captions: Sequence[str], vocab_size: int = 8000, max_tokens: int = 32,
+    def train(cls, captions: Iterable[str], vocab_size: int = 8000, max_tokens: int = 32,
               min_frequency: int = 1) -> CaptionTokenizer:
-        """Learn the vocabulary (the `vocab_size` most frequent words) from `captions`."""
+        """Learn the vocabulary (the `vocab_size` most frequent words) from `captions`, read once as a
+        stream: the trainer keeps word counts only, and orders words by count, then by the word, so the
+        ids do not depend on the order the captions come in (tested)."""
         from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
         tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
@@ -78,8 +80,7 @@ class CaptionTokenizer:
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
         trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                             special_tokens=list(SPECIALS), show_progress=False)
-        # sorted: the vocabulary ids must not depend on the order the arms' captions were collected in
-        tok.train_from_iterator(sorted(captions), trainer)
+        tok.train_from_iterator(iter(captions), trainer)
         tok.post_processor = processors.TemplateProcessing(
             single="[BOS] $A [EOS]", special_tokens=[("[BOS]", BOS_ID), ("[EOS]", EOS_ID)])
         for token, wanted in zip(SPECIALS, (PAD_ID, UNK_ID, BOS_ID, EOS_ID)):
@@ -204,7 +205,7 @@ def _features(output) -> torch.Tensor:
     return output.pooler_output if hasattr(output, "pooler_output") else output
 
 
-def train_clip(images: torch.Tensor | np.ndarray, captions: Sequence[str], tokenizer: CaptionTokenizer, *,
+def train_clip(images: torch.Tensor | np.ndarray | Sequence, captions: Sequence[str], tokenizer: CaptionTokenizer, *,
                steps: int, batch_size: int = 128, lr: float = 5e-4, seed: int = 0, preset: str = "tiny",
                weight_decay: float = 0.1, warmup_steps: int | None = None, device: str | None = None,
                desc: str = "clip", checkpoints: Sequence[int] = (),
@@ -212,7 +213,8 @@ def train_clip(images: torch.Tensor | np.ndarray, captions: Sequence[str], token
     """Train a fresh CLIP for exactly `steps` optimizer steps; returns (model in eval mode, seconds).
 
     Args:
-        images: uint8 [N, S, S, 3] at the preset's image size.
+        images: uint8 [N, S, S, 3] at the preset's image size: an array, or anything that returns one
+            for an index array (data/spool.py's Pixels reads a batch from disk).
         captions: the caption of every sample (what the shards' KEY.txt holds).
         tokenizer: shared by every arm so arms differ only in their data.
         steps: optimizer steps; one epoch is ceil(N / batch_size) steps.
@@ -246,7 +248,7 @@ def train_clip(images: torch.Tensor | np.ndarray, captions: Sequence[str], token
         return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    pixels_all = torch.as_tensor(images)
+    to_pixels(images[:1])  # refuses anything but uint8 [N, S, S, 3] before training starts
     if len(captions) != n:
         raise ValueError(f"{n} images but {len(captions)} captions")
     pending = sorted(set(checkpoints))
@@ -255,8 +257,7 @@ def train_clip(images: torch.Tensor | np.ndarray, captions: Sequence[str], token
     bar = tqdm(batch_schedule(n, batch_size, steps, seed), total=steps, desc=desc, unit="step",
                mininterval=2.0, leave=False)
     for batch in bar:
-        index = torch.as_tensor(batch)
-        pixels = to_pixels(pixels_all[index], device)
+        pixels = to_pixels(images[batch], device)
         input_ids, mask = tokenizer([captions[int(i)] for i in batch])
         image_emb = F.normalize(_features(model.get_image_features(pixel_values=pixels)), dim=-1)
         text_emb = F.normalize(_features(model.get_text_features(input_ids=input_ids.to(device),
@@ -284,10 +285,9 @@ def train_clip(images: torch.Tensor | np.ndarray, captions: Sequence[str], token
 
 
 @torch.no_grad()
-def embed_images(model, images: torch.Tensor | np.ndarray, batch_size: int = 256) -> torch.Tensor:
-    """L2-normalised image embeddings [N, D] (float32, CPU)."""
+def embed_images(model, images: torch.Tensor | np.ndarray | Sequence, batch_size: int = 256) -> torch.Tensor:
+    """L2-normalised image embeddings [N, D] (float32, CPU) of uint8 images [N, S, S, 3]."""
     device = next(model.parameters()).device
-    images = torch.as_tensor(images)
     out = [F.normalize(_features(model.get_image_features(pixel_values=to_pixels(images[i:i + batch_size], device))),
                        dim=-1).float().cpu() for i in range(0, len(images), batch_size)]
     return torch.cat(out)

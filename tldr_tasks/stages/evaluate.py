@@ -20,6 +20,8 @@ eval descriptions repeat), zero-shot colour/shape accuracy, training seconds. Wi
 KEY.json ("truth") it also measures the caption noise of the input, of what each arm trains on and of
 what ships, and the captioner's accuracy on the held-out images, head and tail scenes apart.
 Writes `evaluate/report.json` and `evaluate/retrieval.png` (bars and learning curves).
+Every input is read once as a stream into local scratch files ($TMPDIR, data/spool.py) and trained
+from there by index: memory does not hold the decoded crawl, and the batches are the in-memory ones.
 
     tldr-vlp run evaluate --input crawl/train --eval-input crawl/eval --out runs/x
 """
@@ -29,65 +31,22 @@ from __future__ import annotations
 import hashlib
 import io as _io
 import json
-from dataclasses import dataclass, field
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
 
 from tldr_tasks import storage
 from tldr_tasks.config import FUSIONS, Config
+from tldr_tasks.data.spool import Split, write_spool
 from tldr_tasks.fusion import collapse_check, ship_caption
 from tldr_tasks.stage_cli import stage_main
 from tldr_tasks.stages.base import StageIO, StageResult
 
 SPLITS = ("validation", "test")
 TIME_TO_ACCURACY_SHARE = 0.95
-
-
-@dataclass
-class Split:
-    """Decoded samples of one set of shards: images uint8 [N, S, S, 3] plus per-sample text and metadata."""
-
-    images: np.ndarray
-    keys: list[str] = field(default_factory=list)
-    captions: list[str] = field(default_factory=list)  # KEY.txt
-    metas: list[dict] = field(default_factory=list)  # KEY.json
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def truths(self) -> list[dict] | None:
-        """Every sample's ground truth, or None when any sample lacks it (a real crawl)."""
-        truths = [m.get("truth") for m in self.metas]
-        return truths if truths and all(isinstance(t, dict) for t in truths) else None
-
-    def take(self, index) -> Split:
-        index = list(index)
-        return Split(self.images[index], [self.keys[i] for i in index], [self.captions[i] for i in index],
-                     [self.metas[i] for i in index])
-
-
-def read_split(urls: list[str], image_size: int, desc: str) -> Split:
-    """Decode every accepted sample of `urls`, resizing images to `image_size` square when needed."""
-    from PIL import Image
-
-    from tldr_tasks.data.shards import Sample, iter_shard
-
-    images, split = [], Split(images=np.zeros((0, image_size, image_size, 3), np.uint8))
-    for url in tqdm(urls, desc=f"read {desc}", unit="shard", leave=False):
-        for item in iter_shard(url):
-            if not isinstance(item, Sample):
-                continue  # rejected samples are accounted for by materialize; nothing to train on
-            image = item.image
-            if image.size != (image_size, image_size):
-                image = image.resize((image_size, image_size), Image.BICUBIC)
-            images.append(np.asarray(image, dtype=np.uint8))
-            split.keys.append(item.key)
-            split.captions.append(item.caption)
-            split.metas.append(item.meta)
-    if images:
-        split.images = np.stack(images)
-    return split
 
 
 def split_eval(split: Split) -> dict[str, Split]:
@@ -99,16 +58,16 @@ def split_eval(split: Split) -> dict[str, Split]:
     return {name: split.take(index) for name, index in parts.items()}
 
 
-def compressed_fields(split: Split) -> dict[str, list]:
-    """original, generated, confidence, grounding per compressed sample, from the KEY.json materialize wrote."""
-    missing = [k for k, m in zip(split.keys, split.metas) if "original_caption" not in m]
-    if missing:
-        raise ValueError(f"{len(missing)} compressed samples (e.g. {missing[0]}) lack original_caption in KEY.json: "
+def compressed_fields(split: Split) -> dict[str, Sequence]:
+    """original, generated, confidence, grounding per compressed sample (views of the KEY.json materialize wrote)."""
+    originals = split.metas.field("original_caption")
+    missing = next((k for k, o in zip(split.keys, originals) if o is None), None)
+    if missing is not None:
+        raise ValueError(f"compressed samples (e.g. {missing}) lack original_caption in KEY.json: "
                          "the shards were not written by `materialize`; rerun it")
-    return {"original": [m["original_caption"] for m in split.metas],
-            "generated": [m.get("generated_caption") or "" for m in split.metas],
-            **{name: [float("nan") if m.get(name) is None else m[name] for m in split.metas]
-               for name in ("confidence", "grounding")}}
+    return {"original": originals, **{name: split.metas.field(field)
+                                      for name, field in (("generated", "generated_caption"),
+                                                          ("confidence", "confidence"), ("grounding", "grounding"))}}
 
 
 def random_subset(n_total: int, size: int, seed: int) -> np.ndarray:
@@ -119,13 +78,18 @@ def random_subset(n_total: int, size: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, 1]).choice(n_total, size=size, replace=False))
 
 
-def shipped_captions(keys: list[str], originals: list[str], generated: list[str], confidence: list[float],
-                     grounding: list[float], cfg: Config, fusion: str) -> list[str]:
-    """What materialize would write to KEY.txt for these samples with caption.fusion = `fusion`."""
+def shipped_captions(keys: Sequence[str], originals: Sequence[str], generated: Sequence[str | None],
+                     confidence: Sequence[float | None], grounding: Sequence[float | None], cfg: Config,
+                     fusion: str) -> list[str]:
+    """What materialize would write to KEY.txt for these samples with caption.fusion = `fusion`
+    (a missing generated caption is empty, a missing score NaN, as in KEY.json)."""
     c = cfg.caption
-    collapsed = collapse_check(originals, generated, c.min_entropy_ratio)["collapsed"]
-    return [ship_caption(k, o, g, conf, ground, mode=fusion, min_confidence=c.min_confidence,
-                         min_grounding=c.min_grounding, seed=cfg.seed, collapsed=collapsed)[0]
+    generated = [g or "" for g in generated]
+    collapsed = collapse_check(list(originals), generated, c.min_entropy_ratio)["collapsed"]
+    nan = float("nan")
+    return [ship_caption(k, o, g, nan if conf is None else conf, nan if ground is None else ground, mode=fusion,
+                         min_confidence=c.min_confidence, min_grounding=c.min_grounding, seed=cfg.seed,
+                         collapsed=collapsed)[0]
             for k, o, g, conf, ground in zip(keys, originals, generated, confidence, grounding)]
 
 
@@ -161,9 +125,9 @@ class Arm:
     """One training set: images and the one caption per sample a trainer reads."""
 
     name: str
-    images: np.ndarray
-    captions: list[str]
-    truths: list[dict] | None = None
+    images: Sequence  # uint8 [N, S, S, 3]: spool.Pixels (or an array)
+    captions: Sequence[str]
+    truths: Sequence[dict] | None = None
 
 
 def build_arms(names: list[str], full: Split, tldr: Split, cfg: Config, io: StageIO) -> dict[str, Arm]:
@@ -345,8 +309,10 @@ def _cache_url(io: StageIO, cfg: Config, arm: Arm, steps: int, tokenizer, task: 
                                        sort_keys=True).encode())
     digest.update(tokenizer.to_json().encode())
     digest.update(json.dumps(task, sort_keys=True).encode())
-    digest.update(np.ascontiguousarray(arm.images).tobytes())
-    digest.update("\n".join(arm.captions).encode())
+    for chunk in arm.images.chunks():  # the images' bytes, then the captions joined by newlines
+        digest.update(np.ascontiguousarray(chunk).tobytes())
+    for i, caption in enumerate(arm.captions):
+        digest.update(("\n" if i else "").encode() + caption.encode())
     return storage.join(io.evaluate_dir, "arms", f"{steps}-{digest.hexdigest()[:16]}.json")
 
 
@@ -437,14 +403,27 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     from tldr_tasks.models import clip
 
     torch.set_num_threads(clip.available_cpus())
-    ev = cfg.evaluate
-    size = clip.load_preset(ev.preset)["image_size"]
     tldr_urls = storage.listdir(io.shards_dir, ".tar")
     if not tldr_urls:
         raise ValueError(f"no compressed shards in {io.shards_dir}: run `materialize` first")
-    full = read_split(io.input_shards(), size, "input")
-    tldr = read_split(tldr_urls, size, "compressed")
-    held_out = read_split(storage.expand_shards(io.eval_input), size, "eval")
+    # The decoded inputs go to local scratch files ($TMPDIR; an emptyDir in a pod), not to memory.
+    with tempfile.TemporaryDirectory(prefix="tldr-evaluate-") as scratch:
+        report = evaluate_spooled(cfg, io, tldr_urls, scratch)
+    plot(report, plot_url)
+    # the report is the completion marker: written last
+    storage.write_text_atomic(report_url, json.dumps(_clean(report), indent=1, sort_keys=True))
+    return StageResult(metrics=flatten(report), outputs=[report_url, plot_url])
+
+
+def evaluate_spooled(cfg: Config, io: StageIO, tldr_urls: list[str], scratch: str) -> dict:
+    """The report: every input spooled once to `scratch`, every arm trained and scored."""
+    from tldr_tasks.models import clip
+
+    ev = cfg.evaluate
+    size = clip.load_preset(ev.preset)["image_size"]
+    full = write_spool(io.input_shards(), size, f"{scratch}/input", "input")
+    tldr = write_spool(tldr_urls, size, f"{scratch}/compressed", "compressed")
+    held_out = write_spool(storage.expand_shards(io.eval_input), size, f"{scratch}/eval", "eval")
     task = load_task(io.eval_input)
     splits = split_eval(held_out)
     if len(full) < 2 or len(tldr) < 2 or min(len(s) for s in splits.values()) < 2:
@@ -453,7 +432,7 @@ def run(cfg: Config, io: StageIO) -> StageResult:
 
     arms = build_arms(list(ev.arms), full, tldr, cfg, io)
     # One tokenizer for every arm, from every caption any arm trains on (held-out words stay unknown).
-    tokenizer = clip.CaptionTokenizer.train([c for arm in arms.values() for c in arm.captions],
+    tokenizer = clip.CaptionTokenizer.train((c for arm in arms.values() for c in arm.captions),
                                             max_tokens=clip.load_preset(ev.preset)["max_text_tokens"])
     steps = training_steps(len(full), ev.epochs, ev.batch_size)
     results: dict[str, dict] = {}
@@ -471,10 +450,7 @@ def run(cfg: Config, io: StageIO) -> StageResult:
                     "fusion": cfg.caption.fusion, "tokenizer_vocab": tokenizer.vocab_size,
                     "config": {"seed": cfg.seed, "evaluate": cfg.to_dict()["evaluate"]}}
     report.update(ground_truth_metrics(full, arms, splits["validation"], io, cfg))
-    plot(report, plot_url)
-    # the report is the completion marker: written last
-    storage.write_text_atomic(report_url, json.dumps(_clean(report), indent=1, sort_keys=True))
-    return StageResult(metrics=flatten(report), outputs=[report_url, plot_url])
+    return report
 
 
 def _clean(obj):
