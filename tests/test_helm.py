@@ -92,7 +92,8 @@ def test_rbac_lets_airflow_run_pods(helm):
 def test_configmap_drives_valid_pods(helm, tmp_path, monkeypatch):
     """The chart's pipeline ConfigMap is the pod config the DAG reads: rendered pods stay valid."""
     kinds = by_kind(template(helm, "--set", "stage.image.tag=1.2.3",
-                             "--set-json", 'stage.stageResources={"train-captioner":{"gpus":2}}',
+                             "--set-json", 'stage.stageResources={"train-captioner":{"gpus":2,"shm_gb":4},'
+                                           '"evaluate":{"scratch_gb":100}}',
                              "--set-json", 'stage.nodeSelector={"pool":"ml"}'))
     config = json.loads(kinds["ConfigMap"][0]["data"]["kubernetes.json"])
     defaults = json.loads((ROOT / "dags" / "tldr_dagkit" / "kubernetes.json").read_text())
@@ -104,7 +105,7 @@ def test_configmap_drives_valid_pods(helm, tmp_path, monkeypatch):
     monkeypatch.setenv("TLDR_KUBERNETES_CONFIG", str(path))
     monkeypatch.delenv("AIRFLOW_VAR_TLDR_KUBERNETES", raising=False)
     pytest.importorskip("airflow.providers.cncf.kubernetes")
-    from test_k8s_pods import main_container, render_pods
+    from test_k8s_pods import local_volumes, main_container, render_pods
     from tldr_dagkit.compress import build_compress_dag
 
     pods = render_pods(build_compress_dag("tldr_compress", None), {})
@@ -112,6 +113,8 @@ def test_configmap_drives_valid_pods(helm, tmp_path, monkeypatch):
     assert main_container(captioner)["image"] == "ghcr.io/tldr-vlp/stage:1.2.3"
     assert main_container(captioner)["command"][:3] == ["deepspeed", "--num_gpus", "2"]
     assert captioner["spec"]["nodeSelector"] == {"pool": "ml", "nvidia.com/gpu.present": "true"}
+    assert local_volumes(captioner)["/dev/shm"] == {"medium": "Memory", "sizeLimit": "4Gi"}
+    assert local_volumes(pods["evaluate"][0])["/scratch"] == {"sizeLimit": "100Gi"}
 
 
 def test_external_stores_render_valid(helm):

@@ -181,6 +181,30 @@ def test_pods_meet_the_restricted_pod_security_standard(default_pods):
             assert env_of(pod)["XDG_CACHE_HOME"] == "/home/tldr/.cache"
 
 
+def local_volumes(pod: dict) -> dict:
+    """{mount path: emptyDir} of the main container."""
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    return {m["mountPath"]: volumes[m["name"]]["emptyDir"] for m in main_container(pod)["volumeMounts"]}
+
+
+def test_loader_workers_get_shared_memory_and_evaluate_gets_scratch(default_pods):
+    for name, pods in default_pods.items():
+        for pod in pods:
+            volumes, container = local_volumes(pod), main_container(pod)
+            if name == "train_captioner":  # DataLoader workers pass batches through /dev/shm (64 MiB by default)
+                assert volumes["/dev/shm"] == {"medium": "Memory", "sizeLimit": "2Gi"}
+            else:
+                assert "/dev/shm" not in volumes, name
+            if name == "evaluate":  # inputs decoded to $TMPDIR: node disk, reserved at scheduling
+                assert volumes["/scratch"] == {"sizeLimit": "20Gi"}
+                assert env_of(pod)["TMPDIR"] == "/scratch"
+                assert container["resources"]["requests"]["ephemeral-storage"] == "20Gi"
+                assert "ephemeral-storage" not in container["resources"]["limits"]
+            else:
+                assert "/scratch" not in volumes and "TMPDIR" not in env_of(pod), name
+                assert "ephemeral-storage" not in container["resources"]["requests"], name
+
+
 def test_torch_threads_equal_the_cpu_limit(default_pods):
     for name, pods in default_pods.items():
         for pod in pods:
@@ -207,7 +231,9 @@ def test_non_default_params_and_config(monkeypatch):
               "node_selector": {"pool": "batch"}, "gpu_node_selector": {"gpu-type": "h100"},
               "gpu_tolerations": [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule",
                                    "tolerationSeconds": 60}],
-              "secret_env_from": ["s3-creds"], "stage_resources": {"train-captioner": {"gpus": 4, "cpus": 32}}}
+              "secret_env_from": ["s3-creds"],
+              "stage_resources": {"train-captioner": {"gpus": 4, "cpus": 32, "shm_gb": 8},
+                                  "evaluate": {"scratch_gb": 150}, "sample": {"scratch_gb": 0.5}}}
     monkeypatch.setenv("AIRFLOW_VAR_TLDR_KUBERNETES", json.dumps(config))
     dag = build_compress_dag("tldr_compress", None)
     conf = {"input_url": "s3://bucket/crawl/{00000..00009}.tar", "output_url": "s3://bucket/out", "ratio": 0.1,
@@ -224,6 +250,10 @@ def test_non_default_params_and_config(monkeypatch):
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
     assert container["resources"]["limits"]["cpu"] == "32"
     assert env_of(captioner)["OMP_NUM_THREADS"] == "8"  # 32 CPUs shared by 4 DeepSpeed ranks
+    assert local_volumes(captioner)["/dev/shm"] == {"medium": "Memory", "sizeLimit": "8Gi"}
+    assert local_volumes(pods["evaluate"][0])["/scratch"] == {"sizeLimit": "150Gi"}
+    assert local_volumes(pods["sample"][0])["/scratch"] == {"sizeLimit": "0.5Gi"}
+    assert env_of(pods["sample"][0])["TMPDIR"] == "/scratch"
     assert captioner["spec"]["nodeSelector"] == {"pool": "batch", "gpu-type": "h100"}
     assert captioner["spec"]["tolerations"][0]["tolerationSeconds"] == 60
     assert captioner["metadata"]["namespace"] == "ml"
@@ -247,3 +277,14 @@ def test_cpu_only_captioner_runs_without_deepspeed_launcher(monkeypatch):
     container = main_container(pods["train_captioner"][0])
     assert container["command"] == ["tldr-vlp"]
     assert "nvidia.com/gpu" not in container["resources"]["limits"]
+
+
+def test_shared_memory_must_fit_in_the_memory_limit():
+    from tldr_dagkit.compress import pod_resources
+
+    from tldr_tasks.pipeline import get_stage
+
+    spec = get_stage("train-captioner")
+    assert pod_resources(spec, {"stage_resources": {"train-captioner": {"shm_gb": "6"}}}).shm_gb == 6.0
+    with pytest.raises(ValueError, match="counted in memory_gb"):
+        pod_resources(spec, {"stage_resources": {"train-captioner": {"memory_gb": 2}}})

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from tldr_tasks import storage
 from tldr_tasks.config import Config
 from tldr_tasks.data.shards import Sample, ShardWriter, encode_json, iter_shard
 from tldr_tasks.stages import caption, materialize
@@ -147,3 +148,90 @@ def test_collapsed_captions_fall_back_to_the_originals_and_say_so(selection, cap
     assert manifest["collapse_check"]["collapsed"] and manifest["captions"]["original:collapse"] == 4
     assert result.metrics["caption_collapsed"] == 1.0
     assert "collapsed" in capsys.readouterr().err
+
+
+@pytest.fixture()
+def crawl_run(tmp_path):
+    """4 input shards of 12 samples keyed by hashes (so key order is neither shard order nor write order),
+    the shard columns dictionary-encoded as the cluster stage writes them; 2 rejected, 20 selected."""
+    import hashlib
+
+    keys = [hashlib.md5(str(i).encode()).hexdigest()[:8] for i in range(48)]
+    crawl = tmp_path / "crawl"
+    with ShardWriter(str(crawl), shard_size=12) as writer:
+        for i, key in enumerate(keys):
+            writer.write(key, {"png": _png((i * 5, 0, 0)), "txt": f"caption {i}".encode(), "json": encode_json({})})
+    shard = {key: f"{i // 12:05d}" for i, key in enumerate(keys)}
+    rejected, chosen = keys[4:7:2], keys[1:20:2] + keys[24:44:2]
+    out = tmp_path / "run"
+
+    def table(rows):
+        columns = pa.Table.from_pylist(rows)
+        return columns.set_column(1, "shard", columns["shard"].dictionary_encode())
+
+    pq.write_table(table([{"key": k, "shard": shard[k], "cluster": i % 3} for i, k in enumerate(keys)
+                          if k not in rejected]), tmp_path / "assignments.parquet")
+    (out / "cluster").mkdir(parents=True)
+    shutil.move(tmp_path / "assignments.parquet", out / "cluster" / "assignments.parquet")
+    _write_parquet(out / "cluster" / "rejects.parquet",
+                   [{"key": k, "shard": shard[k], "reason": "undecodable image: broken"} for k in rejected])
+    selected = table([{"key": k, "shard": shard[k], "cluster": 1, "alignment": 0.5} for k in sorted(chosen)])
+    (out / "sample").mkdir()
+    pq.write_table(selected, out / "sample" / "selected.parquet")
+    run_io = StageIO(input=str(crawl), out=str(out))
+    for stem in sorted(set(shard[k] for k in chosen)):
+        rows = [{"key": k, "original": f"caption {keys.index(k)}", "generated": f"generated {n % 7}",
+                 "confidence": -0.5 if n % 4 else -3.0, "grounding": 1.0}
+                for n, k in enumerate(sorted(chosen)) if shard[k] == stem]
+        _write_parquet(Path(caption.output_url(run_io, stem)), rows)
+    return run_io, sorted(chosen, key=lambda k: (shard[k], k))  # the input order: source shard, then key
+
+
+def test_output_holds_every_selected_sample_once_in_input_order_with_its_decided_caption(crawl_run):
+    from tldr_tasks import fusion
+
+    run_io, input_order = crawl_run
+    assert input_order != sorted(input_order)  # selected.parquet's key order is not the output order
+    cfg = Config()
+    cfg.caption.fusion = "mix"
+    cfg.materialize.shard_size = 7  # output shards span source shards
+    result = materialize.run(cfg, run_io)
+    samples = [s for url in result.outputs if url.endswith(".tar") for s in iter_shard(url)]
+    assert [s.key for s in samples] == input_order
+    parts = {r["key"]: r for url in Path(run_io.caption_dir).glob("*.parquet") for r in pq.read_table(url).to_pylist()}
+    for s in samples:
+        row = parts[s.key]
+        text, reason = fusion.ship_caption(s.key, row["original"], row["generated"], row["confidence"],
+                                           row["grounding"], mode="mix", min_confidence=cfg.caption.min_confidence,
+                                           min_grounding=cfg.caption.min_grounding, seed=cfg.seed, collapsed=False)
+        assert (s.caption, s.meta["caption_reason"], s.meta["generated_caption"]) == (text, reason, row["generated"])
+    manifest = json.loads(open(f"{run_io.out}/shards/manifest.json").read())
+    assert {r for r in manifest["captions"] if manifest["captions"][r]} >= {"replaced", "original:fusion",
+                                                                             "original:low_confidence"}
+    assert (manifest["input_samples"], manifest["kept"], manifest["dropped"], manifest["rejected"]) == (48, 20, 26, 2)
+    assert [manifest["per_shard"][s]["kept"] for s in ("00000", "00001", "00002", "00003")] == [6, 4, 6, 4]
+    for counts in manifest["per_shard"].values():
+        assert counts["input"] == counts["kept"] + counts["dropped"] + counts["rejected"] == 12
+
+
+def test_a_restart_rewrites_a_lost_shard_byte_for_byte(crawl_run):
+    run_io, _ = crawl_run
+    cfg = Config()
+    cfg.materialize.shard_size = 7
+    outputs = materialize.run(cfg, run_io).outputs
+    before = {url: Path(url).read_bytes() for url in outputs}
+    Path(outputs[1]).unlink()
+    Path(outputs[-1]).unlink()  # the manifest: the run is not complete
+    assert materialize.run(cfg, run_io).outputs == outputs
+    assert {url: Path(url).read_bytes() for url in outputs} == before
+
+
+@pytest.mark.parametrize("batch_rows", [1, 5, 1000])
+def test_accounting_does_not_depend_on_the_batch_size(crawl_run, batch_rows):
+    run_io, _ = crawl_run
+    url = f"{run_io.out}/cluster/assignments.parquet"
+    rejects = pq.read_table(f"{run_io.out}/cluster/rejects.parquet").to_pylist()
+    selected = pq.read_table(f"{run_io.out}/sample/selected.parquet", columns=["key", "shard"])
+    counts = materialize.account(storage.iter_parquet(url, ["key", "shard"], batch_rows), rejects, selected)
+    assert counts["per_shard"]["00000"] == {"kept": 6, "dropped": 4, "rejected": 2, "input": 12}
+    assert (counts["kept"], counts["dropped"], counts["rejected"]) == (20, 26, 2)

@@ -145,7 +145,8 @@ def stages_main(argv: list[str]) -> int:
 
     for spec in STAGES:
         r = spec.resources
-        print(f"{spec.name:<16} cpus={r.cpus:<4} memory={r.memory_gb}G gpus={r.gpus} "
+        volumes = (f"shm={r.shm_gb}G " if r.shm_gb else "") + (f"scratch={r.scratch_gb}G " if r.scratch_gb else "")
+        print(f"{spec.name:<16} cpus={r.cpus:<4} memory={r.memory_gb}G gpus={r.gpus} {volumes}"
               f"{'sharded ' if spec.sharded else ''}{'optional' if spec.optional else ''}".rstrip())
     return 0
 

@@ -48,7 +48,8 @@ class StageSpec:
 
 
 STAGES: tuple[StageSpec, ...] = (
-    StageSpec("train-captioner", "train_captioner", Resources(cpus=8, memory_gb=32, gpus=1),
+    # its DataLoader workers (captioner.loader_workers per rank) hand batches over in /dev/shm
+    StageSpec("train-captioner", "train_captioner", Resources(cpus=8, memory_gb=32, gpus=1, shm_gb=2),
               params=("seed", "captioner"), output="captioner_dir", done_marker="COMPLETE"),
     StageSpec("embed", "embed", Resources(cpus=4, memory_gb=16, gpus=1), sharded=True,
               deps=("train-captioner",), params=("embed",), output="embed_dir", keyed_output=True),
@@ -62,7 +63,8 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("materialize", "materialize", Resources(cpus=2, memory_gb=8),
               deps=("cluster", "sample", "caption"), params=("seed", "caption", "materialize"),
               output="shards_dir", done_marker="manifest.json"),
-    StageSpec("evaluate", "evaluate", Resources(cpus=8, memory_gb=32, gpus=1),
+    # decodes the crawl, the compressed set and the held-out set to $TMPDIR: ~12 KB a 64-px image
+    StageSpec("evaluate", "evaluate", Resources(cpus=8, memory_gb=32, gpus=1, scratch_gb=20),
               deps=("materialize",), params=("seed", "evaluate"), optional=True, output="evaluate_dir",
               done_marker="report.json"),
 )

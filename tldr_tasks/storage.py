@@ -112,7 +112,19 @@ def read_parquet(url: str, columns: list[str] | None = None):
 
     fs, path = filesystem(url)
     with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns)
+        # Decoding threads call back into this Python file object: one still running at interpreter exit
+        # aborts the process ("terminate called without an active exception", ~1 exit in 3 measured).
+        return pq.read_table(f, columns=columns, use_threads=False)
+
+
+def iter_parquet(url: str, columns: list[str] | None = None, batch_rows: int = 65_536) -> Iterator:
+    """The parquet file at `url` as pyarrow RecordBatches of up to `batch_rows` rows: memory holds one
+    batch (and the row group being decoded), not the whole file."""
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as f:
+        yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns)
 
 
 def _is_local(fs) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import fields, replace
 from datetime import timedelta
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
@@ -33,6 +34,7 @@ from tldr_dagkit import settings
 from tldr_dagkit.plan import build_plan, check_params, task_id
 from tldr_tasks.config import FEATURES, FUSIONS, STRATEGIES, Config
 from tldr_tasks.pipeline import STAGES, StageSpec
+from tldr_tasks.stages.base import Resources
 
 CRAWL_ASSET = Asset(name="tldr_crawl", uri="tldr://crawl/registered")
 COMPRESSED_ASSET = Asset(name="tldr_compressed", uri="tldr://compressed/latest")
@@ -40,6 +42,7 @@ DISTRIBUTED_STAGES = ("train-captioner",)  # run under the DeepSpeed launcher ov
 GROUPS = {"local": "local", "kubernetes": "kubernetes"}  # runner -> task group id
 STAGE_UID = 1000  # the stage image's user (containers/Dockerfile: useradd --uid 1000, USER 1000)
 STAGE_CACHE = "/home/tldr/.cache"  # HOME/.cache of that user: HF, Triton, pip caches go below it
+STAGE_SCRATCH = "/scratch"  # $TMPDIR of a stage that declares scratch_gb
 
 
 def end_run_failed(context) -> None:
@@ -127,12 +130,11 @@ def _landed_input(triggering_asset_events) -> tuple[str | None, str | None]:
     return extra.get("url"), extra.get("version")
 
 
-def pod_resources(spec: StageSpec, config: dict) -> tuple[float, float, int]:
-    """(cpus, memory GiB, gpus) of a stage's pod: pipeline.STAGES, unless stage_resources overrides."""
+def pod_resources(spec: StageSpec, config: dict) -> Resources:
+    """A stage's pod resources: pipeline.STAGES, with stage_resources' overrides of any field."""
     override = config.get("stage_resources", {}).get(spec.name, {})
-    r = spec.resources
-    return (float(override.get("cpus", r.cpus)), float(override.get("memory_gb", r.memory_gb)),
-            int(override.get("gpus", r.gpus)))
+    kinds = {f.name: int if f.name == "gpus" else float for f in fields(Resources)}
+    return replace(spec.resources, **{k: kinds[k](v) for k, v in override.items() if k in kinds})
 
 
 def _quantity(value: float) -> str:
@@ -141,27 +143,30 @@ def _quantity(value: float) -> str:
 
 def pod_settings(spec: StageSpec, config: dict) -> dict:
     """KubernetesPodOperator keyword arguments for one stage (everything but its arguments)."""
-    cpus, memory_gb, gpus = pod_resources(spec, config)
+    r = pod_resources(spec, config)
     # requests == limits: the pod gets Guaranteed QoS and is never the first one evicted.
-    quantities = {"cpu": _quantity(cpus), "memory": f"{_quantity(memory_gb)}Gi"}
-    limits = dict(quantities)
+    limits = {"cpu": _quantity(r.cpus), "memory": f"{_quantity(r.memory_gb)}Gi"}
+    requests = dict(limits)
+    if r.scratch_gb:  # the scheduler picks a node with that much free disk for the scratch emptyDir
+        requests["ephemeral-storage"] = f"{_quantity(r.scratch_gb)}Gi"
+    volumes, mounts = local_volumes(r)
     node_selector = dict(config.get("node_selector") or {})
     tolerations = list(config.get("tolerations") or [])
-    if gpus:
-        limits["nvidia.com/gpu"] = str(gpus)
+    if r.gpus:
+        limits["nvidia.com/gpu"] = str(r.gpus)
         node_selector.update(config.get("gpu_node_selector") or {})
         tolerations += config.get("gpu_tolerations") or []
     cmds = ["tldr-vlp"]
     processes = 1
-    if spec.name in DISTRIBUTED_STAGES and gpus >= 1:
+    if spec.name in DISTRIBUTED_STAGES and r.gpus >= 1:
         # --no_local_rank: the launcher would otherwise put --local_rank=I before `run` (LOCAL_RANK env is set).
-        cmds = ["deepspeed", "--num_gpus", str(gpus), "--no_local_rank", "--module", "tldr_tasks.cli"]
-        processes = gpus
+        cmds = ["deepspeed", "--num_gpus", str(r.gpus), "--no_local_rank", "--module", "tldr_tasks.cli"]
+        processes = r.gpus
     uid = int(config.get("run_as_user", STAGE_UID))
     env = {
         # Torch would size its thread pool by the node's cores and stall on CFS throttling: one
         # thread per core of the limit, shared by the processes (DeepSpeed starts one per GPU).
-        "OMP_NUM_THREADS": str(max(1, int(cpus) // processes)),
+        "OMP_NUM_THREADS": str(max(1, int(r.cpus) // processes)),
         "XDG_CACHE_HOME": STAGE_CACHE,
         "TRITON_CACHE_DIR": f"{STAGE_CACHE}/triton",
         "TLDR_RUN_KEY": "{{ dag.dag_id }}/{{ run_id }}",
@@ -171,6 +176,7 @@ def pod_settings(spec: StageSpec, config: dict) -> dict:
         "AIRFLOW_CTX_TRY_NUMBER": "{{ ti.try_number }}",
         "AIRFLOW_CTX_MAP_INDEX": "{{ ti.map_index }}",
         "TLDR_INPUT_VERSION": "{{ ti.xcom_pull(task_ids='plan', key='input_version') or '' }}",
+        **({"TMPDIR": STAGE_SCRATCH} if r.scratch_gb else {}),
         **{k: str(v) for k, v in (config.get("env") or {}).items()},
     }
     return {
@@ -188,18 +194,17 @@ def pod_settings(spec: StageSpec, config: dict) -> dict:
         # Credentials only as references to Kubernetes Secrets: values never pass through Airflow.
         "env_from": [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=name))
                      for name in config.get("secret_env_from") or []],
-        "container_resources": k8s.V1ResourceRequirements(requests=quantities, limits=limits),
+        "container_resources": k8s.V1ResourceRequirements(requests=requests, limits=limits),
         # The restricted Pod Security Standard: non-root (the image's uid), no privilege escalation,
         # no capabilities, the runtime's seccomp profile; plus a read-only root filesystem, with
-        # emptyDirs for what the stages write locally (/tmp: staging, DeepSpeed checkpoints; caches).
+        # emptyDirs for what the stages write locally (local_volumes).
         "security_context": k8s.V1PodSecurityContext(
             run_as_non_root=True, run_as_user=uid, run_as_group=uid, fs_group=uid,
             seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault")),
         "container_security_context": restricted_container_context(uid),
         "xcom_sidecar_container_security_context": restricted_container_context(uid),
-        "volumes": [k8s.V1Volume(name=name, empty_dir=k8s.V1EmptyDirVolumeSource()) for name in ("tmp", "cache")],
-        "volume_mounts": [k8s.V1VolumeMount(name="tmp", mount_path="/tmp"),
-                          k8s.V1VolumeMount(name="cache", mount_path=STAGE_CACHE)],
+        "volumes": volumes,
+        "volume_mounts": mounts,
         "node_selector": node_selector,
         "tolerations": [k8s.V1Toleration(**_snake(t)) for t in tolerations],
         "startup_timeout_seconds": int(config.get("startup_timeout_seconds", 900)),
@@ -209,6 +214,25 @@ def pod_settings(spec: StageSpec, config: dict) -> dict:
         # Delete pods that succeeded; keep failed ones for `kubectl logs/describe`.
         "on_finish_action": "delete_succeeded_pod",
     }
+
+
+def local_volumes(r: Resources) -> tuple[list, list]:
+    """(volumes, mounts): emptyDirs for what a stage writes locally, as the root filesystem is read-only:
+    /tmp (staging, DeepSpeed checkpoints), the caches, and the shared memory and scratch `r` declares."""
+    volumes = [k8s.V1Volume(name=name, empty_dir=k8s.V1EmptyDirVolumeSource()) for name in ("tmp", "cache")]
+    mounts = [k8s.V1VolumeMount(name="tmp", mount_path="/tmp"), k8s.V1VolumeMount(name="cache", mount_path=STAGE_CACHE)]
+    if r.shm_gb:
+        # A container's own /dev/shm is 64 MiB, and DataLoader workers pass every batch through it.
+        # Memory-backed: its files count toward the memory limit; the size limit caps them.
+        volumes.append(k8s.V1Volume(name="shm", empty_dir=k8s.V1EmptyDirVolumeSource(
+            medium="Memory", size_limit=f"{_quantity(r.shm_gb)}Gi")))
+        mounts.append(k8s.V1VolumeMount(name="shm", mount_path="/dev/shm"))
+    if r.scratch_gb:
+        # Node disk for $TMPDIR; a pod that writes more than the size limit is evicted (not the node filled).
+        volumes.append(k8s.V1Volume(name="scratch", empty_dir=k8s.V1EmptyDirVolumeSource(
+            size_limit=f"{_quantity(r.scratch_gb)}Gi")))
+        mounts.append(k8s.V1VolumeMount(name="scratch", mount_path=STAGE_SCRATCH))
+    return volumes, mounts
 
 
 def restricted_container_context(uid: int) -> k8s.V1SecurityContext:

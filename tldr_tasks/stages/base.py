@@ -18,15 +18,26 @@ from tldr_tasks import storage
 
 @dataclass(frozen=True)
 class Resources:
-    """What one worker of a stage needs; the Kubernetes runner turns it into pod requests/limits."""
+    """What one worker of a stage needs; the Kubernetes runner turns it into pod requests/limits and
+    volumes.
+
+    Attributes:
+        shm_gb: shared memory (/dev/shm) for processes that pass tensors through it (DataLoader
+            workers, NCCL); counted in `memory_gb`. 0: the container's own 64 MiB.
+        scratch_gb: local disk for temporary files ($TMPDIR). 0: only /tmp, sized by the node.
+    """
 
     cpus: float = 1.0
     memory_gb: float = 2.0
     gpus: int = 0
+    shm_gb: float = 0.0
+    scratch_gb: float = 0.0
 
     def __post_init__(self):
-        if self.cpus <= 0 or self.memory_gb <= 0 or self.gpus < 0:
+        if self.cpus <= 0 or self.memory_gb <= 0 or min(self.gpus, self.shm_gb, self.scratch_gb) < 0:
             raise ValueError(f"resources must be positive: {self}")
+        if self.shm_gb >= self.memory_gb:
+            raise ValueError(f"shm_gb is counted in memory_gb and must be smaller: {self}")
 
 
 @dataclass

@@ -9,6 +9,11 @@ cluster id and source shard. `manifest.json` accounts for every input sample (ke
 selection + rejected with a reason, per shard and in total), counts the shipped captions per reason
 and is written last: its presence means the output is complete.
 
+No Python object per sample: the assignments (one row per input sample, millions at scale) are counted
+in record batches, the selection stays a pyarrow table, and each output shard reads only the caption
+parts of the source shards it spans. Only the run-level collapse check holds the kept samples' captions
+as strings.
+
     tldr-vlp run materialize --input crawl/train --out runs/x
 """
 
@@ -19,8 +24,11 @@ import json
 import os
 import sys
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm import tqdm
 
 from tldr_tasks import fusion, storage
@@ -33,10 +41,10 @@ from tldr_tasks.tracking import redact
 
 CAPTION_REASONS = (fusion.REPLACED, fusion.APPENDED, fusion.ORIGINAL_BY_FUSION, fusion.ORIGINAL_LOW_CONFIDENCE,
                    fusion.ORIGINAL_UNGROUNDED, fusion.ORIGINAL_COLLAPSE, fusion.ORIGINAL_NO_GENERATED)
-
-
-def _rows(url: str) -> list[dict]:
-    return storage.read_parquet(url).to_pylist()
+# A caption part's columns (caption.write_captions), typed so that parts concatenate.
+CAPTION_SCHEMA = pa.schema([("key", pa.string()), ("original", pa.string()), ("generated", pa.string()),
+                            ("confidence", pa.float64()), ("grounding", pa.float64())])
+BATCH_ROWS = 65_536  # rows held as Python objects at a time
 
 
 def input_version(shard_urls: list[str]) -> str:
@@ -50,12 +58,29 @@ def input_version(shard_urls: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def account(assignments: list[dict], rejects: list[dict], selected_keys: set[str]) -> dict:
-    """Per-shard and total counts: input = kept + dropped + rejected."""
+def account(assignments: Iterable[pa.RecordBatch], rejects: list[dict], selected: pa.Table) -> dict:
+    """Per-shard and total counts: input = kept + dropped + rejected.
+
+    Args:
+        assignments: record batches with `key` and `shard` columns, one row per input sample; counted a
+            batch at a time, so memory does not grow with the crawl.
+        rejects: rows of cluster/rejects.parquet.
+        selected: the kept samples' `key` and `shard` columns.
+    """
+    # A batch's keys are looked up among the selected keys of the batch's own shards: a hash set of
+    # those per batch, not of every selected key, keeps the cost linear in the crawl.
+    lists = selected.group_by("shard").aggregate([("key", "list")])
+    keys_by_shard = dict(zip(lists["shard"].to_pylist(), (keys.values for keys in lists["key_list"])))
+    none = pa.array([], pa.string())
     per_shard: dict[str, Counter] = defaultdict(Counter)
-    for row in assignments:
-        outcome = "kept" if row["key"] in selected_keys else "dropped"
-        per_shard[row["shard"]][outcome] += 1
+    for batch in assignments:
+        value_set = pa.concat_arrays([keys_by_shard.get(s, none) for s in pc.unique(batch["shard"]).to_pylist()])
+        kept = pc.is_in(batch["key"], value_set=value_set)
+        counts = pa.table({"shard": batch["shard"], "kept": kept}).group_by("shard").aggregate(
+            [("kept", "sum"), ("kept", "count")])
+        for shard, n_kept, n in zip(*(counts[c].to_pylist() for c in ("shard", "kept_sum", "kept_count"))):
+            per_shard[shard]["kept"] += n_kept
+            per_shard[shard]["dropped"] += n - n_kept
     by_reason: Counter = Counter()
     for row in rejects:
         if row.get("key") is None:
@@ -78,45 +103,40 @@ def run(cfg: Config, io: StageIO) -> StageResult:
         return StageResult(metrics=json.loads(storage.read_text(manifest_url))["metrics"],
                            outputs=[manifest_url], skipped=True)
     shard_urls = io.input_shards()
-    selected = _rows(storage.join(io.sample_dir, "selected.parquet"))
-    assignments = _rows(storage.join(io.cluster_dir, "assignments.parquet"))
-    rejects = _rows(storage.join(io.cluster_dir, "rejects.parquet"))
-    selected_by_key = {row["key"]: row for row in selected}
+    # Columnar, never a dict per sample: selected holds ratio x N rows, assignments N (millions at scale).
+    selected = storage.read_parquet(storage.join(io.sample_dir, "selected.parquet"))
+    selected = selected.set_column(selected.schema.get_field_index("shard"), "shard",
+                                   selected["shard"].cast(pa.string()))
+    rejects = storage.read_parquet(storage.join(io.cluster_dir, "rejects.parquet")).to_pylist()
+    # caption parts are named by their source shard's content
+    part_urls = {stem: caption.output_url(io, stem) for stem in sorted(pc.unique(selected["shard"]).to_pylist())}
+    # every caption at once, for the run-level decision only: the output shards read the parts they span
+    gate = decide_captions(_captions_of(selected["key"], [_read_part(url) for url in part_urls.values()
+                                                          if storage.exists(url)]), cfg)
+    collapsed = gate["collapse_check"]["collapsed"]
 
-    # Output order is the input order (source shard, then key): deterministic shard contents.
-    shard_order = {storage.shard_stem(u): i for i, u in enumerate(shard_urls)}
-    ordered = sorted(selected, key=lambda r: (shard_order[r["shard"]], r["key"]))
+    selected = _output_order(selected, shard_urls, io.input)
     size = cfg.materialize.shard_size
-    groups = [ordered[i:i + size] for i in range(0, len(ordered), size)]
-    captions: dict[str, dict] = {}
-    for stem in sorted({r["shard"] for r in selected}):
-        part = caption.output_url(io, stem)  # named by the source shard's content
-        if storage.exists(part):
-            captions.update((row["key"], row) for row in _rows(part))
-    missing = [r["key"] for r in selected if r["key"] not in captions]
-    if missing:
-        raise RuntimeError(f"{len(missing)} selected samples have no generated caption (e.g. {missing[0]}): "
-                           "run the caption stage for every shard group first")
-    shipped, gate = decide_captions(selected, captions, cfg)
-
     outputs = []
     by_url = {storage.shard_stem(u): u for u in shard_urls}
-    for index, group in enumerate(tqdm(groups, desc="materialize", unit="shard")):
+    captions: dict[str, pa.Table] = {}  # the caption parts of the source shards the last group spanned
+    for index, start in enumerate(tqdm(range(0, selected.num_rows, size), desc="materialize", unit="shard")):
         out_url = storage.join(io.shards_dir, f"{index:05d}.tar")
         outputs.append(out_url)
         if storage.exists(out_url):
             continue  # finished before a restart
-        wanted = {r["key"] for r in group}
-        samples: dict[str, Sample] = {}
-        for stem in sorted({r["shard"] for r in group}, key=shard_order.get):
-            for item in iter_shard(by_url[stem]):
-                if isinstance(item, Sample) and item.key in wanted and item.key not in samples:
-                    samples[item.key] = item
-        write_tar(out_url, [(row["key"], _output_parts(samples[row["key"]], selected_by_key[row["key"]],
-                                                       captions[row["key"]], shipped[row["key"]], cfg.caption.fusion))
-                            for row in group])
+        group = selected.slice(start, size)
+        stems = pc.unique(group["shard"]).to_pylist()  # in output order
+        # groups follow the source shards: a part is read when its shard is first needed, dropped after
+        captions = {s: captions[s] if s in captions else _read_part(part_urls[s]) for s in stems}
+        rows = zip(group.to_pylist(), _captions_of(group["key"], list(captions.values())).to_pylist())
+        samples = _samples([by_url[s] for s in stems], set(group["key"].to_pylist()))
+        write_tar(out_url, [(row["key"], _output_parts(samples[row["key"]], row, cap, ship(cap, cfg, collapsed),
+                                                       cfg.caption.fusion)) for row, cap in rows])
 
-    accounting = account(assignments, rejects, set(selected_by_key))
+    assignments = storage.iter_parquet(storage.join(io.cluster_dir, "assignments.parquet"), ["key", "shard"],
+                                       BATCH_ROWS)
+    accounting = account(assignments, rejects, selected.select(["key", "shard"]))
     metrics = {"input_samples": accounting["input_samples"], "kept": accounting["kept"],
                "dropped": accounting["dropped"], "rejected": accounting["rejected"],
                "ratio": accounting["kept"] / max(1, accounting["input_samples"] - accounting["rejected"]),
@@ -144,30 +164,65 @@ def _captioner_version(io: StageIO) -> str | None:
     return captioner_version(io.captioner_dir) if storage.exists(storage.join(io.captioner_dir, MARKER)) else None
 
 
-def decide_captions(selected: list[dict], captions: dict[str, dict], cfg: Config) -> tuple[dict, dict]:
-    """The caption every kept sample ships ({key: (text, reason)}) and the gate's report: the run-level
-    collapse check, the count per reason and the confidence distribution. A collapse is printed."""
+def decide_captions(captions: pa.Table, cfg: Config) -> dict:
+    """The gate's report on the captions of every kept sample (`captions`: CAPTION_SCHEMA rows, in
+    selected.parquet order): the run-level collapse check, the count per reason (what `ship` decides) and
+    the confidence distribution. A collapse is printed."""
     c = cfg.caption
-    rows = [captions[r["key"]] for r in selected]
-    check = fusion.collapse_check([r["original"] for r in rows], [r["generated"] for r in rows], c.min_entropy_ratio)
+    # two string columns as Python lists: the only per-sample objects held all at once
+    check = fusion.collapse_check(captions["original"].to_pylist(), captions["generated"].to_pylist(),
+                                  c.min_entropy_ratio)
     if check["collapsed"] and c.fusion != "original":
         print(f"materialize: the generated captions collapsed ({check['distinct_generated']} distinct for "
               f"{check['samples']} images, entropy {check['entropy_ratio']:.2f} of the originals' < "
               f"{c.min_entropy_ratio}): shipping the original captions. Train the captioner longer, from a "
               "pretrained model (captioner.init_from), or on more data.", file=sys.stderr)
-    shipped = {r["key"]: fusion.ship_caption(r["key"], r["original"], r["generated"], _score(r, "confidence"),
-                                             _score(r, "grounding"), mode=c.fusion, min_confidence=c.min_confidence,
-                                             min_grounding=c.min_grounding, seed=cfg.seed,
-                                             collapsed=check["collapsed"])
-               for r in rows}
-    reasons = Counter(reason for _, reason in shipped.values())
-    confidence = np.array([_score(r, "confidence") for r in rows], dtype=np.float64)
-    grounding = np.array([_score(r, "grounding") for r in rows], dtype=np.float64)
+    reasons: Counter = Counter()
+    for batch in captions.to_batches(max_chunksize=BATCH_ROWS):
+        reasons.update(ship(row, cfg, check["collapsed"])[1] for row in batch.to_pylist())
+    confidence = captions["confidence"].to_numpy()  # a null is NaN
+    grounding = captions["grounding"].to_numpy()
     counts = {reason: reasons.get(reason, 0) for reason in CAPTION_REASONS}
     metrics = {f"captions_{reason.replace(':', '_')}": float(n) for reason, n in counts.items()}
     metrics.update(caption_collapsed=float(check["collapsed"]), caption_entropy_ratio=check["entropy_ratio"],
                    caption_confidence_mean=_mean(confidence), caption_grounding_mean=_mean(grounding))
-    return shipped, {"captions": counts, "collapse_check": check, "metrics": metrics}
+    return {"captions": counts, "collapse_check": check, "metrics": metrics}
+
+
+def ship(row: dict, cfg: Config, collapsed: bool) -> tuple[str, str]:
+    """(text, reason): the caption the kept sample of caption-part row `row` ships (fusion.ship_caption)."""
+    c = cfg.caption
+    return fusion.ship_caption(row["key"], row["original"], row["generated"], _score(row, "confidence"),
+                               _score(row, "grounding"), mode=c.fusion, min_confidence=c.min_confidence,
+                               min_grounding=c.min_grounding, seed=cfg.seed, collapsed=collapsed)
+
+
+def _read_part(url: str) -> pa.Table:
+    """A caption part as CAPTION_SCHEMA; a part written before the gate has no confidence or grounding (null)."""
+    part = storage.read_parquet(url)
+    return pa.Table.from_arrays([part[f.name].cast(f.type) if f.name in part.column_names
+                                 else pa.nulls(part.num_rows, f.type) for f in CAPTION_SCHEMA], schema=CAPTION_SCHEMA)
+
+
+def _captions_of(keys: pa.ChunkedArray, parts: list[pa.Table]) -> pa.Table:
+    """The caption rows of `keys`, in their order, from the caption parts `parts`."""
+    table = pa.concat_tables([CAPTION_SCHEMA.empty_table(), *parts])
+    index = pc.index_in(keys, value_set=table["key"])
+    if index.null_count:
+        missing = keys.filter(pc.is_null(index))
+        raise RuntimeError(f"{len(missing)} selected samples have no generated caption (e.g. {missing[0].as_py()}): "
+                           "run the caption stage for every shard group first")
+    return table.take(index)
+
+
+def _output_order(selected: pa.Table, shard_urls: list[str], input_url: str) -> pa.Table:
+    """`selected` in output order, the input order (source shard, then key): deterministic shard contents."""
+    order = pc.index_in(selected["shard"], value_set=pa.array([storage.shard_stem(u) for u in shard_urls]))
+    if order.null_count:
+        raise ValueError(f"selected.parquet names shards that are not in --input {redact(input_url)}: "
+                         "materialize with the same --input the selection was made from")
+    ordered = selected.append_column("order", order).sort_by([("order", "ascending"), ("key", "ascending")])
+    return ordered.drop_columns(["order"])
 
 
 def _score(row: dict, name: str) -> float:
@@ -185,6 +240,16 @@ def sample_alignment_stats(io: StageIO) -> dict:
     url = storage.join(io.sample_dir, "stats.json")
     stats = json.loads(storage.read_text(url)) if storage.exists(url) else {}
     return {k: v for k, v in stats.items() if k.startswith("alignment")}
+
+
+def _samples(shard_urls: list[str], keys: set[str]) -> dict[str, Sample]:
+    """The samples of `keys` from the shards `shard_urls` (the first of a key repeated)."""
+    samples: dict[str, Sample] = {}
+    for url in shard_urls:
+        for item in iter_shard(url):
+            if isinstance(item, Sample) and item.key in keys and item.key not in samples:
+                samples[item.key] = item
+    return samples
 
 
 def _output_parts(sample: Sample, selected_row: dict, caption_row: dict, shipped: tuple[str, str],
