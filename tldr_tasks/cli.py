@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from tldr_tasks.config import ConfigError, load_config
@@ -151,8 +152,23 @@ def stages_main(argv: list[str]) -> int:
     return 0
 
 
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Kubernetes (a deleted pod), Airflow (a task marked failed) and the DeepSpeed launcher stop a
+    command with SIGTERM, whose default action ends Python without unwinding: its MLflow runs stayed
+    RUNNING until a later run found them. As SystemExit it unwinds, so the stage run, and a compress's
+    parent run, end FAILED. The caller's handler is back when main returns (tests call it in-process)."""
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _command(list(sys.argv[1:] if argv is None else argv))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _command(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
