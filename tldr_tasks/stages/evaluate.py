@@ -28,6 +28,7 @@ from there by index: memory does not hold the decoded crawl, and the batches are
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io as _io
 import json
@@ -99,11 +100,11 @@ def generate(io: StageIO, cfg: Config, images: np.ndarray, desc: str) -> tuple[l
     import torch
     from PIL import Image
 
-    from tldr_tasks.models.captioner import image_to_tensor, load_captioner
+    from tldr_tasks.models.captioner import captioner_version, image_to_tensor
     from tldr_tasks.stages.caption import caption_confidence
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_captioner(io.captioner_dir, device=device)
+    model, tokenizer = _loaded_captioner(io.captioner_dir, captioner_version(io.captioner_dir), device)
     c = cfg.caption
     captions: list[str] = []
     confidence: list[float] = []
@@ -118,6 +119,15 @@ def generate(io: StageIO, cfg: Config, images: np.ndarray, desc: str) -> tuple[l
         confidence += scores[0]
         grounding += scores[1]
     return captions, confidence, grounding
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded_captioner(url: str, version: str, device: str):
+    """The captioner at `url`, loaded once for the evaluation's calls to `generate`; keyed by its
+    weights' version too, so a folder retrained in the same process is loaded again."""
+    from tldr_tasks.models.captioner import load_captioner
+
+    return load_captioner(url, device=device)
 
 
 @dataclass
