@@ -74,7 +74,7 @@ class Pixels:
         return (len(self), self.size, self.size, 3)
 
     def take(self, index) -> Pixels:
-        return Pixels(self._file, self._count, self.size, _compose(self._index, len(self), list(index)))
+        return Pixels(self._file, self._count, self.size, _compose(self._index, len(self), index))
 
     def __getitem__(self, key) -> np.ndarray:
         if isinstance(key, (int, np.integer)):
@@ -108,7 +108,7 @@ class Blobs(Sequence):
         return len(self._offsets) - 1 if self._index is None else len(self._index)
 
     def take(self, index) -> Blobs:
-        return Blobs(self._file, self._offsets, _compose(self._index, len(self), list(index)), self._loads)
+        return Blobs(self._file, self._offsets, _compose(self._index, len(self), index), self._loads)
 
     def field(self, name: str, default=None) -> Blobs:
         """A view of one key of every JSON object (`default` where it is missing)."""
@@ -150,7 +150,7 @@ class Split:
         return self.metas.field("truth") if self.truthful and len(self) else None
 
     def take(self, index) -> Split:
-        index = list(index)
+        index = np.asarray(index, dtype=np.int64)  # once for every column
         return Split(self.images.take(index), self.keys.take(index), self.captions.take(index),
                      self.metas.take(index), self.truthful)
 
