@@ -93,3 +93,26 @@ def test_the_tokenizer_vocabulary_does_not_depend_on_caption_order(decoded):
         one = clip.CaptionTokenizer.train(iter(captions), vocab_size=vocab_size)
         other = clip.CaptionTokenizer.train(iter(shuffled), vocab_size=vocab_size)
         assert one.to_json() == other.to_json()
+
+
+def test_a_full_scratch_disk_says_what_to_change(tiny_crawl, tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    real_open = builtins.open
+
+    class FullDisk:
+        def __init__(self, f):
+            self._f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+    monkeypatch.setattr(builtins, "open", lambda path, mode="r", *a, **k: (
+        FullDisk(real_open(path, mode, *a, **k)) if str(path).startswith(str(tmp_path)) and "w" in mode
+        else real_open(path, mode, *a, **k)))
+    with pytest.raises(OSError, match="scratch folder .* is full after 0 samples.*TMPDIR.*scratch_gb"):
+        write_spool(storage.expand_shards(f"{tiny_crawl}/train"), 24, str(tmp_path / "spool"), "x")

@@ -15,6 +15,7 @@ In memory stay only the blob offsets (8 bytes per sample and column) and index a
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from array import array
@@ -184,6 +185,13 @@ def write_spool(urls: list[str], image_size: int, folder: str, desc: str) -> Spl
                     offsets[name].append(offsets[name][-1] + len(data))
                 truthful = truthful and isinstance(item.meta.get("truth"), dict)
                 count += 1
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        used = sum(f.tell() for f in files.values()) / 2**30
+        raise OSError(errno.ENOSPC, f"the scratch folder {folder} is full after {count} samples ({used:.1f} GiB, "
+                      f"{image_size * image_size * 3 // 1024} KiB per image): point TMPDIR at a larger disk, or "
+                      "raise the stage's scratch_gb (stage_resources) in a pod") from err
     finally:
         for f in files.values():
             f.close()
