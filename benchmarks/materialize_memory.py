@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
 import subprocess
@@ -141,9 +140,6 @@ def child(variant: str, work: Path) -> None:
     else:
         {"dicts": dicts, "columnar": columnar}[variant](Config(), io)
     print(json.dumps({"wall_s": round(time.time() - started, 2), "peak_rss_gib": round(peak_rss_gib(), 3)}), flush=True)
-    # No interpreter teardown: exiting right after pyarrow read a parquet file through a Python file object
-    # (pre_buffer) aborts about one time in three ("terminate called without an active exception").
-    os._exit(0)
 
 
 def main(argv=None) -> int:

@@ -124,7 +124,8 @@ def iter_parquet(url: str, columns: list[str] | None = None, batch_rows: int = 6
 
     fs, path = filesystem(url)
     with fs.open(path, "rb") as f:
-        yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns)
+        # no decoding threads: see read_parquet
+        yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns, use_threads=False)
 
 
 def _is_local(fs) -> bool:

@@ -195,8 +195,7 @@ def write_spool(urls: list[str], image_size: int, folder: str, desc: str) -> Spl
     finally:
         for f in files.values():
             f.close()
-    blobs = {name: Blobs(_File(os.path.join(folder, name)), np.frombuffer(offsets[name], dtype=np.int64))
-             for name in names}
+    blobs = {name: Blobs(_File(os.path.join(folder, name)), np.frombuffer(offsets[name], dtype=np.int64),
+                         loads=json.loads if name == "metas" else None) for name in names}
     return Split(Pixels(_File(os.path.join(folder, "pixels")), count, image_size), blobs["keys"],
-                 blobs["captions"], Blobs(blobs["metas"]._file, blobs["metas"]._offsets, loads=json.loads),
-                 truthful and count > 0)
+                 blobs["captions"], blobs["metas"], truthful and count > 0)

@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 def run(cfg: Config, io: StageIO, shard_index: int = 0, num_shards: int = 1) -> StageResult:
     """Caption the selected samples of this worker's source shards."""
-
     selected_url = storage.join(io.sample_dir, "selected.parquet")
     if not storage.exists(selected_url):
         raise FileNotFoundError(f"{selected_url} not found: run the sample stage first")

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from tldr_tasks import storage
 from tldr_tasks.config import FUSIONS, Config
-from tldr_tasks.data.spool import Split, write_spool
+from tldr_tasks.data.spool import Pixels, Split, write_spool
 from tldr_tasks.fusion import collapse_check, ship_caption
 from tldr_tasks.stage_cli import stage_main
 from tldr_tasks.stages.base import StageIO, StageResult
@@ -135,7 +135,7 @@ class Arm:
     """One training set: images and the one caption per sample a trainer reads."""
 
     name: str
-    images: Sequence  # uint8 [N, S, S, 3]: spool.Pixels (or an array)
+    images: Pixels  # uint8 [N, S, S, 3]
     captions: Sequence[str]
     truths: Sequence[dict] | None = None
 
@@ -217,9 +217,8 @@ def load_task(eval_input: str) -> dict:
 def scene_groups(split: Split, task: dict) -> list[str] | None:
     """The group of every eval item (a retrieved item of the query's group is a hit) when the task
     says hits are judged by group; None: exact pairs only."""
-    if task.get("hit") != "group" or not all("group" in m for m in split.metas):
-        return None
-    return [str(m["group"]) for m in split.metas]
+    groups = list(split.metas.field("group")) if task.get("hit") == "group" else []
+    return [str(g) for g in groups] if groups and None not in groups else None
 
 
 def noise_rate(captions: list[str], truths: list[dict]) -> float:
@@ -280,8 +279,8 @@ def zero_shot_task(eval_split: Split, task: dict) -> ZeroShot | None:
     spec = task.get("zero_shot")
     if not spec:
         return None
-    items = [i for i, m in enumerate(eval_split.metas) if isinstance(m.get("label"), int)]
-    labels = [eval_split.metas[i]["label"] for i in items]
+    labelled = [(i, label) for i, label in enumerate(eval_split.metas.field("label")) if isinstance(label, int)]
+    items, labels = [i for i, _ in labelled], [label for _, label in labelled]
     return ZeroShot(spec["classes"], spec["attributes"], spec["prompts"], items, labels) if items else None
 
 
