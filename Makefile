@@ -38,10 +38,9 @@ browser:
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
 
 ## the README's results: 3 seeds, every selection variant, defaults chosen on validation, test reported
-## (hours on 2 CPU cores; minutes on a GPU host: add JOBS=3 there)
-JOBS ?= 1
+## (three crawls x 3 seeds; see benchmarks/results/benchmark_<crawl>.json for the time it took)
 benchmark: $(CORE_STAMP)
-	$(VENV)/bin/tldr-vlp benchmark --seeds 0,1,2 --jobs $(JOBS) --out runs/benchmark --readme README.md
+	$(VENV)/bin/tldr-vlp benchmark --seeds 0,1,2 --out runs/benchmark --readme README.md
 
 ## the quick tests only
 test-fast: $(FULL_STAMP) browser

@@ -1,72 +1,96 @@
-"""benchmark: choices made on validation only, test reported with mean and 95% CI over seeds."""
+"""benchmark: choices made on validation only (over the crawls), test reported with mean, 95% CI and
+paired differences per seed; the reference CLIP's pairs are disjoint from the arms'."""
 
 import math
 
+import numpy as np
 import pytest
 
 from tldr_tasks import benchmark
 
-
-def _arm(validation, test, curve=None):
-    curve = curve or [[10, test / 2], [20, test]]
-    return {"validation": {m: validation for m in benchmark.REPORTED_METRICS},
-            "test": {m: test for m in benchmark.REPORTED_METRICS},
-            "curve": {"validation": curve, "test": curve}}
+METRICS = ("mean_r1", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "zero_shot_acc")
 
 
-def _seed(shift, gate=0.5):
-    """Two variants; `better` wins on validation, `worse` would win on test."""
-    arms = {"full": _arm(10, 20 + shift, [[10, 10.0], [20, 20.0 + shift]]), "random": _arm(5, 8 + shift),
-            "random_generated": _arm(6, 9 + shift)}
-    fusion = {f"tldr_{m}": _arm(7, 15 + shift) for m in ("original", "mix", "generated", "concat")}
-    better = {**fusion, "tldr_mix": _arm(12, 18 + shift, [[10, 19.5 + shift], [20, 18.0 + shift]])}
-    worse = {**fusion, "tldr_generated": _arm(11, 30 + shift)}
-    extra = {"noise_rate": dict.fromkeys(["full", "random", "random_generated", "tldr_mix", "tldr_generated",
-                                          "tldr_original"], 0.1),
-             "distinct_scenes": dict.fromkeys(["full", "random", "random_generated", "tldr_mix", "tldr_generated",
-                                               "tldr_original"], 50),
-             "noise_rate_input": 0.3, "caption_accuracy": 0.8, "caption_accuracy_head": 0.9,
-             "caption_accuracy_tail": 0.7, "manifest": {"captions": {"replaced": 1}, "collapse_check": {}}}
-    return {"_gate": {"calibration": [], "min_grounding": gate},
-            "paper_uniform": {"arms": {**arms, **fusion}, **extra},
-            "better": {"arms": better, **extra}, "worse": {"arms": worse, **extra}}
+def _arm(validation, test, steps=20, samples=100):
+    curve = [[steps // 2, test / 2], [steps, test]]
+    return {"validation": dict.fromkeys(METRICS, validation), "test": dict.fromkeys(METRICS, test),
+            "curve": {"validation": curve, "test": curve}, "steps": steps, "samples": samples}
 
 
-def test_choice_is_made_on_validation_and_test_is_reported_with_a_ci():
-    per_seed = [_seed(0), _seed(1), _seed(2, gate=math.inf)]
-    chosen = benchmark.choose_on_validation(per_seed)
-    assert (chosen["variant"], chosen["fusion"]) == ("better", "mix")  # not "worse", which wins on test
-    assert chosen["min_grounding_per_seed"] == [0.5, 0.5, None]
-    result = benchmark.assemble(per_seed, [0, 1, 2], chosen)
+def _report(arms, tta=None):
+    names = list(arms)
+    return {"arms": arms, "noise_rate": dict.fromkeys(names, 0.1), "distinct_scenes": dict.fromkeys(names, 50),
+            "noise_types": {n: {"none": 90, "mislabel": 10} for n in names}, "noise_rate_input": 0.3,
+            "caption_accuracy": 0.8, "time_to_accuracy": tta or dict.fromkeys(names, 0.5), "selection": {"kept": 25}}
+
+
+def _seed(shift):
+    """balanced_cluster_pool wins validation; clip_score would win test; paper_uniform trains the baselines."""
+    baselines = {"full": _arm(10, 20 + shift, samples=400), "random": _arm(5, 8 + shift),
+                 "oracle_clean": _arm(13, 25 + shift)}
+    epochs = {f"{name}_epochs": _arm(a["validation"]["mean_r1"], a["test"]["mean_r1"] - 1, steps=5)
+              for name, a in baselines.items()}
+    return {"paper_uniform": _report({**baselines, **epochs, "tldr": _arm(6, 9 + shift),
+                                      "tldr_epochs": _arm(6, 8, steps=5)}),
+            "balanced_cluster_pool": _report({"tldr": _arm(12, 18 + shift), "tldr_epochs": _arm(12, 17, steps=5)}),
+            "clip_score": _report({"tldr": _arm(11, 30 + shift), "tldr_epochs": _arm(11, 29, steps=5)}),
+            "semdedup": _report({"tldr": _arm(4, 7 + 2 * shift), "tldr_epochs": _arm(4, 6, steps=5)})}
+
+
+def test_choice_is_made_on_validation_over_the_crawls_and_test_is_reported_with_a_ci():
+    per_crawl = {"synthetic": [_seed(0), _seed(1), _seed(2)], "real_emoji": [_seed(0), _seed(1), _seed(2)]}
+    chosen = benchmark.choose_on_validation(per_crawl)
+    assert chosen["tldr"] == chosen["default"] == "balanced_cluster_pool"  # not clip_score, which wins on test
+    result = benchmark.assemble("synthetic", per_crawl["synthetic"], [0, 1, 2], chosen)
+    assert result["crawl"] == "synthetic" and result["split"] == "test" and result["seeds"] == [0, 1, 2]
     tldr = result["arms"]["tldr"]["mean_r1"]
     assert tldr["values"] == [18, 19, 20] and tldr["mean"] == 19
     assert tldr["ci95"] == pytest.approx(4.303 * 1 / math.sqrt(3), rel=1e-3)  # t(0.975, 2) * sd / sqrt(n)
-    assert result["arms"]["full"]["mean_r1"]["mean"] == 21
-    assert result["split"] == "test" and result["seeds"] == [0, 1, 2]
-    # time to accuracy: tldr reaches 95% of full's best (0.95 * 21) at its first curve point
-    assert result["time_to_accuracy"]["tldr"] == 0.5 and result["time_to_accuracy"]["random"] is None
-    assert "| tldr | 19.0 ± 2.5 |" in benchmark.markdown(result)
-    # the same offset on every seed: the paired difference has no spread
+    assert set(result["arms"]) >= {"full", "random", "oracle_clean", "clip_score", "semdedup", "paper_uniform",
+                                   "tldr", "tldr_epochs", "full_epochs", "clip_score_epochs"}
+    # paired: the same offset on every seed has no spread; semdedup's differs per seed
     assert result["paired_differences"]["tldr - full"] == {"mean": -2.0, "ci95": 0.0, "values": [-2, -2, -2]}
+    assert result["paired_differences"]["tldr - clip_score"]["mean"] == -12.0
+    semdedup = result["paired_differences"]["tldr - semdedup"]
+    assert semdedup["values"] == [11, 10, 9] and semdedup["ci95"] > 0
+    assert result["paired_differences"]["tldr_epochs - random_epochs"]["values"] == [10, 9, 8]
+    assert result["steps_per_arm"]["tldr_epochs"] == 5 and result["steps_per_arm"]["tldr"] == 20
+    assert result["time_to_accuracy_per_seed"]["tldr"] == [0.5, 0.5, 0.5]
+    assert result["noise_types"]["tldr"]["mislabel"]["mean"] == 10
+    table = benchmark.markdown(result)
+    assert "| tldr | compute (20) | 19.0 ± 2.5 |" in table and "| balanced_cluster_pool |" not in table
+    assert "tldr - full -2.0 ± 0.0 (≥ -2.0)" in table
 
 
-def test_gate_threshold_is_the_lowest_precise_enough():
-    rows = [{"min_grounding": 0.0, "precision": 0.7}, {"min_grounding": 0.5, "precision": 0.92},
-            {"min_grounding": 1.0, "precision": 0.95}]
-    assert benchmark.gate_threshold(rows) == 0.5
-    assert benchmark.gate_threshold([{"min_grounding": 0.0, "precision": 0.5},
-                                     {"min_grounding": 2.0, "precision": None}]) == math.inf
+def test_a_baseline_that_wins_validation_becomes_the_default_not_the_tldr_row():
+    seeds = [_seed(0), _seed(1)]
+    for seed in seeds:
+        seed["clip_score"]["arms"]["tldr"]["validation"]["mean_r1"] = 50
+    chosen = benchmark.choose_on_validation({"synthetic": seeds})
+    assert chosen["default"] == "clip_score" and chosen["tldr"] == "balanced_cluster_pool"
+
+
+def test_reference_split_is_a_stable_quarter_of_the_keys():
+    keys = [f"{i:07d}" for i in range(4000)]
+    reference = np.array([benchmark.reference_split(k) for k in keys])
+    assert 0.22 < reference.mean() < 0.28
+    assert reference.tolist() == [benchmark.reference_split(k) for k in keys]
+
+
+def test_split_crawl_writes_two_disjoint_crawls(tiny_crawl, tmp_path):
+    from tldr_tasks import storage
+    from tldr_tasks.data.shards import Sample, iter_shard
+
+    benchmark.split_crawl(f"{tiny_crawl}/train", str(tmp_path / "main"), str(tmp_path / "reference"))
+
+    def keys(folder):
+        return [s.key for url in storage.expand_shards(str(folder)) for s in iter_shard(url) if isinstance(s, Sample)]
+
+    main, reference = keys(tmp_path / "main"), keys(tmp_path / "reference")
+    assert not set(main) & set(reference)
+    assert sorted(main + reference) == sorted(keys(f"{tiny_crawl}/train"))
+    assert all(benchmark.reference_split(k) for k in reference)
+
+
+def test_ci95_of_one_value_is_zero():
     assert benchmark.ci95([3.0]) == 0.0
-
-
-def test_readme_block_is_replaced_and_nothing_else(tmp_path):
-    result = benchmark.assemble([_seed(0), _seed(1)], [0, 1], benchmark.choose_on_validation([_seed(0), _seed(1)]))
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{benchmark.README_START}\nold table\n{benchmark.README_END}\noutro\n")
-    benchmark.update_readme(str(readme), result)
-    text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith("outro\n") and "old table" not in text
-    assert benchmark.markdown(result) in text
-    readme.write_text("no block")
-    with pytest.raises(ValueError, match="benchmark:start"):
-        benchmark.update_readme(str(readme), result)

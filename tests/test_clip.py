@@ -145,3 +145,38 @@ def test_thread_count_honours_omp_num_threads(monkeypatch):
     assert clip.available_cpus() == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert clip.available_cpus() >= 1
+
+
+def test_a_saved_clip_scores_pairs_for_the_clip_score_selection(tmp_path):
+    """save_clip/load_clip round-trip the weights and tokenizer; scoring.pair_scores ranks a shard's pairs
+    with the folder and gives identical image bytes one digest."""
+    import io
+
+    from PIL import Image
+
+    from tldr_tasks.config import Config
+    from tldr_tasks.data.shards import write_tar
+    from tldr_tasks.scoring import pair_scores
+    from tldr_tasks.stages.base import StageIO
+
+    tok = clip.CaptionTokenizer.train(["a red circle", "a blue square"])
+    model = clip.build_clip("micro", tok.vocab_size)
+    clip.save_clip(model, tok, "micro", str(tmp_path / "clip"))
+    loaded, loaded_tok, size = clip.load_clip(str(tmp_path / "clip"))
+    assert size == 32 and loaded_tok.to_json() == tok.to_json()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    samples = []
+    for i in range(5):
+        buffer = io.BytesIO()
+        Image.new("RGB", (32, 32), (200 if i % 2 else 20, 30, 30)).save(buffer, "PNG")
+        samples.append((f"k{i}", {"png": buffer.getvalue(), "txt": b"a red circle" if i < 4 else b""}))
+    write_tar(str(tmp_path / "00000.tar"), samples)
+    cfg = Config()
+    cfg.sample.clip_model = str(tmp_path / "clip")
+    keys = np.array([f"k{i}" for i in (4, 0, 1, 2, 3)])
+    score, digest = pair_scores(cfg, StageIO(input=str(tmp_path / "00000.tar"), out=str(tmp_path / "run")), keys)
+    images = clip.embed_images(loaded, np.stack([np.full((32, 32, 3), (20, 30, 30), np.uint8)]))
+    text = clip.embed_texts(loaded, loaded_tok, ["a red circle"])
+    assert np.isnan(score[0])  # the empty caption
+    assert score[1] == pytest.approx(float((images @ text.T)[0, 0]), abs=1e-5)
+    assert digest[1] == digest[3] != digest[2]  # k0 and k2 are the same image

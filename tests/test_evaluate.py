@@ -78,7 +78,11 @@ def test_training_steps_and_curve_points():
 def test_time_to_accuracy_reads_the_curves():
     curves = {"full": [[10, 5.0], [20, 9.0], [40, 10.0]], "tldr": [[10, 9.6], [20, 11.0], [40, 12.0]],
               "random": [[10, 2.0], [20, 4.0], [40, 6.0]]}
-    assert evaluate.time_to_accuracy(curves, 40) == {"full": 1.0, "tldr": 0.25, "random": None}
+    # target 0.95 * 10 = 9.5: full crosses it between 20 (9.0) and 40 (10.0), at 30; tldr between 0 (R@1 0
+    # at step 0) and 10 (9.6), at 10 * 9.5 / 9.6
+    got = evaluate.time_to_accuracy(curves, 40)
+    assert got["full"] == pytest.approx(0.75) and got["tldr"] == pytest.approx(10 * 9.5 / 9.6 / 40)
+    assert got["random"] is None
     assert evaluate.time_to_accuracy({"tldr": curves["tldr"]}, 40) == {}
 
 
@@ -157,7 +161,8 @@ def test_missing_eval_input_says_what_to_pass(tmp_path, tiny_crawl):
 @pytest.fixture(scope="module")
 def evaluated(tiny_crawl, random_captioner, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("eval_run"))
-    cfg = _cfg(arms=["full", "tldr", "random", "tldr_original", "random_generated"])
+    cfg = _cfg(arms=["full", "tldr", "random", "tldr_original", "random_generated", "oracle_clean"],
+               budgets=["compute", "epochs"])
     kept = _make_compressed(tiny_crawl, out, cfg)
     io = StageIO(input=f"{tiny_crawl}/train", out=out, eval_input=f"{tiny_crawl}/eval", captioner=random_captioner)
     # run() sets torch's threads from OMP_NUM_THREADS, else every core; on a shared 2-core test host two
@@ -177,12 +182,12 @@ def evaluated(tiny_crawl, random_captioner, tmp_path_factory):
 
 def test_report_shape_curves_and_step_counts(evaluated):
     cfg, io, result, report, kept = evaluated
-    arms = ["full", "tldr", "random", "tldr_original", "random_generated"]
-    assert set(report["arms"]) == set(arms)
+    arms = ["full", "tldr", "random", "tldr_original", "random_generated", "oracle_clean"]
+    assert set(report["arms"]) == set(arms) | {f"{a}_epochs" for a in arms}
     keys = {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mean_r1", "zero_shot_acc"}
     for arm in arms:
         values = report["arms"][arm]
-        assert values["steps"] == report["steps"] == 7  # 1 epoch * ceil(200 / 32), every arm
+        assert values["steps"] == report["steps"] == 7  # 1 epoch * ceil(200 / 32), every arm (compute)
         for split in ("validation", "test"):
             metrics = values[split]
             assert keys <= set(metrics)
@@ -194,7 +199,11 @@ def test_report_shape_curves_and_step_counts(evaluated):
             assert [s for s, _ in values["curve"][split]] == [1, 2, 4, 5, 7]
             assert values["curve"][split][-1][1] == metrics["mean_r1"]
     assert {a: report["arms"][a]["samples"] for a in arms} == {"full": 200, "tldr": 50, "random": 50,
-                                                                "tldr_original": 50, "random_generated": 50}
+                                                                "tldr_original": 50, "random_generated": 50,
+                                                                "oracle_clean": 50}
+    # the paper's protocol: every arm its own epochs (1 * ceil(50 / 32)); the full arm's are the budget
+    assert report["arms"]["tldr_epochs"]["steps"] == 2 and report["arms"]["full_epochs"]["steps"] == 7
+    assert report["arms"]["full_epochs"]["test"] == report["arms"]["full"]["test"]  # one training, cached
     assert report["splits"]["validation"] + report["splits"]["test"] == 60
     assert set(report["time_to_accuracy"]) == set(arms) and report["time_to_accuracy"]["full"] <= 1.0
     assert result.metrics["test.tldr.mean_r1"] == report["arms"]["tldr"]["test"]["mean_r1"]
@@ -219,6 +228,34 @@ def test_ground_truth_metrics_measure_what_ships(evaluated, tiny_crawl):
     assert report["caption_accuracy"] == 0.0
     assert report["noise_rate"]["random_generated"] == pytest.approx(report["noise_rate"]["random"])
     assert result.metrics["distinct_scenes.tldr"] == report["distinct_scenes"]["tldr"]
+
+
+def test_oracle_clean_is_a_subset_of_truly_clean_pairs(evaluated):
+    cfg, io, result, report, kept = evaluated
+    assert report["noise_rate"]["oracle_clean"] == 0.0
+    assert report["noise_types"]["oracle_clean"] == {"none": 50}
+    assert sum(report["noise_types"]["full"].values()) == 200 and report["noise_types"]["full"]["none"] < 200
+
+
+def test_every_evaluation_of_one_input_shares_tokenizer_and_initialisation(evaluated, tiny_crawl, random_captioner,
+                                                                            tmp_path, monkeypatch):
+    """Another selection of the same input, evaluated with other arms: the full arm is the very same
+    training (one tokenizer, one initialisation), so a paired difference is a difference of data."""
+    cfg, io, result, report, kept = evaluated
+    other = str(tmp_path / "other")
+    os.makedirs(f"{other}/shards")
+    samples = [s for url in storage.expand_shards(f"{tiny_crawl}/train") for s in iter_shard(url)]
+    meta = [encode_json({"original_caption": s.caption, "truth": s.meta["truth"]}) for s in samples]
+    write_tar(f"{other}/shards/00000.tar", [(s.key, {"png": s.image_bytes, "txt": s.caption.encode(), "json": meta[i]})
+                                            for i, s in enumerate(samples) if i % 3 == 1])
+    other_io = StageIO(input=f"{tiny_crawl}/train", out=other, eval_input=f"{tiny_crawl}/eval",
+                       captioner=random_captioner)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    evaluate.run(cfg, other_io)
+    again = json.loads(open(f"{other}/evaluate/report.json").read())
+    assert again["tokenizer_vocab"] == report["tokenizer_vocab"]
+    assert again["arms"]["full"]["test"] == report["arms"]["full"]["test"]
+    assert again["arms"]["tldr"]["samples"] == len(samples[1::3]) != report["arms"]["tldr"]["samples"]
 
 
 def test_rerun_is_skipped_with_the_same_metrics(evaluated):

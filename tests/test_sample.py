@@ -220,3 +220,119 @@ def test_cluster_pool_draws_uniformly_from_the_better_half():
     assert not np.array_equal(*picks)
     ranked = np.flatnonzero(sample.choose(cluster, -alignment, 0.2, 0, "uniform"))
     assert ranked.tolist() == list(range(20))
+
+
+def _feature_rows(tmp_path, rows, features, captioner):
+    """An io whose embed parts hold `features` (one shard) beside the assignments of `rows`."""
+    from tldr_tasks.stages import embed
+
+    io = _io(tmp_path, rows)
+    cfg = Config()
+    shard = tmp_path / "crawl" / "00000.tar"
+    shard.parent.mkdir(parents=True, exist_ok=True)
+    shard.write_bytes(b"")
+    io = StageIO(input=str(shard), out=io.out, embed_cache=str(tmp_path / "embed"), captioner=captioner)
+    part = embed.EmbedPart(keys=np.array([r["key"] for r in rows]), features=features.astype(np.float16),
+                           loss=np.array([r["loss"] for r in rows], dtype=np.float32),
+                           reject_keys=np.zeros(0, dtype=str), reject_reasons=np.zeros(0, dtype=str), meta={})
+    embed.save_part(embed.part_url(embed.parts_dir(cfg, io), str(shard)), part)
+    return io
+
+
+def test_semdedup_keeps_the_exact_ratio_and_drops_planted_near_duplicates(tmp_path, random_captioner):
+    """200 distinct pairs and 100 planted near-copies of some of them, all in 4 clusters: at the ratio of
+    the distinct ones, semdedup keeps no copy whose original it kept."""
+    rng = np.random.default_rng(0)
+    distinct = rng.normal(size=(200, 16))
+    copies = distinct[:100] + rng.normal(scale=0.01, size=(100, 16))
+    features = np.concatenate([distinct, copies])
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    rows = [{"key": f"{i:04d}", "shard": "00000", "cluster": i % 4 if i < 200 else (i - 200) % 4, "distance": 0.0,
+             "loss": 1.0} for i in range(300)]
+    cfg = _cfg("semdedup", 0.5)
+    cfg.sample.dedup_keep = "central"  # every distance is 0: ties go to the earlier key (the original)
+    io = _feature_rows(tmp_path, rows, features, random_captioner)
+    result = sample.run(cfg, io)
+    kept = {int(r["key"]) for r in _selected(io)}
+    assert len(kept) == result.metrics["kept"] == 150
+    assert not any(i >= 200 for i in kept)  # every copy is more redundant than any distinct pair
+    scored = pq.read_table(f"{io.out}/sample/alignment.parquet").to_pandas()
+    assert (scored["redundancy"][200:] > 0.99).all() and result.metrics["semdedup_threshold"] < 0.99
+
+
+def test_redundancy_compares_only_with_higher_ranked_pairs_of_the_cluster():
+    features = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    cluster = np.array([0, 0, 0, 1])
+    priority = np.array([0.0, 1.0, 0.0, 0.0])  # row 1 ranks first in cluster 0
+    assert sample.redundancy(cluster, features, priority).tolist() == [1.0, -1.0, 0.0, -1.0]
+
+
+def test_clip_score_keeps_the_exact_ratio_prefers_clean_pairs_and_dedups_images():
+    rng = np.random.default_rng(1)
+    n = 1000
+    bad = rng.random(n) < 0.3
+    score = np.where(bad, rng.normal(0.1, 0.05, n), rng.normal(0.3, 0.05, n))
+    score[::97] = np.nan  # empty captions: never preferred
+    keep = sample.clip_score_keep(score, None, 0.25, 0.3, seed=0)
+    assert keep.sum() == 250 and bad[keep].mean() < 0.02 and not np.isnan(score[keep]).any()
+    # exact image dedup: 100 byte-identical copies of row 0, all scored best, keep one of them at most
+    digest = np.array([f"d{i}" for i in range(n)])
+    digest[1:101] = "d0"
+    score[:101] = 0.9
+    keep = sample.clip_score_keep(score, digest, 0.25, 0.3, seed=0)
+    assert keep.sum() == 250 and keep[:101].sum() <= 1
+    assert sample.clip_score_keep(score, None, 0.25, 0.3, seed=0)[:101].sum() > 50  # without dedup they stay
+
+
+def _png(seed: int) -> bytes:
+    import io as _bytes_io
+
+    from PIL import Image
+
+    buffer = _bytes_io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_clip_score_stage_ranks_by_the_crawls_own_similarity(tmp_path):
+    """Without sample.clip_model, img2dataset's `similarity` in KEY.json ranks the pairs: the kept ones are
+    a seeded subset of the top score_share, and identical image bytes count once."""
+    from tldr_tasks.data.shards import encode_json, write_tar
+
+    rows, samples = [], []
+    for i in range(40):
+        key = f"{i:04d}"
+        rows.append({"key": key, "shard": "00000", "cluster": i % 3, "distance": 0.0, "loss": 1.0})
+        image = _png(0 if i >= 38 else i)  # the two best-scored pairs are copies of pair 0
+        meta = encode_json({"similarity": i / 40})
+        samples.append((key, {"png": image, "txt": f"caption {i}".encode(), "json": meta}))
+    io = _io(tmp_path, rows)
+    shard = tmp_path / "crawl" / "00000.tar"
+    write_tar(str(shard), samples)
+    io = StageIO(input=str(shard), out=io.out)
+    result = sample.run(_cfg("clip_score", 0.25), io)
+    kept = sorted(int(r["key"]) for r in _selected(io))
+    assert len(kept) == result.metrics["kept"] == 10
+    assert min(kept) >= 26 and 38 not in kept and 39 not in kept  # top 12 of the 38 distinct images: 26..37
+    scored = pq.read_table(f"{io.out}/sample/alignment.parquet").to_pandas()
+    assert scored["clip_score"].tolist() == [i / 40 for i in range(40)]
+
+
+def test_clip_score_without_a_score_says_what_to_set(tmp_path):
+    from tldr_tasks.data.shards import encode_json, write_tar
+
+    rows = [{"key": "0000", "shard": "00000", "cluster": 0, "distance": 0.0, "loss": 1.0},
+            {"key": "0001", "shard": "00000", "cluster": 0, "distance": 0.0, "loss": 1.0}]
+    io = _io(tmp_path, rows)
+    shard = tmp_path / "crawl" / "00000.tar"
+    write_tar(str(shard), [(r["key"], {"png": _png(j), "txt": b"a", "json": encode_json({})})
+                           for j, r in enumerate(rows)])
+    with pytest.raises(ConfigError, match="sample.clip_model"):
+        sample.run(_cfg("clip_score", 0.5), StageIO(input=str(shard), out=io.out))
+
+
+def test_semdedup_with_the_cluster_pool_takes_the_better_aligned_first():
+    redundancy = np.array([0.1, 0.2, 0.3, 0.4, 0.9, 0.95])
+    eligible = np.array([False, False, True, True, True, True])
+    assert np.flatnonzero(sample.semdedup_keep(redundancy, 0.5, 0)).tolist() == [0, 1, 2]
+    assert np.flatnonzero(sample.semdedup_keep(redundancy, 0.5, 0, eligible)).tolist() == [2, 3, 4]

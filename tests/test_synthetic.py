@@ -198,3 +198,34 @@ def test_cli_and_speed(tmp_path, capsys):
 def test_bad_parameters_say_what_to_fix(tmp_path):
     with pytest.raises(SystemExit):
         synthetic.main(["--out", str(tmp_path), "--noise", "1.5"])
+
+
+def test_correlated_noise_plants_whole_scenes_with_one_wrong_caption(tmp_path):
+    """noise_mode=correlated: the same total share as i.i.d.; every copy of a mislabelled scene carries
+    the scene's one wrong label, every copy of a templated scene one shop boilerplate; both are wrong."""
+    cfg = CrawlConfig(samples=600, eval_samples=40, prototypes=80, shard_size=300, noise_mode="correlated")
+    stats = make_crawl(str(tmp_path), cfg, seed=4)
+    train = _read(tmp_path / "train")
+    counts = Counter(s.meta["truth"]["noise"] for s in train)
+    assert sum(n for kind, n in counts.items() if kind != "none") == round(0.3 * 600)
+    assert set(counts) == {"none", "mislabel", "template", "wrong_attribute"}
+    assert stats["train"]["noise"] == dict(counts)
+    assert counts["mislabel"] > counts["wrong_attribute"] and counts["template"] > counts["wrong_attribute"]
+    by_scene: dict = {}
+    for s in train:
+        by_scene.setdefault(s.meta["truth"]["scene"], []).append(s)
+    for copies in by_scene.values():
+        kinds = {s.meta["truth"]["noise"] for s in copies}
+        if kinds & {"mislabel", "template"}:
+            assert len(kinds) == 1, kinds  # the whole scene, not a share of it
+        named = {frozenset(m.group(0).lower() for m in synthetic._PHRASE.finditer(s.caption)) for s in copies}
+        if kinds == {"mislabel"}:
+            assert len(named) == 1  # one consistent wrong label across templates
+        if kinds == {"template"}:
+            assert len({s.caption for s in copies}) == 1 and copies[0].caption in synthetic.SHOP_TEMPLATES
+    for s in train:
+        assert synthetic.describes_scene_exactly(s.caption, s.meta["truth"]) == (s.meta["truth"]["noise"] == "none")
+    # the i.i.d. crawl of the same seed is untouched by the new mode
+    iid = make_crawl(str(tmp_path / "iid"), CrawlConfig(samples=600, eval_samples=40, prototypes=80, shard_size=300),
+                     seed=4)
+    assert set(iid["train"]["noise"]) == {"none", "swap", "wrong_attribute", "junk", "empty"}

@@ -4,11 +4,12 @@
     tldr-vlp compress --input URL --out URL    the main job on your own crawl
     tldr-vlp run STAGE --input URL --out URL   one stage (what Airflow tasks and dvc.yaml call)
     tldr-vlp make-crawl --out DIR              the synthetic benchmark crawl
+    tldr-vlp make-real-crawl --out DIR         the real-image benchmark crawl (npm emoji packages, pinned)
     tldr-vlp import --images DIR --captions F --out DIR   a folder of images + captions -> shards
     tldr-vlp stages                            the stage list with resources
     tldr-vlp report RUN_DIR                    report.html of a run (images, clusters, captions, curves)
     tldr-vlp compare RUN_ID_OR_DIR ...         parameters and metrics of several runs side by side
-    tldr-vlp benchmark --seeds 0,1,2 --out DIR  the README's results: every seed, chosen on validation
+    tldr-vlp benchmark --seeds 0,1,2 --out DIR  the README's results: three crawls, chosen on validation
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import argparse
 import signal
 import sys
 
-from tldr_tasks.config import ConfigError, load_config
+from tldr_tasks.config import STRATEGIES, ConfigError, load_config
 
-COMMANDS = ("demo", "compress", "run", "make-crawl", "import", "stages", "report", "compare", "benchmark")
+COMMANDS = ("demo", "compress", "run", "make-crawl", "make-real-crawl", "import", "stages", "report", "compare",
+            "benchmark")
 
 
 def _common_overrides(args: argparse.Namespace) -> list[str]:
@@ -34,9 +36,9 @@ def _common_overrides(args: argparse.Namespace) -> list[str]:
 
 def _add_shortcuts(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ratio", type=float, help="share of samples to keep, in (0, 1] (default 0.25)")
-    parser.add_argument("--clusters", type=int, help="k-means clusters (default 100)")
+    parser.add_argument("--clusters", type=int, help="k-means clusters (default 0: round(8 * sqrt(ratio * samples)))")
     parser.add_argument("--feature", help="clustering feature: quantized_mean, code_histogram, cls, code_index_pca")
-    parser.add_argument("--strategy", help="sampling: uniform, balanced, hard, near_centroid, far_centroid, random")
+    parser.add_argument("--strategy", help="sampling: " + ", ".join(STRATEGIES))
     parser.add_argument("--fusion", help="caption fusion: mix, generated, concat, original")
     parser.add_argument("--alignment", help="which pairs fill a quota: cluster_pool, global_pool, rank, none")
     parser.add_argument("--seed", type=int)
@@ -107,20 +109,21 @@ def demo_main(argv: list[str]) -> int:
 
 
 def benchmark_main(argv: list[str]) -> int:
-    from tldr_tasks.benchmark import VARIANTS, benchmark, markdown, update_readme
+    from tldr_tasks.benchmark import CRAWLS, PROFILE, VARIANTS, benchmark, markdown, update_readme
+    from tldr_tasks.config import _merge, from_dict, parse_overrides
 
     parser = argparse.ArgumentParser(prog="tldr-vlp benchmark", description="Regenerate the README's results: "
-                                     "every seed's crawl compressed by every selection variant and evaluated; "
-                                     "defaults chosen on the validation split, the test split reported.")
+                                     "every crawl and seed compressed by every selection variant and evaluated "
+                                     "beside full, random and the clean ceiling; defaults chosen on the validation "
+                                     "split, the test split reported.")
+    parser.add_argument("--crawls", default=",".join(CRAWLS), help="comma-separated (default: all of "
+                        + ", ".join(CRAWLS) + ")")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--out", default="runs/benchmark", help="folder (resumable; default runs/benchmark)")
-    parser.add_argument("--jobs", type=int, default=1, help="seeds run at once, one process each (default 1)")
     parser.add_argument("--variants", default=",".join(v.name for v in VARIANTS),
                         help="selection variants to compare (default: all of " + ", ".join(v.name for v in VARIANTS)
                         + "); the first also trains the baselines")
-    parser.add_argument("--readme", help="also write the results table into this README's benchmark block")
-    parser.add_argument("--samples", type=int, help="crawl size (default 8000)")
-    parser.add_argument("--noise", type=float, help="share of noisy captions (default 0.3)")
+    parser.add_argument("--readme", help="also write the results tables into this README's benchmark block")
     _add_shortcuts(parser)
     args = parser.parse_args(argv)
     by_name = {v.name: v for v in VARIANTS}
@@ -129,16 +132,30 @@ def benchmark_main(argv: list[str]) -> int:
         variants = [by_name[name] for name in args.variants.split(",") if name]
     except (ValueError, KeyError) as err:
         parser.error(f"--seeds takes integers and --variants names from {', '.join(by_name)}: {err}")
+    crawls = [c for c in args.crawls.split(",") if c]
+    unknown = [c for c in crawls if c not in CRAWLS]
+    if unknown or not crawls:
+        parser.error(f"--crawls takes names from {', '.join(CRAWLS)}; got {args.crawls!r}")
     try:
-        cfg = load_config(args.params, _common_overrides(args))
-        result = benchmark(args.out, cfg, seeds, variants, jobs=args.jobs)
+        # the benchmark's size (PROFILE) under the params file and the overrides
+        params = load_config(args.params).to_dict() if args.params else {}
+        cfg = from_dict(_merge(_merge(from_dict(PROFILE).to_dict(), params),
+                               parse_overrides(_common_overrides(args)))).validate()
+        results = benchmark(args.out, cfg, crawls, seeds, variants)
     except ConfigError as err:
         parser.error(str(err))
     if args.readme:
-        update_readme(args.readme, result)
-    print(markdown(result))
-    print(f"{args.out}/benchmark.json, {args.out}/learning_curve.png")
+        update_readme(args.readme, results)
+    for result in results:
+        print(markdown(result))
+    print(f"{args.out}/benchmark_<crawl>.json, {args.out}/learning_curve_<crawl>.png")
     return 0
+
+
+def make_real_crawl_main(argv: list[str]) -> int:
+    from tldr_tasks.data.real_crawl import main
+
+    return main(argv)
 
 
 def stages_main(argv: list[str]) -> int:
@@ -198,7 +215,7 @@ def _command(argv: list[str]) -> int:
 
         return import_module(f"tldr_tasks.{command}").main(rest)
     return {"compress": compress_main, "demo": demo_main, "stages": stages_main,
-            "benchmark": benchmark_main}[command](rest)
+            "benchmark": benchmark_main, "make-real-crawl": make_real_crawl_main}[command](rest)
 
 
 if __name__ == "__main__":

@@ -321,6 +321,24 @@ def encode_json(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")
 
 
+SIDECAR_FIELDS = ("url", "key", "caption", "status", "error_message", "width", "height", "original_width",
+                  "original_height", "sha256")  # img2dataset's parquet columns, taken from each KEY.json
+
+
+def write_crawl_shard(url: str, samples: list[tuple[str, dict[str, bytes]]], metas: list[dict]) -> None:
+    """One shard as img2dataset writes it: the tar and its sidecars, whose rows come from the KEY.json metas."""
+    write_tar(url, samples)
+    write_sidecars(url, [{k: meta[k] for k in SIDECAR_FIELDS} for meta in metas])
+
+
+def write_crawl_records(out_url: str, task: dict, stats: dict) -> None:
+    """A benchmark crawl's records beside its splits: eval/task.json (the evaluation task) and crawl.json."""
+    storage.write_bytes_atomic(storage.join(out_url, "eval", "task.json"),
+                               json.dumps(task, indent=1, sort_keys=True).encode("utf-8"))
+    storage.write_bytes_atomic(storage.join(out_url, "crawl.json"),
+                               json.dumps(stats, indent=2, sort_keys=True).encode("utf-8"))
+
+
 def write_sidecars(tar_url: str, rows: list[dict], extra_stats: dict | None = None) -> None:
     """The files img2dataset writes beside `NNNNN.tar`: `NNNNN.parquet` (one row per sample: key,
     caption, status, ...) and `NNNNN_stats.json` (counts per status). Deterministic for equal rows."""

@@ -4,9 +4,14 @@
 
 Scenes of 1-3 coloured shapes on a jittered background. `prototypes` distinct scenes have
 Zipf-distributed popularity and every sample is a jittered copy of its prototype, so the crawl is
-redundant (many near-duplicates) like a real one. A `noise` share of train captions is web noise:
-another sample's caption (swap), one wrong attribute, alt-text junk or empty. The eval split is
-balanced over prototypes, clean, and captioned with templates the train split never uses.
+redundant (many near-duplicates) like a real one. A `noise` share of train captions is web noise.
+`noise_mode=iid`: each noisy caption on its own: another sample's caption (swap), one wrong attribute,
+alt-text junk or empty. `noise_mode=correlated`, at the same total share, as the web has it: whole
+scenes (every near-duplicate copy) carry one consistent wrong label (`mislabel`: one object's colour or
+shape changed, the same for all copies) or one shop's boilerplate alt-text (`template`), beside
+per-sample near misses (`wrong_attribute`); inside such a cluster the typical caption is the wrong one.
+The eval split is balanced over prototypes, clean, and captioned with templates the train split never
+uses.
 
 Layout (what img2dataset writes, plus `truth` in every KEY.json):
     {out}/train/00000.tar, 00000.parquet, 00000_stats.json, ...
@@ -29,7 +34,7 @@ from PIL import Image, ImageDraw
 
 from tldr_tasks import storage
 from tldr_tasks.config import CrawlConfig
-from tldr_tasks.data.shards import encode_json, write_sidecars, write_tar
+from tldr_tasks.data.shards import encode_json, write_crawl_records, write_crawl_shard
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross", "star")
 # Object colours are far apart in RGB and from every background, so colour is learnable at 64 px.
@@ -44,7 +49,12 @@ BACKGROUND_RGB: dict[str, tuple[int, int, int]] = {
 BACKGROUNDS: tuple[str, ...] = tuple(BACKGROUND_RGB)
 SIZES: tuple[str, ...] = ("small", "large")
 POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "center")
-NOISE_TYPES: tuple[str, ...] = ("none", "swap", "wrong_attribute", "junk", "empty")
+NOISE_TYPES: tuple[str, ...] = ("none", "swap", "wrong_attribute", "junk", "empty", "mislabel", "template")
+# Correlated noise (crawl.noise_mode=correlated): a shop's boilerplate alt-text on all its products.
+SHOP_TEMPLATES: tuple[str, ...] = (
+    "best price shapes store item", "free shipping on all orders | shapeshop", "product image - click to zoom",
+    "new arrival sale limited offer", "stock photo preview watermark",
+)
 
 # Object extent as a share of the image side: small is 16 px and large 26 px at 64 px.
 _SIZE_FRACTION = {"small": 0.25, "large": 0.40}
@@ -285,6 +295,37 @@ def _noise_plan(n: int, share: float, rng: np.random.Generator) -> list[str]:
     return [plan[i] for i in rng.permutation(n)]
 
 
+def _correlated_noise_plan(scene_ids: np.ndarray, share: float, protos: list[dict],
+                           rng: np.random.Generator) -> tuple[list[str], dict[int, list[dict]], dict[int, str]]:
+    """Exact counts at `share`: about half the noisy samples in whole mislabelled scenes, a third in
+    whole templated scenes, the rest per-sample wrong attributes. Scenes are taken in a seeded order
+    while they fit the remaining count. Returns the kind per sample, the wrong objects of every
+    mislabelled scene and the boilerplate of every templated scene."""
+    n = len(scene_ids)
+    noisy = int(round(share * n))
+    budget = {"mislabel": int(round(noisy * 0.5)), "template": int(round(noisy / 3))}
+    counts = np.bincount(scene_ids, minlength=len(protos))
+    kinds = np.full(n, "none", dtype=object)
+    wrong_objects: dict[int, list[dict]] = {}
+    boilerplate: dict[int, str] = {}
+    for scene in rng.permutation(len(protos)):
+        size = int(counts[scene])
+        kind = next((k for k in ("mislabel", "template") if 0 < size <= budget[k]), None)
+        if kind is None:
+            continue
+        budget[kind] -= size
+        kinds[scene_ids == scene] = kind
+        if kind == "mislabel":
+            objects = [{k: v for k, v in o.items() if k != "centre"} for o in protos[scene]["objects"]]
+            wrong_objects[int(scene)] = _wrong_attribute(objects, rng)
+        else:
+            boilerplate[int(scene)] = SHOP_TEMPLATES[int(rng.integers(len(SHOP_TEMPLATES)))]
+    clean = np.flatnonzero(kinds == "none")
+    rest = noisy - int((kinds != "none").sum())
+    kinds[rng.choice(clean, rest, replace=False)] = "wrong_attribute"
+    return kinds.tolist(), wrong_objects, boilerplate
+
+
 def _wrong_attribute(objects: list[dict], rng: np.random.Generator) -> list[dict]:
     """The objects with one colour or shape changed to a value no object in the scene has."""
     present = {(o["colour"], o["shape"]) for o in objects}
@@ -324,7 +365,8 @@ def _key_digits(shard_size: int) -> int:
 
 
 def _write_split(out_url: str, split: str, proto_ids: np.ndarray, protos: list[dict], cfg: CrawlConfig, seed: int,
-                 first_shard: int, noise: list[str], rng: np.random.Generator, progress) -> list[str]:
+                 first_shard: int, noise: list[str], rng: np.random.Generator, progress,
+                 wrong_objects: dict | None = None, boilerplate: dict | None = None) -> list[str]:
     split_id = 0 if split == "train" else 1
     templates = TRAIN_TEMPLATES if split == "train" else EVAL_TEMPLATES
     n = len(proto_ids)
@@ -354,6 +396,11 @@ def _write_split(out_url: str, split: str, proto_ids: np.ndarray, protos: list[d
             elif kind == "wrong_attribute":
                 caption = templates[template_ids[i]](_wrong_attribute(objects_of[i], sample_rng),
                                                      protos[proto_ids[i]]["background"])
+            elif kind == "mislabel":  # the scene's one wrong label, in this copy's own template
+                caption = templates[template_ids[i]](wrong_objects[int(proto_ids[i])],
+                                                     protos[proto_ids[i]]["background"])
+            elif kind == "template":
+                caption = boilerplate[int(proto_ids[i])]
             elif kind == "junk":
                 caption = _junk(sample_rng)
             else:
@@ -372,12 +419,10 @@ def _write_split(out_url: str, split: str, proto_ids: np.ndarray, protos: list[d
                 if len(objects_of[i]) == 1:
                     meta["label"] = zero_shot_class(objects_of[i][0])
             samples.append((key, {"png": image_bytes, "txt": caption.encode("utf-8"), "json": encode_json(meta)}))
-            rows.append({k: meta[k] for k in ("url", "key", "caption", "status", "error_message", "width", "height",
-                                              "original_width", "original_height", "sha256")})
+            rows.append(meta)
             progress.update(1)
         url = storage.join(out_url, split, f"{shard_offset:05d}.tar")
-        write_tar(url, samples)
-        write_sidecars(url, rows)
+        write_crawl_shard(url, samples, rows)
         shard_urls.append(url)
     return shard_urls
 
@@ -398,15 +443,21 @@ def make_crawl(out_url: str, cfg: CrawlConfig, seed: int) -> dict:
     # Eval is balanced: every prototype once before any twice.
     eval_ids = np.concatenate([rng.permutation(cfg.prototypes)
                                for _ in range(-(-cfg.eval_samples // cfg.prototypes))])[: cfg.eval_samples]
-    train_noise = _noise_plan(cfg.samples, cfg.noise, rng)
+    wrong_objects, boilerplate = {}, {}
+    if cfg.noise_mode == "correlated":  # its own generator: the i.i.d. crawl stays byte-identical
+        train_noise, wrong_objects, boilerplate = _correlated_noise_plan(train_ids, cfg.noise, protos,
+                                                                         np.random.default_rng((seed, 102)))
+    else:
+        train_noise = _noise_plan(cfg.samples, cfg.noise, rng)
     train_shards = -(-cfg.samples // cfg.shard_size)
     with tqdm(total=cfg.samples + cfg.eval_samples, desc="make-crawl", unit="img", file=sys.stderr,
               disable=None) as progress:
         train_urls = _write_split(out_url, "train", train_ids, protos, cfg, seed, 0, train_noise,
-                                  np.random.default_rng((seed, 100)), progress)
+                                  np.random.default_rng((seed, 100)), progress, wrong_objects, boilerplate)
         eval_urls = _write_split(out_url, "eval", eval_ids, protos, cfg, seed, train_shards,
                                  ["none"] * cfg.eval_samples, np.random.default_rng((seed, 101)), progress)
-    noise_counts = {kind: train_noise.count(kind) for kind in NOISE_TYPES}
+    kinds = ("none", "mislabel", "template", "wrong_attribute") if cfg.noise_mode == "correlated" else NOISE_TYPES[:5]
+    noise_counts = {kind: train_noise.count(kind) for kind in kinds}
     stats = {
         "params": {**dataclasses.asdict(cfg), "seed": seed},
         "train": {"samples": cfg.samples, "shards": len(train_urls), "noise": noise_counts,
@@ -420,10 +471,7 @@ def make_crawl(out_url: str, cfg: CrawlConfig, seed: int) -> dict:
         "train_templates": [t.__name__ for t in TRAIN_TEMPLATES],
         "eval_templates": [t.__name__ for t in EVAL_TEMPLATES],
     }
-    storage.write_bytes_atomic(storage.join(out_url, "eval", "task.json"),
-                               json.dumps(eval_task(), indent=1, sort_keys=True).encode("utf-8"))
-    storage.write_bytes_atomic(storage.join(out_url, "crawl.json"),
-                               json.dumps(stats, indent=2, sort_keys=True).encode("utf-8"))
+    write_crawl_records(out_url, eval_task(), stats)
     return stats
 
 
@@ -435,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=defaults.samples, help="train samples")
     parser.add_argument("--eval-samples", type=int, default=defaults.eval_samples, help="clean eval samples")
     parser.add_argument("--noise", type=float, default=defaults.noise, help="share of noisy train captions")
+    parser.add_argument("--noise-mode", choices=("iid", "correlated"), default=defaults.noise_mode,
+                        help="iid: each noisy caption on its own; correlated: whole scenes share one wrong caption")
     parser.add_argument("--image-size", type=int, default=defaults.image_size, help="image side in pixels")
     parser.add_argument("--prototypes", type=int, default=defaults.prototypes, help="distinct scenes")
     parser.add_argument("--zipf", type=float, default=defaults.zipf, help="Zipf exponent of scene popularity")
@@ -442,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     cfg = CrawlConfig(samples=args.samples, eval_samples=args.eval_samples, image_size=args.image_size,
-                      noise=args.noise, prototypes=args.prototypes, zipf=args.zipf, shard_size=args.shard_size)
+                      noise=args.noise, noise_mode=args.noise_mode, prototypes=args.prototypes, zipf=args.zipf,
+                      shard_size=args.shard_size)
     from tldr_tasks.config import ConfigError
 
     try:

@@ -108,6 +108,14 @@ def _load_features(urls: list[str], counts: list[int], keep: np.ndarray) -> np.n
     return matrix
 
 
+def load_features(cfg: Config, io: StageIO) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, L2-normalised float16 features) of every sample the cluster stage assigns, in its order:
+    what semdedup compares inside each cluster."""
+    shards = io.input_shards()
+    urls, counts, keep, keys, *_ = _load_index(cfg, io, shards)
+    return keys, build_features(cfg, _load_features(urls, counts, keep))
+
+
 def _pca_whiten(codes: np.ndarray, pca_dim: int, seed: int) -> tuple[np.ndarray, int]:
     """The released code's feature: code-index vectors PCA-whitened to pca_dim, L2-normalised (float16)."""
     import faiss
@@ -139,9 +147,9 @@ def build_features(cfg: Config, raw: np.ndarray) -> np.ndarray:
 def cluster_count(cfg: Config, n: int) -> int:
     """cluster.clusters, or with 0 (the default) the rule round(8 * sqrt(kept)), kept = sample.ratio * n.
     It grows with the crawl, slower than the crawl (the demo's 8,000 at 25%: 358 clusters of ~22,
-    ~6 kept each; CC3M at 25%: ~6,700, within the paper's ablated 100-10,000). With balanced quotas the
-    factor 8 had the best mean validation R@1 of 2, 8 and 16 over 3 seeds (README, Results): +2.2 points
-    over 2, +0.8 over 16, neither gap given an interval."""
+    ~6 kept each; CC3M at 25%: ~6,700, within the paper's ablated 100-10,000). The factor 8 was picked
+    on validation (of 2, 8 and 16) by an earlier benchmark whose results file the three-crawl benchmark
+    replaced; it was not rerun, and the gaps had no interval."""
     if cfg.cluster.clusters:
         return cfg.cluster.clusters
     return max(1, min(n, round(8 * math.sqrt(cfg.sample.ratio * n))))

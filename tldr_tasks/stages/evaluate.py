@@ -11,10 +11,15 @@ Arms (evaluate.arms):
                       rule as the TL;DR set (fusion, gate, collapse check): what captions alone do.
     tldr_<fusion>     the TL;DR selection shipped with another caption.fusion (mix, generated, concat),
                       decided by the same fusion.ship_caption: how a fusion would do before it ships.
-Every arm trains evaluate.epochs * ceil(N_full / batch) optimizer steps (compute-matched, as
-DataComp: compares data quality) and is scored on both splits at evaluate.curve_points of that budget
-too, so a learning curve per arm shows how soon an arm is good: time_to_accuracy is the share of the
-full arm's steps an arm needs to reach 95% of the full arm's best mean R@1.
+    oracle_clean      a seeded subset of the input's truly clean pairs (ground truth `truth.noise` is
+                      "none"), as large as the TL;DR set: the ceiling of a benchmark crawl.
+Budgets (evaluate.budgets): `compute` trains every arm evaluate.epochs * ceil(N_full / batch) optimizer
+steps (compute-matched, as DataComp: compares data quality); `epochs` trains evaluate.epochs of the
+arm's own data (the paper's protocol), reported as `<arm>_epochs`. Every arm is scored on both splits
+at evaluate.curve_points of its budget too: time_to_accuracy is the share of the full arm's steps an
+arm needs to reach 95% of the full arm's best mean R@1, linearly interpolated between checkpoints (from
+R@1 0 at step 0). Every arm of one input trains with one tokenizer, learnt from the input's captions,
+and one initialisation (cfg.seed): arms differ in their data only.
 Scores: image->text and text->image R@1/5/10 (a hit is any retrieved item showing the same scene:
 eval descriptions repeat), zero-shot colour/shape accuracy, training seconds. With ground truth in
 KEY.json ("truth") it also measures the caption noise of the input, of what each arm trains on and of
@@ -159,6 +164,14 @@ def build_arms(names: list[str], full: Split, tldr: Split, cfg: Config, io: Stag
             captions = shipped_captions(tldr.keys, fields["original"], fields["generated"], fields["confidence"],
                                         fields["grounding"], cfg, mode)
             arms[name] = Arm(name, tldr.images, captions, tldr.truths())
+        elif name == "oracle_clean":
+            truths = full.truths()
+            if truths is None:
+                raise ValueError("evaluate.arms: oracle_clean needs ground truth (KEY.json `truth`), which only "
+                                 "benchmark crawls have; drop it from evaluate.arms")
+            clean = np.flatnonzero([t.get("noise") == "none" for t in truths])
+            subset = full.take(clean[random_subset(len(clean), min(len(tldr), len(clean)), cfg.seed)])
+            arms[name] = Arm(name, subset.images, subset.captions, subset.truths())
         elif name in ("random", "random_generated"):
             subset = full.take(idx)
             captions = subset.captions
@@ -168,16 +181,17 @@ def build_arms(names: list[str], full: Split, tldr: Split, cfg: Config, io: Stag
                                             cfg.caption.fusion)
             arms[name] = Arm(name, subset.images, captions, subset.truths())
         else:
-            raise ValueError(f"evaluate.arms: unknown arm {name!r} (full, tldr, random, random_generated or "
-                             "tldr_<fusion>)")
+            raise ValueError(f"evaluate.arms: unknown arm {name!r} (full, tldr, random, random_generated, "
+                             "oracle_clean or tldr_<fusion>)")
     return arms
 
 
-def training_steps(n_full: int, epochs: int, batch_size: int) -> int:
-    """Every arm's budget: epochs * ceil(N_full / batch) optimizer steps (compute-matched)."""
+def training_steps(n: int, epochs: int, batch_size: int) -> int:
+    """epochs * ceil(n / batch) optimizer steps: every arm's budget with n = N_full (compute-matched),
+    or an arm's own with n = its size (epoch-matched)."""
     from tldr_tasks.models.clip import epoch_batches
 
-    return epochs * epoch_batches(n_full, batch_size)
+    return epochs * epoch_batches(n, batch_size)
 
 
 def curve_steps(steps: int, points: list[float]) -> list[int]:
@@ -192,19 +206,23 @@ def time_to_accuracy(curves: dict[str, list[list[float]]], full_steps: int,
     if "full" not in curves:
         return {}
     target = share * max(r1 for _, r1 in curves["full"])
-    return {arm: next((step / full_steps for step, r1 in curve if r1 >= target), None)
+    return {arm: crossing(curve, target) / full_steps if crossing(curve, target) is not None else None
             for arm, curve in curves.items()}
 
 
+def crossing(curve: list[list[float]], target: float) -> float | None:
+    """The step at which a learning curve first reaches `target`, linearly interpolated between its
+    checkpoints (the curve starts from R@1 0 at step 0); None when it never does."""
+    previous_step, previous_r1 = 0.0, 0.0
+    for step, r1 in curve:
+        if r1 >= target:
+            rise = r1 - previous_r1
+            return previous_step + (step - previous_step) * ((target - previous_r1) / rise if rise > 0 else 1.0)
+        previous_step, previous_r1 = step, r1
+    return None
+
+
 # --- ground truth (the synthetic benchmark) ---------------------------------------------------------
-
-def _synthetic():
-    try:
-        from tldr_tasks.data import synthetic
-    except ImportError:
-        return None
-    return synthetic
-
 
 def load_task(eval_input: str) -> dict:
     """The evaluation task that comes with the held-out data: `task.json` beside its shards ({} when
@@ -221,26 +239,61 @@ def scene_groups(split: Split, task: dict) -> list[str] | None:
     return [str(g) for g in groups] if groups and None not in groups else None
 
 
+def describes_exactly(caption: str, truth: dict) -> bool:
+    """The benchmark crawls' strict judge: the synthetic crawl's (the caption names exactly the scene's
+    objects) for truths with objects, the real-image crawl's (it names this concept and no other)."""
+    if "objects" in truth:
+        from tldr_tasks.data.synthetic import describes_scene_exactly
+
+        return describes_scene_exactly(caption, truth)
+    from tldr_tasks.data.real_crawl import describes_concept
+
+    return describes_concept(caption, truth)
+
+
 def noise_rate(captions: list[str], truths: list[dict]) -> float:
     """Share of captions that do not describe their scene exactly (a wrong object next to the right ones
     counts as noise: "wrong caption; right caption" is not clean)."""
-    from tldr_tasks.data.synthetic import describes_scene_exactly
+    return float(np.mean([not describes_exactly(c, t) for c, t in zip(captions, truths)])) if truths else 0.0
 
-    return float(np.mean([not describes_scene_exactly(c, t) for c, t in zip(captions, truths)])) if truths else 0.0
+
+def held_out_correct(io: StageIO, cfg: Config, eval_split: Split) -> list[bool]:
+    """Whether the captioner's caption of every held-out image is exactly right; computed once per
+    captioner, caption settings and held-out set in a process (a benchmark evaluates many selections
+    with one captioner)."""
+    from tldr_tasks.models.captioner import captioner_version
+
+    keys = hashlib.sha256("\n".join(eval_split.keys).encode()).hexdigest()
+    return _held_out_correct(io, cfg, eval_split, (captioner_version(io.captioner_dir), keys,
+                                                   json.dumps(cfg.to_dict()["caption"], sort_keys=True)))
+
+
+_HELD_OUT_CACHE: dict[tuple, list[bool]] = {}
+
+
+def _held_out_correct(io: StageIO, cfg: Config, eval_split: Split, identity: tuple) -> list[bool]:
+    if identity not in _HELD_OUT_CACHE:
+        generated = generate(io, cfg, eval_split.images, "held-out")[0]
+        _HELD_OUT_CACHE.clear()
+        _HELD_OUT_CACHE[identity] = [describes_exactly(g, t) for g, t in zip(generated, eval_split.truths())]
+    return _HELD_OUT_CACHE[identity]
 
 
 def ground_truth_metrics(full: Split, arms: dict[str, Arm], eval_split: Split, io: StageIO, cfg: Config) -> dict:
     """Caption noise of the input, of every arm and of what ships; distinct scenes per arm; the
     captioner's accuracy on held-out images, head and tail scenes apart. {} without ground truth."""
-    synthetic, full_truths, eval_truths = _synthetic(), full.truths(), eval_split.truths()
-    if synthetic is None or full_truths is None or eval_truths is None:
+    full_truths, eval_truths = full.truths(), eval_split.truths()
+    if full_truths is None or eval_truths is None:
         return {}
     metrics: dict = {"noise_rate_input": noise_rate(full.captions, full_truths), "noise_rate": {},
-                     "distinct_scenes": {}}
+                     "distinct_scenes": {}, "noise_types": {}}
     for name, arm in arms.items():
         if arm.truths is not None:
             metrics["noise_rate"][name] = noise_rate(arm.captions, arm.truths)
             metrics["distinct_scenes"][name] = len({t.get("scene") for t in arm.truths})
+            # the planted kinds among the pairs an arm keeps (what its original captions are)
+            kinds = [str(t.get("noise")) for t in arm.truths]
+            metrics["noise_types"][name] = {kind: kinds.count(kind) for kind in sorted(set(kinds))}
     if "tldr" in metrics["noise_rate"]:
         metrics["noise_rate_output"] = metrics["noise_rate"]["tldr"]
     # Head: the most popular scenes that together make up half the crawl; tail: all others.
@@ -253,8 +306,7 @@ def ground_truth_metrics(full: Split, arms: dict[str, Arm], eval_split: Split, i
             break
         head.add(scene)
         covered += count
-    generated = generate(io, cfg, eval_split.images, "held-out")[0]
-    correct = [synthetic.describes_scene_exactly(g, t) for g, t in zip(generated, eval_truths)]
+    correct = held_out_correct(io, cfg, eval_split)
     in_head = [t.get("scene") in head for t in eval_truths]
     metrics["caption_accuracy"] = float(np.mean(correct))
     metrics["caption_accuracy_head"] = float(np.mean([c for c, h in zip(correct, in_head) if h] or [np.nan]))
@@ -440,22 +492,29 @@ def evaluate_spooled(cfg: Config, io: StageIO, tldr_urls: list[str], scratch: st
                          + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + " (need >= 2 each)")
 
     arms = build_arms(list(ev.arms), full, tldr, cfg, io)
-    # One tokenizer for every arm, from every caption any arm trains on (held-out words stay unknown).
-    tokenizer = clip.CaptionTokenizer.train((c for arm in arms.values() for c in arm.captions),
+    # One tokenizer for every arm and every evaluation of this input (a benchmark's selections too):
+    # learnt from the input's captions alone, so the arms share vocabulary, text embedding and
+    # initialisation and differ only in their data (held-out words, and new words of generated
+    # captions, stay unknown).
+    tokenizer = clip.CaptionTokenizer.train(iter(full.captions),
                                             max_tokens=clip.load_preset(ev.preset)["max_text_tokens"])
     steps = training_steps(len(full), ev.epochs, ev.batch_size)
     results: dict[str, dict] = {}
-    for name, arm in arms.items():
-        cache = _cache_url(io, cfg, arm, steps, tokenizer, task)
-        if storage.exists(cache):
-            results[name] = json.loads(storage.read_text(cache))
-        else:
-            results[name] = train_and_score(arm, tokenizer, splits, steps, cfg, task)
-            storage.write_text_atomic(cache, json.dumps(results[name], sort_keys=True))
+    for budget in ev.budgets:
+        for name, arm in arms.items():
+            arm_steps = steps if budget == "compute" else training_steps(len(arm.images), ev.epochs, ev.batch_size)
+            label = name if budget == "compute" else f"{name}_{budget}"
+            cache = _cache_url(io, cfg, arm, arm_steps, tokenizer, task)
+            if storage.exists(cache):
+                results[label] = json.loads(storage.read_text(cache))
+            else:
+                results[label] = train_and_score(arm, tokenizer, splits, arm_steps, cfg, task)
+                storage.write_text_atomic(cache, json.dumps(results[label], sort_keys=True))
 
     report: dict = {"arms": results, "steps": steps, "splits": {k: len(v) for k, v in splits.items()},
                     "scene_level_hits": scene_groups(held_out, task) is not None, "task": task.get("hit", "item"),
-                    "time_to_accuracy": time_to_accuracy({a: r["curve"]["test"] for a, r in results.items()}, steps),
+                    "time_to_accuracy": time_to_accuracy({a: r["curve"]["test"] for a, r in results.items()
+                                                          if a in arms}, steps),
                     "fusion": cfg.caption.fusion, "tokenizer_vocab": tokenizer.vocab_size,
                     "config": {"seed": cfg.seed, "evaluate": cfg.to_dict()["evaluate"]}}
     report.update(ground_truth_metrics(full, arms, splits["validation"], io, cfg))

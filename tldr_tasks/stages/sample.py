@@ -10,6 +10,15 @@ Strategies (`sample.strategy`) set each cluster's quota, all keeping exactly rou
     near_centroid  within every cluster, the smallest distance to the centroid
     far_centroid   within every cluster, the largest distance
     random         uniformly at random over all samples, ignoring clusters (the paper's baseline)
+    clip_score     DataComp's baseline: optional exact image dedup (`dedup_images`), then the top
+                   `score_share` of the pairs by CLIP image-text cosine (scoring.py: a CLIP folder in
+                   `clip_model`, or the crawl's own `similarity`), then a seeded subset down to the ratio
+    semdedup       SemDeDup: a pair's redundancy is the highest cosine between its embedding and that of
+                   a higher-ranked pair of its cluster (`dedup_keep`: the better aligned, or the nearer
+                   the centroid); the least redundant are kept, which is SemDeDup with its threshold
+                   set where the ratio holds (stats.json: `semdedup_threshold`). With alignment
+                   `cluster_pool` (a hybrid with TL;DR's filter) the better-aligned pool goes first;
+                   other alignments leave SemDeDup as it is
 
 Alignment (`sample.alignment`) decides which pairs fill a uniform or balanced quota. Every sample's
 alignment score is minus its caption loss, robustly z-scored within its cluster (`alignment_scores`):
@@ -22,7 +31,8 @@ alignment score is minus its caption loss, robustly z-scored within its cluster 
 
 Rows are put in key order first and ties are broken by key, so the choice depends only on the
 assignments and cfg.seed. Outputs in `{out}/sample/`: selected.parquet (key, shard, cluster, loss,
-alignment; sorted by key), alignment.parquet (the same for every sample, plus `kept`) and stats.json
+alignment; sorted by key), alignment.parquet (the same for every sample, plus `kept`, and clip_score's
+`clip_score` or semdedup's `redundancy`) and stats.json
 (counts, alignment distribution of the input and of the kept set), written last as the done-marker.
 """
 
@@ -153,6 +163,55 @@ def choose(cluster: np.ndarray, score: np.ndarray | None, ratio: float, seed: in
     return keep
 
 
+def clip_score_keep(score: np.ndarray, digest: np.ndarray | None, ratio: float, share: float,
+                    seed: int) -> np.ndarray:
+    """clip_score's mask: rows are ranked first-copy-of-an-image first (when `digest` is given; later
+    copies of identical bytes last), then by score (highest first; NaN last), then by key position; the
+    pool is the first max(total, ceil(share * n)) of them, of which a seeded `total` are kept."""
+    n = len(score)
+    total = target_count(ratio, n)
+    copy = np.zeros(n, dtype=bool)
+    if digest is not None:
+        _, first = np.unique(digest, return_index=True)
+        copy[:] = True
+        copy[first] = False
+    order = np.lexsort((np.arange(n), -np.nan_to_num(score, nan=-np.inf), copy))
+    pool = order[: max(total, int(math.ceil(share * n)))]
+    keep = np.zeros(n, dtype=bool)
+    keep[np.random.default_rng(seed).choice(pool, total, replace=False)] = True
+    return keep
+
+
+def redundancy(cluster: np.ndarray, features: np.ndarray, priority: np.ndarray, block: int = 2048) -> np.ndarray:
+    """SemDeDup's measure: per row, the highest cosine between its (L2-normalised) feature and that of a
+    row of the same cluster that ranks higher (priority higher, then earlier key position); -1 for a
+    cluster's first row."""
+    n = len(cluster)
+    order = np.lexsort((np.arange(n), -priority, cluster))
+    starts = np.flatnonzero(np.r_[True, cluster[order][1:] != cluster[order][:-1]]) if n else np.zeros(0, int)
+    result = np.full(n, -1.0)
+    for start, end in zip(starts, np.r_[starts[1:], n]):
+        rows = order[start:end]
+        group = features[rows].astype(np.float32)
+        for i in range(1, len(rows), block):  # each row against the rows ranked before it
+            end_block = min(i + block, len(rows))
+            cosine = group[i:end_block] @ group[:end_block].T
+            before = np.arange(i, end_block)[:, None] > np.arange(end_block)[None, :]
+            result[rows[i:end_block]] = np.where(before, cosine, -np.inf).max(axis=1)
+    return result
+
+
+def semdedup_keep(redundancy: np.ndarray, ratio: float, seed: int, eligible: np.ndarray | None = None) -> np.ndarray:
+    """semdedup's mask: the target_count least redundant rows (ties in a seeded order), the `eligible`
+    ones (sample.alignment's pool; None: all) before any other."""
+    n = len(redundancy)
+    first = np.zeros(n, dtype=bool) if eligible is None else ~eligible
+    order = np.lexsort((np.random.default_rng(seed).random(n), redundancy, first))
+    keep = np.zeros(n, dtype=bool)
+    keep[order[: target_count(ratio, n)]] = True
+    return keep
+
+
 def scores(strategy: str, alignment_mode: str, loss: np.ndarray, distance: np.ndarray,
            alignment: np.ndarray) -> np.ndarray | None:
     """Lower is kept first; None keeps a seeded random order (uniform, balanced, random)."""
@@ -167,14 +226,18 @@ def scores(strategy: str, alignment_mode: str, loss: np.ndarray, distance: np.nd
     return None
 
 
-def distribution(values: np.ndarray, prefix: str) -> dict[str, float]:
-    """Mean and quartiles of the finite values (empty captions excluded), for stats and MLflow."""
+def distribution(values: np.ndarray, prefix: str, misaligned: bool = True) -> dict[str, float]:
+    """Mean and quartiles of the finite values (empty captions excluded), for stats and MLflow; with
+    `misaligned`, the share of alignment scores below -MISALIGNED_Z too."""
     finite = values[np.isfinite(values)]
     if not len(finite):
         return {}
     q25, q50, q75 = np.percentile(finite, [25, 50, 75])
-    return {f"{prefix}_mean": float(finite.mean()), f"{prefix}_q25": float(q25), f"{prefix}_median": float(q50),
-            f"{prefix}_q75": float(q75), f"{prefix}_misaligned_share": float(np.mean(values < -MISALIGNED_Z))}
+    out = {f"{prefix}_mean": float(finite.mean()), f"{prefix}_q25": float(q25), f"{prefix}_median": float(q50),
+           f"{prefix}_q75": float(q75)}
+    if misaligned:
+        out[f"{prefix}_misaligned_share"] = float(np.mean(values < -MISALIGNED_Z))
+    return out
 
 
 def run(cfg: Config, io: StageIO) -> StageResult:
@@ -206,19 +269,46 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     loss = table["loss"].to_numpy().astype(np.float64)
     alignment = alignment_scores(cluster, loss)
     score = scores(s.strategy, s.alignment, loss, table["distance"].to_numpy().astype(np.float64), alignment)
-    # hard, near_centroid and far_centroid order each cluster by their own score; random has no clusters
-    eligible = (eligible_pairs(cluster, loss, alignment, s.alignment, s.aligned_share)
-                if s.strategy in ("uniform", "balanced") else None)
-    keep = choose(cluster, score, s.ratio, cfg.seed, s.strategy, eligible)
+    keys = table["key"].to_numpy(zero_copy_only=False).astype(str)
+    extra: dict[str, np.ndarray] = {}  # the baselines' own per-sample evidence, kept in alignment.parquet
+    if s.strategy == "clip_score":
+        from tldr_tasks.scoring import pair_scores
+
+        extra["clip_score"], digest = pair_scores(cfg, io, keys)
+        keep = clip_score_keep(extra["clip_score"], digest if s.dedup_images else None, s.ratio, s.score_share,
+                               cfg.seed)
+    elif s.strategy == "semdedup":
+        from tldr_tasks.stages.cluster import load_features
+
+        feature_keys, features = load_features(cfg, io)
+        order = np.argsort(feature_keys)
+        features = features[order[np.searchsorted(feature_keys, keys, sorter=order)]]
+        priority = alignment if s.dedup_keep == "aligned" else -table["distance"].to_numpy().astype(np.float64)
+        extra["redundancy"] = redundancy(cluster, features, priority)
+        pool = (eligible_pairs(cluster, loss, alignment, s.alignment, s.aligned_share)
+                if s.alignment == "cluster_pool" else None)
+        keep = semdedup_keep(extra["redundancy"], s.ratio, cfg.seed, pool)
+    else:
+        # hard, near_centroid and far_centroid order each cluster by their own score; random has no clusters
+        eligible = (eligible_pairs(cluster, loss, alignment, s.alignment, s.aligned_share)
+                    if s.strategy in ("uniform", "balanced") else None)
+        keep = choose(cluster, score, s.ratio, cfg.seed, s.strategy, eligible)
     scored = table.select(["key", "shard", "cluster", "loss"]).append_column(
         "alignment", pa.array(alignment, pa.float64())).append_column("kept", pa.array(keep))
+    for name, values in extra.items():
+        scored = scored.append_column(name, pa.array(values))
     storage.write_parquet(scores_url, scored)
-    storage.write_parquet(selected_url, scored.filter(pa.array(keep)).drop_columns(["kept"]))
+    storage.write_parquet(selected_url, scored.filter(pa.array(keep)).drop_columns(["kept", *extra]))
     kept = int(keep.sum())
     stats = {"input": n, "kept": kept, "dropped": n - kept, "ratio": s.ratio, "ratio_achieved": kept / n,
              "clusters": int(len(np.unique(cluster))), "clusters_kept": int(len(np.unique(cluster[keep]))),
              "strategy": s.strategy, "alignment": s.alignment, "aligned_share": s.aligned_share, "seed": cfg.seed,
              **distribution(alignment, "alignment_input"), **distribution(alignment[keep], "alignment_kept")}
+    if "redundancy" in extra:  # the cosine above which SemDeDup dropped a pair at this ratio
+        stats["semdedup_threshold"] = float(extra["redundancy"][keep].max())
+    if "clip_score" in extra:
+        stats.update(distribution(extra["clip_score"], "clip_score_input", misaligned=False),
+                     **distribution(extra["clip_score"][keep], "clip_score_kept", misaligned=False))
     storage.write_text_atomic(stats_url, json.dumps(stats, indent=2, sort_keys=True))
     return StageResult(metrics=numeric(stats), outputs=[selected_url, scores_url, stats_url])
 
