@@ -381,13 +381,12 @@ CLIP_RECORD = "tldr_clip.json"  # marks a folder written by save_clip
 
 def save_clip(model, tokenizer: CaptionTokenizer, preset: str, folder: str) -> None:
     """A trained CLIP as a folder: weights, tokenizer and the preset it was built from (load_clip)."""
-    import io
+    from safetensors.torch import save
 
     from tldr_tasks import storage
 
-    buffer = io.BytesIO()
-    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buffer)
-    storage.write_bytes_atomic(storage.join(folder, "model.pt"), buffer.getvalue())
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    storage.write_bytes_atomic(storage.join(folder, "model.safetensors"), save(weights))
     storage.write_text_atomic(storage.join(folder, "tokenizer.json"), tokenizer.to_json())
     storage.write_text_atomic(storage.join(folder, CLIP_RECORD), json.dumps(
         {"preset": preset, "vocab_size": tokenizer.vocab_size, "max_text_tokens": tokenizer.max_tokens}))
@@ -395,7 +394,7 @@ def save_clip(model, tokenizer: CaptionTokenizer, preset: str, folder: str) -> N
 
 def load_clip(folder: str, device: str = "cpu"):
     """(model, tokenizer, image_size) of a folder save_clip wrote."""
-    import io
+    from safetensors.torch import load
 
     from tldr_tasks import storage
 
@@ -403,6 +402,5 @@ def load_clip(folder: str, device: str = "cpu"):
     tokenizer = CaptionTokenizer.from_json(storage.read_text(storage.join(folder, "tokenizer.json")),
                                            record["max_text_tokens"])
     model = build_clip(record["preset"], record["vocab_size"], max_text_tokens=record["max_text_tokens"])
-    model.load_state_dict(torch.load(io.BytesIO(storage.read_bytes(storage.join(folder, "model.pt"))),
-                                     map_location="cpu"))
+    model.load_state_dict(load(storage.read_bytes(storage.join(folder, "model.safetensors"))))
     return model.to(device).eval(), tokenizer, load_preset(record["preset"])["image_size"]
