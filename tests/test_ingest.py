@@ -85,7 +85,6 @@ def test_a_relanded_name_with_new_content_is_a_new_version_and_the_old_one_stays
 
 
 def test_ingest_dag_shape():
-    pytest.importorskip("airflow.providers.standard")
     from tldr_dagkit.compress import CRAWL_ASSET
     from tldr_dagkit.ingest import build_ingest_dag
 

@@ -148,7 +148,7 @@ def chromium(*args: str) -> subprocess.CompletedProcess:
     """Debian's chromium, headless, with the flags a machine without network and without a display needs."""
     binary = shutil.which("chromium")
     if binary is None:
-        pytest.skip("chromium is not installed (`make test` installs it: apt-get install chromium)")
+        pytest.fail("chromium is not installed (`make test` installs it: apt-get install chromium)")
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              "--virtual-time-budget=5000"]

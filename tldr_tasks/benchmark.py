@@ -65,7 +65,7 @@ TLDR_FAMILY = ("paper_uniform", "balanced_none", "uniform_cluster_pool", "balanc
                "semdedup_cluster_pool")
 
 # The benchmark's size on 2 CPU cores (`tldr-vlp benchmark` defaults; a params file or --set wins).
-# The evaluation's CLIP is the `small` preset (32 px, a conv stem): 20x faster per step than `tiny`.
+# The evaluation's CLIP is the `small` preset (32 px, a conv stem), far cheaper per step than `tiny`.
 PROFILE = {
     "crawl": {"samples": 6000, "eval_samples": 2000, "prototypes": 1100},
     "captioner": {"epochs": 4},
@@ -276,9 +276,8 @@ def assemble(crawl: str, per_seed: list[dict], seeds: list[int], chosen: dict, s
         "crawl": crawl, "machine": machine(), "seeds": seeds, "split": split, "chosen_on_validation": chosen,
         "arms": arms, "paired_differences": paired_differences(arms), "learning_curve": curves,
         "time_to_accuracy_per_seed": tta, "noise_rate": noise, "noise_types": noise_types,
-        "noise_rate_input": summarise([per_seed_report["noise_rate_input"] for per_seed_report in
-                                       (seed[first] for seed in per_seed)]) if "noise_rate_input" in per_seed[0][first]
-        else None,
+        "noise_rate_input": summarise([seed[first]["noise_rate_input"] for seed in per_seed])
+        if "noise_rate_input" in per_seed[0][first] else None,
         "distinct_scenes": scenes,
         "caption_accuracy": {part: summarise([seed[first][f"caption_accuracy{part}"] for seed in per_seed])
                              for part in ("", "_head", "_tail") if f"caption_accuracy{part}" in per_seed[0][first]},
@@ -353,6 +352,9 @@ def markdown(result: dict) -> str:
     for name, stats in result["arms"].items():
         if name.removesuffix("_epochs") == chosen["tldr"]:
             continue  # shown as `tldr`
+        base = name.removesuffix("_epochs")
+        if name != base and result["steps_per_arm"][name] == result["steps_per_arm"].get(base):
+            continue  # the full crawl's own epochs are the compute budget: the same training, one row
         kinds = result["noise_types"].get(name, {})
         correlated = [kinds[k] for k in CORRELATED_KINDS if k in kinds]
         correlated_cell = (f"{sum(k['mean'] for k in correlated):.0f}" if correlated else "–")
