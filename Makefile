@@ -45,6 +45,7 @@ browser:
 ## (three crawls x 3 seeds; see benchmarks/results/benchmark_<crawl>.json for the time it took)
 benchmark: $(CORE_STAMP)
 	$(VENV)/bin/tldr-vlp benchmark --seeds 0,1,2 --out runs/benchmark --readme README.md
+	$(PY) benchmarks/default_paired.py runs/benchmark
 
 ## the quick tests only
 test-fast: $(FULL_STAMP) browser helm

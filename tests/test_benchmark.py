@@ -70,6 +70,36 @@ def test_a_baseline_that_wins_validation_becomes_the_default_not_the_tldr_row():
     assert chosen["default"] == "clip_score" and chosen["tldr"] == "balanced_cluster_pool"
 
 
+def test_the_default_selection_is_paired_like_the_tldr_row():
+    seeds = [_seed(0), _seed(1), _seed(2)]
+    for seed in seeds:
+        seed["clip_score"]["arms"]["tldr"]["validation"]["mean_r1"] = 50
+    result = benchmark.assemble("synthetic", seeds, [0, 1, 2], benchmark.choose_on_validation({"synthetic": seeds}))
+    paired = benchmark.default_paired(result)
+    assert paired["default"] == "clip_score"
+    # clip_score's test R@1 is 30 + shift, random's 8 + shift, the TL;DR row's 18 + shift
+    assert paired["paired_differences"]["clip_score - random"] == {"mean": 22.0, "ci95": 0.0, "values": [22, 22, 22],
+                                                                   "lower": 22.0}
+    assert paired["paired_differences"]["clip_score - tldr"]["values"] == [12, 12, 12]
+    # the epoch-matched rows: clip_score 29, random 7 + shift
+    assert paired["paired_differences"]["clip_score_epochs - random_epochs"]["values"] == [22, 21, 20]
+    assert "clip_score - clip_score" not in paired["paired_differences"]
+
+
+def test_the_demo_runs_at_the_benchmarks_size_unless_given_params(tmp_path):
+    from tldr_tasks.config import load_config
+    from tldr_tasks.demo import demo_config
+
+    cfg = demo_config(None, ["seed=3"])
+    assert (cfg.crawl.samples, cfg.captioner.epochs, cfg.evaluate.preset) == (6000, 4, "small")
+    assert cfg.evaluate.budgets == ["compute"] and cfg.seed == 3
+    assert cfg.sample == load_config(None).sample  # the shipped selection, not a demo one
+    params = tmp_path / "params.yaml"
+    params.write_text("crawl:\n  samples: 900\n")
+    full = demo_config(str(params), [])
+    assert full.crawl.samples == 900 and full.evaluate.preset == load_config(None).evaluate.preset
+
+
 def test_reference_split_is_a_stable_quarter_of_the_keys():
     keys = [f"{i:07d}" for i in range(4000)]
     reference = np.array([benchmark.reference_split(k) for k in keys])

@@ -302,6 +302,22 @@ def paired_differences(arms: dict) -> dict:
     return out
 
 
+def default_paired(result: dict) -> dict:
+    """The default selection (chosen on validation, maybe a baseline) paired like the TL;DR row: `<default> -
+    <arm>` per budget, each {"mean", "ci95", "values", "lower"} (lower: mean - ci95)."""
+    default = result["chosen_on_validation"]["default"]
+    arms = result["arms"]
+    out = {}
+    for suffix in ("", "_epochs"):
+        arm = f"{default}{suffix}" if f"{default}{suffix}" in arms else f"tldr{suffix}"  # the TL;DR row won
+        for other in (f"{name}{suffix}" for name in ("tldr", *PAIRED)):
+            if other != arm and other in arms and arm in arms:
+                diffs = [a - b for a, b in zip(arms[arm]["mean_r1"]["values"], arms[other]["mean_r1"]["values"])]
+                stat = summarise(diffs)
+                out[f"{arm} - {other}"] = {**stat, "lower": stat["mean"] - stat["ci95"]}
+    return {"default": default, "seeds": result["seeds"], "split": result["split"], "paired_differences": out}
+
+
 def machine() -> str:
     import os
 

@@ -90,16 +90,16 @@ def caption_summary(manifest: dict) -> str:
 
 
 def demo_main(argv: list[str]) -> int:
-    from tldr_tasks.demo import demo, results_table
+    from tldr_tasks.demo import demo, demo_config, results_table
 
     parser = argparse.ArgumentParser(prog="tldr-vlp demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo)")
-    parser.add_argument("--samples", type=int, help="crawl size (default 8000)")
+    parser.add_argument("--samples", type=int, help="crawl size (default 6000; 8000 with --params params.yaml)")
     parser.add_argument("--noise", type=float, help="share of noisy captions (default 0.3)")
     _add_shortcuts(parser)
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.params, _common_overrides(args))
+        cfg = demo_config(args.params, _common_overrides(args))
         report = demo(args.out, cfg)
     except ConfigError as err:
         parser.error(str(err))

@@ -14,11 +14,22 @@ import sys
 from pathlib import Path
 
 from tldr_tasks import storage, tracking
-from tldr_tasks.config import Config
+from tldr_tasks.benchmark import PROFILE as BENCHMARK_PROFILE
+from tldr_tasks.config import Config, _merge, from_dict, load_config, parse_overrides
 from tldr_tasks.runner import compress
 from tldr_tasks.stages.base import StageIO
 
 RETRIEVAL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+# A first run's size: the benchmark's (6,000 pairs, a 4-epoch captioner, the evaluation's `small` 32-px
+# CLIP) under the compute-matched budget only. A params file replaces it (`--params params.yaml`: the
+# full-size defaults).
+PROFILE = _merge(BENCHMARK_PROFILE, {"evaluate": {"budgets": ["compute"]}})
+
+
+def demo_config(params_path: str | None, overrides: list[str]) -> Config:
+    """The demo's config: a params file if given, else PROFILE over the defaults; overrides last."""
+    base = load_config(params_path).to_dict() if params_path else from_dict(PROFILE).to_dict()
+    return from_dict(_merge(base, parse_overrides(overrides))).validate()
 
 
 def _dvc(args: list[str], cwd: Path) -> str:

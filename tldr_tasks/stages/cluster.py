@@ -146,7 +146,7 @@ def build_features(cfg: Config, raw: np.ndarray) -> np.ndarray:
 
 def cluster_count(cfg: Config, n: int) -> int:
     """cluster.clusters, or with 0 (the default) the rule round(8 * sqrt(kept)), kept = sample.ratio * n.
-    It grows with the crawl, slower than the crawl (the demo's 8,000 at 25%: 358 clusters of ~22,
+    It grows with the crawl, slower than the crawl (the full-size defaults' 8,000 at 25%: 358 clusters of ~22,
     ~6 kept each; CC3M at 25%: ~6,700, within the paper's ablated 100-10,000). The factor 8 was picked
     on validation (of 2, 8 and 16) by an earlier benchmark whose results file the three-crawl benchmark
     replaced; it was not rerun, and the gaps had no interval."""
