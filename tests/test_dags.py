@@ -159,6 +159,7 @@ def test_local_commands_use_the_venv(compress):
     assert command.endswith('cat "$result"; echo')
     task = compress.task_dict["local.cluster"]
     assert task.append_env and task.env["TLDR_RUN_KEY"] == "{{ dag.dag_id }}/{{ run_id }}"
+    assert task.env["TLDR_CPUS"] == "shared"  # a local worker runs several stages at once
 
 
 def test_plan_refuses_bad_runs_before_work(compress):

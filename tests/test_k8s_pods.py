@@ -213,6 +213,7 @@ def test_torch_threads_equal_the_cpu_limit(default_pods):
             # DeepSpeed starts one process per GPU: they share the limit
             processes = int(container["command"][2]) if container["command"][0] == "deepspeed" else 1
             assert int(env_of(pod)["OMP_NUM_THREADS"]) * processes == limit, name
+            assert env_of(pod)["TLDR_CPUS"] == "owned", name  # its limit is its own: OpenMP may spin
 
 
 def test_pod_lifecycle_and_xcom(default_pods):

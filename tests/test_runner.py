@@ -4,6 +4,7 @@ reuse policy, and the CPU count torch is given."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -151,6 +152,27 @@ def test_torch_threads_follow_the_cpu_limit(monkeypatch):
     assert clip.available_cpus() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert clip.available_cpus() == 3
+
+
+@pytest.mark.parametrize("mode, policy", [(None, "PASSIVE"), ("owned", None), ("shared", "PASSIVE")])
+def test_openmp_waits_passively_only_where_stages_share_the_cores(monkeypatch, mode, policy):
+    from tldr_tasks import runner
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    if mode:
+        monkeypatch.setenv("TLDR_CPUS", mode)
+    else:
+        monkeypatch.delenv("TLDR_CPUS", raising=False)
+    runner.thread_defaults()
+    assert os.environ.get("OMP_WAIT_POLICY") == policy  # None: OpenMP's own short spin
+    assert os.environ["OMP_NUM_THREADS"] == str(runner.cpu_limit())
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    runner.thread_defaults()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"  # a caller's choice wins
+    monkeypatch.setenv("TLDR_CPUS", "mine")
+    with pytest.raises(ConfigError, match="TLDR_CPUS='mine' is not one of owned, shared"):
+        runner.thread_defaults()
 
 
 def test_parquet_helpers_round_trip_atomically(tmp_path):

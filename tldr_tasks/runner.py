@@ -93,12 +93,27 @@ def preflight(cfg: Config, io: StageIO, with_eval: bool) -> None:
         raise ConfigError(f"sample.ratio={cfg.sample.ratio} keeps no sample of {samples}; raise --ratio")
 
 
+CPU_MODES = ("owned", "shared")
+
+
 def thread_defaults() -> None:
     """OpenMP settings for the stage's torch, set before torch loads (a caller's choice wins): one
     thread per core this process may use (CPU affinity and cgroup quota, not the node's cores), and
-    passive waiting, so idle OpenMP threads sleep instead of spinning on a core another process needs."""
+    a wait policy from what the runner knows of those cores (`TLDR_CPUS`):
+
+    owned   a pod with its own CPU limit (the Kubernetes runner sets it), or a machine a user gives to
+            one run: OpenMP's short spin before sleeping, the faster solo;
+    shared  the default, and a local Airflow worker running several stage tasks at once: passive
+            waiting, so idle threads sleep instead of spinning on a core another process needs
+            (spinning beside other work is many times slower: benchmarks/results/contention.json).
+    """
+    mode = os.environ.get("TLDR_CPUS", "shared")
+    if mode not in CPU_MODES:
+        raise ConfigError(f"TLDR_CPUS={mode!r} is not one of {', '.join(CPU_MODES)} (unset it, or set shared "
+                          "where stages share the cores)")
     os.environ.setdefault("OMP_NUM_THREADS", str(cpu_limit()))
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if mode == "shared":
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def input_fingerprint(input_url: str, version: str | None = None) -> dict:

@@ -167,6 +167,7 @@ def pod_settings(spec: StageSpec, config: dict) -> dict:
         # Torch would size its thread pool by the node's cores and stall on CFS throttling: one
         # thread per core of the limit, shared by the processes (DeepSpeed starts one per GPU).
         "OMP_NUM_THREADS": str(max(1, int(r.cpus) // processes)),
+        "TLDR_CPUS": "owned",  # the pod's CPU limit is its own: OpenMP may spin (runner.thread_defaults)
         "XDG_CACHE_HOME": STAGE_CACHE,
         "TRITON_CACHE_DIR": f"{STAGE_CACHE}/triton",
         "TLDR_RUN_KEY": "{{ dag.dag_id }}/{{ run_id }}",
@@ -263,7 +264,8 @@ def _add_stage_tasks(group: str, plan, groups, config: dict) -> dict:
         tid = task_id(spec.name)
         if group == "local":
             common = {"task_id": tid, "append_env": True,
-                      "env": {"TLDR_RUN_KEY": "{{ dag.dag_id }}/{{ run_id }}",
+                      # a worker runs several stage tasks at once: OpenMP threads wait passively
+                      "env": {"TLDR_CPUS": "shared", "TLDR_RUN_KEY": "{{ dag.dag_id }}/{{ run_id }}",
                               "TLDR_INPUT_VERSION": "{{ ti.xcom_pull(task_ids='plan', key='input_version') or '' }}"}}
             if spec.sharded:
                 op = BashOperator.partial(**common).expand(bash_command=groups.map(_pick(f"local__{tid}")))
