@@ -39,7 +39,7 @@ def _check(ok: bool, message: str) -> None:
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    _check(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
+    _check(value in choices, f"{name}={value!r} is not known (use one of {', '.join(choices)})")
 
 
 def presets(kind: str) -> tuple[str, ...]:
@@ -158,7 +158,8 @@ class CaptionerConfig:
         _choice("captioner.codebook_init", self.codebook_init, ("keywords", "random"))
         _choice("captioner.precision", self.precision, PRECISIONS)
         _check(self.batch_size % self.data_streams == 0,
-               f"captioner.data_streams={self.data_streams} must divide captioner.batch_size={self.batch_size}")
+               f"captioner.data_streams={self.data_streams} does not divide captioner.batch_size={self.batch_size} "
+               "(use a divisor of the batch size)")
         preset = load_preset("captioner", self.preset)
         # a pretrained encoder (init_from) brings its own patch size, checked when it is loaded
         stride = preset["vision"]["patch_size"] * 2 ** len(preset.get("stem_channels", []))
@@ -359,8 +360,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         try:
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError as err:
-            raise ConfigError(f"--set {item}: the value is not valid YAML ({_one_line(err)}); quote it or fix "
-                              "the brackets") from None
+            raise ConfigError(f"--set {item}: the value is not valid YAML: {_one_line(err)} (quote it or fix "
+                              "the brackets)") from None
         if "." not in dotted:
             nested[dotted] = value
             continue
@@ -386,9 +387,10 @@ def load_config(params_path: str | Path | None = None, overrides: list[str] | No
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"params file {path} is not valid YAML ({_one_line(err)}); fix that line") from None
+            raise ConfigError(f"params file {path} is not valid YAML: {_one_line(err)} (fix that line)") from None
     return from_dict(_merge(data, parse_overrides(overrides or []))).validate()
 
 
 def _one_line(err: Exception) -> str:
-    return " ".join(str(err).split())
+    """The problem a YAML error names ("expected ',' or ']'"), without its multi-line excerpt."""
+    return " ".join(str(getattr(err, "problem", None) or err).split())

@@ -22,7 +22,7 @@ import os
 import sys
 import time
 
-from tldr_tasks import storage, tracking
+from tldr_tasks import preflight, storage, tracking
 from tldr_tasks.config import Config, ConfigError
 from tldr_tasks.pipeline import STAGES, get_stage, load_stage_module, stage_params
 from tldr_tasks.stages.base import StageIO, StageResult, cpu_limit
@@ -57,40 +57,6 @@ def check_run_config(cfg: Config, io: StageIO) -> None:
         return
     storage.write_text_atomic(url, json.dumps({"hash": cfg.hash(), "config": cfg.to_dict(),
                                                "input_shards": shards}, indent=1))
-
-
-def count_input_samples(shard_urls: list[str]) -> int | None:
-    """Samples in the crawl without decoding it: img2dataset's `NNNNN_stats.json` successes when
-    present, else the distinct keys in local tars; None when it cannot be told cheaply."""
-    import tarfile
-
-    total = 0
-    for url in shard_urls:
-        stats_url = url[: -len(".tar")] + "_stats.json" if url.endswith(".tar") else None
-        if stats_url and storage.exists(stats_url):
-            total += int(json.loads(storage.read_text(stats_url)).get("successes", 0))
-        elif "://" not in url:
-            try:
-                with tarfile.open(url) as tar:
-                    total += len({m.name.rsplit("/", 1)[-1].split(".")[0] for m in tar.getmembers() if m.isfile()})
-            except (tarfile.TarError, OSError):
-                continue  # a broken shard is reported by the stages, sample by sample
-        else:
-            return None
-    return total
-
-
-def preflight(cfg: Config, io: StageIO, with_eval: bool) -> None:
-    """Refuse wrong parameters before any work, with a message that says what to change."""
-    if with_eval and not io.eval_input:
-        raise ConfigError("the evaluation needs clean held-out shards: pass --eval-input")
-    shard_urls = io.input_shards()
-    samples = count_input_samples(shard_urls)
-    if samples is not None and cfg.cluster.clusters > samples:
-        raise ConfigError(f"cluster.clusters={cfg.cluster.clusters} is more than the {samples} samples in "
-                          f"{io.input}; use --clusters {max(1, samples // 25)} (about 25 samples per cluster)")
-    if samples is not None and round(cfg.sample.ratio * samples) < 1:
-        raise ConfigError(f"sample.ratio={cfg.sample.ratio} keeps no sample of {samples}; raise --ratio")
 
 
 def thread_defaults() -> None:
@@ -163,7 +129,7 @@ def execute_stage(cfg: Config, io: StageIO, name: str, **kwargs) -> tuple[StageR
     if int(os.environ.get("RANK", "0")) != 0:
         started = time.time()
         return module.run(cfg, io, **kwargs), time.time() - started, None
-    preflight(cfg, io, with_eval=name == "evaluate")
+    preflight.check(cfg, io, stage=name, with_eval=name == "evaluate")
     check_stage_params(cfg, io, name)
     started = time.time()
     with tracking.stage_run(cfg, io, name, kwargs) as parent:
@@ -228,7 +194,7 @@ def compress(cfg: Config, io: StageIO, with_eval: bool = False) -> dict:
     """Run every stage (and the evaluation when asked) and return a summary dict:
     {"results": {stage: metrics}, "seconds": {stage: s}, "mlflow_run_id", "manifest"}."""
     thread_defaults()
-    preflight(cfg, io, with_eval)
+    preflight.check(cfg, io, with_eval=with_eval)
     check_run_config(cfg, io)
     # compress owns its parent run: one RUNNING under this key is a killed earlier compress's.
     tracking.end_stale_runs(tracking.key_filter(tracking.run_key(io)),

@@ -28,11 +28,12 @@ from datetime import timedelta
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.providers.standard.operators.bash import BashOperator
 from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, TaskGroup, TriggerRule, task
+from airflow.sdk.exceptions import AirflowFailException
 from kubernetes.client import models as k8s
 
 from tldr_dagkit import settings
 from tldr_dagkit.plan import build_plan, check_params, task_id
-from tldr_tasks.config import FEATURES, FUSIONS, STRATEGIES, Config
+from tldr_tasks.config import FEATURES, FUSIONS, STRATEGIES, Config, ConfigError
 from tldr_tasks.pipeline import STAGES, StageSpec
 from tldr_tasks.stages.base import Resources
 
@@ -339,8 +340,12 @@ def build_compress_dag(dag_id: str, doc_md: str | None) -> DAG:
         def plan(params=None, run_id=None, ti=None, triggering_asset_events=None) -> dict:
             """Every task's command for this run; refuses bad parameters before any work starts."""
             url, version = _landed_input(triggering_asset_events)
-            # A scheduled (Asset/cron) run compresses the landed crawl; a manual one what the form says.
-            return open_run(params, ti.dag_id, run_id, url or params["input_url"], version)
+            try:
+                # A scheduled (Asset/cron) run compresses the landed crawl; a manual one what the form says.
+                return open_run(params, ti.dag_id, run_id, url or params["input_url"], version)
+            except ConfigError as err:
+                # the same parameters fail the same way again: no retry, the reason in the task log
+                raise AirflowFailException(f"error: {err}") from None
 
         @task(multiple_outputs=False)
         def shard_groups(groups: list) -> list[dict]:
