@@ -4,6 +4,7 @@ reuse policy, and the CPU count torch is given."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,8 @@ def fake_cluster_output(out: Path, crawl: str) -> None:
 
 def run_cli(stage: str, crawl: str, out: Path, mlflow_store: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {"PATH": str(Path(sys.executable).parent), "MLFLOW_TRACKING_URI": f"sqlite:///{mlflow_store}/mlflow.db",
-           "TLDR_MLFLOW_EXPERIMENT": "tests", "OMP_NUM_THREADS": "1", "HOME": str(mlflow_store)}
+           "TLDR_MLFLOW_EXPERIMENT": "tests", "OMP_NUM_THREADS": "1", "HOME": str(mlflow_store),
+           "PYTHONPATH": os.environ.get("PYTHONPATH", "")}  # a checkout on PYTHONPATH is the code under test
     return subprocess.run([TLDR_VLP, "run", stage, "--input", f"{crawl}/train", "--out", str(out), *extra],
                           env=env, capture_output=True, text=True, timeout=300)
 
