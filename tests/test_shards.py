@@ -195,6 +195,16 @@ def test_member_named_jpg_that_is_not_an_image(tmp_path):
     assert rejected[0].reason.startswith("undecodable image: UnidentifiedImageError")
 
 
+def test_the_same_defect_gives_the_same_reason(tmp_path):
+    """Reasons are counted per reason: two samples with the same defect give one reason, with no
+    per-object memory address in it."""
+    url = make_tar(tmp_path / "s.tar", sample_members("a", image=b"not an image", ext="jpg")
+                   + sample_members("b", image=b"neither is this", ext="jpg"))
+    kept, rejected = read(url)
+    assert not kept and [r.key for r in rejected] == ["a", "b"]
+    assert {r.reason for r in rejected} == {"undecodable image: UnidentifiedImageError: cannot identify image file"}
+
+
 def test_zero_byte_image(tmp_path):
     url = make_tar(tmp_path / "s.tar", [("a.jpg", b""), ("a.txt", b"x")] + sample_members("b"))
     kept, rejected = read(url)
