@@ -293,13 +293,18 @@ def open_run(params, dag_id: str, run_id: str, input_url: str, input_version: st
     """The `plan` task: check the params, pick the captioner (tldr_tasks.captioners' policy), compute
     every task's command and open the run's MLflow parent run. Returns the plan plus `mlflow_run_id`
     and `captioner_reason`."""
-    from tldr_tasks import captioners, tracking
+    from tldr_tasks import captioners, preflight, tracking
     from tldr_tasks.runner import input_fingerprint
     from tldr_tasks.stages.base import StageIO
 
     cfg = check_params(params, input_url)
+    # The stages' own preflight, on the whole run: input and eval input readable, output root writable.
+    root = str(params["output_url"]).rstrip("/")
+    with_eval = bool(params.get("run_evaluation"))
+    preflight.check(cfg, StageIO(input=input_url, out=root, embed_cache=f"{root}/embed",
+                                 eval_input=params.get("eval_input_url") if with_eval else None), with_eval=with_eval)
     crawl = input_fingerprint(input_url, input_version)
-    choice = captioners.choose(str(params["output_url"]).rstrip("/"), cfg, crawl["version"], crawl["shards"],
+    choice = captioners.choose(root, cfg, crawl["version"], crawl["shards"],
                                retrain=bool(params.get("retrain_captioner")),
                                max_growth=float(params.get("captioner_max_growth", 0.5)))
     plan = build_plan(params, run_id, executable=settings.tldr_executable(), result_json=settings.POD_RESULT_PATH,

@@ -76,26 +76,19 @@ def stage_arguments(stage: str, params: Mapping, run_id: str, input_url: str, ca
 
 
 def check_params(params: Mapping, input_url: str | None):
-    """The run's resolved Config; raises ConfigError (naming what to fix) before any task starts: the
-    same preflight every stage runs (tldr_tasks.preflight), on the run's input and output root."""
-    from tldr_tasks import preflight
+    """The run's resolved Config; raises ConfigError (naming what to fix) before any task starts.
+    Reads nothing: the plan task then runs the stages' preflight on the input and output (open_run)."""
     from tldr_tasks.config import ConfigError, load_config
-    from tldr_tasks.stages.base import StageIO
 
     if not input_url:
         raise ConfigError("no input crawl (set the input_url param to a folder or brace pattern of .tar shards)")
     if not params.get("output_url"):
         raise ConfigError("no output (set the output_url param to the root folder or s3:// URL for runs)")
-    with_eval = bool(params.get("run_evaluation"))
-    if with_eval and not params.get("eval_input_url"):
+    if params.get("run_evaluation") and not params.get("eval_input_url"):
         raise ConfigError("run_evaluation is on but eval_input_url is empty (give the clean held-out shards, "
                           "which the synthetic crawl writes beside the crawl, or turn evaluation off)")
-    cfg = load_config(None, settings(params))
-    root = str(params["output_url"]).rstrip("/")
-    io = StageIO(input=input_url, out=root, eval_input=params.get("eval_input_url") if with_eval else None,
-                 embed_cache=f"{root}/embed")
-    preflight.check(cfg, io, with_eval=with_eval)
-    return cfg
+    # A bad override is refused here, before any task (or pod) starts; the message names the key.
+    return load_config(None, settings(params))
 
 
 def build_plan(params: Mapping, run_id: str, *, executable: str, result_json: str,
