@@ -75,12 +75,12 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Image
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:  # header only: nothing has been decoded yet
-                raise ImageRejected(f"decompression bomb: {width}x{height} pixels exceeds the limit of {max_pixels}")
+                raise ImageRejected(f"decompression bomb: more than {max_pixels} pixels")
             image.load()  # the first frame of an animation
     except ImageRejected:
         raise
-    except Image.DecompressionBombError as err:
-        raise ImageRejected(f"decompression bomb: {err}") from None
+    except Image.DecompressionBombError:
+        raise ImageRejected(f"decompression bomb: more than {max_pixels} pixels") from None
     except Exception as err:  # PIL raises many types for corrupt data
         raise ImageRejected(_reason("undecodable image", err)) from None
     stored_ext = _STORED_FORMATS.get(image.format or "")
@@ -232,14 +232,15 @@ def iter_raw_shard(url: str) -> Iterator[RawSample | Rejected]:
                     base = posixpath.basename(name)
                     key, _, ext = base.partition(".")
                     problem = None
+                    # the reason names the defect, not the member: one reason however many samples have it
                     if _unsafe_member(name):
-                        problem = f"unsafe tar member path {name!r}"
+                        problem = "unsafe tar member path (absolute or with ..)"
                     elif member.issym() or member.islnk():
-                        problem = f"tar member {name!r} is a link, not a file"
+                        problem = "tar member is a link, not a file"
                     elif not member.isfile():
-                        problem = f"tar member {name!r} is not a regular file"
+                        problem = "tar member is not a regular file"
                     elif member.size > MAX_MEMBER_BYTES:
-                        problem = f"tar member {name!r} is too large ({member.size} bytes > {MAX_MEMBER_BYTES})"
+                        problem = f"tar member is too large (over {MAX_MEMBER_BYTES} bytes)"
                     elif not key or not ext:
                         continue  # not part of a sample (a README, a hidden file)
                     key = key or base or name
