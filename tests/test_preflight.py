@@ -142,3 +142,13 @@ def test_a_stage_whose_inputs_are_done_passes(places, tmp_path):
     (tmp_path / "out" / "cluster" / "stats.json").write_text("{}")
     preflight.check(load_config(), io, stage="sample")
     assert preflight.missing_upstream("materialize", io) == ["train-captioner", "sample"]
+
+
+def test_a_rerun_with_other_parameters_is_refused_the_same_way(places, tmp_path, capsys):
+    out = tmp_path / "out"
+    check_run_config(load_config(), StageIO(input=places["crawl"], out=str(out)))  # what a first run records
+    recorded = (out / "config.json").read_text()
+    assert cli.main(["compress", "--input", places["crawl"], "--out", str(out), "--ratio", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert ONE_LINE.match(err.strip()) and "sections changed: sample" in err, err
+    assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == recorded

@@ -45,15 +45,15 @@ def check_run_config(cfg: Config, io: StageIO) -> None:
         previous = json.loads(storage.read_text(url))
         if previous.get("hash") != cfg.hash():
             changed = sorted(k for k in cfg.to_dict() if cfg.to_dict()[k] != previous.get("config", {}).get(k))
-            raise ConfigError(f"{io.out} holds a run made with different parameters (sections changed: "
-                              f"{', '.join(changed) or 'unknown'}); use a new --out or delete that folder")
+            raise ConfigError(f"{io.out} holds a run made with other parameters, sections changed: "
+                              f"{', '.join(changed) or 'unknown'} (use a new --out or delete that folder)")
         recorded = previous.get("input_shards")
         if recorded is not None and recorded != shards:  # None: a record from before inputs were kept
             added, gone = sorted(set(shards) - set(recorded)), sorted(set(recorded) - set(shards))
-            raise ConfigError(f"{tracking.redact(io.out)} was made from other input content (new or changed "
-                              f"shards: {', '.join(added[:5]) or 'none'}; missing: {', '.join(gone[:5]) or 'none'}); "
-                              "its finished stages would be served stale: use a new --out for the new crawl "
-                              "(pass --embed-cache and --captioner to reuse unchanged shards' work)")
+            raise ConfigError(f"{tracking.redact(io.out)} was made from other input content, new or changed "
+                              f"shards: {', '.join(added[:5]) or 'none'}; missing: {', '.join(gone[:5]) or 'none'}; "
+                              "its finished stages would be served stale (use a new --out for the new crawl; "
+                              "pass --embed-cache and --captioner to reuse unchanged shards' work)")
         return
     storage.write_text_atomic(url, json.dumps({"hash": cfg.hash(), "config": cfg.to_dict(),
                                                "input_shards": shards}, indent=1))
@@ -103,9 +103,9 @@ def check_stage_params(cfg: Config, io: StageIO, name: str) -> None:
     changed = [f"{k}: {recorded.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(recorded) | set(wanted))
                if recorded.get(k) != wanted.get(k)]
     if changed:
-        raise ConfigError(f"{tracking.redact(spec.output_dir(io))} was made with other parameters (changed "
-                          f"{'; '.join(changed)}); rerun with the recorded values, use a new --out, or delete "
-                          f"that folder and those of the stages after {name}")
+        raise ConfigError(f"{tracking.redact(spec.output_dir(io))} was made with other parameters, changed "
+                          f"{'; '.join(changed)} (rerun with the recorded values, use a new --out, or delete "
+                          f"that folder and those of the stages after {name})")
 
 
 def _write_record(cfg: Config, io: StageIO, name: str) -> None:
