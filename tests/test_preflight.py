@@ -109,16 +109,24 @@ def test_the_entry_point_prints_one_line_and_exits_2(places, tmp_path, command, 
     assert not out.exists()
 
 
-def test_an_unexpected_error_says_where_its_traceback_is(places, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("terminal", [True, False])
+def test_an_unexpected_error_says_where_its_traceback_is(places, tmp_path, capsys, monkeypatch, terminal):
+    """At a terminal: one line naming a file with the traceback; under Airflow or in a pod (stderr is
+    a log): the traceback, then that line."""
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(preflight, "count_input_samples", broken)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
     assert cli.main(["compress", "--input", places["crawl"], "--out", str(tmp_path / "out")]) == 1
-    err = capsys.readouterr().err.strip()
-    log = re.fullmatch(r"error: unexpected RuntimeError: disk on fire \(the traceback is in (\S+); .+\)", err)
-    assert log, err
-    assert "Traceback" in Path(log[1]).read_text() and "disk on fire" in Path(log[1]).read_text()
+    err = capsys.readouterr().err
+    last = re.fullmatch(r"error: unexpected RuntimeError: disk on fire \(the traceback is (.+); please report it\)",
+                        err.strip().splitlines()[-1])
+    assert last, err
+    if terminal:
+        assert err.strip() == last[0] and "disk on fire" in Path(last[1].removeprefix("in ")).read_text()
+    else:
+        assert last[1] == "above" and err.startswith("Traceback") and "in broken" in err
 
 
 def test_an_unreadable_shard_among_readable_ones_is_no_refusal(places, tmp_path):

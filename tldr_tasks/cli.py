@@ -55,7 +55,7 @@ def compress_main(argv: list[str]) -> int:
     from tldr_tasks.stages.base import StageIO
 
     parser = CommandParser(prog="tldr-vlp compress",
-                                     description="Compress a crawl with every TL;DR stage, locally and resumably.")
+                           description="Compress a crawl with every TL;DR stage, locally and resumably.")
     parser.add_argument("--input", required=True, help="crawl shards: brace pattern, glob or folder URL")
     parser.add_argument("--out", required=True, help="output folder URL (resumable: rerun to continue)")
     parser.add_argument("--captioner", help="reuse a trained captioner folder instead of training one")
@@ -109,9 +109,9 @@ def benchmark_main(argv: list[str]) -> int:
     from tldr_tasks.config import _merge, from_dict, parse_overrides
 
     parser = CommandParser(prog="tldr-vlp benchmark", description="Regenerate the README's results: "
-                                     "every crawl and seed compressed by every selection variant and evaluated "
-                                     "beside full, random and the clean ceiling; defaults chosen on the validation "
-                                     "split, the test split reported.")
+                           "every crawl and seed compressed by every selection variant and evaluated "
+                           "beside full, random and the clean ceiling; defaults chosen on the validation "
+                           "split, the test split reported.")
     parser.add_argument("--crawls", default=",".join(CRAWLS), help="comma-separated (default: all of "
                         + ", ".join(CRAWLS) + ")")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
@@ -170,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     """Kubernetes (a deleted pod), Airflow (a task marked failed) and the DeepSpeed launcher stop a
     command with SIGTERM, whose default action ends Python without unwinding: its MLflow runs stayed
     RUNNING until a later run found them. As SystemExit it unwinds, so the stage run, and a compress's
-    parent run, end FAILED. The caller's handler is back when main returns (tests call it in-process)."""
+    parent run, end FAILED. The caller's handler is back when main returns (tests call it in-process).
+
+    A user error (ConfigError: a parameter, an input, the output location, the stage order) prints one
+    `error: <what> (<what to change>)` line and returns 2; any other error returns 1 after a last line
+    that says where its traceback is (a file at a terminal, else the log the output goes to)."""
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return _command(list(sys.argv[1:] if argv is None else argv))
@@ -178,10 +182,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - a bug or an outage, not the user's input: keep the traceback
-        with tempfile.NamedTemporaryFile("w", prefix="tldr-vlp-error-", suffix=".log", delete=False) as log:
-            traceback.print_exc(file=log)
-        print(f"error: unexpected {type(err).__name__}: {' '.join(str(err).split())[:300]} (the traceback is in "
-              f"{log.name}; please report it with that file)", file=sys.stderr)
+        if sys.stderr.isatty():  # a person at a terminal: one line, the traceback in a file
+            with tempfile.NamedTemporaryFile("w", prefix="tldr-vlp-error-", suffix=".log", delete=False) as log:
+                traceback.print_exc(file=log)
+            where = f"the traceback is in {log.name}"
+        else:  # stderr is a log already (an Airflow task, a pod, CI): a file there would be lost with the pod
+            traceback.print_exc()
+            where = "the traceback is above"
+        print(f"error: unexpected {type(err).__name__}: {' '.join(str(err).split())[:300]} ({where}; please "
+              "report it)", file=sys.stderr)
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
