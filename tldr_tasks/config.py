@@ -47,8 +47,12 @@ def presets(kind: str) -> tuple[str, ...]:
     return tuple(sorted(p.stem.removeprefix(f"{kind}-") for p in MODEL_CONFIGS.glob(f"{kind}-*.json")))
 
 
+PRESET_PARAMS = {"captioner": "captioner.preset", "clip": "evaluate.preset"}  # the parameter naming each kind
+
+
 def load_preset(kind: str, name: str) -> dict:
-    _choice(f"{'evaluate' if kind == 'clip' else kind}.preset", name, presets(kind))
+    """The size preset `models/model_configs/<kind>-<name>.json`; ConfigError naming the existing ones."""
+    _choice(PRESET_PARAMS[kind], name, presets(kind))
     return json.loads((MODEL_CONFIGS / f"{kind}-{name}.json").read_text())
 
 

@@ -33,7 +33,7 @@ from kubernetes.client import models as k8s
 
 from tldr_dagkit import settings
 from tldr_dagkit.plan import build_plan, check_params, task_id
-from tldr_tasks.config import FEATURES, FUSIONS, STRATEGIES, Config, ConfigError
+from tldr_tasks.config import FEATURES, FUSIONS, STRATEGIES, Config, ConfigError, presets
 from tldr_tasks.pipeline import STAGES, StageSpec
 from tldr_tasks.stages.base import Resources
 
@@ -64,15 +64,6 @@ DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=settings.retry_de
                 "retry_exponential_backoff": 2.0, "on_failure_callback": end_run_failed}
 
 
-def captioner_presets() -> list[str]:
-    from importlib.resources import files
-
-    folder = files("tldr_tasks") / "models" / "model_configs"
-    names = sorted(p.name[len("captioner-"):-len(".json")] for p in folder.iterdir()
-                   if p.name.startswith("captioner-") and p.name.endswith(".json"))
-    return names or ["tiny", "base"]
-
-
 def compress_params() -> dict[str, Param]:
     """The trigger form. Defaults come from tldr_tasks.config, so the form and params.yaml agree."""
     d = Config()
@@ -95,7 +86,7 @@ def compress_params() -> dict[str, Param]:
                           description="How samples are picked inside each cluster (paper: uniform)."),
         "fusion": Param(d.caption.fusion, type="string", enum=list(FUSIONS), title="Caption fusion",
                         description="How the original and the generated caption make the training caption."),
-        "captioner_preset": Param(d.captioner.preset, type="string", enum=captioner_presets(),
+        "captioner_preset": Param(d.captioner.preset, type="string", enum=list(presets("captioner")),
                                   title="Captioner preset", description="Size of the codebook captioner."),
         "retrain_captioner": Param(False, type="boolean", title="Retrain the captioner",
                                    description="Train a new captioner on the current crawl even if one with the "
