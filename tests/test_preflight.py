@@ -70,6 +70,7 @@ BAD = [
     ("run", ["embed", "--set", "embed.feature=pixels"], "embed.feature='pixels' is not known"),
     ("run", ["embed", "--out", "{file}/run"], "is below the file"),
     ("run", ["cluster", "--shard-index", "1"], "unrecognized arguments: --shard-index"),
+    ("run", ["embed", "--shard-index", "2", "--num-shards", "2"], "--shard-index 2 is not in [0, --num-shards 2)"),
     ("run", ["nosuch"], "tldr-vlp run needs a stage, got 'nosuch'"),
 ]
 

@@ -52,6 +52,8 @@ def stage_main(name: str, argv: list[str] | None = None) -> int:
         parser.add_argument("--shard-index", type=int, default=0)
         parser.add_argument("--num-shards", type=int, default=1)
     args = parser.parse_args(argv)
+    if spec.sharded and not 0 <= args.shard_index < args.num_shards:
+        parser.error(f"--shard-index {args.shard_index} is not in [0, --num-shards {args.num_shards})")
     cfg = load_config(args.params, args.overrides)
     io = io_from_args(args)
     kwargs = {"shard_index": args.shard_index, "num_shards": args.num_shards} if spec.sharded else {}
