@@ -50,13 +50,15 @@ def migrated_db():
     return os.environ["AIRFLOW_HOME"]
 
 
-def dags_test(dag_id: str, conf: dict, env: dict, state: str = "success") -> None:
+def dags_test(dag_id: str, conf: dict, env: dict, state: str = "success") -> str:
+    """Run `airflow dags test`, assert the run's final state, and return its log."""
     proc = subprocess.run([str(BIN / "airflow"), "dags", "test", dag_id, "-c", json.dumps(conf)], env=env,
                           capture_output=True, text=True, timeout=1800)
     log = proc.stdout + proc.stderr
     assert f"state={state}" in log, log[-5000:]
     if state == "success":
         assert proc.returncode == 0, log[-5000:]
+    return log
 
 
 def latest(dag_id: str, task_id: str) -> tuple[str, object]:
@@ -156,9 +158,9 @@ def test_a_run_failing_at_run_time_ends_its_parent_failed(tiny_crawl, migrated_d
     import mlflow
 
     env = airflow_env(tmp_path, TLDR_RETRY_DELAY_S="1")  # retries as configured, without the 30 s waits
-    # The plan accepts it; the stages' preflight refuses it (more clusters than the 200 samples).
-    conf = {**TINY_CONF, "clusters": 1000, "input_url": f"{tiny_crawl}/train", "output_url": str(tmp_path / "out"),
-            "runner": "local"}
+    # The plan accepts it; train-captioner fails when it finds fewer samples (200) than one batch.
+    conf = {**TINY_CONF, "overrides": [*TINY_CONF["overrides"], "captioner.batch_size=256"],
+            "input_url": f"{tiny_crawl}/train", "output_url": str(tmp_path / "out"), "runner": "local"}
     dags_test("tldr_compress", conf, env, state="failed")
     run_id, summary = latest("tldr_compress", "publish")
     assert summary is None
@@ -166,7 +168,27 @@ def test_a_run_failing_at_run_time_ends_its_parent_failed(tiny_crawl, migrated_d
     parents = [r for r in mlflow_runs_for(env["MLFLOW_TRACKING_URI"], run_id) if "tldr.run_key" in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FAILED"
     attempts = stage_runs(client, parents[0])
-    assert not attempts  # refused before any stage run started: no nested run
+    assert set(attempts) == {"train-captioner"} and attempts["train-captioner"].info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_a_bad_parameter_fails_plan_once(tiny_crawl, migrated_db, tmp_path):
+    """A deterministic user error is not retried (plan raises AirflowFailException): one try, its
+    reason in the task log, no MLflow run, nothing under the output root."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    env = airflow_env(tmp_path, TLDR_RETRY_DELAY_S="1")
+    conf = {**TINY_CONF, "overrides": ["embed.batch_size=0"], "input_url": f"{tiny_crawl}/train",
+            "output_url": str(tmp_path / "out"), "runner": "local"}
+    log = dags_test("tldr_compress", conf, env, state="failed")
+    assert "error: embed.batch_size=0 is out of range (use a value >= 1)" in log
+    run_id, _ = latest("tldr_compress", "plan")
+    with create_session() as session:
+        plan = session.query(TaskInstance).filter_by(dag_id="tldr_compress", run_id=run_id, task_id="plan").one()
+        assert (plan.state, plan.try_number, plan.max_tries) == ("failed", 1, 2)
+    assert not mlflow_runs_for(env["MLFLOW_TRACKING_URI"], run_id)
+    assert not (tmp_path / "out").exists()
 
 
 def free_port() -> int:

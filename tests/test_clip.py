@@ -78,7 +78,7 @@ def test_build_clip_presets_and_eos_guard():
     assert model.config.text_config.eos_token_id == clip.EOS_ID
     with pytest.raises(ValueError, match="eos_token_id 2"):
         clip.build_clip("micro", vocab_size=50, eos_token_id=2)
-    with pytest.raises(ValueError, match="known: .*tiny"):
+    with pytest.raises(ValueError, match=r"evaluate.preset='huge' is not known \(use one of .*tiny"):
         clip.load_preset("huge")
     assert clip.load_preset("tiny")["image_size"] == 64 and clip.load_preset("tiny")["vision_layers"] == 4
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -171,6 +172,34 @@ def test_plan_refuses_bad_runs_before_work(compress):
         build_plan({**params, "overrides": ["captioner.nope=1"]}, "r", **kwargs)
     with pytest.raises(ConfigError, match="sample.ratio"):
         build_plan({**params, "overrides": ["sample.ratio=2"]}, "r", **kwargs)
+
+
+@pytest.mark.parametrize("conf, message", [
+    ({"overrides": ["seed=abc"]}, "seed='abc' is not valid"),
+    ({"overrides": ["cluster.clusters=[1"]}, "not valid YAML"),
+    ({"overrides": ["captioner.preset=huge"]}, "captioner.preset='huge' is not known"),
+    ({"overrides": ["captioner.image_size=33"]}, "captioner.image_size=33 does not fit"),
+    ({"overrides": ["embed.batch_size=0"]}, "embed.batch_size=0 is out of range"),
+    ({"clusters": 100000}, "is more than the 200 samples"),
+    ({"run_evaluation": True}, "eval_input_url is empty"),
+    ({"run_evaluation": True, "eval_input_url": "/nonexistent/eval"}, "check --eval-input"),
+    ({"input_url": "/nonexistent/crawl"}, "input shard not found"),
+    ({"output_url": "{file}/out"}, "is below the file"),
+])
+def test_a_user_error_fails_plan_without_retry(compress, tiny_crawl, tmp_path, mlflow_store, conf, message):
+    """The same parameters fail the same way on every try: plan fails at once (AirflowFailException
+    skips the task's retries), with the reason in its log, and opens no MLflow run."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    (tmp_path / "file").write_text("")
+    conf = {k: v.format(file=tmp_path / "file") if isinstance(v, str) else v for k, v in conf.items()}
+    params = validated(compress, {"input_url": f"{tiny_crawl}/train", "output_url": str(tmp_path / "root"), **conf})
+    with pytest.raises(AirflowFailException, match=re.escape(message)):
+        compress.task_dict["plan"].python_callable(params=params, run_id="manual__bad", ti=SimpleNamespace(
+            dag_id="tldr_compress"))
+    assert compress.task_dict["plan"].retries == 2  # retries stay for what may pass on a retry
+    assert not (tmp_path / "root").exists()
+    assert not mlflow.search_runs(search_all_experiments=True, output_format="list")
 
 
 def test_run_folder_names_are_path_safe():

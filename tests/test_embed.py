@@ -157,3 +157,16 @@ def test_new_content_under_an_old_name_is_embedded_again_and_reported_replaced(c
     assert second.outputs[1] != first.outputs[1]
     assert embed.load_part(second.outputs[1]).keys.tolist() == ["x000", "x001", "x002", "x003"]
     assert embed.load_part(first.outputs[1]).keys.tolist()[0] == "0006"  # the old content's part is kept
+
+
+def test_a_shard_that_cannot_be_opened_becomes_a_reject(crawl, tmp_path):
+    """A folder named like a shard (or a file without read permission) among readable shards: its
+    part records one whole-shard reject with the reason; the other shards are embedded."""
+    shutil.copytree(crawl / "crawl", tmp_path / "crawl")
+    (tmp_path / "crawl" / "00003.tar").mkdir()
+    io = StageIO(input=str(tmp_path / "crawl"), out=str(tmp_path / "run"), captioner=str(crawl / "captioner"))
+    result = embed.run(_cfg(), io)
+    assert result.metrics["samples"] == 17 and result.outputs[3].endswith(f"00003-{content.UNREADABLE}.npz")
+    part = embed.load_part(result.outputs[3])
+    assert part.keys.tolist() == [] and part.reject_keys.tolist() == [""]
+    assert "IsADirectoryError" in part.reject_reasons[0]

@@ -16,24 +16,6 @@ TINY = ["--set", "captioner.epochs=1", "--set", "captioner.image_size=32", "--se
         "--clusters", "4", "--ratio", "0.3"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--ratio", "0"], "sample.ratio=0.0 must be in (0, 1]"),
-    (["--strategy", "best"], "sample.strategy='best' is not one of"),
-    (["--clusters", "100000"], "is more than the"),
-    (["--input", "/nonexistent/crawl/{00000..00003}.tar"], "input shard not found"),
-])
-def test_bad_parameters_are_refused_before_any_work(tiny_crawl, tmp_path, capsys, args, message):
-    out = tmp_path / "out"
-    argv = ["compress", "--input", str(Path(tiny_crawl) / "train"), "--out", str(out), *args]
-    if "--input" in args:
-        argv = ["compress", "--out", str(out), *args]
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
-    assert not out.exists()  # refused before any work
-
-
 @pytest.mark.slow
 def test_compress_end_to_end(tiny_crawl, tmp_path, mlflow_store, capsys):
     out = tmp_path / "run"
@@ -68,8 +50,7 @@ def test_compress_end_to_end(tiny_crawl, tmp_path, mlflow_store, capsys):
     assert [v.run_id for v in versions] == [parent.info.run_id]
     # a rerun skips every finished part; other parameters on the same --out are refused
     assert cli.main(argv) == 0
-    with pytest.raises(SystemExit):
-        cli.main([*argv, "--ratio", "0.5"])
+    assert cli.main([*argv, "--ratio", "0.5"]) == 2
 
 
 @pytest.mark.slow

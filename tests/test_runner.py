@@ -24,20 +24,22 @@ TLDR_VLP = str(Path(sys.executable).with_name("tldr-vlp"))
 
 
 def fake_cluster_output(out: Path, crawl: str) -> None:
-    """What `cluster` leaves for `sample`: an assignment per input sample (4 clusters)."""
+    """What `cluster` leaves for `sample`: an assignment per input sample (4 clusters), and its done marker."""
     keys = [f"{i:07d}" for i in range(200)]
     rng = np.random.default_rng(0)
     (out / "cluster").mkdir(parents=True)
     pq.write_table(pa.table({"key": keys, "shard": ["00000"] * 100 + ["00001"] * 100,
                              "cluster": rng.integers(0, 4, 200), "distance": rng.random(200).astype(np.float32),
                              "loss": rng.random(200).astype(np.float32)}), out / "cluster" / "assignments.parquet")
+    (out / "cluster" / "stats.json").write_text("{}")
 
 
 def run_cli(stage: str, crawl: str, out: Path, mlflow_store: Path, *extra: str) -> subprocess.CompletedProcess:
     # fake_cluster_output leaves no embed parts: a strategy that reads only the assignments
     extra = ("--set", "sample.strategy=balanced", *extra) if stage == "sample" else extra
     env = {"PATH": str(Path(sys.executable).parent), "MLFLOW_TRACKING_URI": f"sqlite:///{mlflow_store}/mlflow.db",
-           "TLDR_MLFLOW_EXPERIMENT": "tests", "OMP_NUM_THREADS": "1", "HOME": str(mlflow_store)}
+           "TLDR_MLFLOW_EXPERIMENT": "tests", "OMP_NUM_THREADS": "1", "HOME": str(mlflow_store),
+           "PYTHONPATH": os.environ.get("PYTHONPATH", "")}  # a checkout on PYTHONPATH is the code under test
     return subprocess.run([TLDR_VLP, "run", stage, "--input", f"{crawl}/train", "--out", str(out), *extra],
                           env=env, capture_output=True, text=True, timeout=300)
 

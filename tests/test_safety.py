@@ -213,6 +213,7 @@ def _assignments(out: Path, n: int = 120) -> None:
     pq.write_table(pa.table({"key": [f"{i:07d}" for i in range(n)], "shard": ["00000"] * n,
                              "cluster": np.arange(n, dtype=np.int32) % 4, "distance": np.zeros(n, np.float32),
                              "loss": np.ones(n, np.float32)}), path)
+    (path.parent / "stats.json").write_text("{}")  # cluster's done marker: what `sample` waits for
 
 
 def test_credentials_in_the_environment_are_never_logged(tmp_path):

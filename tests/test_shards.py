@@ -195,6 +195,16 @@ def test_member_named_jpg_that_is_not_an_image(tmp_path):
     assert rejected[0].reason.startswith("undecodable image: UnidentifiedImageError")
 
 
+def test_the_same_defect_gives_the_same_reason(tmp_path):
+    """Reasons are counted per reason: two samples with the same defect give one reason, with no
+    per-object memory address in it."""
+    url = make_tar(tmp_path / "s.tar", sample_members("a", image=b"not an image", ext="jpg")
+                   + sample_members("b", image=b"neither is this", ext="jpg"))
+    kept, rejected = read(url)
+    assert not kept and [r.key for r in rejected] == ["a", "b"]
+    assert {r.reason for r in rejected} == {"undecodable image: UnidentifiedImageError: cannot identify image file"}
+
+
 def test_zero_byte_image(tmp_path):
     url = make_tar(tmp_path / "s.tar", [("a.jpg", b""), ("a.txt", b"x")] + sample_members("b"))
     kept, rejected = read(url)
@@ -231,8 +241,7 @@ def test_decompression_bomb_rejected_fast_without_allocating(tmp_path, side):
     assert elapsed < 1.0 and peak < 20 * 2**20  # header check only: no pixel buffer of GBs
     assert [s.key for s in kept] == ["ok"]
     assert [r.key for r in rejected] == ["bomb"] and rejected[0].reason.startswith("decompression bomb")
-    if side == 9000:
-        assert "9000x9000 pixels exceeds the limit" in rejected[0].reason
+    assert rejected[0].reason == f"decompression bomb: more than {shards.MAX_IMAGE_PIXELS} pixels"  # either size
 
 
 def test_decode_image_raises_image_rejected():
@@ -388,12 +397,9 @@ def test_unsafe_paths_and_links_rejected_and_nothing_written(tmp_path):
     assert [s.key for s in kept] == ["ok", "ok2"]
     reasons = {r.key: r.reason for r in rejected}
     assert list(reasons) == ["evil", "abs", "dotdot", "link", "hard", "pipe"]
-    assert reasons["evil"] == "unsafe tar member path '../../evil.png'"
-    assert reasons["abs"].startswith("unsafe tar member path '/")
-    assert reasons["dotdot"].startswith("unsafe tar member path")
-    assert reasons["link"] == "tar member 'link.png' is a link, not a file"
-    assert reasons["hard"] == "tar member 'hard.png' is a link, not a file"
-    assert reasons["pipe"] == "tar member 'pipe.png' is not a regular file"
+    assert reasons["evil"] == reasons["abs"] == reasons["dotdot"] == "unsafe tar member path (absolute or with ..)"
+    assert reasons["link"] == reasons["hard"] == "tar member is a link, not a file"
+    assert reasons["pipe"] == "tar member is not a regular file"
     assert len(kept) + len(rejected) == 8
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before and not outside.exists()
 
@@ -415,4 +421,4 @@ def test_oversized_member_refused_unread(tmp_path, monkeypatch):
                    + sample_members("small"))
     kept, rejected = read(url)
     assert [s.key for s in kept] == ["small"]
-    assert [r.key for r in rejected] == ["big"] and "is too large" in rejected[0].reason
+    assert [r.key for r in rejected] == ["big"] and rejected[0].reason == "tar member is too large (over 1000 bytes)"

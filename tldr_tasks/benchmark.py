@@ -175,7 +175,8 @@ def run_seed(out: Path, crawl: str, cfg: Config, seed: int, variants=VARIANTS) -
     {variant: evaluate's report.json plus the selection's stats}."""
     from tldr_tasks import storage
     from tldr_tasks.pipeline import load_stage_module
-    from tldr_tasks.runner import compress, count_input_samples
+    from tldr_tasks.preflight import count_input_samples
+    from tldr_tasks.runner import compress
     from tldr_tasks.stages.base import StageIO
 
     root = out / crawl / f"seed{seed}"

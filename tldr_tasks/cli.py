@@ -17,8 +17,11 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import tempfile
+import traceback
 
 from tldr_tasks.config import STRATEGIES, ConfigError, load_config
+from tldr_tasks.stage_cli import CommandParser
 
 COMMANDS = ("demo", "compress", "run", "make-crawl", "make-real-crawl", "import", "stages", "report", "compare",
             "benchmark")
@@ -51,8 +54,8 @@ def compress_main(argv: list[str]) -> int:
     from tldr_tasks.runner import compress
     from tldr_tasks.stages.base import StageIO
 
-    parser = argparse.ArgumentParser(prog="tldr-vlp compress",
-                                     description="Compress a crawl with every TL;DR stage, locally and resumably.")
+    parser = CommandParser(prog="tldr-vlp compress",
+                           description="Compress a crawl with every TL;DR stage, locally and resumably.")
     parser.add_argument("--input", required=True, help="crawl shards: brace pattern, glob or folder URL")
     parser.add_argument("--out", required=True, help="output folder URL (resumable: rerun to continue)")
     parser.add_argument("--captioner", help="reuse a trained captioner folder instead of training one")
@@ -61,13 +64,10 @@ def compress_main(argv: list[str]) -> int:
     parser.add_argument("--eval-input", help="clean held-out shards for --eval")
     _add_shortcuts(parser)
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.params, _common_overrides(args))
-        io = StageIO(input=args.input, out=args.out, eval_input=args.eval_input,
-                     captioner=args.captioner, embed_cache=args.embed_cache)
-        summary = compress(cfg, io, with_eval=args.eval)
-    except ConfigError as err:
-        parser.error(str(err))
+    cfg = load_config(args.params, _common_overrides(args))
+    io = StageIO(input=args.input, out=args.out, eval_input=args.eval_input,
+                 captioner=args.captioner, embed_cache=args.embed_cache)
+    summary = compress(cfg, io, with_eval=args.eval)
     manifest = summary["manifest"]
     print(f"kept {manifest['kept']} of {manifest['input_samples']} samples "
           f"({manifest['dropped']} dropped by selection, {manifest['rejected']} rejected: see "
@@ -92,17 +92,13 @@ def caption_summary(manifest: dict) -> str:
 def demo_main(argv: list[str]) -> int:
     from tldr_tasks.demo import demo, demo_config, results_table
 
-    parser = argparse.ArgumentParser(prog="tldr-vlp demo", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="tldr-vlp demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo)")
     parser.add_argument("--samples", type=int, help="crawl size (default 6000; 8000 with --params params.yaml)")
     parser.add_argument("--noise", type=float, help="share of noisy captions (default 0.3)")
     _add_shortcuts(parser)
     args = parser.parse_args(argv)
-    try:
-        cfg = demo_config(args.params, _common_overrides(args))
-        report = demo(args.out, cfg)
-    except ConfigError as err:
-        parser.error(str(err))
+    report = demo(args.out, demo_config(args.params, _common_overrides(args)))
     print(results_table(report))
     print(f"\nreport: {args.out}/report.json")
     return 0
@@ -112,10 +108,10 @@ def benchmark_main(argv: list[str]) -> int:
     from tldr_tasks.benchmark import CRAWLS, PROFILE, VARIANTS, benchmark, markdown, update_readme
     from tldr_tasks.config import _merge, from_dict, parse_overrides
 
-    parser = argparse.ArgumentParser(prog="tldr-vlp benchmark", description="Regenerate the README's results: "
-                                     "every crawl and seed compressed by every selection variant and evaluated "
-                                     "beside full, random and the clean ceiling; defaults chosen on the validation "
-                                     "split, the test split reported.")
+    parser = CommandParser(prog="tldr-vlp benchmark", description="Regenerate the README's results: "
+                           "every crawl and seed compressed by every selection variant and evaluated "
+                           "beside full, random and the clean ceiling; defaults chosen on the validation "
+                           "split, the test split reported.")
     parser.add_argument("--crawls", default=",".join(CRAWLS), help="comma-separated (default: all of "
                         + ", ".join(CRAWLS) + ")")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
@@ -136,14 +132,11 @@ def benchmark_main(argv: list[str]) -> int:
     unknown = [c for c in crawls if c not in CRAWLS]
     if unknown or not crawls:
         parser.error(f"--crawls takes names from {', '.join(CRAWLS)}; got {args.crawls!r}")
-    try:
-        # the benchmark's size (PROFILE) under the params file and the overrides
-        params = load_config(args.params).to_dict() if args.params else {}
-        cfg = from_dict(_merge(_merge(from_dict(PROFILE).to_dict(), params),
-                               parse_overrides(_common_overrides(args)))).validate()
-        results = benchmark(args.out, cfg, crawls, seeds, variants)
-    except ConfigError as err:
-        parser.error(str(err))
+    # the benchmark's size (PROFILE) under the params file and the overrides
+    params = load_config(args.params).to_dict() if args.params else {}
+    cfg = from_dict(_merge(_merge(from_dict(PROFILE).to_dict(), params),
+                           parse_overrides(_common_overrides(args)))).validate()
+    results = benchmark(args.out, cfg, crawls, seeds, variants)
     if args.readme:
         update_readme(args.readme, results)
     for result in results:
@@ -177,10 +170,28 @@ def main(argv: list[str] | None = None) -> int:
     """Kubernetes (a deleted pod), Airflow (a task marked failed) and the DeepSpeed launcher stop a
     command with SIGTERM, whose default action ends Python without unwinding: its MLflow runs stayed
     RUNNING until a later run found them. As SystemExit it unwinds, so the stage run, and a compress's
-    parent run, end FAILED. The caller's handler is back when main returns (tests call it in-process)."""
+    parent run, end FAILED. The caller's handler is back when main returns (tests call it in-process).
+
+    A user error (ConfigError: a parameter, an input, the output location, the stage order) prints one
+    `error: <what> (<what to change>)` line and returns 2; any other error returns 1 after a last line
+    that says where its traceback is (a file at a terminal, else the log the output goes to)."""
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return _command(list(sys.argv[1:] if argv is None else argv))
+    except ConfigError as err:  # a user error: what to change, no traceback
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - a bug or an outage, not the user's input: keep the traceback
+        if sys.stderr.isatty():  # a person at a terminal: one line, the traceback in a file
+            with tempfile.NamedTemporaryFile("w", prefix="tldr-vlp-error-", suffix=".log", delete=False) as log:
+                traceback.print_exc(file=log)
+            where = f"the traceback is in {log.name}"
+        else:  # stderr is a log already (an Airflow task, a pod, CI): a file there would be lost with the pod
+            traceback.print_exc()
+            where = "the traceback is above"
+        print(f"error: unexpected {type(err).__name__}: {' '.join(str(err).split())[:300]} ({where}; please "
+              "report it)", file=sys.stderr)
+        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -195,13 +206,9 @@ def _command(argv: list[str]) -> int:
         from tldr_tasks.stage_cli import stage_main
 
         if not rest or rest[0] not in STAGE_NAMES:
-            print(f"usage: tldr-vlp run STAGE ...; stages: {', '.join(STAGE_NAMES)}", file=sys.stderr)
-            return 2
-        try:
-            return stage_main(rest[0], rest[1:])
-        except ConfigError as err:
-            print(f"tldr-vlp run {rest[0]}: error: {err}", file=sys.stderr)
-            return 2
+            raise ConfigError(f"tldr-vlp run needs a stage, got {rest[0] if rest else 'none'!r} (use one of "
+                              f"{', '.join(STAGE_NAMES)})")
+        return stage_main(rest[0], rest[1:])
     if command == "make-crawl":
         from tldr_tasks.data.synthetic import main as crawl_main
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,9 @@ ARMS = ("full", "tldr", "random", "random_generated", "oracle_clean")
 PRECISIONS = ("fp32", "bf16", "bf16-autocast")  # bf16: bf16 weights; bf16-autocast: fp32 weights, bf16 math
 
 
+MODEL_CONFIGS = Path(__file__).parent / "models" / "model_configs"  # <kind>-<preset>.json size presets
+
+
 class ConfigError(ValueError):
     """A parameter is wrong; the message says which and what to change."""
 
@@ -34,7 +39,77 @@ def _check(ok: bool, message: str) -> None:
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    _check(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
+    _check(value in choices, f"{name}={value!r} is not known (use one of {', '.join(choices)})")
+
+
+def presets(kind: str) -> tuple[str, ...]:
+    """The size presets `models/model_configs/<kind>-<name>.json` that exist ("captioner", "clip")."""
+    return tuple(sorted(p.stem.removeprefix(f"{kind}-") for p in MODEL_CONFIGS.glob(f"{kind}-*.json")))
+
+
+PRESET_PARAMS = {"captioner": "captioner.preset", "clip": "evaluate.preset"}  # the parameter naming each kind
+
+
+def load_preset(kind: str, name: str) -> dict:
+    """The size preset `models/model_configs/<kind>-<name>.json`; ConfigError naming the existing ones."""
+    _choice(PRESET_PARAMS[kind], name, presets(kind))
+    return json.loads((MODEL_CONFIGS / f"{kind}-{name}.json").read_text())
+
+
+# Every numeric parameter's range, by name: (lowest, highest, open at the low end). A test keeps this
+# table complete, so a new parameter cannot skip its range check.
+RANGES: dict[str, tuple[float, float, bool]] = {
+    "seed": (0, math.inf, False),
+    "crawl.samples": (1, math.inf, False),
+    "crawl.eval_samples": (2, math.inf, False),  # halved into a validation and a test split
+    "crawl.image_size": (16, math.inf, False),
+    "crawl.noise": (0, 1, False),
+    "crawl.prototypes": (1, math.inf, False),
+    "crawl.zipf": (0, math.inf, False),
+    "crawl.shard_size": (1, math.inf, False),
+    "captioner.image_size": (1, math.inf, False),
+    "captioner.codebook_size": (2, math.inf, False),
+    "captioner.beta": (0, math.inf, False),
+    "captioner.max_tokens": (1, math.inf, False),
+    "captioner.vocab_size": (1, math.inf, False),  # the tokenizer keeps at least its 300 base symbols
+    "captioner.epochs": (1, math.inf, False),
+    "captioner.batch_size": (1, math.inf, False),
+    "captioner.lr": (0, math.inf, True),
+    "captioner.warmup_steps": (0, math.inf, False),
+    "captioner.zero_stage": (0, 3, False),
+    "captioner.checkpoint_every": (1, math.inf, False),
+    "captioner.data_streams": (1, math.inf, False),
+    "captioner.shuffle_buffer": (1, math.inf, False),
+    "captioner.loader_workers": (0, math.inf, False),
+    "embed.batch_size": (1, math.inf, False),
+    "cluster.clusters": (0, math.inf, False),  # 0: the size rule
+    "cluster.niter": (1, math.inf, False),
+    "cluster.pca_dim": (1, math.inf, False),
+    "cluster.max_points_per_centroid": (1, math.inf, False),
+    "cluster.assign_batch": (1, math.inf, False),
+    "sample.ratio": (0, 1, True),
+    "sample.aligned_share": (0, 1, True),
+    "sample.score_share": (0, 1, True),
+    "caption.num_beams": (1, math.inf, False),
+    "caption.min_new_tokens": (1, math.inf, False),
+    "caption.max_new_tokens": (1, math.inf, False),
+    "caption.batch_size": (1, math.inf, False),
+    "caption.min_confidence": (-math.inf, 0, False),  # a log-probability; -inf disables the gate
+    "caption.min_grounding": (-math.inf, math.inf, False),  # nats per token; -inf disables the gate
+    "caption.min_entropy_ratio": (0, 1, False),
+    "materialize.shard_size": (1, math.inf, False),
+    "evaluate.epochs": (1, math.inf, False),
+    "evaluate.batch_size": (1, math.inf, False),
+    "evaluate.lr": (0, math.inf, True),
+}
+
+
+def _in_range(name: str, value: float) -> None:
+    low, high, open_low = RANGES[name]
+    ok = (low < value if open_low else low <= value) and value <= high  # NaN fails both
+    bounds = (f"in {'(' if open_low else '['}{low:g}, {high:g}]" if high < math.inf
+              else f"{'>' if open_low else '>='} {low:g}")
+    _check(ok, f"{name}={value!r} is out of range (use a value {bounds})")
 
 
 @dataclass
@@ -53,11 +128,7 @@ class CrawlConfig:
     shard_size: int = 1000
 
     def validate(self):
-        _check(self.samples > 0 and self.eval_samples > 0, "crawl.samples and crawl.eval_samples must be > 0")
-        _check(0.0 <= self.noise <= 1.0, f"crawl.noise={self.noise} must be in [0, 1]")
         _choice("crawl.noise_mode", self.noise_mode, NOISE_MODES)
-        _check(self.image_size >= 16, f"crawl.image_size={self.image_size} must be >= 16")
-        _check(self.prototypes > 0 and self.shard_size > 0, "crawl.prototypes and crawl.shard_size must be > 0")
 
 
 @dataclass
@@ -90,13 +161,15 @@ class CaptionerConfig:
     def validate(self):
         _choice("captioner.codebook_init", self.codebook_init, ("keywords", "random"))
         _choice("captioner.precision", self.precision, PRECISIONS)
-        _check(self.zero_stage in (0, 1, 2, 3), f"captioner.zero_stage={self.zero_stage} must be 0..3")
-        _check(self.epochs > 0 and self.batch_size > 0 and self.lr > 0, "captioner epochs/batch_size/lr must be > 0")
-        _check(self.codebook_size > 1, "captioner.codebook_size must be > 1")
-        _check(self.data_streams > 0 and self.batch_size % self.data_streams == 0,
-               f"captioner.data_streams={self.data_streams} must divide captioner.batch_size={self.batch_size}")
-        _check(self.shuffle_buffer > 0 and self.loader_workers >= 0,
-               "captioner.shuffle_buffer must be > 0 and captioner.loader_workers >= 0")
+        _check(self.batch_size % self.data_streams == 0,
+               f"captioner.data_streams={self.data_streams} does not divide captioner.batch_size={self.batch_size} "
+               "(use a divisor of the batch size)")
+        preset = load_preset("captioner", self.preset)
+        # a pretrained encoder (init_from) brings its own patch size, checked when it is loaded
+        stride = preset["vision"]["patch_size"] * 2 ** len(preset.get("stem_channels", []))
+        _check(bool(self.init_from) or self.image_size % stride == 0,
+               f"captioner.image_size={self.image_size} does not fit preset {self.preset!r} (use a multiple of "
+               f"{stride}, its patch size in pixels)")
 
 
 @dataclass
@@ -115,10 +188,6 @@ class ClusterConfig:
     pca_dim: int = 256  # only for the code_index_pca feature (the released code's 256-d whitening)
     max_points_per_centroid: int = 256  # k-means trains on at most clusters * this many points
     assign_batch: int = 262144
-
-    def validate(self):
-        _check(self.clusters >= 0, f"cluster.clusters={self.clusters} must be >= 1, or 0 for the size rule")
-        _check(self.niter >= 1, f"cluster.niter={self.niter} must be >= 1")
 
 
 @dataclass
@@ -140,13 +209,8 @@ class SampleConfig:
     dedup_keep: str = "central"
 
     def validate(self):
-        _check(0.0 < self.ratio <= 1.0, f"sample.ratio={self.ratio} must be in (0, 1], e.g. 0.25 keeps a quarter")
         _choice("sample.strategy", self.strategy, STRATEGIES)
         _choice("sample.alignment", self.alignment, ALIGNMENTS)
-        _check(0.0 < self.aligned_share <= 1.0,
-               f"sample.aligned_share={self.aligned_share} must be in (0, 1], e.g. 0.5 for the better half")
-        _check(0.0 < self.score_share <= 1.0,
-               f"sample.score_share={self.score_share} must be in (0, 1], e.g. 0.3 for DataComp's top 30%")
         _choice("sample.dedup_keep", self.dedup_keep, DEDUP_KEEPS)
 
 
@@ -168,20 +232,14 @@ class CaptionConfig:
 
     def validate(self):
         _choice("caption.fusion", self.fusion, FUSIONS)
-        _check(self.min_confidence <= 0.0, f"caption.min_confidence={self.min_confidence} is a log-probability: "
-               "use a value <= 0 (e.g. -1.0); -inf disables the per-sample gate")
-        _check(0.0 <= self.min_entropy_ratio <= 1.0,
-               f"caption.min_entropy_ratio={self.min_entropy_ratio} must be in [0, 1] (0 disables the collapse check)")
-        _check(self.num_beams >= 1, "caption.num_beams must be >= 1")
-        _check(0 < self.min_new_tokens <= self.max_new_tokens, "caption needs 0 < min_new_tokens <= max_new_tokens")
+        _check(self.min_new_tokens <= self.max_new_tokens,
+               f"caption.min_new_tokens={self.min_new_tokens} is above caption.max_new_tokens={self.max_new_tokens} "
+               "(lower the first or raise the second)")
 
 
 @dataclass
 class MaterializeConfig:
     shard_size: int = 1000
-
-    def validate(self):
-        _check(self.shard_size > 0, "materialize.shard_size must be > 0")
 
 
 @dataclass
@@ -201,9 +259,11 @@ class EvaluateConfig:
     curve_points: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 0.75])
 
     def validate(self):
+        load_preset("clip", self.preset)
         for arm in self.arms:
-            _check(arm in ARMS or arm.startswith("tldr_"),
-                   f"evaluate.arms: unknown arm {arm!r} ({', '.join(ARMS)} or tldr_<fusion>)")
+            _check(arm in ARMS or arm.removeprefix("tldr_") in FUSIONS,
+                   f"evaluate.arms: unknown arm {arm!r} (use {', '.join(ARMS)} or tldr_<fusion> with a fusion of "
+                   f"{', '.join(FUSIONS)})")
         _check(bool(self.budgets), "evaluate.budgets needs at least one of " + ", ".join(BUDGETS))
         for budget in self.budgets:
             _choice("evaluate.budgets", budget, BUDGETS)
@@ -224,6 +284,8 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def validate(self) -> Config:
+        for name, value in flat_numbers(self).items():
+            _in_range(name, value)
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
@@ -238,40 +300,59 @@ class Config:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
 
+def flat_numbers(cfg: Config) -> dict[str, float]:
+    """Every numeric parameter by dotted name (`{"seed": 0, "sample.ratio": 0.25, ...}`): what RANGES covers."""
+    out = {}
+    for name, value in cfg.to_dict().items():
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        out.update({f"{name}.{k}" if k else name: v for k, v in items
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return out
+
+
 def from_dict(data: dict[str, Any]) -> Config:
     """Build a Config from nested dicts, refusing unknown sections and keys by name."""
+    _check(isinstance(data or {}, dict), f"params must be a mapping of sections, got {data!r}")
     cfg = Config()
     for section_name, values in (data or {}).items():
         if section_name == "seed":
-            cfg.seed = int(values)
+            cfg.seed = _coerce("seed", values, int)
             continue
-        _check(hasattr(cfg, section_name) and isinstance(values, dict),
-               f"unknown params section {section_name!r}; known: "
-               + ", ".join(f.name for f in dataclasses.fields(Config)))
+        _check(hasattr(cfg, section_name), f"unknown params section {section_name!r} (use one of "
+               + ", ".join(f.name for f in dataclasses.fields(Config)) + ")")
+        _check(isinstance(values, dict), f"params section {section_name} is {values!r}, not a mapping "
+               f"(set its keys, e.g. {section_name}.<key>=<value>)")
         section = getattr(cfg, section_name)
-        known = {f.name: f for f in dataclasses.fields(section)}
+        types = typing.get_type_hints(type(section))
         for key, value in values.items():
-            _check(key in known, f"unknown parameter {section_name}.{key}; known: {', '.join(known)}")
-            setattr(section, key, _coerce(f"{section_name}.{key}", value, getattr(section, key)))
+            _check(key in types, f"unknown parameter {section_name}.{key} (use one of {', '.join(types)})")
+            setattr(section, key, _coerce(f"{section_name}.{key}", value, types[key]))
     return cfg
 
 
-def _coerce(name: str, value: Any, default: Any) -> Any:
-    """Cast `value` to the type of the default so 'ratio=0.3' from a CLI becomes a float."""
+_BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+_EXPECTED = {int: "a whole number, e.g. 3", float: "a number, e.g. 0.25", bool: "true or false", str: "a text"}
+
+
+def _coerce(name: str, value: Any, kind: Any) -> Any:
+    """Cast `value` to the parameter's declared type so 'ratio=0.3' from a CLI becomes a float; a value
+    of another type (`seed=abc`, `dedup_images=maybe`) is refused by name."""
+    if typing.get_origin(kind) is list or kind is list:
+        items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v]
+        (item_kind,) = typing.get_args(kind) or (str,)
+        return [_coerce(name, item, item_kind) for item in items]
     try:
-        if isinstance(default, bool):
-            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
-        if isinstance(default, int):
+        if kind is bool:
+            return value if isinstance(value, bool) else _BOOLS[str(value).lower()]
+        if isinstance(value, (bool, dict, list)):  # YAML's true, {...} and [...] are never a number or a name
+            raise ValueError
+        if kind is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
-        if isinstance(default, float):
-            return float(value)
-        if isinstance(default, list):
-            return list(value) if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v]
-        return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}={value!r}: expected {type(default).__name__}") from None
+        return kind(value)  # float or str
+    except (TypeError, ValueError, KeyError, OverflowError):
+        raise ConfigError(f"{name}={value!r} is not valid (give {_EXPECTED[kind]})") from None
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -280,7 +361,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     for item in overrides or []:
         _check("=" in item, f"override {item!r} must look like section.key=value (e.g. sample.ratio=0.3)")
         dotted, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw else ""
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item}: the value is not valid YAML: {_one_line(err)} (quote it or fix "
+                              "the brackets)") from None
         if "." not in dotted:
             nested[dotted] = value
             continue
@@ -302,6 +387,14 @@ def load_config(params_path: str | Path | None = None, overrides: list[str] | No
     data = {}
     if params_path:
         path = Path(params_path)
-        _check(path.exists(), f"params file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        _check(path.is_file(), f"params file not found: {path} (check --params)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"params file {path} is not valid YAML: {_one_line(err)} (fix that line)") from None
     return from_dict(_merge(data, parse_overrides(overrides or []))).validate()
+
+
+def _one_line(err: Exception) -> str:
+    """The problem a YAML error names ("expected ',' or ']'"), without its multi-line excerpt."""
+    return " ".join(str(getattr(err, "problem", None) or err).split())

@@ -36,11 +36,18 @@ def file_md5(url: str) -> str:
     return digest.hexdigest()
 
 
+UNREADABLE = "unreadable"  # the digest of a shard that cannot be opened: the stages reject it with the reason
+
+
 def shard_digest(url: str) -> str:
-    """The content identity of one shard (md5 of its bytes), remembered while size and mtime hold."""
-    key = (url, *_stat(url))
-    if key not in _memo:
-        _memo[key] = file_md5(url)
+    """The content identity of one shard (md5 of its bytes), remembered while size and mtime hold;
+    UNREADABLE (not remembered) when it cannot be opened (permissions, a folder named `x.tar`)."""
+    try:
+        key = (url, *_stat(url))
+        if key not in _memo:
+            _memo[key] = file_md5(url)
+    except OSError:
+        return UNREADABLE
     return _memo[key]
 
 

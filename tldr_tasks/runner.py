@@ -22,7 +22,7 @@ import os
 import sys
 import time
 
-from tldr_tasks import storage, tracking
+from tldr_tasks import preflight, storage, tracking
 from tldr_tasks.config import Config, ConfigError
 from tldr_tasks.pipeline import STAGES, get_stage, load_stage_module, stage_params
 from tldr_tasks.stages.base import StageIO, StageResult, cpu_limit
@@ -45,52 +45,18 @@ def check_run_config(cfg: Config, io: StageIO) -> None:
         previous = json.loads(storage.read_text(url))
         if previous.get("hash") != cfg.hash():
             changed = sorted(k for k in cfg.to_dict() if cfg.to_dict()[k] != previous.get("config", {}).get(k))
-            raise ConfigError(f"{io.out} holds a run made with different parameters (sections changed: "
-                              f"{', '.join(changed) or 'unknown'}); use a new --out or delete that folder")
+            raise ConfigError(f"{io.out} holds a run made with other parameters, sections changed: "
+                              f"{', '.join(changed) or 'unknown'} (use a new --out or delete that folder)")
         recorded = previous.get("input_shards")
         if recorded is not None and recorded != shards:  # None: a record from before inputs were kept
             added, gone = sorted(set(shards) - set(recorded)), sorted(set(recorded) - set(shards))
-            raise ConfigError(f"{tracking.redact(io.out)} was made from other input content (new or changed "
-                              f"shards: {', '.join(added[:5]) or 'none'}; missing: {', '.join(gone[:5]) or 'none'}); "
-                              "its finished stages would be served stale: use a new --out for the new crawl "
-                              "(pass --embed-cache and --captioner to reuse unchanged shards' work)")
+            raise ConfigError(f"{tracking.redact(io.out)} was made from other input content, new or changed "
+                              f"shards: {', '.join(added[:5]) or 'none'}; missing: {', '.join(gone[:5]) or 'none'}; "
+                              "its finished stages would be served stale (use a new --out for the new crawl; "
+                              "pass --embed-cache and --captioner to reuse unchanged shards' work)")
         return
     storage.write_text_atomic(url, json.dumps({"hash": cfg.hash(), "config": cfg.to_dict(),
                                                "input_shards": shards}, indent=1))
-
-
-def count_input_samples(shard_urls: list[str]) -> int | None:
-    """Samples in the crawl without decoding it: img2dataset's `NNNNN_stats.json` successes when
-    present, else the distinct keys in local tars; None when it cannot be told cheaply."""
-    import tarfile
-
-    total = 0
-    for url in shard_urls:
-        stats_url = url[: -len(".tar")] + "_stats.json" if url.endswith(".tar") else None
-        if stats_url and storage.exists(stats_url):
-            total += int(json.loads(storage.read_text(stats_url)).get("successes", 0))
-        elif "://" not in url:
-            try:
-                with tarfile.open(url) as tar:
-                    total += len({m.name.rsplit("/", 1)[-1].split(".")[0] for m in tar.getmembers() if m.isfile()})
-            except (tarfile.TarError, OSError):
-                continue  # a broken shard is reported by the stages, sample by sample
-        else:
-            return None
-    return total
-
-
-def preflight(cfg: Config, io: StageIO, with_eval: bool) -> None:
-    """Refuse wrong parameters before any work, with a message that says what to change."""
-    if with_eval and not io.eval_input:
-        raise ConfigError("the evaluation needs clean held-out shards: pass --eval-input")
-    shard_urls = io.input_shards()
-    samples = count_input_samples(shard_urls)
-    if samples is not None and cfg.cluster.clusters > samples:
-        raise ConfigError(f"cluster.clusters={cfg.cluster.clusters} is more than the {samples} samples in "
-                          f"{io.input}; use --clusters {max(1, samples // 25)} (about 25 samples per cluster)")
-    if samples is not None and round(cfg.sample.ratio * samples) < 1:
-        raise ConfigError(f"sample.ratio={cfg.sample.ratio} keeps no sample of {samples}; raise --ratio")
 
 
 CPU_MODES = ("owned", "shared")
@@ -152,9 +118,9 @@ def check_stage_params(cfg: Config, io: StageIO, name: str) -> None:
     changed = [f"{k}: {recorded.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(recorded) | set(wanted))
                if recorded.get(k) != wanted.get(k)]
     if changed:
-        raise ConfigError(f"{tracking.redact(spec.output_dir(io))} was made with other parameters (changed "
-                          f"{'; '.join(changed)}); rerun with the recorded values, use a new --out, or delete "
-                          f"that folder and those of the stages after {name}")
+        raise ConfigError(f"{tracking.redact(spec.output_dir(io))} was made with other parameters, changed "
+                          f"{'; '.join(changed)} (rerun with the recorded values, use a new --out, or delete "
+                          f"that folder and those of the stages after {name})")
 
 
 def _write_record(cfg: Config, io: StageIO, name: str) -> None:
@@ -178,7 +144,7 @@ def execute_stage(cfg: Config, io: StageIO, name: str, **kwargs) -> tuple[StageR
     if int(os.environ.get("RANK", "0")) != 0:
         started = time.time()
         return module.run(cfg, io, **kwargs), time.time() - started, None
-    preflight(cfg, io, with_eval=name == "evaluate")
+    preflight.check(cfg, io, stage=name, with_eval=name == "evaluate")
     check_stage_params(cfg, io, name)
     started = time.time()
     with tracking.stage_run(cfg, io, name, kwargs) as parent:
@@ -243,7 +209,7 @@ def compress(cfg: Config, io: StageIO, with_eval: bool = False) -> dict:
     """Run every stage (and the evaluation when asked) and return a summary dict:
     {"results": {stage: metrics}, "seconds": {stage: s}, "mlflow_run_id", "manifest"}."""
     thread_defaults()
-    preflight(cfg, io, with_eval)
+    preflight.check(cfg, io, with_eval=with_eval)
     check_run_config(cfg, io)
     # compress owns its parent run: one RUNNING under this key is a killed earlier compress's.
     tracking.end_stale_runs(tracking.key_filter(tracking.run_key(io)),

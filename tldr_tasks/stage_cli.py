@@ -13,6 +13,14 @@ from tldr_tasks.config import ConfigError, load_config
 from tldr_tasks.stages.base import StageIO
 
 
+class CommandParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are ConfigErrors: the CLI prints every user error the same
+    way, as one `error: ...` line (argparse prints the usage and exits itself)."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def add_io_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, help="crawl shards: brace pattern, glob or folder URL")
     parser.add_argument("--out", required=True, help="run folder URL; every stage writes below it")
@@ -38,16 +46,15 @@ def stage_main(name: str, argv: list[str] | None = None) -> int:
     from tldr_tasks.runner import execute_stage, result_summary
 
     spec = get_stage(name)
-    parser = argparse.ArgumentParser(prog=f"tldr-vlp run {name}", description=f"Run the {name} stage.")
+    parser = CommandParser(prog=f"tldr-vlp run {name}", description=f"Run the {name} stage.")
     add_io_arguments(parser)
     if spec.sharded:
         parser.add_argument("--shard-index", type=int, default=0)
         parser.add_argument("--num-shards", type=int, default=1)
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.params, args.overrides)
-    except ConfigError as err:
-        parser.error(str(err))
+    if spec.sharded and not 0 <= args.shard_index < args.num_shards:
+        parser.error(f"--shard-index {args.shard_index} is not in [0, --num-shards {args.num_shards})")
+    cfg = load_config(args.params, args.overrides)
     io = io_from_args(args)
     kwargs = {"shard_index": args.shard_index, "num_shards": args.num_shards} if spec.sharded else {}
     result, _, parent = execute_stage(cfg, io, name, **kwargs)

@@ -87,7 +87,7 @@ def local_staging(url: str, suffix: str = "") -> Iterator[str]:
         fs, path = filesystem(url)
         fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        if _is_local(fs):
+        if is_local(fs):
             shutil.move(local, tmp)
         else:
             fs.put_file(local, tmp)
@@ -128,16 +128,17 @@ def iter_parquet(url: str, columns: list[str] | None = None, batch_rows: int = 6
         yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns, use_threads=False)
 
 
-def _is_local(fs) -> bool:
+def is_local(fs) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")
 
 
-def expand_shards(input_url: str) -> list[str]:
+def expand_shards(input_url: str, flag: str = "--input") -> list[str]:
     """Shard URLs named by `input_url`: a brace pattern (`crawl/{00000..00099}.tar`), a glob, or a
-    folder (every `*.tar` directly inside). Raises ConfigError with what to fix when nothing matches."""
+    folder (every `*.tar` directly inside). Raises ConfigError with what to fix (in `flag`, the
+    option that named it) when nothing matches."""
     if not input_url:
-        raise ConfigError("no input given: pass --input with a shard pattern or a folder of .tar shards")
+        raise ConfigError(f"no input given (pass {flag} with a shard pattern or a folder of .tar shards)")
     urls: list[str] = []
     for pattern in braceexpand(input_url):
         fs, path = filesystem(pattern)
@@ -149,11 +150,11 @@ def expand_shards(input_url: str) -> list[str]:
         elif fs.exists(path):
             urls.append(pattern)
         else:
-            raise ConfigError(f"input shard not found: {pattern} (check --input; brace patterns look like "
-                             "crawl/{00000..00009}.tar)")
+            raise ConfigError(f"input shard not found: {pattern} (check {flag}; brace patterns look like "
+                              "crawl/{00000..00009}.tar)")
     if not urls:
-        raise ConfigError(f"no .tar shards found at {input_url}: point --input at a folder of WebDataset "
-                         "shards or a brace pattern")
+        raise ConfigError(f"no .tar shards found at {input_url} (point {flag} at a folder of WebDataset "
+                          "shards or a brace pattern)")
     return urls
 
 

@@ -28,11 +28,12 @@ from datetime import timedelta
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.providers.standard.operators.bash import BashOperator
 from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, TaskGroup, TriggerRule, task
+from airflow.sdk.exceptions import AirflowFailException
 from kubernetes.client import models as k8s
 
 from tldr_dagkit import settings
 from tldr_dagkit.plan import build_plan, check_params, task_id
-from tldr_tasks.config import FEATURES, FUSIONS, STRATEGIES, Config
+from tldr_tasks.config import FEATURES, FUSIONS, STRATEGIES, Config, ConfigError, presets
 from tldr_tasks.pipeline import STAGES, StageSpec
 from tldr_tasks.stages.base import Resources
 
@@ -63,15 +64,6 @@ DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=settings.retry_de
                 "retry_exponential_backoff": 2.0, "on_failure_callback": end_run_failed}
 
 
-def captioner_presets() -> list[str]:
-    from importlib.resources import files
-
-    folder = files("tldr_tasks") / "models" / "model_configs"
-    names = sorted(p.name[len("captioner-"):-len(".json")] for p in folder.iterdir()
-                   if p.name.startswith("captioner-") and p.name.endswith(".json"))
-    return names or ["tiny", "base"]
-
-
 def compress_params() -> dict[str, Param]:
     """The trigger form. Defaults come from tldr_tasks.config, so the form and params.yaml agree."""
     d = Config()
@@ -94,7 +86,7 @@ def compress_params() -> dict[str, Param]:
                           description="How samples are picked inside each cluster (paper: uniform)."),
         "fusion": Param(d.caption.fusion, type="string", enum=list(FUSIONS), title="Caption fusion",
                         description="How the original and the generated caption make the training caption."),
-        "captioner_preset": Param(d.captioner.preset, type="string", enum=captioner_presets(),
+        "captioner_preset": Param(d.captioner.preset, type="string", enum=list(presets("captioner")),
                                   title="Captioner preset", description="Size of the codebook captioner."),
         "retrain_captioner": Param(False, type="boolean", title="Retrain the captioner",
                                    description="Train a new captioner on the current crawl even if one with the "
@@ -294,13 +286,18 @@ def open_run(params, dag_id: str, run_id: str, input_url: str, input_version: st
     """The `plan` task: check the params, pick the captioner (tldr_tasks.captioners' policy), compute
     every task's command and open the run's MLflow parent run. Returns the plan plus `mlflow_run_id`
     and `captioner_reason`."""
-    from tldr_tasks import captioners, tracking
+    from tldr_tasks import captioners, preflight, tracking
     from tldr_tasks.runner import input_fingerprint
     from tldr_tasks.stages.base import StageIO
 
     cfg = check_params(params, input_url)
+    # The stages' own preflight, on the whole run: input and eval input readable, output root writable.
+    root = str(params["output_url"]).rstrip("/")
+    with_eval = bool(params.get("run_evaluation"))
+    preflight.check(cfg, StageIO(input=input_url, out=root, embed_cache=f"{root}/embed",
+                                 eval_input=params.get("eval_input_url") if with_eval else None), with_eval=with_eval)
     crawl = input_fingerprint(input_url, input_version)
-    choice = captioners.choose(str(params["output_url"]).rstrip("/"), cfg, crawl["version"], crawl["shards"],
+    choice = captioners.choose(root, cfg, crawl["version"], crawl["shards"],
                                retrain=bool(params.get("retrain_captioner")),
                                max_growth=float(params.get("captioner_max_growth", 0.5)))
     plan = build_plan(params, run_id, executable=settings.tldr_executable(), result_json=settings.POD_RESULT_PATH,
@@ -341,8 +338,12 @@ def build_compress_dag(dag_id: str, doc_md: str | None) -> DAG:
         def plan(params=None, run_id=None, ti=None, triggering_asset_events=None) -> dict:
             """Every task's command for this run; refuses bad parameters before any work starts."""
             url, version = _landed_input(triggering_asset_events)
-            # A scheduled (Asset/cron) run compresses the landed crawl; a manual one what the form says.
-            return open_run(params, ti.dag_id, run_id, url or params["input_url"], version)
+            try:
+                # A scheduled (Asset/cron) run compresses the landed crawl; a manual one what the form says.
+                return open_run(params, ti.dag_id, run_id, url or params["input_url"], version)
+            except ConfigError as err:
+                # the same parameters fail the same way again: no retry, the reason in the task log
+                raise AirflowFailException(f"error: {err}") from None
 
         @task(multiple_outputs=False)
         def shard_groups(groups: list) -> list[dict]:

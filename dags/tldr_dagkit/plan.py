@@ -76,16 +76,17 @@ def stage_arguments(stage: str, params: Mapping, run_id: str, input_url: str, ca
 
 
 def check_params(params: Mapping, input_url: str | None):
-    """The run's resolved Config; raises (naming what to fix) before any task starts."""
-    from tldr_tasks.config import load_config
+    """The run's resolved Config; raises ConfigError (naming what to fix) before any task starts.
+    Reads nothing: the plan task then runs the stages' preflight on the input and output (open_run)."""
+    from tldr_tasks.config import ConfigError, load_config
 
     if not input_url:
-        raise ValueError("no input crawl: set the input_url param (a folder or brace pattern of .tar shards)")
+        raise ConfigError("no input crawl (set the input_url param to a folder or brace pattern of .tar shards)")
     if not params.get("output_url"):
-        raise ValueError("no output: set the output_url param (the root folder or s3:// URL for runs)")
+        raise ConfigError("no output (set the output_url param to the root folder or s3:// URL for runs)")
     if params.get("run_evaluation") and not params.get("eval_input_url"):
-        raise ValueError("run_evaluation is on but eval_input_url is empty: give the clean held-out shards "
-                         "(the synthetic crawl writes them beside the crawl) or turn evaluation off")
+        raise ConfigError("run_evaluation is on but eval_input_url is empty (give the clean held-out shards, "
+                          "which the synthetic crawl writes beside the crawl, or turn evaluation off)")
     # A bad override is refused here, before any task (or pod) starts; the message names the key.
     return load_config(None, settings(params))
 

@@ -28,6 +28,9 @@ MAX_CAPTION_CHARS = 2000  # web captions beyond this are truncated (alt-text dum
 MAX_MEMBER_BYTES = 64 * 1024 * 1024  # one tar member above this is refused, never read into memory
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
+# An object's repr in an error message ("<_io.BytesIO object at 0x7f4b...>") differs per sample:
+# a reason names the defect, so the same defect in two samples counts once.
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 @dataclass
@@ -72,14 +75,14 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Image
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:  # header only: nothing has been decoded yet
-                raise ImageRejected(f"decompression bomb: {width}x{height} pixels exceeds the limit of {max_pixels}")
+                raise ImageRejected(f"decompression bomb: more than {max_pixels} pixels")
             image.load()  # the first frame of an animation
     except ImageRejected:
         raise
-    except Image.DecompressionBombError as err:
-        raise ImageRejected(f"decompression bomb: {err}") from None
+    except Image.DecompressionBombError:
+        raise ImageRejected(f"decompression bomb: more than {max_pixels} pixels") from None
     except Exception as err:  # PIL raises many types for corrupt data
-        raise ImageRejected(f"undecodable image: {type(err).__name__}: {err}"[:300]) from None
+        raise ImageRejected(_reason("undecodable image", err)) from None
     stored_ext = _STORED_FORMATS.get(image.format or "")
     sixteen_bit_png = image.format == "PNG" and len(data) > 24 and data[24] == 16  # IHDR bit depth
     keep_bytes = (stored_ext is not None and image.mode == "RGB" and not sixteen_bit_png
@@ -87,12 +90,17 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Image
     try:
         rgb = _to_rgb(image)
     except Exception as err:
-        raise ImageRejected(f"undecodable image: cannot convert mode {image.mode} to RGB: {err}"[:300]) from None
+        raise ImageRejected(_reason(f"undecodable image: cannot convert mode {image.mode} to RGB", err)) from None
     if keep_bytes:
         return rgb, data, stored_ext
     buffer = io.BytesIO()
     rgb.save(buffer, format="PNG")
     return rgb, buffer.getvalue(), "png"
+
+
+def _reason(what: str, err: Exception) -> str:
+    """A stable rejection reason: `what: ErrorType: message`, without per-object addresses."""
+    return _OBJECT_REPR.sub("", f"{what}: {type(err).__name__}: {err}")[:300]
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -224,14 +232,15 @@ def iter_raw_shard(url: str) -> Iterator[RawSample | Rejected]:
                     base = posixpath.basename(name)
                     key, _, ext = base.partition(".")
                     problem = None
+                    # the reason names the defect, not the member: one reason however many samples have it
                     if _unsafe_member(name):
-                        problem = f"unsafe tar member path {name!r}"
+                        problem = "unsafe tar member path (absolute or with ..)"
                     elif member.issym() or member.islnk():
-                        problem = f"tar member {name!r} is a link, not a file"
+                        problem = "tar member is a link, not a file"
                     elif not member.isfile():
-                        problem = f"tar member {name!r} is not a regular file"
+                        problem = "tar member is not a regular file"
                     elif member.size > MAX_MEMBER_BYTES:
-                        problem = f"tar member {name!r} is too large ({member.size} bytes > {MAX_MEMBER_BYTES})"
+                        problem = f"tar member is too large (over {MAX_MEMBER_BYTES} bytes)"
                     elif not key or not ext:
                         continue  # not part of a sample (a README, a hidden file)
                     key = key or base or name

@@ -37,10 +37,10 @@ from PIL import Image
 from torch import nn
 
 from tldr_tasks import storage
+from tldr_tasks.config import load_preset as _load_preset
 
 log = logging.getLogger(__name__)
 
-PRESET_DIR = Path(__file__).parent / "model_configs"
 WEIGHTS, CONFIG, MARKER, TOKENIZER = "model.safetensors", "config.json", "COMPLETE", "tokenizer.json"
 FORMAT = "tldr-captioner/1"
 # Hugging Face model types `captioner.init_from` accepts, by role.
@@ -273,11 +273,8 @@ class Captioner(nn.Module):
 # Building, codebook initialisation
 
 def load_preset(name: str) -> dict:
-    path = PRESET_DIR / f"captioner-{name}.json"
-    if not path.exists():
-        known = sorted(p.stem.removeprefix("captioner-") for p in PRESET_DIR.glob("captioner-*.json"))
-        raise ValueError(f"unknown captioner preset {name!r}; set captioner.preset to one of {known}")
-    return json.loads(path.read_text())
+    """The size preset `model_configs/captioner-<name>.json` (ConfigError naming the existing ones)."""
+    return _load_preset("captioner", name)
 
 
 def build_captioner(cfg, tokenizer, keyword_captions: list[str] | None = None) -> Captioner:

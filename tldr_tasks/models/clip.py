@@ -19,14 +19,14 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-CONFIG_DIR = Path(__file__).parent / "model_configs"
+from tldr_tasks.config import load_preset as _load_preset
+
 SPECIALS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3  # EOS must not be 2 in HF's CLIP (legacy argmax pooling)
 assert EOS_ID != 2
@@ -46,13 +46,8 @@ def available_cpus() -> int:
 
 
 def load_preset(preset: str) -> dict:
-    """The size preset `model_configs/clip-<preset>.json`; raises ValueError listing the presets."""
-    path = CONFIG_DIR / f"clip-{preset}.json"
-    if not path.exists():
-        known = sorted(p.stem.removeprefix("clip-") for p in CONFIG_DIR.glob("clip-*.json"))
-        raise ValueError(f"unknown CLIP preset {preset!r}; known: {', '.join(known)} "
-                         f"(set evaluate.preset)")
-    return json.loads(path.read_text())
+    """The size preset `model_configs/clip-<preset>.json` (ConfigError naming the existing ones)."""
+    return _load_preset("clip", preset)
 
 
 class CaptionTokenizer:

@@ -1,0 +1,154 @@
+"""One validation pass before any work, the same for every runner: `compress`, `tldr-vlp run <stage>`
+(and so dvc.yaml, Airflow's local tasks and the pods) and Airflow's `plan` task call `check` first.
+
+It reads and never writes: a refused run leaves nothing behind, not even its --out folder. Every
+refusal is a ConfigError whose message says what is wrong and what to change; the CLI prints it as
+one `error: ...` line and exits 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from pathlib import Path
+
+from tldr_tasks import storage
+from tldr_tasks.config import Config, ConfigError
+from tldr_tasks.pipeline import STAGE_NAMES, get_stage
+from tldr_tasks.stages.base import StageIO
+
+
+def check(cfg: Config, io: StageIO, stage: str | None = None, with_eval: bool = False) -> None:
+    """Refuse a run that cannot succeed, before it writes anything.
+
+    Checks every parameter (Config.validate: types, ranges, presets), that the input (and, with
+    `with_eval`, the eval input) resolves to shards of which at least one can be read, that the
+    locations the run writes to can be written, that the stages `stage` reads from are done, and
+    that the crawl is large enough for the cluster count and the keep ratio.
+
+    Args:
+        cfg: the resolved parameters.
+        io: where the run reads and writes.
+        stage: the one stage about to run (`tldr-vlp run`); None for the whole pipeline.
+        with_eval: the evaluation runs too (compress --eval, or the evaluate stage).
+
+    Raises:
+        ConfigError: naming what is wrong and what to change.
+    """
+    cfg.validate()
+    shards = readable_shards(io.input, "--input")
+    if with_eval:
+        _check(bool(io.eval_input), "the evaluation needs clean held-out shards (pass --eval-input)")
+        readable_shards(io.eval_input, "--eval-input")
+    _check_models(cfg)
+    for url, flag in _written(io, stage):
+        check_writable(url, flag)
+    missing = missing_upstream(stage, io) if stage else []
+    if missing:
+        raise ConfigError(f"stage {stage} reads the output of {', '.join(missing)}, which {io.out} does not hold "
+                          f"yet (run `tldr-vlp run {missing[0]}` with the same --input and --out first)")
+    samples = count_input_samples(shards)
+    if samples is not None:
+        _check(cfg.cluster.clusters <= samples,
+               f"cluster.clusters={cfg.cluster.clusters} is more than the {samples} samples in {io.input} "
+               f"(use --clusters {max(1, samples // 25)}, about 25 samples per cluster, or 0 for the size rule)")
+        _check(round(cfg.sample.ratio * samples) >= 1,
+               f"sample.ratio={cfg.sample.ratio} keeps no sample of {samples} (raise --ratio)")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def readable_shards(url: str, flag: str) -> list[str]:
+    """The shard URLs `url` names; refused when it names none, or none that can be opened. A shard
+    that cannot be opened among readable ones is no refusal: the stages reject it with its reason."""
+    shards = storage.expand_shards(url, flag)
+    problems = [problem for shard in shards if (problem := unreadable(shard))]
+    _check(len(problems) < len(shards), f"none of the {len(shards)} shards at {flag} {url} can be read "
+                                        f"({problems[0] if problems else ''}; fix the permissions or the path)")
+    return shards
+
+
+def unreadable(url: str) -> str | None:
+    """Why the shard at `url` cannot be opened, or None. Remote shards are taken as listed (opening
+    each one costs a request); their read errors become rejects in the stages."""
+    fs, path = storage.filesystem(url)
+    if not storage.is_local(fs):
+        return None
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as err:
+        return f"{url}: {err.strerror or type(err).__name__}"
+    return None
+
+
+def check_writable(url: str, flag: str) -> None:
+    """Refuse a location a run cannot write below: a file, a folder below a file, a folder without
+    write permission. Creates nothing."""
+    fs, path = storage.filesystem(url)
+    if not storage.is_local(fs):  # object stores have no folders to be blocked by; credentials fail on write
+        _check(not fs.isfile(path), f"{flag} {url} is a file (use a folder URL)")
+        return
+    target = Path(path).absolute()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    _check(existing.is_dir(), f"{flag} {url} is below the file {existing}, not a folder (choose a folder path)"
+           if existing != target else f"{flag} {url} is a file, not a folder (choose a folder path)")
+    _check(os.access(existing, os.W_OK | os.X_OK),
+           f"{flag} {url} cannot be written: {existing} is not writable (choose a folder you can write to)")
+
+
+def _written(io: StageIO, stage: str | None) -> list[tuple[str, str]]:
+    """(location, flag) of what a run of `stage` (None: every stage) writes below."""
+    places = [(io.out, "--out")]
+    if stage in (None, "embed") and io.embed_cache:
+        places.append((io.embed_cache, "--embed-cache"))
+    training = get_stage("train-captioner")
+    if stage in (None, training.name) and io.captioner and not training.is_done(io):
+        places.append((io.captioner, "--captioner"))  # a reused, finished captioner is only read
+    return places
+
+
+def _check_models(cfg: Config) -> None:
+    """Model folders named by parameters exist (their contents are checked when they load)."""
+    for url in cfg.captioner.init_from:
+        _check(storage.exists(url), f"captioner.init_from: {url} not found (give a Hugging Face model folder)")
+    if cfg.sample.strategy == "clip_score" and cfg.sample.clip_model:
+        _check(storage.exists(cfg.sample.clip_model),
+               f"sample.clip_model={cfg.sample.clip_model} not found (give a CLIP folder, or leave it empty to use "
+               "the crawl's own similarity)")
+
+
+def missing_upstream(name: str, io: StageIO) -> list[str]:
+    """The stages `name` reads from whose output is not done, in pipeline order. A sharded stage has
+    no done marker (its parts are checked by the stage reading them): what it reads must be done."""
+    missing: set[str] = set()
+    for dep in get_stage(name).deps:
+        spec = get_stage(dep)
+        if spec.done_marker is None:
+            missing.update(missing_upstream(dep, io))
+        elif not spec.is_done(io):
+            missing.add(dep)
+    return [s for s in STAGE_NAMES if s in missing]
+
+
+def count_input_samples(shard_urls: list[str]) -> int | None:
+    """Samples in the crawl without decoding it: img2dataset's `NNNNN_stats.json` successes when
+    present, else the distinct keys in local tars; None when it cannot be told cheaply."""
+    total = 0
+    for url in shard_urls:
+        stats_url = url[: -len(".tar")] + "_stats.json" if url.endswith(".tar") else None
+        if stats_url and storage.exists(stats_url):
+            total += int(json.loads(storage.read_text(stats_url)).get("successes", 0))
+        elif "://" not in url:
+            try:
+                with tarfile.open(url) as tar:
+                    total += len({m.name.rsplit("/", 1)[-1].split(".")[0] for m in tar.getmembers() if m.isfile()})
+            except (tarfile.TarError, OSError):
+                continue  # a broken shard is reported by the stages, sample by sample
+        else:
+            return None
+    return total
