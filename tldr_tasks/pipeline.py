@@ -56,9 +56,9 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("cluster", "cluster", Resources(cpus=8, memory_gb=32, gpus=1),
               deps=("embed",), params=("seed", "cluster", "sample.ratio"), output="cluster_dir",
               done_marker="stats.json"),
-    # semdedup (the default) compares embed features inside each cluster
+    # semdedup (the default) also reads the embed parts, which every cluster output was made from
     StageSpec("sample", "sample", Resources(cpus=2, memory_gb=8),
-              deps=("embed", "cluster"), params=("seed", "sample"), output="sample_dir", done_marker="stats.json"),
+              deps=("cluster",), params=("seed", "sample"), output="sample_dir", done_marker="stats.json"),
     StageSpec("caption", "caption", Resources(cpus=4, memory_gb=16, gpus=1), sharded=True,
               deps=("train-captioner", "sample"), params=("caption",), output="caption_dir"),
     StageSpec("materialize", "materialize", Resources(cpus=2, memory_gb=8),
