@@ -100,10 +100,11 @@ def test_a_retried_stage_part_ends_its_killed_attempt_only(mlflow_store):
     assert client.get_run(sibling).info.status == "RUNNING"
 
 
-def test_the_experiment_opens_on_model_training(mlflow_store):
-    tracking.parent_run_id(Config(), StageIO(input="in", out="runs/a"))
-    experiment = mlflow.MlflowClient().get_experiment_by_name("tests")
-    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+def test_parent_params_are_the_compression_config_without_the_crawl_generator(mlflow_store):
+    parent = tracking.parent_run_id(Config(), StageIO(input="in", out="runs/a"))
+    params = mlflow.MlflowClient().get_run(parent).data.params
+    assert params["sample.ratio"] == str(Config().sample.ratio) and "seed" in params
+    assert not [name for name in params if name.startswith("crawl.")]
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from tldr_tasks.report import PARAMS, load_run, summary_metrics
 # The rows shown without --all; a pattern matches a run folder's metric ("kept") and the stage-prefixed
 # name an MLflow parent run carries ("materialize.kept") alike.
 KEY_METRICS = ("*input_samples", "*kept", "*dropped", "*rejected", "ratio", "*.ratio", "clusters", "*cluster_size_*",
-               "*alignment_mean_*", "alignment_input_mean", "alignment_kept_mean", "alignment_*_misaligned_share",
+               "alignment_input_mean", "alignment_kept_mean", "alignment_*_misaligned_share",
                "*confidence_mean", "captions_*", "caption_collapsed", "*shards_embedded", "*shards_reused",
                "*shards_replaced", "*test.*.mean_r1", "*noise_rate_*", "*time_to_accuracy.*", "seconds.*",
                "samples_per_second.*")

@@ -15,8 +15,8 @@ marked failed) cannot end its own MLflow runs: the next run that finds them RUNN
 (`end_stale_runs`): `compress` on the same --out, Airflow's next `plan` of the same DAG, a retried
 stage task under the same parent.
 
-The experiment is tagged as a model-training experiment (`mlflow.experimentKind`), so the MLflow UI
-opens it on its runs table, not on the GenAI overview.
+The MLflow 3.17 UI opens an experiment on its GenAI overview unless the page's URL (or the browser's
+last choice) says `workflowType=machine_learning`; `ui_url` gives the runs table's address.
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ from tldr_tasks.config import Config
 from tldr_tasks.stages.base import StageIO, StageResult
 
 EXPERIMENT = "tldr-vlp"
-# The MLflow 3 UI picks an experiment's default page by this tag; without it, it guesses "GenAI".
-EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 STALE_TAG = "tldr.ended_by"
 CAPTIONER_MODEL_NAME = "tldr-captioner"
 AIRFLOW_CONTEXT = {
@@ -67,10 +65,15 @@ def _mlflow():
             mlflow.create_experiment(name, artifact_location=Path(folder).as_uri())
         except mlflow.exceptions.MlflowException:  # another stage process created it first
             pass
-    experiment = mlflow.set_experiment(name)
-    if EXPERIMENT_KIND[0] not in experiment.tags:  # a kind a user chose in the UI is kept
-        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+    mlflow.set_experiment(name)
     return mlflow
+
+
+def ui_url(server: str, experiment_id: str) -> str:
+    """The MLflow UI's runs table of an experiment. The 3.17 UI takes an experiment's kind from the
+    URL's `workflowType` (else the browser's last choice, else GenAI: the traces overview); the
+    `mlflow.experimentKind` tag is not read while its workflow switch is on (mlflow/server/js)."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def _flatten(data: dict, prefix: str = "") -> dict[str, str]:
@@ -131,6 +134,14 @@ def end_stale_runs(filter_string: str, reason: str) -> list[str]:
     return ended
 
 
+def log_params(run_id: str, params: dict) -> None:
+    """A nested dict as dotted params (`sample.ratio`) on a run."""
+    from mlflow.entities import Param
+
+    flat = _flatten(params)
+    _mlflow().MlflowClient().log_batch(run_id, params=[Param(k, v) for k, v in sorted(flat.items())])
+
+
 def parent_run_id(cfg: Config, io: StageIO, tags: dict[str, str] | None = None, key: str | None = None,
                   new: bool = False) -> str:
     """The id of this compression's parent run (tag `tldr.run_key` = `key`, default `run_key(io)`),
@@ -146,10 +157,9 @@ def parent_run_id(cfg: Config, io: StageIO, tags: dict[str, str] | None = None, 
     run = client.create_run(mlflow.get_experiment_by_name(
         os.environ.get("TLDR_MLFLOW_EXPERIMENT", EXPERIMENT)).experiment_id, tags=tags,
         run_name=os.environ.get("TLDR_RUN_NAME") or f"compress {key.rsplit('/', 1)[-1]}")
-    params = _flatten(cfg.to_dict())
-    from mlflow.entities import Param
-
-    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in sorted(params.items())])
+    # The `crawl` section configures the synthetic crawl generator, not this compression: a run on
+    # another crawl would record settings that never made its input (the demo logs its crawl's own).
+    log_params(run.info.run_id, {k: v for k, v in cfg.to_dict().items() if k != "crawl"})
     client.set_terminated(run.info.run_id, "RUNNING")
     return run.info.run_id
 
