@@ -101,7 +101,8 @@ def compress_params() -> dict[str, Param]:
         "retrain_captioner": Param(False, type=["null", "boolean"], title="Retrain the captioner",
                                    description="Train a new captioner on the current crawl even if one with the "
                                                "same parameters exists under the output root (else it is reused)."),
-        "captioner_max_growth": Param(MAX_GROWTH, type=["null", "number"], minimum=0, title="Retrain after crawl growth",
+        "captioner_max_growth": Param(MAX_GROWTH, type=["null", "number"], minimum=0,
+                                      title="Retrain after crawl growth",
                                       description="Retrain once the crawl has grown by more than this share "
                                                   "(0.5 = 50% more shards) since the reused captioner was trained."),
         "run_evaluation": Param(False, type=["null", "boolean"], title="Run evaluation",
