@@ -190,8 +190,13 @@ def pod_settings(spec: StageSpec, config: dict) -> dict:
         "image_pull_policy": config.get("image_pull_policy"),
         "image_pull_secrets": [k8s.V1LocalObjectReference(name=n) for n in config.get("image_pull_secrets") or []],
         "service_account_name": config.get("service_account_name"),
+        # Stages never call the Kubernetes API: no token in the pod (the worker execs the XCom sidecar).
+        "automount_service_account_token": False,
         "name": f"tldr-{spec.name}",
-        "labels": {"app.kubernetes.io/name": "tldr-vlp", "app.kubernetes.io/component": spec.name},
+        # The chart's pod config adds its release (app.kubernetes.io/instance): its NetworkPolicy admits
+        # these pods to MLflow by it.
+        "labels": {**(config.get("labels") or {}), "app.kubernetes.io/name": "tldr-vlp",
+                   "app.kubernetes.io/component": spec.name},
         "cmds": cmds,
         "env_vars": [k8s.V1EnvVar(name=k, value=v) for k, v in env.items()],
         # Credentials only as references to Kubernetes Secrets: values never pass through Airflow.
