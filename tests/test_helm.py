@@ -182,14 +182,14 @@ def test_values_for_the_official_airflow_chart():
 def test_dockerfiles_install_the_package_and_its_entrypoint():
     stage = (ROOT / "containers" / "Dockerfile").read_text()
     assert "FROM nvidia/cuda:" in stage
-    assert "COPY tldr_tasks /src/tldr_tasks" in stage and "pip install /src" in stage
+    assert "COPY tldr_tasks /src/tldr_tasks" in stage and 'pip install "/src[s3]"' in stage
     assert "download.pytorch.org/whl/cu" in stage and "faiss-gpu" in stage and "DS_BUILD_FUSED_ADAM=1" in stage
     assert 'ENTRYPOINT ["tldr-vlp"]' in stage and "RUN tldr-vlp stages" in stage
     assert "USER 1000" in stage
     airflow = (ROOT / "containers" / "Dockerfile.airflow").read_text()
     assert "FROM apache/airflow:${AIRFLOW_VERSION}" in airflow
     assert "COPY --chown=airflow:0 dags /opt/airflow/dags" in airflow
-    assert "apache-airflow-providers-cncf-kubernetes" in airflow and '"/opt/tldr-vlp"' in airflow
+    assert "apache-airflow-providers-cncf-kubernetes" in airflow and '"/opt/tldr-vlp[s3]"' in airflow
     # The console script the images call is the one the package declares.
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'tldr-vlp = "tldr_tasks.cli:main"' in pyproject

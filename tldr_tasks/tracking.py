@@ -211,15 +211,25 @@ def log_to_parent(parent: str, metrics: dict[str, float], artifacts: list[str] =
     for start in range(0, len(items), 500):
         client.log_batch(parent, metrics=items[start:start + 500])
     for path in artifacts:
-        if "://" in path and storage.exists(path):  # a remote run folder (s3://): upload a local copy
-            with tempfile.TemporaryDirectory() as tmp:
-                local = os.path.join(tmp, path.rstrip("/").rsplit("/", 1)[-1])
-                Path(local).write_bytes(storage.read_bytes(path))
+        if storage.exists(path):
+            with _local(path) as local:
                 client.log_artifact(parent, local, artifact_path)
-        elif os.path.exists(path):
-            client.log_artifact(parent, path, artifact_path)
     for key, value in (tags or {}).items():
         client.set_tag(parent, key, redact(value))
+
+
+@contextmanager
+def _local(url: str) -> Iterator[str]:
+    """`url` as a local path for MLflow's uploads: itself, or a temporary copy of a remote (s3://) file
+    or folder under the same name."""
+    if "://" not in url:
+        yield url
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, url.rstrip("/").rsplit("/", 1)[-1])
+        fs, path = storage.filesystem(url)
+        fs.get(path.rstrip("/"), local, recursive=True)
+        yield local
 
 
 def _dataset_source(url: str):
@@ -296,7 +306,8 @@ def register_captioner(parent: str, captioner_dir: str, description: str = "") -
     if known:
         version = str(min(int(v.version) for v in known))
     else:
-        client.log_artifacts(parent, captioner_dir, artifact_path="captioner")
+        with _local(captioner_dir) as local:
+            client.log_artifacts(parent, local, artifact_path="captioner")
         source = f"{client.get_run(parent).info.artifact_uri}/captioner"
         version = str(client.create_model_version(CAPTIONER_MODEL_NAME, source=source, run_id=parent,
                                                   tags={"captioner_version": weights},
