@@ -157,9 +157,10 @@ def parent_run_id(cfg: Config, io: StageIO, tags: dict[str, str] | None = None, 
     run = client.create_run(mlflow.get_experiment_by_name(
         os.environ.get("TLDR_MLFLOW_EXPERIMENT", EXPERIMENT)).experiment_id, tags=tags,
         run_name=os.environ.get("TLDR_RUN_NAME") or f"compress {key.rsplit('/', 1)[-1]}")
-    # The `crawl` section configures the synthetic crawl generator, not this compression: a run on
-    # another crawl would record settings that never made its input (the demo logs its crawl's own).
-    log_params(run.info.run_id, {k: v for k, v in cfg.to_dict().items() if k != "crawl"})
+    # Only what describes the run: not the `crawl` section (the synthetic crawl generator's: a run on
+    # another crawl would record settings that never made its input; the demo logs its crawl's own),
+    # nor `evaluate` before an evaluation runs (stage_run adds it then).
+    log_params(run.info.run_id, {k: v for k, v in cfg.to_dict().items() if k not in ("crawl", "evaluate")})
     client.set_terminated(run.info.run_id, "RUNNING")
     return run.info.run_id
 
@@ -177,6 +178,8 @@ def stage_run(cfg: Config, io: StageIO, stage: str, kwargs: dict) -> Iterator[st
     # two attempts of one stage part run at once, so it is orphaned.
     end_stale_runs(f"tags.`mlflow.parentRunId` = '{parent}' and attributes.run_name = '{_quote(name)}'",
                    "a retry of the same stage part found it RUNNING")
+    if stage == "evaluate":  # the same values again on a retry: MLflow accepts them
+        log_params(parent, {"evaluate": cfg.to_dict()["evaluate"]})
     with mlflow.start_run(run_name=name, tags=tags, nested=mlflow.active_run() is not None):
         mlflow.log_params({k: str(v) for k, v in kwargs.items()})
         yield parent
