@@ -19,7 +19,7 @@ $(CORE_STAMP):
 	touch $@
 
 $(FULL_STAMP): $(CORE_STAMP)
-	$(PY) -m pip install -q $(TORCH) -e '.[airflow,test]'
+	$(PY) -m pip install -q $(TORCH) -e '.[airflow,s3,test]'
 	touch $@
 
 install: $(FULL_STAMP)

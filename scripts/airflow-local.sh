@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run Airflow 3 locally for tldr-vlp: api-server (UI + REST), scheduler, dag-processor, triggerer,
-# all on 127.0.0.1, LocalExecutor + SQLite, DAGs from ./dags. Ctrl-C or SIGTERM stops all of them.
+# LocalExecutor + SQLite, DAGs from ./dags; the one listening socket is the api-server's, on 127.0.0.1.
+# Ctrl-C or SIGTERM stops all of them.
 #
 #   scripts/airflow-local.sh                   # UI on http://127.0.0.1:8080
 #   AIRFLOW_PORT=8793 scripts/airflow-local.sh
@@ -70,8 +71,12 @@ trap 'stop; exit 130' INT
 trap 'stop; exit 143' TERM
 trap 'stop' EXIT
 
-for service in api-server scheduler dag-processor triggerer; do
-    setsid airflow "$service" > "$AIRFLOW_HOME/logs/$service.log" 2>&1 &
+# The scheduler's and the triggerer's log servers would listen on every address (ports 8793 and 8794;
+# Airflow 3.3 has no host setting for them): off. Tasks run on this machine and the api-server reads
+# their log files from $AIRFLOW_HOME/logs itself. The api-server is then the only listening service.
+for service in api-server "scheduler --skip-serve-logs" dag-processor "triggerer --skip-serve-logs"; do
+    # shellcheck disable=SC2086 # the service name and its flags are separate words
+    setsid airflow $service > "$AIRFLOW_HOME/logs/${service%% *}.log" 2>&1 &
     PIDS+=("$!")
 done
 
@@ -97,7 +102,8 @@ echo
 echo "Airflow is up: $URL"
 echo "  login: $USER_NAME; password in $AIRFLOW_HOME/simple_auth_manager_passwords.json.generated"
 echo "  logs:  $AIRFLOW_HOME/logs/{api-server,scheduler,dag-processor,triggerer}.log"
-echo "  MLflow: mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI"
+echo "  MLflow: $VENV_BIN/mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI  (http://127.0.0.1:5000," \
+     "runs table: #/experiments/<id>/runs?workflowType=machine_learning)"
 echo "Ctrl-C stops everything."
 
 # Wait until a service dies (then stop the rest) or a signal arrives.

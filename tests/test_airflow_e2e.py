@@ -4,8 +4,9 @@
   `captioner.*` values: compressed shards, the publish XCom, two captioners trained and registered
   as two model versions, both MLflow parent runs FINISHED with their nested stage runs, all tagged
   with the Airflow run id. A run failing at run time ends its parent run FAILED.
-- The real services (scripts/airflow-local.sh) on a free loopback port: trigger through the REST
-  API with a conf, wait for success; a ratio of 1.5 is refused with 400.
+- The real services (scripts/airflow-local.sh) on the README's port 8793: the api-server's socket on
+  127.0.0.1 is the only one they listen on; trigger through the REST API with a conf, wait for
+  success; a ratio of 1.5 is refused with 400.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -191,12 +191,6 @@ def test_a_bad_parameter_fails_plan_once(tiny_crawl, migrated_db, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Api:
     def __init__(self, base: str, home: Path):
         self.base = base
@@ -218,11 +212,16 @@ class Api:
             return err.code, err.read().decode()
 
 
+# The README's example port: the one Airflow's scheduler log server takes by default.
+README_PORT = 8793
+
+
 @pytest.fixture
 def airflow_services(tmp_path):
-    """scripts/airflow-local.sh on a free loopback port with its own AIRFLOW_HOME; stopped by SIGTERM."""
-    home, port = tmp_path / "airflow_home", free_port()
-    env = airflow_env(tmp_path / "data", AIRFLOW_HOME=str(home), AIRFLOW_PORT=str(port))
+    """scripts/airflow-local.sh as the README starts it (AIRFLOW_PORT=8793) with its own AIRFLOW_HOME;
+    yields (Api, env, the script's process); stopped by SIGTERM."""
+    home, port = tmp_path / "airflow_home", README_PORT
+    env = airflow_env(tmp_path / "data", AIRFLOW_HOME=str(home), AIRFLOW_PORT=str(port), VENV_BIN=str(BIN))
     log = open(tmp_path / "airflow-local.log", "w")
     proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "airflow-local.sh")], env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -232,7 +231,7 @@ def airflow_services(tmp_path):
             assert proc.poll() is None, (tmp_path / "airflow-local.log").read_text()
             assert time.time() < deadline, "Airflow did not start in 300 s"
             time.sleep(2)
-        yield Api(f"http://127.0.0.1:{port}", home), env
+        yield Api(f"http://127.0.0.1:{port}", home), env, proc
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -244,9 +243,39 @@ def airflow_services(tmp_path):
         assert "stopped." in (tmp_path / "airflow-local.log").read_text()
 
 
+def listening_sockets(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket a process or any of its descendants listens on."""
+    import psutil
+
+    root = psutil.Process(pid)
+    found = set()
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            connections = process.net_connections(kind="tcp")
+        except psutil.NoSuchProcess:  # a short-lived child (a task, a parse) that ended meanwhile
+            continue
+        found |= {(c.laddr.ip, c.laddr.port) for c in connections if c.status == psutil.CONN_LISTEN}
+    return found
+
+
+@pytest.mark.slow
+def test_local_services_listen_on_loopback_only(airflow_services):
+    api, _, proc = airflow_services
+    deadline = time.time() + 180
+    # Every service up (each would have opened its sockets by then): their heartbeats reach the API.
+    while True:
+        health = api.call("GET", "/api/v2/monitor/health")[1]
+        if all((health.get(name) or {}).get("status") == "healthy" for name in ("scheduler", "triggerer",
+                                                                                 "dag_processor")):
+            break
+        assert time.time() < deadline, health
+        time.sleep(2)
+    assert listening_sockets(proc.pid) == {("127.0.0.1", README_PORT)}
+
+
 @pytest.mark.slow
 def test_rest_trigger_on_real_services(tiny_crawl, airflow_services, tmp_path):
-    api, env = airflow_services
+    api, env, _ = airflow_services
     deadline = time.time() + 180
     while api.call("GET", "/api/v2/dags/tldr_compress")[0] != 200:  # the dag-processor's first parse
         assert time.time() < deadline, "tldr_compress never appeared in the API"

@@ -51,3 +51,34 @@ def test_compare_marks_what_differs_between_run_folders_and_mlflow_runs(run_dir,
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["compare", str(tmp_path / "no-such-run")])
     assert exit_info.value.code == 2 and "neither a run folder" in capsys.readouterr().err
+
+
+def test_compare_finds_airflows_store_and_creates_nothing_when_a_run_is_unknown(tmp_path, monkeypatch, capsys):
+    home = tmp_path / "airflow_home"  # scripts/airflow-local.sh's default AIRFLOW_HOME, under the repo root
+    home.mkdir()
+    client = mlflow.MlflowClient(f"sqlite:///{home}/mlflow.db")
+    run = client.create_run(client.create_experiment("tldr-vlp"), run_name="compress airflow")
+    client.log_param(run.info.run_id, "sample.ratio", "0.25")
+    client.set_terminated(run.info.run_id)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("AIRFLOW_HOME")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["compare", run.info.run_id]) == 0  # ./airflow_home/mlflow.db
+    assert _rows(capsys.readouterr().out)["sample.ratio"] == ["", "0.25"]
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("AIRFLOW_HOME", str(home))
+    assert cli.main(["compare", run.info.run_id]) == 0  # $AIRFLOW_HOME/mlflow.db
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["compare", "0" * 32])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "point MLFLOW_TRACKING_URI at the store" in error
+    assert f"sqlite:///{elsewhere}/mlflow.db or sqlite:///{home}/mlflow.db" in error
+    assert list(elsewhere.iterdir()) == []  # no empty mlflow.db left behind
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{elsewhere}/other.db")
+    with pytest.raises(SystemExit):
+        cli.main(["compare", run.info.run_id])
+    assert list(elsewhere.iterdir()) == []

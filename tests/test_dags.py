@@ -130,6 +130,15 @@ def test_invalid_params_refused(compress, conf):
         validated(compress, conf)
 
 
+def test_form_requires_only_what_a_run_needs(compress):
+    """Airflow's trigger form marks a field required unless its schema type allows null."""
+    optional = {name for name in compress.params
+                if "null" in compress.params.get_param(name).schema["type"]}
+    assert optional == {"retrain_captioner", "captioner_max_growth", "run_evaluation", "eval_input_url", "overrides"}
+    emptied = validated(compress, {name: None for name in optional})
+    assert all(emptied[name] is None for name in optional)
+
+
 def test_valid_params_accepted(compress):
     defaults = validated(compress, {})
     assert defaults["ratio"] == 0.25 and defaults["runner"] == "local" and defaults["run_evaluation"] is False

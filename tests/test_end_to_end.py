@@ -71,4 +71,7 @@ def test_demo_writes_the_report(tmp_path, mlflow_store, monkeypatch):
     assert report["output_samples"] == round(0.3 * report["input_samples"])
     # DVC versions of the raw and the compressed data, pushed to the local remote
     assert len(report["dvc_versions"]["crawl"]) >= 32 and (demo_dir / "crawl.dvc").exists()
+    # the parent run records the crawl the demo made (compress alone logs no crawl.* params)
+    params = mlflow.MlflowClient().get_run(report["mlflow_run_id"]).data.params
+    assert (params["crawl.samples"], params["crawl.image_size"], params["crawl.seed"]) == ("240", "32", "0")
     assert any(os.scandir(demo_dir / "dvc-remote"))

@@ -52,14 +52,50 @@ def test_helm_lint(helm):
 def test_default_render_is_valid(helm):
     kinds = by_kind(template(helm))
     assert set(kinds) == {"ServiceAccount", "ConfigMap", "PersistentVolumeClaim", "Role", "RoleBinding",
-                          "Service", "Deployment"}
+                          "Service", "Deployment", "NetworkPolicy"}
     assert "Secret" not in kinds  # credentials are referenced by name, never rendered as values
     deployment = kinds["Deployment"][0]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert "mlflow server" in container["args"][0] and "--serve-artifacts" in container["args"][0]
+    assert "mlflow server --app-name basic-auth" in container["args"][0] and "--serve-artifacts" in container["args"][0]
     assert deployment["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == \
         "tldr-vlp-mlflow"
     assert kinds["Service"][0]["spec"]["ports"][0]["port"] == 5000
+
+
+def test_mlflow_requires_the_secrets_user(helm):
+    kinds = by_kind(template(helm))
+    spec = kinds["Deployment"][0]["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in spec["containers"][0]["env"]}
+    # the admin is the Secret's client credentials: the names stage pods and Airflow get through envFrom
+    for name, key in (("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_TRACKING_USERNAME"),
+                      ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_TRACKING_PASSWORD")):
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "tldr-vlp-mlflow", "key": key}
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert "tldr-vlp-mlflow" in values["stage"]["secretEnvFrom"]
+    airflow = yaml.safe_load((ROOT / "helm" / "values-airflow.yaml").read_text())
+    assert "name: tldr-vlp-mlflow" in airflow["extraEnvFrom"]
+    ini = next(c for c in kinds["ConfigMap"] if "basic_auth.ini" in c["data"])
+    mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "auth")
+    assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"] == f"{mount['mountPath']}/basic_auth.ini"
+    assert next(v for v in spec["volumes"] if v["name"] == "auth")["configMap"]["name"] == ini["metadata"]["name"]
+    assert "default_permission = NO_PERMISSIONS" in ini["data"]["basic_auth.ini"]
+    assert spec["automountServiceAccountToken"] is False
+
+
+def test_network_policy_admits_only_this_releases_pods_to_mlflow(helm):
+    kinds = by_kind(template(helm, "--set", "airflow.namespace=orchestration"))
+    policy = kinds["NetworkPolicy"][0]["spec"]
+    mlflow_labels = kinds["Deployment"][0]["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= mlflow_labels.items()
+    assert policy["policyTypes"] == ["Ingress"]
+    [rule] = policy["ingress"]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    stage, airflow = rule["from"]
+    # stage pods: the labels the pod config gives them (test_configmap_drives_valid_pods renders them)
+    assert stage == {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "tldr-vlp",
+                                                     "app.kubernetes.io/instance": "tldr-vlp"}}}
+    assert airflow == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "orchestration"}},
+                       "podSelector": {"matchLabels": {"component": "worker", "release": "airflow"}}}
 
 
 def test_chart_pods_meet_the_restricted_pod_security_standard(helm):
@@ -110,6 +146,10 @@ def test_configmap_drives_valid_pods(helm, tmp_path, monkeypatch):
     assert captioner["spec"]["nodeSelector"] == {"pool": "ml", "nvidia.com/gpu.present": "true"}
     assert local_volumes(captioner)["/dev/shm"] == {"medium": "Memory", "sizeLimit": "4Gi"}
     assert local_volumes(pods["evaluate"][0])["/scratch"] == {"sizeLimit": "100Gi"}
+    policy = kinds["NetworkPolicy"][0]["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    for pod in (p for task_pods in pods.values() for p in task_pods):
+        assert policy.items() <= pod["metadata"]["labels"].items()  # let in to MLflow
+        assert pod["spec"]["automountServiceAccountToken"] is False
 
 
 def test_external_stores_render_valid(helm):
@@ -142,14 +182,14 @@ def test_values_for_the_official_airflow_chart():
 def test_dockerfiles_install_the_package_and_its_entrypoint():
     stage = (ROOT / "containers" / "Dockerfile").read_text()
     assert "FROM nvidia/cuda:" in stage
-    assert "COPY tldr_tasks /src/tldr_tasks" in stage and "pip install /src" in stage
+    assert "COPY tldr_tasks /src/tldr_tasks" in stage and 'pip install "/src[s3]"' in stage
     assert "download.pytorch.org/whl/cu" in stage and "faiss-gpu" in stage and "DS_BUILD_FUSED_ADAM=1" in stage
     assert 'ENTRYPOINT ["tldr-vlp"]' in stage and "RUN tldr-vlp stages" in stage
     assert "USER 1000" in stage
     airflow = (ROOT / "containers" / "Dockerfile.airflow").read_text()
     assert "FROM apache/airflow:${AIRFLOW_VERSION}" in airflow
     assert "COPY --chown=airflow:0 dags /opt/airflow/dags" in airflow
-    assert "apache-airflow-providers-cncf-kubernetes" in airflow and '"/opt/tldr-vlp"' in airflow
+    assert "apache-airflow-providers-cncf-kubernetes" in airflow and '"/opt/tldr-vlp[s3]"' in airflow
     # The console script the images call is the one the package declares.
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'tldr-vlp = "tldr_tasks.cli:main"' in pyproject

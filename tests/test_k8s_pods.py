@@ -225,6 +225,7 @@ def test_pod_lifecycle_and_xcom(default_pods):
             assert any(c["name"] == "airflow-xcom-sidecar" for c in pod["spec"]["containers"])
             assert pod["metadata"]["namespace"] == "tldr-vlp"
             assert pod["spec"]["serviceAccountName"] == "tldr-vlp-stage"
+            assert pod["spec"]["automountServiceAccountToken"] is False  # stages never call the API
 
 
 def test_non_default_params_and_config(monkeypatch):

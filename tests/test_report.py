@@ -121,8 +121,9 @@ def test_report_command_writes_metrics_and_plot_tables(run_dir, tmp_path, capsys
     assert str(out / "report.html") in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
     assert (metrics["kept"], metrics["dropped"], metrics["clusters"]) == (6, 6, 3)
-    assert metrics["alignment_mean_input"] == pytest.approx(np.mean(np.arange(N) / 10), abs=1e-4)
-    assert metrics["alignment_mean_kept"] == pytest.approx(np.mean(np.arange(0, N, 2) / 10), abs=1e-4)
+    assert metrics["alignment_input_mean"] == pytest.approx(np.mean(np.arange(N) / 10), abs=1e-4)
+    assert metrics["alignment_kept_mean"] == pytest.approx(np.mean(np.arange(0, N, 2) / 10), abs=1e-4)
+    assert not any(name.startswith("alignment_mean") for name in metrics)  # one name per number
     assert (metrics["shards_reused"], metrics["shards_replaced"], metrics["shards_embedded"]) == (1, 1, 0)
     assert metrics["eval.test.tldr.mean_r1"] == 16.0
     curves = list(csv.DictReader((out / "learning_curves.csv").open()))
@@ -132,6 +133,11 @@ def test_report_command_writes_metrics_and_plot_tables(run_dir, tmp_path, capsys
     assert [(r["size"], r["kept"]) for r in sizes] == [("4", "2")] * 3
     alignment = list(csv.DictReader((out / "alignment.csv").open()))
     assert sum(int(r["input"]) for r in alignment) == N and sum(int(r["kept"]) for r in alignment) == 6
+    # not evaluated: no learning curves table
+    (run_dir / "evaluate" / "report.json").unlink()
+    assert cli.main(["report", str(run_dir), "--out", str(tmp_path / "unevaluated")]) == 0
+    assert sorted(p.name for p in (tmp_path / "unevaluated").iterdir()) == [
+        "alignment.csv", "cluster_sizes.csv", "metrics.json", "report.html"]
     with pytest.raises(SystemExit):
         cli.main(["report", str(tmp_path / "nothing-here")])
 

@@ -100,10 +100,18 @@ def test_a_retried_stage_part_ends_its_killed_attempt_only(mlflow_store):
     assert client.get_run(sibling).info.status == "RUNNING"
 
 
-def test_the_experiment_opens_on_model_training(mlflow_store):
-    tracking.parent_run_id(Config(), StageIO(input="in", out="runs/a"))
-    experiment = mlflow.MlflowClient().get_experiment_by_name("tests")
-    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+def test_parent_params_describe_the_run(mlflow_store):
+    """The compression's config, without the crawl generator's section, and `evaluate.*` once evaluated."""
+    io = StageIO(input="in", out="runs/a")
+    parent = tracking.parent_run_id(Config(), io)
+    params = mlflow.MlflowClient().get_run(parent).data.params
+    assert params["sample.ratio"] == str(Config().sample.ratio) and "seed" in params
+    assert not [name for name in params if name.startswith(("crawl.", "evaluate."))]
+    for _ in range(2):  # a retry logs the same values again
+        with tracking.stage_run(Config(), io, "evaluate", {}):
+            pass
+    params = mlflow.MlflowClient().get_run(parent).data.params
+    assert params["evaluate.epochs"] == str(Config().evaluate.epochs)
 
 
 @pytest.mark.slow

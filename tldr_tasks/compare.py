@@ -1,7 +1,8 @@
 """`tldr-vlp compare`: the key parameters and metrics of several runs side by side.
 
     tldr-vlp compare runs/r1 runs/r2                       run folders (config, manifest, evaluation)
-    tldr-vlp compare 3f2a...c1 9b07...e4                   MLflow parent runs ($MLFLOW_TRACKING_URI)
+    tldr-vlp compare 3f2a...c1 9b07...e4                   MLflow parent runs (tracking_stores: $MLFLOW_TRACKING_URI,
+                                                           else ./mlflow.db and Airflow's $AIRFLOW_HOME/mlflow.db)
     tldr-vlp compare runs/r1 runs/r2 --html compare.html   the same table as a page
 
 Rows: the key parameters and metrics (`--all`: every one); a row whose values differ between the
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import os
 import sys
 from fnmatch import fnmatch
 
@@ -21,7 +23,7 @@ from tldr_tasks.report import PARAMS, load_run, summary_metrics
 # The rows shown without --all; a pattern matches a run folder's metric ("kept") and the stage-prefixed
 # name an MLflow parent run carries ("materialize.kept") alike.
 KEY_METRICS = ("*input_samples", "*kept", "*dropped", "*rejected", "ratio", "*.ratio", "clusters", "*cluster_size_*",
-               "*alignment_mean_*", "alignment_input_mean", "alignment_kept_mean", "alignment_*_misaligned_share",
+               "alignment_input_mean", "alignment_kept_mean", "alignment_*_misaligned_share",
                "*confidence_mean", "captions_*", "caption_collapsed", "*shards_embedded", "*shards_reused",
                "*shards_replaced", "*test.*.mean_r1", "*noise_rate_*", "*time_to_accuracy.*", "seconds.*",
                "samples_per_second.*")
@@ -45,12 +47,28 @@ def load(ref: str) -> dict:
         return {"name": ref, "params": _flatten(run["config"]), "metrics": summary_metrics(run)}
     import mlflow
 
-    try:
-        found = mlflow.MlflowClient().get_run(ref)
-    except mlflow.exceptions.MlflowException as err:
-        raise ValueError(f"{ref} is neither a run folder (no shards/manifest.json or config.json) nor an MLflow run "
-                         f"in {mlflow.get_tracking_uri()}: {err.message.splitlines()[0]}") from None
-    return {"name": found.info.run_name or ref, "params": dict(found.data.params), "metrics": dict(found.data.metrics)}
+    stores = tracking_stores()
+    for uri in stores:
+        if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
+            continue  # opening it would create an empty store
+        try:
+            found = mlflow.MlflowClient(uri).get_run(ref)
+        except mlflow.exceptions.MlflowException:
+            continue
+        return {"name": found.info.run_name or ref, "params": dict(found.data.params),
+                "metrics": dict(found.data.metrics)}
+    raise ValueError(f"{ref} is neither a run folder (no shards/manifest.json or config.json) nor an MLflow run in "
+                     f"{' or '.join(stores)}; point MLFLOW_TRACKING_URI at the store the run logged to (Airflow "
+                     "started by scripts/airflow-local.sh: sqlite:///<AIRFLOW_HOME>/mlflow.db)")
+
+
+def tracking_stores() -> list[str]:
+    """Where MLflow run ids are looked up: $MLFLOW_TRACKING_URI alone when set; else the local default
+    (./mlflow.db) and the store of Airflow's local services ($AIRFLOW_HOME, default ./airflow_home)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return [os.environ["MLFLOW_TRACKING_URI"]]
+    airflow_home = os.environ.get("AIRFLOW_HOME") or "airflow_home"
+    return [f"sqlite:///{os.path.abspath(path)}" for path in ("mlflow.db", os.path.join(airflow_home, "mlflow.db"))]
 
 
 def _same(values: list) -> bool:

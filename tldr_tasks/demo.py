@@ -89,6 +89,8 @@ def demo(out_dir: str, cfg: Config) -> dict:
         "config_hash": cfg.hash(),
     }
     (root / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True))
+    # The parameters that made this crawl (it may predate this run's config): the one run that knows them.
+    tracking.log_params(summary["mlflow_run_id"], {"crawl": json.loads(crawl_marker.read_text())["params"]})
     tracking.log_to_parent(summary["mlflow_run_id"], {}, artifacts=[str(root / "report.json"),
                            str(Path(io.evaluate_dir) / "retrieval.png")],
                            tags={"tldr.dvc.crawl": versions["crawl"],

@@ -122,11 +122,12 @@ def summary_metrics(run: dict) -> dict[str, float]:
     if len(sizes):
         metrics.update({"clusters": float(len(sizes)), "cluster_size_min": float(sizes.min()),
                         "cluster_size_median": float(np.median(sizes)), "cluster_size_max": float(sizes.max())})
-    scores = run["alignment"]
-    before = _finite(scores.values())
-    after = _finite(v for k, v in scores.items() if k in run["selected"])
+    # A folder without the manifest's alignment section: the same means from the sample stage's scores.
+    before = _finite(run["alignment"].values())
+    after = _finite(v for k, v in run["alignment"].items() if k in run["selected"])
     if len(before) and len(after):
-        metrics.update({"alignment_mean_input": float(before.mean()), "alignment_mean_kept": float(after.mean())})
+        metrics.setdefault("alignment_input_mean", float(before.mean()))
+        metrics.setdefault("alignment_kept_mean", float(after.mean()))
     for status in ("embedded", "reused", "replaced"):
         counted = [s for s in run["embed_status"].values() if s["status"] == status]
         if run["embed_status"]:
@@ -396,7 +397,8 @@ def render_report(run_dir: str) -> str:
 
 def write_report(run_dir: str, out: str | None = None) -> list[str]:
     """Into `out` (default `run_dir/report`): report.html and what `dvc metrics show` and `dvc plots show`
-    read: metrics.json, cluster_sizes.csv, alignment.csv and learning_curves.csv (step, one column per arm)."""
+    read: metrics.json, cluster_sizes.csv, alignment.csv and, for an evaluated run, learning_curves.csv
+    (step, one column per arm)."""
     run = load_run(run_dir)
     out = out or storage.join(run_dir, "report")
     written = [storage.join(out, "report.html"), storage.join(out, "metrics.json")]
@@ -414,10 +416,11 @@ def write_report(run_dir: str, out: str | None = None) -> list[str]:
             [round(float(c), 4), int(i), int(k)] for c, i, k in
             zip(centres, np.histogram(before, edges)[0], np.histogram(after, edges)[0])]
     curves = learning_curves(run)
-    steps = sorted({int(s) for points in curves.values() for s, _ in points})
-    lookup = {arm: {int(s): r1 for s, r1 in points} for arm, points in curves.items()}
-    tables["learning_curves.csv"] = [["step", *curves]] + [[s, *(lookup[a].get(s, "") for a in curves)]
-                                                           for s in steps]
+    if curves:  # an evaluated run only
+        steps = sorted({int(s) for points in curves.values() for s, _ in points})
+        lookup = {arm: {int(s): r1 for s, r1 in points} for arm, points in curves.items()}
+        tables["learning_curves.csv"] = [["step", *curves]] + [[s, *(lookup[a].get(s, "") for a in curves)]
+                                                               for s in steps]
     for name, rows in tables.items():
         buffer = _io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerows(rows)

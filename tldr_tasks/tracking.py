@@ -15,8 +15,8 @@ marked failed) cannot end its own MLflow runs: the next run that finds them RUNN
 (`end_stale_runs`): `compress` on the same --out, Airflow's next `plan` of the same DAG, a retried
 stage task under the same parent.
 
-The experiment is tagged as a model-training experiment (`mlflow.experimentKind`), so the MLflow UI
-opens it on its runs table, not on the GenAI overview.
+The MLflow 3.17 UI opens an experiment on its GenAI overview unless the page's URL (or the browser's
+last choice) says `workflowType=machine_learning`; `ui_url` gives the runs table's address.
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ from tldr_tasks.config import Config
 from tldr_tasks.stages.base import StageIO, StageResult
 
 EXPERIMENT = "tldr-vlp"
-# The MLflow 3 UI picks an experiment's default page by this tag; without it, it guesses "GenAI".
-EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 STALE_TAG = "tldr.ended_by"
 CAPTIONER_MODEL_NAME = "tldr-captioner"
 AIRFLOW_CONTEXT = {
@@ -67,10 +65,15 @@ def _mlflow():
             mlflow.create_experiment(name, artifact_location=Path(folder).as_uri())
         except mlflow.exceptions.MlflowException:  # another stage process created it first
             pass
-    experiment = mlflow.set_experiment(name)
-    if EXPERIMENT_KIND[0] not in experiment.tags:  # a kind a user chose in the UI is kept
-        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+    mlflow.set_experiment(name)
     return mlflow
+
+
+def ui_url(server: str, experiment_id: str) -> str:
+    """The MLflow UI's runs table of an experiment. The 3.17 UI takes an experiment's kind from the
+    URL's `workflowType` (else the browser's last choice, else GenAI: the traces overview); the
+    `mlflow.experimentKind` tag is not read while its workflow switch is on (mlflow/server/js)."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def _flatten(data: dict, prefix: str = "") -> dict[str, str]:
@@ -131,6 +134,14 @@ def end_stale_runs(filter_string: str, reason: str) -> list[str]:
     return ended
 
 
+def log_params(run_id: str, params: dict) -> None:
+    """A nested dict as dotted params (`sample.ratio`) on a run."""
+    from mlflow.entities import Param
+
+    flat = _flatten(params)
+    _mlflow().MlflowClient().log_batch(run_id, params=[Param(k, v) for k, v in sorted(flat.items())])
+
+
 def parent_run_id(cfg: Config, io: StageIO, tags: dict[str, str] | None = None, key: str | None = None,
                   new: bool = False) -> str:
     """The id of this compression's parent run (tag `tldr.run_key` = `key`, default `run_key(io)`),
@@ -146,10 +157,10 @@ def parent_run_id(cfg: Config, io: StageIO, tags: dict[str, str] | None = None, 
     run = client.create_run(mlflow.get_experiment_by_name(
         os.environ.get("TLDR_MLFLOW_EXPERIMENT", EXPERIMENT)).experiment_id, tags=tags,
         run_name=os.environ.get("TLDR_RUN_NAME") or f"compress {key.rsplit('/', 1)[-1]}")
-    params = _flatten(cfg.to_dict())
-    from mlflow.entities import Param
-
-    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in sorted(params.items())])
+    # Only what describes the run: not the `crawl` section (the synthetic crawl generator's: a run on
+    # another crawl would record settings that never made its input; the demo logs its crawl's own),
+    # nor `evaluate` before an evaluation runs (stage_run adds it then).
+    log_params(run.info.run_id, {k: v for k, v in cfg.to_dict().items() if k not in ("crawl", "evaluate")})
     client.set_terminated(run.info.run_id, "RUNNING")
     return run.info.run_id
 
@@ -167,6 +178,8 @@ def stage_run(cfg: Config, io: StageIO, stage: str, kwargs: dict) -> Iterator[st
     # two attempts of one stage part run at once, so it is orphaned.
     end_stale_runs(f"tags.`mlflow.parentRunId` = '{parent}' and attributes.run_name = '{_quote(name)}'",
                    "a retry of the same stage part found it RUNNING")
+    if stage == "evaluate":  # the same values again on a retry: MLflow accepts them
+        log_params(parent, {"evaluate": cfg.to_dict()["evaluate"]})
     with mlflow.start_run(run_name=name, tags=tags, nested=mlflow.active_run() is not None):
         mlflow.log_params({k: str(v) for k, v in kwargs.items()})
         yield parent
@@ -201,15 +214,25 @@ def log_to_parent(parent: str, metrics: dict[str, float], artifacts: list[str] =
     for start in range(0, len(items), 500):
         client.log_batch(parent, metrics=items[start:start + 500])
     for path in artifacts:
-        if "://" in path and storage.exists(path):  # a remote run folder (s3://): upload a local copy
-            with tempfile.TemporaryDirectory() as tmp:
-                local = os.path.join(tmp, path.rstrip("/").rsplit("/", 1)[-1])
-                Path(local).write_bytes(storage.read_bytes(path))
+        if storage.exists(path):
+            with _local(path) as local:
                 client.log_artifact(parent, local, artifact_path)
-        elif os.path.exists(path):
-            client.log_artifact(parent, path, artifact_path)
     for key, value in (tags or {}).items():
         client.set_tag(parent, key, redact(value))
+
+
+@contextmanager
+def _local(url: str) -> Iterator[str]:
+    """`url` as a local path for MLflow's uploads: itself, or a temporary copy of a remote (s3://) file
+    or folder under the same name."""
+    if "://" not in url:
+        yield url
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, url.rstrip("/").rsplit("/", 1)[-1])
+        fs, path = storage.filesystem(url)
+        fs.get(path.rstrip("/"), local, recursive=True)
+        yield local
 
 
 def _dataset_source(url: str):
@@ -286,7 +309,8 @@ def register_captioner(parent: str, captioner_dir: str, description: str = "") -
     if known:
         version = str(min(int(v.version) for v in known))
     else:
-        client.log_artifacts(parent, captioner_dir, artifact_path="captioner")
+        with _local(captioner_dir) as local:
+            client.log_artifacts(parent, local, artifact_path="captioner")
         source = f"{client.get_run(parent).info.artifact_uri}/captioner"
         version = str(client.create_model_version(CAPTIONER_MODEL_NAME, source=source, run_id=parent,
                                                   tags={"captioner_version": weights},

@@ -44,6 +44,7 @@ GROUPS = {"local": "local", "kubernetes": "kubernetes"}  # runner -> task group 
 STAGE_UID = 1000  # the stage image's user (containers/Dockerfile: useradd --uid 1000, USER 1000)
 STAGE_CACHE = "/home/tldr/.cache"  # HOME/.cache of that user: HF, Triton, pip caches go below it
 STAGE_SCRATCH = "/scratch"  # $TMPDIR of a stage that declares scratch_gb
+MAX_GROWTH = 0.5  # retrain a reused captioner once the crawl has 50% more shards than it was trained on
 
 
 def end_run_failed(context) -> None:
@@ -65,7 +66,8 @@ DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=settings.retry_de
 
 
 def compress_params() -> dict[str, Param]:
-    """The trigger form. Defaults come from tldr_tasks.config, so the form and params.yaml agree."""
+    """The trigger form. Defaults come from tldr_tasks.config, so the form and params.yaml agree. The UI
+    marks a field required unless its type allows null: the optional ones do (empty = the default)."""
     d = Config()
     return {
         "input_url": Param(settings.crawl_url(), type="string", minLength=1, title="Input crawl URL",
@@ -88,13 +90,14 @@ def compress_params() -> dict[str, Param]:
                         description="How the original and the generated caption make the training caption."),
         "captioner_preset": Param(d.captioner.preset, type="string", enum=list(presets("captioner")),
                                   title="Captioner preset", description="Size of the codebook captioner."),
-        "retrain_captioner": Param(False, type="boolean", title="Retrain the captioner",
+        "retrain_captioner": Param(False, type=["null", "boolean"], title="Retrain the captioner",
                                    description="Train a new captioner on the current crawl even if one with the "
                                                "same parameters exists under the output root (else it is reused)."),
-        "captioner_max_growth": Param(0.5, type="number", minimum=0, title="Retrain after crawl growth",
+        "captioner_max_growth": Param(MAX_GROWTH, type=["null", "number"], minimum=0,
+                                      title="Retrain after crawl growth",
                                       description="Retrain once the crawl has grown by more than this share "
                                                   "(0.5 = 50% more shards) since the reused captioner was trained."),
-        "run_evaluation": Param(False, type="boolean", title="Run evaluation",
+        "run_evaluation": Param(False, type=["null", "boolean"], title="Run evaluation",
                                 description="Train the downstream CLIP on full vs compressed vs random "
                                             "subsets (long; needs the eval input)."),
         "eval_input_url": Param(None, type=["null", "string"], title="Eval input URL",
@@ -104,7 +107,7 @@ def compress_params() -> dict[str, Param]:
                                     "stage with the stage image and GPU limits."),
         "shard_groups": Param(2, type="integer", minimum=1, maximum=512, title="Shard groups",
                               description="Workers (tasks or pods) for the sharded stages embed and caption."),
-        "overrides": Param([], type="array", items={"type": "string", "pattern": r"^[a-z_]+(\.[a-z_]+)?=.*$"},
+        "overrides": Param([], type=["null", "array"], items={"type": "string", "pattern": r"^[a-z_]+(\.[a-z_]+)?=.*$"},
                            title="Extra parameters",
                            description="One section.key=value per line, any key of params.yaml, e.g. "
                                        "captioner.epochs=1 or seed=3. Applied last."),
@@ -180,8 +183,13 @@ def pod_settings(spec: StageSpec, config: dict) -> dict:
         "image_pull_policy": config.get("image_pull_policy"),
         "image_pull_secrets": [k8s.V1LocalObjectReference(name=n) for n in config.get("image_pull_secrets") or []],
         "service_account_name": config.get("service_account_name"),
+        # Stages never call the Kubernetes API: no token in the pod (the worker execs the XCom sidecar).
+        "automount_service_account_token": False,
         "name": f"tldr-{spec.name}",
-        "labels": {"app.kubernetes.io/name": "tldr-vlp", "app.kubernetes.io/component": spec.name},
+        # The chart's pod config adds its release (app.kubernetes.io/instance): its NetworkPolicy admits
+        # these pods to MLflow by it.
+        "labels": {**(config.get("labels") or {}), "app.kubernetes.io/name": "tldr-vlp",
+                   "app.kubernetes.io/component": spec.name},
         "cmds": cmds,
         "env_vars": [k8s.V1EnvVar(name=k, value=v) for k, v in env.items()],
         # Credentials only as references to Kubernetes Secrets: values never pass through Airflow.
@@ -297,9 +305,10 @@ def open_run(params, dag_id: str, run_id: str, input_url: str, input_version: st
     preflight.check(cfg, StageIO(input=input_url, out=root, embed_cache=f"{root}/embed",
                                  eval_input=params.get("eval_input_url") if with_eval else None), with_eval=with_eval)
     crawl = input_fingerprint(input_url, input_version)
+    growth = params.get("captioner_max_growth")  # 0 is a value (retrain on any growth); empty is the default
     choice = captioners.choose(root, cfg, crawl["version"], crawl["shards"],
                                retrain=bool(params.get("retrain_captioner")),
-                               max_growth=float(params.get("captioner_max_growth", 0.5)))
+                               max_growth=MAX_GROWTH if growth is None else float(growth))
     plan = build_plan(params, run_id, executable=settings.tldr_executable(), result_json=settings.POD_RESULT_PATH,
                       input_url=input_url, input_version=input_version, captioner_url=choice["url"])
     tags = {"airflow.dag_id": dag_id, "airflow.run_id": run_id, "tldr.input_version": crawl["version"],

@@ -10,6 +10,15 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{ .Release.Name }}-mlflow
 {{- end }}
 
+{{/* The Host headers MLflow answers (--allowed-hosts; it refuses others against DNS rebinding): its
+Service's names, and localhost for `kubectl port-forward`. */}}
+{{- define "tldr-vlp.mlflowHosts" -}}
+{{- $name := include "tldr-vlp.mlflowName" . }}
+{{- $port := .Values.mlflow.port }}
+{{- $ns := .Release.Namespace }}
+{{- printf "%s:%v,%s.%s:%v,%s.%s.svc:%v,%s.%s.svc.cluster.local:%v,localhost:*,127.0.0.1:*" $name $port $name $ns $port $name $ns $port $name $ns $port }}
+{{- end }}
+
 {{- define "tldr-vlp.stageImage" -}}
 {{ .Values.stage.image.repository }}:{{ .Values.stage.image.tag | default .Chart.AppVersion }}
 {{- end }}
@@ -24,6 +33,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   "image_pull_policy": {{ .Values.stage.image.pullPolicy | toJson }},
   "image_pull_secrets": {{ .Values.stage.imagePullSecrets | toJson }},
   "service_account_name": {{ .Values.stage.serviceAccount.name | toJson }},
+  "labels": {"app.kubernetes.io/instance": {{ .Release.Name | toJson }}},
   "run_as_user": {{ .Values.stage.runAsUser }},
   "node_selector": {{ .Values.stage.nodeSelector | toJson }},
   "gpu_node_selector": {{ .Values.stage.gpuNodeSelector | toJson }},
