@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tldr_tasks.config import load_config
+from tldr_tasks.config import ConfigError, load_config
 from tldr_tasks.data.shards import Sample, iter_shard
 from tldr_tasks.models import captioner as cap
 from tldr_tasks.stages import caption
@@ -124,7 +124,7 @@ def test_workers_split_the_source_shards(tmp_path, tiny_crawl, captioner_dir, cr
 
 def test_errors_say_what_to_fix(tmp_path, tiny_crawl, captioner_dir, crawl_samples):
     run_io = StageIO(input=os.path.join(tiny_crawl, "train"), out=str(tmp_path / "a"), captioner=captioner_dir)
-    with pytest.raises(FileNotFoundError, match="sample stage"):
+    with pytest.raises(ConfigError, match="sample stage"):
         caption.run(CFG, run_io)
     run_io, _ = make_run(tmp_path / "b", tiny_crawl, captioner_dir, crawl_samples)
     table = pa.table({"key": ["0000001"], "shard": ["99999"], "cluster": [0]})

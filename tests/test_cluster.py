@@ -126,7 +126,7 @@ def test_missing_parts_named(tmp_path):
     parts = [([f"k{i}" for i in range(5)], np.ones((5, 4), np.float16), np.zeros(5), [])]
     cfg, io = _setup(tmp_path, parts)
     (tmp_path / "crawl" / "00007.tar").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match=r"1 of 2 input shards are not embedded yet.*00007"):
+    with pytest.raises(ConfigError, match=r"1 of 2 input shards are not embedded yet.*00007"):
         cluster.run(cfg, io)
 
 

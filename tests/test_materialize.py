@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from tldr_tasks import storage
-from tldr_tasks.config import Config
+from tldr_tasks.config import Config, ConfigError
 from tldr_tasks.data.shards import Sample, ShardWriter, encode_json, iter_shard
 from tldr_tasks.stages import caption, materialize
 from tldr_tasks.stages.base import StageIO
@@ -111,7 +111,7 @@ def test_rerun_is_skipped_and_shards_are_deterministic(selection, tmp_path):
 
 def test_missing_generated_caption_is_an_error(selection):
     Path(caption.output_url(selection, "00001")).unlink()
-    with pytest.raises(RuntimeError, match="run the caption stage"):
+    with pytest.raises(ConfigError, match="run the caption stage"):
         materialize.run(Config(), selection)
 
 

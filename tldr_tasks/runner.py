@@ -140,11 +140,13 @@ def execute_stage(cfg: Config, io: StageIO, name: str, **kwargs) -> tuple[StageR
     Under the DeepSpeed launcher every rank calls this; only rank 0 checks, records and tracks.
     """
     thread_defaults()
+    first_rank = int(os.environ.get("RANK", "0")) == 0
+    if first_rank:  # before the stage's heavy imports (torch): a refused run ends in well under a second
+        preflight.check(cfg, io, stage=name, with_eval=name == "evaluate")
     module = load_stage_module(name)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not first_rank:
         started = time.time()
         return module.run(cfg, io, **kwargs), time.time() - started, None
-    preflight.check(cfg, io, stage=name, with_eval=name == "evaluate")
     check_stage_params(cfg, io, name)
     started = time.time()
     with tracking.stage_run(cfg, io, name, kwargs) as parent:

@@ -16,7 +16,7 @@ import sys
 import time
 
 from tldr_tasks import storage
-from tldr_tasks.config import Config
+from tldr_tasks.config import Config, ConfigError
 from tldr_tasks.stage_cli import stage_main
 from tldr_tasks.stages.base import StageIO, StageResult, my_parts
 
@@ -27,7 +27,7 @@ def run(cfg: Config, io: StageIO, shard_index: int = 0, num_shards: int = 1) -> 
     """Caption the selected samples of this worker's source shards."""
     selected_url = storage.join(io.sample_dir, "selected.parquet")
     if not storage.exists(selected_url):
-        raise FileNotFoundError(f"{selected_url} not found: run the sample stage first")
+        raise ConfigError(f"{selected_url} not found (run the sample stage with the same --out first)")
     table = storage.read_parquet(selected_url, columns=["key", "shard"])
     keys_by_shard: dict[str, set[str]] = {}
     for key, shard in zip(table.column("key").to_pylist(), table.column("shard").to_pylist()):

@@ -49,10 +49,10 @@ def _load_index(cfg: Config, io: StageIO, shards: list[str]):
     missing = [storage.shard_stem(s) for s, u in zip(shards, urls) if not storage.exists(u)]
     if missing:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-        raise FileNotFoundError(
-            f"{len(missing)} of {len(shards)} input shards are not embedded yet under {directory}: {shown}. "
-            "Run `tldr-vlp run embed` (all --shard-index workers) with the same --input, captioner and "
-            "embed.feature first.")
+        raise ConfigError(
+            f"{len(missing)} of {len(shards)} input shards are not embedded yet under {directory}: {shown} "
+            "(run `tldr-vlp run embed`, all --shard-index workers, with the same --input, captioner and "
+            "embed.feature first)")
     keys, losses, shard_ids, counts = [], [], [], []
     rejects: list[tuple[str | None, str, str]] = []
     for i, url in enumerate(tqdm(urls, desc="cluster: read keys", unit="part")):

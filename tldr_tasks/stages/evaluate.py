@@ -45,7 +45,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tldr_tasks import storage
-from tldr_tasks.config import FUSIONS, Config
+from tldr_tasks.config import FUSIONS, Config, ConfigError
 from tldr_tasks.data.spool import Pixels, Split, write_spool
 from tldr_tasks.fusion import collapse_check, ship_caption
 from tldr_tasks.stage_cli import stage_main
@@ -457,8 +457,8 @@ def run(cfg: Config, io: StageIO) -> StageResult:
         return StageResult(metrics=flatten(json.loads(storage.read_text(report_url))),
                            outputs=[report_url, plot_url], skipped=True)
     if not io.eval_input:
-        raise ValueError("evaluate needs the clean held-out split: pass --eval-input (e.g. crawl/eval, "
-                         "which `tldr-vlp make-crawl` writes beside crawl/train)")
+        raise ConfigError("evaluate needs the clean held-out split (pass --eval-input, e.g. crawl/eval, "
+                          "which `tldr-vlp make-crawl` writes beside crawl/train)")
     import torch
 
     from tldr_tasks.models import clip
@@ -466,7 +466,7 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     torch.set_num_threads(clip.available_cpus())
     tldr_urls = storage.listdir(io.shards_dir, ".tar")
     if not tldr_urls:
-        raise ValueError(f"no compressed shards in {io.shards_dir}: run `materialize` first")
+        raise ConfigError(f"no compressed shards in {io.shards_dir} (run `tldr-vlp run materialize` first)")
     # The decoded inputs go to local scratch files ($TMPDIR; an emptyDir in a pod), not to memory.
     with tempfile.TemporaryDirectory(prefix="tldr-evaluate-") as scratch:
         report = evaluate_spooled(cfg, io, tldr_urls, scratch)

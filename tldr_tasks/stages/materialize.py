@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from tldr_tasks import fusion, storage
-from tldr_tasks.config import Config
+from tldr_tasks.config import Config, ConfigError
 from tldr_tasks.data.shards import Sample, encode_json, iter_shard, write_tar
 from tldr_tasks.stage_cli import stage_main
 from tldr_tasks.stages import caption
@@ -210,8 +210,8 @@ def _captions_of(keys: pa.ChunkedArray, parts: list[pa.Table]) -> pa.Table:
     index = pc.index_in(keys, value_set=table["key"])
     if index.null_count:
         missing = keys.filter(pc.is_null(index))
-        raise RuntimeError(f"{len(missing)} selected samples have no generated caption (e.g. {missing[0].as_py()}): "
-                           "run the caption stage for every shard group first")
+        raise ConfigError(f"{len(missing)} selected samples have no generated caption, e.g. {missing[0].as_py()} "
+                          "(run the caption stage for every shard group first)")
     return table.take(index)
 
 

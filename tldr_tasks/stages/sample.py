@@ -254,7 +254,7 @@ def run(cfg: Config, io: StageIO) -> StageResult:
                            outputs=[selected_url, scores_url, stats_url], skipped=True)
     assignments = storage.join(io.cluster_dir, "assignments.parquet")
     if not storage.exists(assignments):
-        raise FileNotFoundError(f"{assignments} not found: run `tldr-vlp run cluster` with the same --out first")
+        raise ConfigError(f"{assignments} not found (run `tldr-vlp run cluster` with the same --out first)")
     table = storage.read_parquet(assignments, columns=["key", "shard", "cluster", "distance", "loss"])
     table = table.take(pc.sort_indices(table, sort_keys=[("key", "ascending")]))
     n = table.num_rows
