@@ -128,6 +128,10 @@ class CrawlConfig:
     shard_size: int = 1000
 
     def validate(self):
+        # make-crawl validates this section alone, without a Config around it
+        for key, value in dataclasses.asdict(self).items():
+            if f"crawl.{key}" in RANGES:
+                _in_range(f"crawl.{key}", value)
         _choice("crawl.noise_mode", self.noise_mode, NOISE_MODES)
 
 
