@@ -49,7 +49,7 @@ def get(url: str, host: str | None = None, user: tuple[str, str] | None = None) 
     if user:
         request.add_header("Authorization", "Basic " + base64.b64encode(":".join(user).encode()).decode())
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=60) as response:  # a busy 2-core machine is slow
             return response.status
     except urllib.error.HTTPError as err:
         return err.code
