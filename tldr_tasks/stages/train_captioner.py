@@ -235,8 +235,9 @@ def codebook_usage(model, piece: dict, dtype, device) -> dict:
     model.eval()
     with torch.no_grad():
         pixels = normalize_uint8(piece["pixels"]).to(device=device, dtype=dtype)
-        codes = model.encode(pixels).codes.flatten()
-        lm = model.per_sample_loss(pixels, piece["input_ids"].to(device), piece["attention_mask"].to(device))
+        encoded = model.encode(pixels)  # once, for the codes and the caption loss
+        codes = encoded.codes.flatten()
+        lm = model.caption_loss(encoded.quantized, piece["input_ids"].to(device), piece["attention_mask"].to(device))
     counts = torch.bincount(codes.cpu(), minlength=model.arch["codebook_size"]).double()
     p = counts[counts > 0] / counts.sum()
     return {"codes_used": float((counts > 0).sum()), "code_perplexity": float(torch.exp(-(p * p.log()).sum())),
