@@ -59,7 +59,7 @@ airflow: $(FULL_STAMP)
 
 ## performance (not part of make test): per-stage samples/s and peak RSS against crawl size, the fast
 ## paths against the slow ones, each model-bound stage against its model alone, cluster + sample at 1M
-## (benchmarks/results/; ~30-40 min on 2 cores)
+## (benchmarks/results/)
 bench: $(FULL_STAMP)
 	$(PY) benchmarks/side_by_side.py
 	$(PY) benchmarks/stage_scale.py
