@@ -59,10 +59,12 @@ airflow: $(FULL_STAMP)
 	bash scripts/airflow-local.sh
 
 ## performance (not part of make test): per-stage samples/s and peak RSS against crawl size, the fast
-## paths against the slow ones, cluster + sample at 1M (benchmarks/results/; ~20-30 min on 2 cores)
+## paths against the slow ones, each model-bound stage against its model alone, cluster + sample at 1M
+## (benchmarks/results/)
 bench: $(FULL_STAMP)
 	$(PY) benchmarks/side_by_side.py
 	$(PY) benchmarks/stage_scale.py
+	$(PY) benchmarks/stage_limits.py
 	$(PY) benchmarks/cluster_scale.py
 
 clean:

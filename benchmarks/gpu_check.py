@@ -48,11 +48,11 @@ def embed_base(device: str = "cuda", batch: int = 256, iters: int = 20) -> dict:
     for name, autocast in (("fp32", False), ("bf16_autocast", True)):
         with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             for _ in range(3):
-                compute_features(model, pixels, "quantized_mean", model.arch["codebook_size"])
+                compute_features(model.encode(pixels), "quantized_mean", model.arch["codebook_size"])
             sync()
             started = time.time()
             for _ in range(iters):
-                compute_features(model, pixels, "quantized_mean", model.arch["codebook_size"])
+                compute_features(model.encode(pixels), "quantized_mean", model.arch["codebook_size"])
             sync()
         out[f"{name}_images_per_s"] = round(batch * iters / (time.time() - started), 1)
     return out

@@ -84,10 +84,11 @@ def test_grounding_is_zero_for_a_caption_that_ignores_the_image(captioner_dir, c
     model, tokenizer = cap.load_captioner(captioner_dir)
     image = next(iter(crawl_samples.values())).image
     pixels = cap.image_to_tensor([image, image], 32)
-    confidence, grounding = caption.caption_confidence(model, tokenizer, pixels, ["a red circle", "a red circle"])
+    quantized = model.encode(pixels).quantized
+    confidence, grounding = caption.caption_confidence(model, tokenizer, quantized, ["a red circle", "a red circle"])
     assert grounding == pytest.approx([0.0, 0.0], abs=1e-5)
     assert confidence[0] == pytest.approx(confidence[1])
-    confidence, grounding = caption.caption_confidence(model, tokenizer, pixels[:1], ["a red circle"])
+    confidence, grounding = caption.caption_confidence(model, tokenizer, quantized[:1], ["a red circle"])
     assert grounding[0] != grounding[0]  # a lone caption has nothing to compare with: NaN, the gate fails it
 
 

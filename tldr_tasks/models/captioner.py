@@ -239,9 +239,13 @@ class Captioner(nn.Module):
 
     def per_sample_loss(self, pixels, input_ids, attention_mask) -> torch.Tensor:
         """Mean caption token loss of every sample, float [B] (the "hard samples" score)."""
-        enc = self.encode(pixels)
+        return self.caption_loss(self.encode(pixels).quantized, input_ids, attention_mask)
+
+    def caption_loss(self, quantized, input_ids, attention_mask) -> torch.Tensor:
+        """`per_sample_loss` from the images' quantised tokens (`encode(pixels).quantized`), for callers
+        that need them for more than the loss: the encoder then runs once per image."""
         logits = self.decoder(input_ids=input_ids, attention_mask=attention_mask,
-                              encoder_hidden_states=self._memory(enc.quantized)).logits
+                              encoder_hidden_states=self._memory(quantized)).logits
         targets = input_ids[:, 1:]
         mask = attention_mask[:, 1:].float()
         token_loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
@@ -254,17 +258,23 @@ class Captioner(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            memory = self._memory(self.encode(pixels).quantized)
-            batch = pixels.shape[0]
-            start = torch.full((batch, 1), tokenizer.bos_token_id, dtype=torch.long, device=pixels.device)
-            max_new_tokens = min(max_new_tokens, self.arch["n_positions"] - 1)
-            out = self.decoder.generate(
-                input_ids=start, attention_mask=torch.ones_like(start), encoder_hidden_states=memory,
-                num_beams=num_beams, do_sample=False, min_new_tokens=min(min_new_tokens, max_new_tokens),
-                max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, use_cache=True)
+            return self.captions_from(self.encode(pixels).quantized, tokenizer, num_beams, min_new_tokens,
+                                      max_new_tokens)
         finally:
             self.train(was_training)
+
+    @torch.no_grad()
+    def captions_from(self, quantized, tokenizer, num_beams: int = 3, min_new_tokens: int = 3,
+                      max_new_tokens: int = 30) -> list[str]:
+        """`generate_captions` from the images' quantised tokens (`encode(pixels).quantized` in eval mode)."""
+        batch = quantized.shape[0]
+        start = torch.full((batch, 1), tokenizer.bos_token_id, dtype=torch.long, device=quantized.device)
+        max_new_tokens = min(max_new_tokens, self.arch["n_positions"] - 1)
+        out = self.decoder.generate(
+            input_ids=start, attention_mask=torch.ones_like(start), encoder_hidden_states=self._memory(quantized),
+            num_beams=num_beams, do_sample=False, min_new_tokens=min(min_new_tokens, max_new_tokens),
+            max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, use_cache=True)
         texts = tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
         return [" ".join(t.split()) for t in texts]
 

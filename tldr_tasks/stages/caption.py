@@ -78,7 +78,7 @@ def caption_shard(model, tokenizer, shard_url: str, keys: set[str], cfg: Config,
     order. Raises when a selected key is missing or unreadable: the selection and the input disagree."""
     from tqdm import tqdm
 
-    from tldr_tasks.data.shards import Sample, iter_shard
+    from tldr_tasks.data.shards import RawSample, Sample, iter_raw_shard
     from tldr_tasks.models.captioner import image_to_tensor
 
     c = cfg.caption
@@ -95,10 +95,8 @@ def caption_shard(model, tokenizer, shard_url: str, keys: set[str], cfg: Config,
         if not batch_keys:
             return
         pixels = image_to_tensor(batch_images, model.image_size).to(device)
-        captions = model.generate_captions(pixels, tokenizer, num_beams=c.num_beams,
-                                           min_new_tokens=c.min_new_tokens, max_new_tokens=c.max_new_tokens)
+        captions, confidence, grounding = caption_batch(model, tokenizer, pixels, c)
         out_captions.extend(captions)
-        confidence, grounding = caption_confidence(model, tokenizer, pixels, captions)
         out_confidence.extend(confidence)
         out_grounding.extend(grounding)
         out_keys.extend(batch_keys)
@@ -109,8 +107,10 @@ def caption_shard(model, tokenizer, shard_url: str, keys: set[str], cfg: Config,
 
     with tqdm(total=len(keys), desc=f"caption {storage.shard_stem(shard_url)}", unit="img",
               file=sys.stderr, disable=None) as progress:
-        for item in iter_shard(shard_url):
-            if isinstance(item, Sample) and item.key in keys:
+        # Only the selected samples are decoded: the rest of the shard is read, never decoded.
+        for raw in iter_raw_shard(shard_url):
+            item = raw.decode() if isinstance(raw, RawSample) and raw.key in keys else None
+            if isinstance(item, Sample):
                 batch_keys.append(item.key)
                 batch_images.append(item.image)
                 batch_originals.append(item.caption)
@@ -127,14 +127,27 @@ def caption_shard(model, tokenizer, shard_url: str, keys: set[str], cfg: Config,
     return out_keys, out_originals, out_captions, out_confidence, out_grounding
 
 
-def caption_confidence(model, tokenizer, pixels, captions: list[str]) -> tuple[list[float], list[float]]:
+def caption_batch(model, tokenizer, pixels, c) -> tuple[list[str], list[float], list[float]]:
+    """(beam-search captions, confidences, groundings) of a batch of images (FloatTensor [B, 3, S, S]
+    from `image_to_tensor`), with `c` a CaptionConfig's beams and lengths; the encoder runs once for all three."""
+    import torch
+
+    with torch.inference_mode():
+        quantized = model.encode(pixels).quantized
+        captions = model.captions_from(quantized, tokenizer, num_beams=c.num_beams, min_new_tokens=c.min_new_tokens,
+                                       max_new_tokens=c.max_new_tokens)
+        return captions, *caption_confidence(model, tokenizer, quantized, captions)
+
+
+def caption_confidence(model, tokenizer, quantized, captions: list[str]) -> tuple[list[float], list[float]]:
     """Two scores per caption (NaN for an empty one), both teacher-forced:
     confidence  the mean token log-probability of the caption given its image (length-normalised);
     grounding   confidence minus the same given the image half a batch away: how much the image, not
                 the language model alone, explains the caption. A collapsed or undertrained
                 captioner writes fluent, confident captions that fit any image: grounding ~0. (Half a
                 batch, not the next image: shards in key order put near-duplicates side by side.)
-    The gate in fusion.ship_caption reads both."""
+    The gate in fusion.ship_caption reads both. `quantized` holds the images' quantised tokens
+    (`model.encode(pixels).quantized`)."""
     import torch
 
     from tldr_tasks.models.captioner import tokenize_captions
@@ -144,11 +157,11 @@ def caption_confidence(model, tokenizer, pixels, captions: list[str]) -> tuple[l
     rows = [i for i, text in enumerate(captions) if text.strip()]
     if rows:
         ids, mask = tokenize_captions(tokenizer, [captions[i] for i in rows], model.arch["max_tokens"])
-        ids, mask = ids.to(pixels.device), mask.to(pixels.device)
-        own = pixels[rows]
+        ids, mask = ids.to(quantized.device), mask.to(quantized.device)
+        own = quantized[rows]
         with torch.inference_mode():
-            given_own = -model.per_sample_loss(own, ids, mask).float().cpu()
-            given_other = -model.per_sample_loss(own.roll(max(1, len(rows) // 2), dims=0), ids, mask).float().cpu()
+            given_own = -model.caption_loss(own, ids, mask).float().cpu()
+            given_other = -model.caption_loss(own.roll(max(1, len(rows) // 2), dims=0), ids, mask).float().cpu()
         for j, i in enumerate(rows):
             confidence[i] = float(given_own[j])
             if len(rows) > 1:  # a lone caption has no other image to compare with

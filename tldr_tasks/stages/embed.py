@@ -148,29 +148,27 @@ def _batches(samples: Iterator[Sample | Rejected], size: int, rejects: list[Reje
         yield batch
 
 
-def compute_features(model, pixels, feature: str, codebook_size: int):
+def compute_features(encoded, feature: str, codebook_size: int):
     """The clustering feature of a batch of images (a torch tensor [B, ...], not yet numpy).
 
     Args:
-        model: the captioner; `model.encode(pixels)` gives quantized [B,T,D], codes [B,T], cls [B,D].
-        pixels: FloatTensor [B, 3, S, S] from `image_to_tensor`.
+        encoded: `model.encode(pixels)` of the captioner: quantized [B,T,D], codes [B,T], cls [B,D].
         feature: one of config.FEATURES.
         codebook_size: number of codes (the histogram's length).
     """
     import torch
 
-    out = model.encode(pixels)
     if feature == "quantized_mean":
-        return out.quantized.float().mean(dim=1)
+        return encoded.quantized.float().mean(dim=1)
     if feature == "cls":
-        return out.cls.float()
+        return encoded.cls.float()
     if feature == "code_histogram":
-        codes = out.codes.long()
+        codes = encoded.codes.long()
         hist = torch.zeros(codes.shape[0], codebook_size, device=codes.device)
         hist.scatter_add_(1, codes, torch.ones_like(codes, dtype=hist.dtype))
         return hist / codes.shape[1]
     if feature == "code_index_pca":
-        return out.codes.long()
+        return encoded.codes.long()
     raise ValueError(f"unknown embed.feature {feature!r}")
 
 
@@ -178,6 +176,24 @@ def _to_storage_dtype(array: np.ndarray, feature: str, codebook_size: int) -> np
     if feature == "code_index_pca":
         return array.astype(np.int16 if codebook_size <= np.iinfo(np.int16).max else np.int32)
     return array.astype(np.float16)
+
+
+def embed_batch(model, pixels, with_caption: list[int], ids, mask, feature: str) -> tuple[np.ndarray, np.ndarray]:
+    """(features in their storage dtype, per-sample caption loss, NaN for samples without a caption) of
+    one batch; the encoder runs once for both.
+
+    Args:
+        pixels: FloatTensor [B, 3, S, S] from `image_to_tensor`.
+        with_caption: the rows that have a caption; `ids` and `mask` are theirs (`tokenize_captions`).
+    """
+    codebook_size = model.arch["codebook_size"]
+    encoded = model.encode(pixels)
+    features = _to_storage_dtype(compute_features(encoded, feature, codebook_size).cpu().numpy(), feature,
+                                 codebook_size)
+    loss = np.full(len(pixels), np.nan, dtype=np.float32)
+    if with_caption:
+        loss[with_caption] = model.caption_loss(encoded.quantized[with_caption], ids, mask).float().cpu().numpy()
+    return features, loss
 
 
 def embed_shard(model, tokenizer, cfg: Config, shard_url: str, device: str, version: str) -> EmbedPart:
@@ -199,15 +215,13 @@ def embed_shard(model, tokenizer, cfg: Config, shard_url: str, device: str, vers
         for batch in tqdm(_batches(iter_shard(shard_url), cfg.embed.batch_size, rejects),
                           desc=f"embed {stem}", unit="batch", leave=False):
             pixels = image_to_tensor([s.image for s in batch], image_size).to(device)
-            feats = compute_features(model, pixels, feature, codebook_size)
-            features.append(_to_storage_dtype(feats.cpu().numpy(), feature, codebook_size))
-            loss = np.full(len(batch), np.nan, dtype=np.float32)
             with_caption = [i for i, s in enumerate(batch) if s.caption.strip()]
+            ids = mask = None
             if with_caption:
-                ids, mask = tokenize_captions(tokenizer, [batch[i].caption for i in with_caption],
-                                              max_tokens)
-                per_sample = model.per_sample_loss(pixels[with_caption], ids.to(device), mask.to(device))
-                loss[with_caption] = per_sample.float().cpu().numpy()
+                ids, mask = tokenize_captions(tokenizer, [batch[i].caption for i in with_caption], max_tokens)
+                ids, mask = ids.to(device), mask.to(device)
+            feats, loss = embed_batch(model, pixels, with_caption, ids, mask, feature)
+            features.append(feats)
             losses.append(loss)
             keys += [s.key for s in batch]
     if features:

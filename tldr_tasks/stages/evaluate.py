@@ -106,7 +106,7 @@ def generate(io: StageIO, cfg: Config, images: np.ndarray, desc: str) -> tuple[l
     from PIL import Image
 
     from tldr_tasks.models.captioner import captioner_version, image_to_tensor
-    from tldr_tasks.stages.caption import caption_confidence
+    from tldr_tasks.stages.caption import caption_batch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = _loaded_captioner(io.captioner_dir, captioner_version(io.captioner_dir), device)
@@ -117,12 +117,10 @@ def generate(io: StageIO, cfg: Config, images: np.ndarray, desc: str) -> tuple[l
     for i in tqdm(range(0, len(images), c.batch_size), desc=f"caption {desc}", unit="batch", leave=False):
         pixels = image_to_tensor([Image.fromarray(a) for a in images[i:i + c.batch_size]],
                                  model.image_size).to(device)
-        batch = model.generate_captions(pixels, tokenizer, num_beams=c.num_beams, min_new_tokens=c.min_new_tokens,
-                                        max_new_tokens=c.max_new_tokens)
+        batch, batch_confidence, batch_grounding = caption_batch(model, tokenizer, pixels, c)
         captions += batch
-        scores = caption_confidence(model, tokenizer, pixels, batch)
-        confidence += scores[0]
-        grounding += scores[1]
+        confidence += batch_confidence
+        grounding += batch_grounding
     return captions, confidence, grounding
 
 

@@ -122,6 +122,7 @@ def _train(cfg: Config, io: StageIO, stop_after_steps: int | None, started: floa
     losses = torch.zeros(steps_per_epoch, 2, device=device)
     first_logged = steps_per_epoch  # none yet: resumed after the last step, the final losses are NaN
     step, trained_samples, train_started = done, 0, time.time()
+    data_wait = 0.0  # seconds this process waited for the loader's next batch (decoding, reading)
     progress = _progress(total_steps, done, rank)
     for epoch in range(done // steps_per_epoch, c.epochs):
         start = step - epoch * steps_per_epoch
@@ -129,18 +130,15 @@ def _train(cfg: Config, io: StageIO, stop_after_steps: int | None, started: floa
         data = stream.TrainStream(index, batch_size=c.batch_size, streams=c.data_streams, seed=cfg.seed,
                                   epoch=epoch, image_size=c.image_size, tokenizer=tokenizer, max_tokens=c.max_tokens,
                                   shuffle_buffer=c.shuffle_buffer, rank=rank, world=world, start_step=start)
-        for batch in stream.batches(data, c.loader_workers, device):
+        batches = stream.batches(data, c.loader_workers, device)
+        while True:
+            waiting = time.time()
+            batch = next(batches, None)
+            data_wait += time.time() - waiting
+            if batch is None:
+                break
             index_in_epoch = batch["step"]
-            pixels = cap.normalize_uint8(batch["pixels"]).to(dtype)
-            mask = batch["attention_mask"]
-            lm_tokens = mask[:, 1:].sum().float()
-            if world > 1:  # the global batch's predicted tokens, as a per-rank average (see Captioner.losses)
-                torch.distributed.all_reduce(lm_tokens)
-                lm_tokens = lm_tokens / world
-            with autocast:
-                loss = engine(pixels, batch["input_ids"], mask, lm_tokens)
-            engine.backward(loss)
-            engine.step()
+            loss = train_step(engine, batch, dtype, autocast, world)
             step += 1
             trained_samples += c.batch_size
             losses[index_in_epoch, 0] = loss.detach().float()
@@ -169,7 +167,7 @@ def _train(cfg: Config, io: StageIO, stop_after_steps: int | None, started: floa
     metrics = {
         "steps": float(step), "steps_resumed": float(done), "epochs": float(c.epochs),
         "train_samples": float(index.total), "world_size": float(world),
-        "setup_seconds": setup_seconds, "train_seconds": train_seconds,
+        "setup_seconds": setup_seconds, "train_seconds": train_seconds, "data_wait_seconds": data_wait,
         "samples_per_second": trained_samples / train_seconds if trained_samples else 0.0,
         "final_train_loss": float(final[0]), "final_lm_loss": float(final[1]),
     }
@@ -185,6 +183,26 @@ def _train(cfg: Config, io: StageIO, stop_after_steps: int | None, started: floa
     if world > 1:
         torch.distributed.barrier()
     return StageResult(metrics=metrics, outputs=[io.captioner_dir])
+
+
+def train_step(engine, batch: dict, dtype, autocast, world: int):
+    """One optimizer step on one rank's part of a global batch (from `stream.batches`); returns the
+    loss, still on the device."""
+    import torch
+
+    from tldr_tasks.models.captioner import normalize_uint8
+
+    pixels = normalize_uint8(batch["pixels"]).to(dtype)
+    mask = batch["attention_mask"]
+    lm_tokens = mask[:, 1:].sum().float()
+    if world > 1:  # the global batch's predicted tokens, as a per-rank average (see Captioner.losses)
+        torch.distributed.all_reduce(lm_tokens)
+        lm_tokens = lm_tokens / world
+    with autocast:
+        loss = engine(pixels, batch["input_ids"], mask, lm_tokens)
+    engine.backward(loss)
+    engine.step()
+    return loss
 
 
 def deepspeed_config(c, total_steps: int, world: int) -> dict:
@@ -217,8 +235,9 @@ def codebook_usage(model, piece: dict, dtype, device) -> dict:
     model.eval()
     with torch.no_grad():
         pixels = normalize_uint8(piece["pixels"]).to(device=device, dtype=dtype)
-        codes = model.encode(pixels).codes.flatten()
-        lm = model.per_sample_loss(pixels, piece["input_ids"].to(device), piece["attention_mask"].to(device))
+        encoded = model.encode(pixels)  # once, for the codes and the caption loss
+        codes = encoded.codes.flatten()
+        lm = model.caption_loss(encoded.quantized, piece["input_ids"].to(device), piece["attention_mask"].to(device))
     counts = torch.bincount(codes.cpu(), minlength=model.arch["codebook_size"]).double()
     p = counts[counts > 0] / counts.sum()
     return {"codes_used": float((counts > 0).sum()), "code_perplexity": float(torch.exp(-(p * p.log()).sum())),
