@@ -50,12 +50,17 @@ def load_model(io: StageIO):
     centroids = np.load(_bytes_io(storage.join(io.kmeans_dir, "centroids.npy")))
     index = faiss.IndexFlatL2(centroids.shape[1])
     index.add(centroids)
-    pca_url = storage.join(io.kmeans_dir, "pca.faiss")
-    if not storage.exists(pca_url):
-        return index, None
+    return index, load_pca(io) if storage.exists(storage.join(io.kmeans_dir, "pca.faiss")) else None
+
+
+def load_pca(io: StageIO):
+    """The PCA whitening `kmeans` fitted for the code_index_pca feature."""
+    import faiss
+
     reader = faiss.VectorIOReader()
-    faiss.copy_array_to_vector(np.frombuffer(storage.read_bytes(pca_url), np.uint8), reader.data)
-    return index, faiss.read_VectorTransform(reader)
+    faiss.copy_array_to_vector(np.frombuffer(storage.read_bytes(storage.join(io.kmeans_dir, "pca.faiss")), np.uint8),
+                               reader.data)
+    return faiss.read_VectorTransform(reader)
 
 
 def _bytes_io(url: str):

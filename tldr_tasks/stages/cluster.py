@@ -39,7 +39,7 @@ def load_features(cfg: Config, io: StageIO) -> tuple[np.ndarray, np.ndarray]:
     shards = io.input_shards()
     urls = kmeans.part_urls(cfg, io, shards)
     counts, keep, keys, _, _ = kmeans.load_index(urls, [storage.shard_stem(s) for s in shards])
-    pca = assign.load_model(io)[1]
+    pca = assign.load_pca(io) if cfg.embed.feature == "code_index_pca" else None
     return keys[keep], kmeans.build_features(kmeans.gather(urls, counts, keep, np.arange(int(keep.sum()))), pca)
 
 
