@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 FEATURES = ("quantized_mean", "code_histogram", "cls", "code_index_pca")
+KMEANS_INITS = ("kmeans++", "afk_mc2")
 STRATEGIES = ("uniform", "balanced", "hard", "near_centroid", "far_centroid", "random", "clip_score", "semdedup")
 ALIGNMENTS = ("cluster_pool", "global_pool", "rank", "none")
 FUSIONS = ("mix", "generated", "concat", "original")
@@ -112,6 +113,8 @@ class EmbedConfig:
 class ClusterConfig:
     clusters: int = 0  # 0: round(8 * sqrt(sample.ratio * samples)) (stages/cluster.py: cluster_count)
     niter: int = 20
+    # seeding (stages/kmeans.py): kmeans++ (greedy, scikit-learn's) or afk_mc2 (faiss' MCMC approximation)
+    init: str = "kmeans++"
     pca_dim: int = 256  # only for the code_index_pca feature (the released code's 256-d whitening)
     max_points_per_centroid: int = 256  # k-means trains on at most clusters * this many points
     assign_batch: int = 262144
@@ -119,6 +122,7 @@ class ClusterConfig:
     def validate(self):
         _check(self.clusters >= 0, f"cluster.clusters={self.clusters} must be >= 1, or 0 for the size rule")
         _check(self.niter >= 1, f"cluster.niter={self.niter} must be >= 1")
+        _choice("cluster.init", self.init, KMEANS_INITS)
 
 
 @dataclass

@@ -94,8 +94,9 @@ def assign_part(cfg: Config, part: embed.EmbedPart, drop: set[str], index, pca, 
         raise ValueError(f"embed part of {stem} has {rows.shape[1]}-d features, the model "
                          f"{pca.d_in if pca is not None else index.d}-d: parts from different captioners are mixed")
     cluster, distance = nearest(index, kmeans.build_features(rows, pca), cfg.cluster.assign_batch)
-    return pa.table({"key": pa.array(part.keys[keep], pa.string()), "shard": pa.array([stem] * len(cluster), pa.string()),
-                     "cluster": cluster, "distance": distance, "loss": part.loss[keep].astype(np.float32)})
+    return pa.table({"key": pa.array(part.keys[keep], pa.string()),
+                     "shard": pa.array([stem] * len(cluster), pa.string()), "cluster": cluster,
+                     "distance": distance, "loss": part.loss[keep].astype(np.float32)})
 
 
 def run(cfg: Config, io: StageIO, shard_index: int = 0, num_shards: int = 1) -> StageResult:

@@ -32,6 +32,7 @@ from tldr_tasks.stages.base import StageIO, StageResult, numeric
 DUPLICATE_REASON = "duplicate key across shards"
 PCA_TRAIN_POINTS = 200_000  # enough to estimate a covariance of a few hundred dims
 NORMALISE_BATCH = 1 << 18  # rows converted to float32 at a time (256-d: 256 MiB)
+SEED_POINTS_PER_CENTROID = 16  # k-means++ seeds on k * this many rows (side_by_side.json: its cost)
 
 
 def _outputs(out: str, cfg: Config) -> list[str]:
@@ -147,18 +148,47 @@ def training_rows(cfg: Config, n: int, k: int) -> np.ndarray:
     return np.sort(np.random.default_rng(cfg.seed).choice(n, n_train, replace=False))
 
 
+def kmeans_plus_plus(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Greedy k-means++ seeding (scikit-learn's): every next centroid is the best, by the summed squared
+    distance it leaves, of 2 + ln(k) candidates drawn with probability proportional to the squared
+    distance to the nearest centroid so far. Runs on a seeded subsample of at most
+    k * SEED_POINTS_PER_CENTROID rows: its cost is k steps over those rows."""
+    rng = np.random.default_rng(seed)
+    if len(x) > k * SEED_POINTS_PER_CENTROID:
+        x = x[np.sort(rng.choice(len(x), k * SEED_POINTS_PER_CENTROID, replace=False))]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    trials = 2 + int(math.log(k))
+    norms = (x * x).sum(axis=1)
+    centroids = np.empty((k, x.shape[1]), dtype=np.float32)
+    first = int(rng.integers(len(x)))
+    centroids[0] = x[first]
+    closest = np.maximum(norms - 2 * x @ x[first] + norms[first], 0)
+    for c in range(1, k):
+        cumulative = np.cumsum(closest, dtype=np.float64)
+        candidates = np.minimum(np.searchsorted(cumulative, rng.random(trials) * cumulative[-1]), len(x) - 1)
+        squared = np.maximum(norms[:, None] - 2 * x @ x[candidates].T + norms[candidates][None], 0)
+        squared = np.minimum(closest[:, None], squared)
+        best = int(np.argmin(squared.sum(axis=0)))
+        closest = squared[:, best]
+        centroids[c] = x[candidates[best]]
+    return centroids
+
+
 def train_kmeans(cfg: Config, train: np.ndarray, k: int):
-    """faiss k-means with k clusters on the rows of `train` (all of them: sample first)."""
+    """faiss k-means (Lloyd, cluster.niter iterations) with k clusters on the rows of `train` (all of
+    them: sample first), seeded as cluster.init says."""
     import faiss
 
-    # AFK-MC2 seeding (an MCMC approximation of k-means++): faiss' default random seeding often
-    # puts two centroids in one dense group and never separates them (30 of 100 toy blob sets);
-    # exact k-means++ costs a sequential pass per centroid (~13 min at 768k x 256, k=3000).
+    train = np.ascontiguousarray(train, dtype=np.float32)
+    # afk_mc2 (faiss' MCMC approximation of k-means++) puts two centroids in one dense group and never
+    # separates them more often than greedy k-means++: on side_by_side's 1000 equal blobs it ends at a
+    # worse objective (benchmarks/results/side_by_side.json: kmeans.faiss_afk_mc2_mse).
+    init = kmeans_plus_plus(train, k, cfg.seed) if cfg.cluster.init == "kmeans++" else None
     kmeans = faiss.Kmeans(train.shape[1], k, niter=cfg.cluster.niter, seed=cfg.seed,
                           max_points_per_centroid=cfg.cluster.max_points_per_centroid,
                           init_method=faiss.ClusteringInitMethod_AFK_MC2,
                           gpu=faiss.get_num_gpus() > 0, verbose=False)
-    kmeans.train(np.ascontiguousarray(train, dtype=np.float32))
+    kmeans.train(train, init_centroids=init)
     return kmeans
 
 
