@@ -146,15 +146,17 @@ def test_code_index_pca_whitens_to_pca_dim(tmp_path):
     labels = np.repeat([0, 1], 50)
     parts = [([f"k{i:03d}" for i in range(100)], codes, np.zeros(100), [])]
     cfg, io = _setup(tmp_path, parts, feature="code_index_pca")
-    cfg.cluster.clusters, cfg.cluster.pca_dim = 2, 8
+    # 2 dims: the scene types' direction plus one of noise (at 8, whitening gives the noise directions
+    # the same variance and 2-means splits the set differently from seed to seed)
+    cfg.cluster.clusters, cfg.cluster.pca_dim = 2, 2
     _cluster(cfg, io)
-    assert np.load(f"{io.cluster_dir}/centroids.npy").shape == (2, 8)
+    assert np.load(f"{io.cluster_dir}/centroids.npy").shape == (2, 2)
     table = pq.read_table(f"{io.cluster_dir}/assignments.parquet").to_pandas()
     assigned = table.sort_values("key")["cluster"].to_numpy()
     agreement = max((assigned == labels).mean(), (assigned != labels).mean())
     assert agreement > 0.95
     features = cluster.load_features(cfg, io)[1]
-    assert features.dtype == np.float16 and features.shape == (100, 8)
+    assert features.dtype == np.float16 and features.shape == (100, 2)
     assert np.allclose(np.linalg.norm(features.astype(np.float32), axis=1), 1.0, atol=1e-2)
 
 
