@@ -4,6 +4,7 @@ reuse policy, and the CPU count torch is given."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -149,6 +150,21 @@ def test_torch_threads_follow_the_cpu_limit(monkeypatch):
     assert clip.available_cpus() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert clip.available_cpus() == 3
+
+
+@pytest.mark.parametrize("exclusive, policy, spin", [("1", "ACTIVE", "300000"), (None, "PASSIVE", None)])
+def test_openmp_spins_only_where_the_cores_are_its_own(monkeypatch, exclusive, policy, spin):
+    from tldr_tasks.runner import EXCLUSIVE_CPUS, thread_defaults
+
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", EXCLUSIVE_CPUS):
+        monkeypatch.delenv(name, raising=False)
+    if exclusive:
+        monkeypatch.setenv(EXCLUSIVE_CPUS, exclusive)
+    thread_defaults()
+    assert os.environ["OMP_WAIT_POLICY"] == policy and os.environ.get("GOMP_SPINCOUNT") == spin
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # a caller's choice wins
+    thread_defaults()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
 
 
 def test_parquet_helpers_round_trip_atomically(tmp_path):

@@ -167,6 +167,8 @@ def pod_settings(spec: StageSpec, config: dict) -> dict:
         # Torch would size its thread pool by the node's cores and stall on CFS throttling: one
         # thread per core of the limit, shared by the processes (DeepSpeed starts one per GPU).
         "OMP_NUM_THREADS": str(max(1, int(r.cpus) // processes)),
+        # requests == limits: the pod's cores are its own, so the executor lets OpenMP threads spin briefly
+        "TLDR_EXCLUSIVE_CPUS": "1",
         "XDG_CACHE_HOME": STAGE_CACHE,
         "TRITON_CACHE_DIR": f"{STAGE_CACHE}/triton",
         "TLDR_RUN_KEY": "{{ dag.dag_id }}/{{ run_id }}",
