@@ -203,3 +203,20 @@ def test_fanned_out_assignment_equals_single_process(tmp_path):
     assert nearest[single["key"].map(order)].tolist() == single["cluster"].tolist()
     sizes = json.loads((tmp_path / "3" / "run" / "cluster" / "stats.json").read_text())
     assert sizes["cluster_size_max"] == single["cluster"].value_counts().max()
+
+
+def test_reduce_refuses_until_every_group_is_assigned(tmp_path):
+    x, _ = _blobs(10, np.eye(4) * 3, seed=7)
+    parts = [([f"s{s}_{i}" for i in range(10)], x[s * 10:(s + 1) * 10].astype(np.float16), np.zeros(10), [])
+             for s in range(4)]
+    cfg, io = _setup(tmp_path, parts)
+    cfg.cluster.clusters = 2
+    with pytest.raises(FileNotFoundError, match=r"run `tldr-vlp run kmeans`"):
+        assign.run(cfg, io)
+    kmeans.run(cfg, io)
+    assert assign.run(cfg, io, shard_index=0, num_shards=2).metrics["samples"] == 20  # shards 00000 and 00002
+    with pytest.raises(FileNotFoundError, match=r"2 of 4 input shards are not assigned yet.*00001, 00003"):
+        cluster.run(cfg, io)
+    assert not (tmp_path / "run" / "cluster" / "stats.json").exists()
+    assign.run(cfg, io, shard_index=1, num_shards=2)
+    assert cluster.run(cfg, io).metrics["samples"] == 40

@@ -16,6 +16,7 @@ Memory: one embed part and its features at a time, whatever the crawl's size.
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 
@@ -40,13 +41,19 @@ def part_url(directory: str, shard_url: str) -> str:
     return storage.join(directory, content.shard_id(shard_url) + ".parquet")
 
 
+def trained_stats(io: StageIO) -> dict:
+    """`kmeans`'s stats.json; raises saying which stage to run when it is missing."""
+    stats = storage.join(io.kmeans_dir, "stats.json")
+    if not storage.exists(stats):
+        raise FileNotFoundError(f"{stats} not found: run `tldr-vlp run kmeans` with the same --out first")
+    return json.loads(storage.read_text(stats))
+
+
 def load_model(io: StageIO):
     """(faiss index over the centroids, PCA transform or None) that `kmeans` trained."""
     import faiss
 
-    stats = storage.join(io.kmeans_dir, "stats.json")
-    if not storage.exists(stats):
-        raise FileNotFoundError(f"{stats} not found: run `tldr-vlp run kmeans` with the same --out first")
+    trained_stats(io)
     centroids = np.load(_bytes_io(storage.join(io.kmeans_dir, "centroids.npy")))
     index = faiss.IndexFlatL2(centroids.shape[1])
     index.add(centroids)

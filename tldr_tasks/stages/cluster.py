@@ -71,7 +71,7 @@ def run(cfg: Config, io: StageIO) -> StageResult:
         return StageResult(metrics=numeric(json.loads(storage.read_text(stats_url))), outputs=_outputs(out),
                            skipped=True)
     started = time.time()
-    trained = json.loads(storage.read_text(storage.join(io.kmeans_dir, "stats.json")))
+    trained = assign.trained_stats(io)
     shards = io.input_shards()
     directory = assign.model_dir(io)
     urls = [assign.part_url(directory, s) for s in shards]
