@@ -16,6 +16,7 @@ Memory: one embed part and its features at a time, whatever the crawl's size.
 from __future__ import annotations
 
 import hashlib
+import io as _io
 import json
 
 import numpy as np
@@ -54,7 +55,7 @@ def load_model(io: StageIO):
     import faiss
 
     trained_stats(io)
-    centroids = np.load(_bytes_io(storage.join(io.kmeans_dir, "centroids.npy")))
+    centroids = np.load(_io.BytesIO(storage.read_bytes(storage.join(io.kmeans_dir, "centroids.npy"))))
     index = faiss.IndexFlatL2(centroids.shape[1])
     index.add(centroids)
     return index, load_pca(io) if storage.exists(storage.join(io.kmeans_dir, "pca.faiss")) else None
@@ -68,12 +69,6 @@ def load_pca(io: StageIO):
     faiss.copy_array_to_vector(np.frombuffer(storage.read_bytes(storage.join(io.kmeans_dir, "pca.faiss")), np.uint8),
                                reader.data)
     return faiss.read_VectorTransform(reader)
-
-
-def _bytes_io(url: str):
-    import io as _io
-
-    return _io.BytesIO(storage.read_bytes(url))
 
 
 def nearest(index, features: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
