@@ -1,10 +1,11 @@
-"""Cluster + sample at scale: N synthetic 256-d float16 embeddings -> wall time and peak RSS per stage.
+"""kmeans, assign, cluster + sample at scale: N synthetic 256-d float16 embeddings -> wall time and peak
+RSS per stage.
 
     .venv/bin/python benchmarks/cluster_scale.py --n 1000000 --clusters 1000
 
 Writes N embeddings as per-shard npz parts exactly as `embed` does (Zipf-sized Gaussian blobs, so
-the clustering has structure to find), then runs the real `cluster.run` and `sample.run`, each in
-its own child process so its peak RSS (ru_maxrss) is its own. The result goes to
+the clustering has structure to find), then runs the real `kmeans`, `assign` (one worker), `cluster`
+and `sample` stages, each in its own child process so its peak RSS (ru_maxrss) is its own. The result goes to
 `benchmarks/results/cluster_scale_<N>.json`, with the purity of the clusters against the blobs.
 """
 
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
     try:
         record["generate"] = generate(work, args.n, args.dim, args.blobs or args.clusters, args.shard_size, seed=0)
         print(f"generated: {record['generate']}", file=sys.stderr)
-        for stage in ("cluster", "sample"):
+        for stage in ("kmeans", "assign", "cluster", "sample"):
             command = [sys.executable, __file__, "--child", stage, str(work)]
             command += [item for o in overrides for item in ("--set", o)]
             done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/stage_scale.py --sizes 1000,4000 --workdir /tmp/scale
 
 For every size: a synthetic crawl (64 px, the demo's settings), then train-captioner (one epoch),
-embed, cluster, sample, caption and materialize, each run by its real `run(cfg, io)` in a child
+embed, kmeans, assign, cluster, sample, caption and materialize, each run by its real `run(cfg, io)` in a child
 process of its own, so its peak RSS is its own (`ru_maxrss` of the process, and separately the
 largest of its own children: the captioner's data-loader workers). Samples/s is the stage's input
 samples (caption: the kept ones) over its wall time, process start-up and imports excluded.
@@ -28,7 +28,7 @@ from pathlib import Path
 from tldr_tasks.runner import thread_defaults
 
 RESULTS = Path(__file__).parent / "results"
-STAGES = ("train-captioner", "embed", "cluster", "sample", "caption", "materialize")
+STAGES = ("train-captioner", "embed", "kmeans", "assign", "cluster", "sample", "caption", "materialize")
 # One epoch at the demo's sizes; clusters stay at about 50 samples each at every crawl size.
 OVERRIDES = ["captioner.epochs=1", "seed=0"]
 

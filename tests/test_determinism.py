@@ -14,7 +14,7 @@ import torch
 
 from tldr_tasks.config import load_config
 from tldr_tasks.runner import compress
-from tldr_tasks.stages import cluster, embed, sample
+from tldr_tasks.stages import assign, cluster, embed, kmeans, sample
 from tldr_tasks.stages.base import StageIO
 
 torch.set_num_threads(1)
@@ -136,7 +136,8 @@ def test_cluster_is_a_function_of_embeddings_and_seed(tmp_path):
                 keys=np.array([f"{s}{i:05d}" for i in range(150)]), features=features.astype(np.float16),
                 loss=np.zeros(150, np.float32), reject_keys=np.array([], dtype=str),
                 reject_reasons=np.array([], dtype=str), meta={"shard": shard.stem, "samples": 150, "rejected": 0}))
-        cluster.run(cfg, io)
+        for stage in (kmeans, assign, cluster):
+            stage.run(cfg, io)
         return {p.name: p.read_bytes() for p in (out / "cluster").iterdir() if p.name != "stats.json"}
 
     first, again, reseeded = run("a", 0), run("b", 0), run("c", 1)

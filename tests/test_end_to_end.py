@@ -44,7 +44,7 @@ def test_compress_end_to_end(tiny_crawl, tmp_path, mlflow_store, capsys):
     runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     parent = next(r for r in runs if "tldr.run_key" in r.data.tags)
     stages = {r.data.tags["tldr.stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert stages == {"train-captioner", "embed", "cluster", "sample", "caption", "materialize"}
+    assert stages == {"train-captioner", "embed", "kmeans", "assign", "cluster", "sample", "caption", "materialize"}
     assert parent.info.status == "FINISHED" and parent.data.metrics["kept"] == manifest["kept"]
     versions = client.search_model_versions("name = 'tldr-captioner'")
     assert [v.run_id for v in versions] == [parent.info.run_id]

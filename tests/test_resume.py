@@ -47,7 +47,8 @@ SET_ARGS = [arg for item in OVERRIDES for arg in ("--set", item)]
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 DELAY_S = 3600  # sleep after each published file: the stage waits there for its SIGKILL
 TLDR_VLP = str(Path(sys.executable).with_name("tldr-vlp"))
-STAGE_DIRS = {"train-captioner": "captioner", "embed": "embed", "cluster": "cluster", "sample": "sample",
+STAGE_DIRS = {"train-captioner": "captioner", "embed": "embed", "kmeans": "kmeans", "assign": "assign",
+              "cluster": "cluster", "sample": "sample",
               "caption": "caption", "materialize": "shards"}
 
 SITECUSTOMIZE = '''"""Test hook of tests/test_resume.py: sleep after every published output whose file name
@@ -268,6 +269,8 @@ class Case:
 # train-captioner (DeepSpeed checkpoints) and evaluate (cached arms) have tests of their own below.
 CASES = (
     Case("embed", "*.npz", True, {"shards_reused": 1, "shards_embedded": 1}),
+    Case("kmeans", "*.parquet", False, {"samples": 200}, ("stats.json",)),
+    Case("assign", "*.parquet", True, {"shards_skipped": 1, "shards_done": 1}),
     Case("cluster", "*.parquet", False, {"samples": 200}, ("stats.json",)),
     Case("sample", "*.parquet", False, {"kept": 60}),
     Case("caption", "*.parquet", True, {"shards_skipped": 1, "shards_done": 1}),

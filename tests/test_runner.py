@@ -65,7 +65,8 @@ def test_run_with_changed_params_on_an_existing_output_is_refused(tiny_crawl, ml
 
 
 def test_upstream_params_are_part_of_a_stage_record(tmp_path):
-    assert upstream("materialize") == ["train-captioner", "embed", "cluster", "sample", "caption", "materialize"]
+    assert upstream("materialize") == ["train-captioner", "embed", "kmeans", "assign", "cluster", "sample", "caption",
+                                      "materialize"]
     params = stage_params(load_config(None, []), "sample")
     assert {"seed", "captioner.epochs", "embed.feature", "cluster.clusters", "sample.ratio"} <= set(params)
     assert not any(k.startswith(("caption.", "materialize.", "evaluate.")) for k in params)

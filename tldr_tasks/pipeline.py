@@ -53,9 +53,16 @@ STAGES: tuple[StageSpec, ...] = (
               params=("seed", "captioner"), output="captioner_dir", done_marker="COMPLETE"),
     StageSpec("embed", "embed", Resources(cpus=4, memory_gb=16, gpus=1), sharded=True,
               deps=("train-captioner",), params=("embed",), output="embed_dir", keyed_output=True),
-    StageSpec("cluster", "cluster", Resources(cpus=8, memory_gb=32, gpus=1),
-              deps=("embed",), params=("seed", "cluster", "sample.ratio"), output="cluster_dir",
+    # k-means trains on a bounded sample; memory holds the crawl's keys, never its features
+    StageSpec("kmeans", "kmeans", Resources(cpus=8, memory_gb=16, gpus=1),
+              deps=("embed",), params=("seed", "cluster", "sample.ratio"), output="kmeans_dir",
               done_marker="stats.json"),
+    # nearest centroid, one embed part at a time: memory does not grow with the crawl
+    StageSpec("assign", "assign", Resources(cpus=4, memory_gb=4), sharded=True,
+              deps=("kmeans",), params=("cluster",), output="assign_dir"),
+    # streams the assign parts into one table and counts the clusters
+    StageSpec("cluster", "cluster", Resources(cpus=2, memory_gb=4),
+              deps=("assign",), output="cluster_dir", done_marker="stats.json"),
     # semdedup (the default) also reads the embed parts, which every cluster output was made from
     StageSpec("sample", "sample", Resources(cpus=2, memory_gb=8),
               deps=("cluster",), params=("seed", "sample"), output="sample_dir", done_marker="stats.json"),

@@ -62,8 +62,10 @@ def check_run_config(cfg: Config, io: StageIO) -> None:
 CPU_MODES = ("owned", "shared")
 
 
+
+
 def thread_defaults() -> None:
-    """OpenMP settings for the stage's torch, set before torch loads (a caller's choice wins): one
+    """OpenMP settings for the stage's torch and faiss, set before they load (a caller's choice wins): one
     thread per core this process may use (CPU affinity and cgroup quota, not the node's cores), and
     a wait policy from what the runner knows of those cores (`TLDR_CPUS`):
 

@@ -14,7 +14,7 @@ it through the same executor `compress` uses (`tldr-vlp run <stage>`). `publish`
 `compress` records (runner.record_run): summary metrics, manifest, report, plots, lineage.
 
 Both runners are always in the DAG; `choose_runner` (a branch) picks one per run, so the trigger
-form chooses and the graph shows which ran. Sharded stages (embed, caption) fan out with dynamic
+form chooses and the graph shows which ran. Sharded stages (embed, assign, caption) fan out with dynamic
 task mapping, one task (pod) per shard group; `plan` computes every command once from the params.
 """
 
@@ -106,7 +106,7 @@ def compress_params() -> dict[str, Param]:
                         description="local: every stage runs on the Airflow worker. kubernetes: one pod per "
                                     "stage with the stage image and GPU limits."),
         "shard_groups": Param(2, type="integer", minimum=1, maximum=512, title="Shard groups",
-                              description="Workers (tasks or pods) for the sharded stages embed and caption."),
+                              description="Workers (tasks or pods) for the sharded stages embed, assign and caption."),
         "overrides": Param([], type=["null", "array"], items={"type": "string", "pattern": r"^[a-z_]+(\.[a-z_]+)?=.*$"},
                            title="Extra parameters",
                            description="One section.key=value per line, any key of params.yaml, e.g. "

@@ -68,6 +68,14 @@ class StageIO:
         return self.embed_cache or storage.join(self.out, "embed")
 
     @property
+    def kmeans_dir(self) -> str:
+        return storage.join(self.out, "kmeans")
+
+    @property
+    def assign_dir(self) -> str:
+        return storage.join(self.out, "assign")
+
+    @property
     def cluster_dir(self) -> str:
         return storage.join(self.out, "cluster")
 
