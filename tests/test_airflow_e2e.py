@@ -75,11 +75,13 @@ def latest(dag_id: str, task_id: str) -> tuple[str, object]:
 
 
 def mlflow_runs_for(tracking_uri: str, airflow_run_id: str):
+    """The runs of one Airflow run, read with a client of that store (no process-wide tracking URI:
+    later tests read the store their own MLFLOW_TRACKING_URI names)."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.search_runs(search_all_experiments=True, output_format="list",
-                              filter_string=f"tags.`airflow.run_id` = '{airflow_run_id}'")
+    client = mlflow.MlflowClient(tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, filter_string=f"tags.`airflow.run_id` = '{airflow_run_id}'")
 
 
 def shard_count(url: str) -> int:
@@ -134,8 +136,8 @@ def test_dags_test_local_runner_honours_captioner_params(tiny_crawl, migrated_db
             "crawl": manifest["input_version"], "compressed": manifest["output_version"]}
         assert parent.data.tags["tldr.captioner_weights"] == manifest["captioner_version"]
         children = stage_runs(client, parent)
-        assert set(children) == {"train-captioner", "embed[0/2]", "embed[1/2]", "cluster", "sample",
-                                 "caption[0/2]", "caption[1/2]", "materialize"}
+        assert set(children) == {"train-captioner", "embed[0/2]", "embed[1/2]", "kmeans", "assign[0/2]",
+                                 "assign[1/2]", "cluster", "sample", "caption[0/2]", "caption[1/2]", "materialize"}
         for child in children.values():
             assert child.info.status == "FINISHED"
             assert child.data.tags["airflow.run_id"] == run_id
