@@ -41,7 +41,12 @@ def tiny_crawl(tmp_path_factory) -> str:
 @pytest.fixture()
 def mlflow_store(tmp_path, monkeypatch):
     """MLflow tracking into a store of this test's own (experiment "tests")."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # the process-wide URI too: an earlier test's in-process tracking (tracking._mlflow) may have set it
+    mlflow.set_tracking_uri(uri)
     monkeypatch.setenv("TLDR_MLFLOW_EXPERIMENT", "tests")
     monkeypatch.delenv("TLDR_RUN_KEY", raising=False)
     return tmp_path

@@ -64,7 +64,7 @@ BAD = [
     ("compress", ["--input"], "expected one argument"),
     ("run", ["sample"], "stage sample reads the output of cluster"),
     ("run", ["caption"], "stage caption reads the output of train-captioner, sample"),
-    ("run", ["cluster"], "stage cluster reads the output of train-captioner"),
+    ("run", ["cluster"], "stage cluster reads the output of kmeans"),
     ("run", ["evaluate", "--eval-input", "{eval}"], "stage evaluate reads the output of materialize"),
     ("run", ["evaluate"], "pass --eval-input"),
     ("run", ["embed", "--set", "embed.feature=pixels"], "embed.feature='pixels' is not known"),
