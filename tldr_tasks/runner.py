@@ -62,8 +62,6 @@ def check_run_config(cfg: Config, io: StageIO) -> None:
 CPU_MODES = ("owned", "shared")
 
 
-
-
 def thread_defaults() -> None:
     """OpenMP settings for the stage's torch and faiss, set before they load (a caller's choice wins): one
     thread per core this process may use (CPU affinity and cgroup quota, not the node's cores), and
@@ -73,7 +71,7 @@ def thread_defaults() -> None:
             one run: OpenMP's short spin before sleeping, the faster solo;
     shared  the default, and a local Airflow worker running several stage tasks at once: passive
             waiting, so idle threads sleep instead of spinning on a core another process needs
-            (spinning beside other work is many times slower: benchmarks/results/contention.json).
+            (spinning beside other work is 3-4x slower: benchmarks/results/contention_captioner.json).
     """
     mode = os.environ.get("TLDR_CPUS", "shared")
     if mode not in CPU_MODES:
