@@ -289,17 +289,17 @@ def assemble(crawl: str, per_seed: list[dict], seeds: list[int], chosen: dict, s
     }
 
 
-def paired_differences(arms: dict) -> dict:
-    """Mean R@1 of `tldr` (and of every variant) minus each baseline, per seed (same crawl, same eval
-    items), with their CI: the seeds' crawls differ in difficulty, which widens each arm's own CI but
-    cancels in a difference."""
+def paired_differences(arms: dict, row: str = "tldr", baselines: tuple[str, ...] = PAIRED) -> dict:
+    """Mean R@1 of `row` (by default the TL;DR row) minus each baseline, per budget and per seed (same
+    crawl, same eval items), with their CI: the seeds' crawls differ in difficulty, which widens each
+    arm's own CI but cancels in a difference."""
     out = {}
     for suffix in ("", "_epochs"):
-        a = f"tldr{suffix}"
-        for b in PAIRED:
-            if a in arms and f"{b}{suffix}" in arms:
-                diffs = [x - y for x, y in zip(arms[a]["mean_r1"]["values"], arms[f"{b}{suffix}"]["mean_r1"]["values"])]
-                out[f"{a} - {b}{suffix}"] = summarise(diffs)
+        a = f"{row}{suffix}"
+        for b in (f"{name}{suffix}" for name in baselines):
+            if a != b and a in arms and b in arms:
+                out[f"{a} - {b}"] = summarise([x - y for x, y in zip(arms[a]["mean_r1"]["values"],
+                                                                      arms[b]["mean_r1"]["values"])])
     return out
 
 
@@ -307,16 +307,10 @@ def default_paired(result: dict) -> dict:
     """The default selection (chosen on validation, maybe a baseline) paired like the TL;DR row: `<default> -
     <arm>` per budget, each {"mean", "ci95", "values", "lower"} (lower: mean - ci95)."""
     default = result["chosen_on_validation"]["default"]
-    arms = result["arms"]
-    out = {}
-    for suffix in ("", "_epochs"):
-        arm = f"{default}{suffix}" if f"{default}{suffix}" in arms else f"tldr{suffix}"  # the TL;DR row won
-        for other in (f"{name}{suffix}" for name in ("tldr", *PAIRED)):
-            if other != arm and other in arms and arm in arms:
-                diffs = [a - b for a, b in zip(arms[arm]["mean_r1"]["values"], arms[other]["mean_r1"]["values"])]
-                stat = summarise(diffs)
-                out[f"{arm} - {other}"] = {**stat, "lower": stat["mean"] - stat["ci95"]}
-    return {"default": default, "seeds": result["seeds"], "split": result["split"], "paired_differences": out}
+    row = default if default in result["arms"] else "tldr"  # a TL;DR-family winner is the TL;DR row
+    pairs = paired_differences(result["arms"], row, ("tldr", *PAIRED))
+    pairs = {name: {**stat, "lower": stat["mean"] - stat["ci95"]} for name, stat in pairs.items()}
+    return {"default": default, "seeds": result["seeds"], "split": result["split"], "paired_differences": pairs}
 
 
 def machine() -> str:
