@@ -71,7 +71,7 @@ def thread_defaults() -> None:
             one run: OpenMP's short spin before sleeping, the faster solo;
     shared  the default, and a local Airflow worker running several stage tasks at once: passive
             waiting, so idle threads sleep instead of spinning on a core another process needs
-            (spinning beside other work is 3-4x slower: benchmarks/results/contention_captioner.json).
+            (spinning beside other work is 2.7-4.2x slower: benchmarks/results/contention_captioner.json).
     """
     mode = os.environ.get("TLDR_CPUS", "shared")
     if mode not in CPU_MODES:
