@@ -260,6 +260,29 @@ def test_semdedup_keeps_the_exact_ratio_and_drops_planted_near_duplicates(tmp_pa
     assert (scored["redundancy"][200:] > 0.99).all() and result.metrics["semdedup_threshold"] < 0.99
 
 
+def test_semdedup_reads_features_group_by_group_with_the_same_result(tmp_path, random_captioner):
+    """However few features semdedup may hold at once, every pair's redundancy is the one computed with
+    all features in memory; a group never splits a cluster."""
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(60, 8))
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    cluster = rng.integers(0, 9, 60)
+    rows = [{"key": f"{i:04d}", "shard": "00000", "cluster": int(cluster[i]), "distance": float(rng.random()),
+             "loss": 1.0} for i in range(60)]
+    io = _feature_rows(tmp_path, rows, features, random_captioner)
+    keys, stems = np.array([r["key"] for r in rows]), np.array(["00000"] * 60)
+    priority = -np.array([r["distance"] for r in rows])
+    expected = sample.redundancy(cluster, features.astype(np.float16), priority)
+    for max_rows in (1, 7, 60):
+        groups = sample.cluster_groups(cluster, max_rows)
+        assert sorted(np.concatenate(groups).tolist()) == list(range(60))
+        assert all(len(np.unique(cluster[g])) == 1 or len(g) <= max_rows for g in groups)
+        assert sum(len(np.unique(cluster[g])) for g in groups) == len(np.unique(cluster))  # none split
+        got = sample.semdedup_redundancy(Config(), io, keys, stems, cluster, priority, max_rows=max_rows)
+        assert np.allclose(got, expected, atol=1e-3)
+    assert len(sample.cluster_groups(cluster, 1)) == len(np.unique(cluster))
+
+
 def test_redundancy_compares_only_with_higher_ranked_pairs_of_the_cluster():
     features = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
     cluster = np.array([0, 0, 0, 1])

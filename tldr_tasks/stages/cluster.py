@@ -24,23 +24,13 @@ import numpy as np
 from tldr_tasks import storage
 from tldr_tasks.config import Config, ConfigError
 from tldr_tasks.stage_cli import stage_main
-from tldr_tasks.stages import assign, kmeans
+from tldr_tasks.stages import assign
 from tldr_tasks.stages.base import StageIO, StageResult, numeric
 
 
 def _outputs(out: str) -> list[str]:
     return [storage.join(out, name) for name in
             ("assignments.parquet", "centroids.npy", "rejects.parquet", "cluster_sizes.png", "stats.json")]
-
-
-def load_features(cfg: Config, io: StageIO) -> tuple[np.ndarray, np.ndarray]:
-    """(keys, L2-normalised float16 features) of every sample the cluster stage assigns, in its order:
-    what semdedup compares inside each cluster (all of them in memory)."""
-    shards = io.input_shards()
-    urls = kmeans.part_urls(cfg, io, shards)
-    counts, keep, keys, _, _ = kmeans.load_index(urls, [storage.shard_stem(s) for s in shards])
-    pca = assign.load_pca(io) if cfg.embed.feature == "code_index_pca" else None
-    return keys[keep], kmeans.build_features(kmeans.gather(urls, counts, keep, np.arange(int(keep.sum()))), pca)
 
 
 def _plot_sizes(url: str, sizes: np.ndarray, k: int) -> None:

@@ -34,6 +34,9 @@ assignments and cfg.seed. Outputs in `{out}/sample/`: selected.parquet (key, sha
 alignment; sorted by key), alignment.parquet (the same for every sample, plus `kept`, and clip_score's
 `clip_score` or semdedup's `redundancy`) and stats.json
 (counts, alignment distribution of the input and of the kept set), written last as the done-marker.
+
+Memory: the assignments (keys and clusters, no features); semdedup holds the features of whole
+clusters, at most SEMDEDUP_ROWS rows at a time (one pass over the embed parts per group of clusters).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from tldr_tasks.stages.base import StageIO, StageResult, numeric
 # A pair whose caption loss lies this many robust standard deviations above its cluster's median is
 # counted as likely misaligned (the noise estimate in stats.json and MLflow).
 MISALIGNED_Z = 2.0
+SEMDEDUP_ROWS = 1 << 19  # features semdedup holds at once (256-d float16: 256 MiB)
 
 
 def target_count(ratio: float, n: int) -> int:
@@ -182,6 +186,55 @@ def clip_score_keep(score: np.ndarray, digest: np.ndarray | None, ratio: float, 
     return keep
 
 
+def cluster_groups(cluster: np.ndarray, max_rows: int) -> list[np.ndarray]:
+    """Ascending row positions, grouped by whole clusters of at most max_rows rows in all (a bigger
+    cluster makes a group alone)."""
+    ids, inverse, sizes = np.unique(cluster, return_inverse=True, return_counts=True)
+    group_of_cluster = np.zeros(len(ids), dtype=np.int64)
+    group, filled = 0, 0
+    for i, size in enumerate(sizes):
+        if filled and filled + size > max_rows:
+            group, filled = group + 1, 0
+        group_of_cluster[i] = group
+        filled += size
+    row_group = group_of_cluster[inverse]
+    order = np.argsort(row_group, kind="stable")
+    return np.split(order, np.flatnonzero(np.diff(row_group[order])) + 1) if len(order) else []
+
+
+def gather_features(cfg: Config, io: StageIO, keys: np.ndarray, stems: np.ndarray, rows: np.ndarray, pca=None):
+    """L2-normalised float16 features of the assignment rows `rows` (keys[rows], each from the embed part
+    of its shard stems[rows]), reading only the parts those rows come from."""
+    from tldr_tasks.stages import embed, kmeans
+
+    directory = embed.parts_dir(cfg, io)
+    urls = {storage.shard_stem(s): embed.part_url(directory, s) for s in io.input_shards()}
+    pieces, positions = [], []
+    for stem in np.unique(stems[rows]):
+        at = np.flatnonzero(stems[rows] == stem)
+        part = embed.load_part(urls[stem])
+        order = np.argsort(part.keys, kind="stable")  # a key repeated in a part: its first row, as kmeans keeps
+        pieces.append(part.features[order[np.searchsorted(part.keys, keys[rows[at]], sorter=order)]])
+        positions.append(at)
+    raw = np.concatenate(pieces)[np.argsort(np.concatenate(positions))]
+    return kmeans.build_features(raw, pca)
+
+
+def semdedup_redundancy(cfg: Config, io: StageIO, keys: np.ndarray, stems: np.ndarray, cluster: np.ndarray,
+                        priority: np.ndarray, max_rows: int = SEMDEDUP_ROWS) -> np.ndarray:
+    """`redundancy` of every row, computed group of clusters by group of clusters so that no more than
+    max_rows features (or one cluster's) are in memory."""
+    from tqdm import tqdm
+
+    from tldr_tasks.stages import assign
+
+    pca = assign.load_pca(io) if cfg.embed.feature == "code_index_pca" else None
+    result = np.full(len(cluster), -1.0)
+    for rows in tqdm(cluster_groups(cluster, max_rows), desc="sample: semdedup", unit="group"):
+        result[rows] = redundancy(cluster[rows], gather_features(cfg, io, keys, stems, rows, pca), priority[rows])
+    return result
+
+
 def redundancy(cluster: np.ndarray, features: np.ndarray, priority: np.ndarray, block: int = 2048) -> np.ndarray:
     """SemDeDup's measure: per row, the highest cosine between its (L2-normalised) feature and that of a
     row of the same cluster that ranks higher (priority higher, then earlier key position); -1 for a
@@ -278,13 +331,9 @@ def run(cfg: Config, io: StageIO) -> StageResult:
         keep = clip_score_keep(extra["clip_score"], digest if s.dedup_images else None, s.ratio, s.score_share,
                                cfg.seed)
     elif s.strategy == "semdedup":
-        from tldr_tasks.stages.cluster import load_features
-
-        feature_keys, features = load_features(cfg, io)
-        order = np.argsort(feature_keys)
-        features = features[order[np.searchsorted(feature_keys, keys, sorter=order)]]
         priority = alignment if s.dedup_keep == "aligned" else -table["distance"].to_numpy().astype(np.float64)
-        extra["redundancy"] = redundancy(cluster, features, priority)
+        stems = table["shard"].cast(pa.string()).to_numpy(zero_copy_only=False).astype(str)
+        extra["redundancy"] = semdedup_redundancy(cfg, io, keys, stems, cluster, priority)
         pool = (eligible_pairs(cluster, loss, alignment, s.alignment, s.aligned_share)
                 if s.alignment == "cluster_pool" else None)
         keep = semdedup_keep(extra["redundancy"], s.ratio, cfg.seed, pool)
