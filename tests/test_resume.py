@@ -154,6 +154,13 @@ def start_and_kill(command: list[str], env: dict, ready: Callable[[], bool], log
     assert process.returncode == -signal.SIGKILL
 
 
+def _read_or_empty(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
 def run_to_end(command: list[str], env: dict, workdir: Path) -> dict:
     """Run `command` to completion; returns its --result-json summary."""
     result_json = workdir / f"result-{time.monotonic_ns()}.json"
@@ -218,7 +225,9 @@ def test_train_captioner_resumes_from_its_last_deepspeed_checkpoint(tiny_crawl, 
     out = tmp_path / "run"
     ckpt = out / "captioner" / "checkpoints"
     command = _command("train-captioner", tiny_crawl, out)
-    start_and_kill(command, _env(workspace, delay=False), lambda: (ckpt / "latest").exists(), tmp_path / "killed.log")
+    # `latest` is created before its tag is written: kill once it names a checkpoint, not while it is empty
+    start_and_kill(command, _env(workspace, delay=False), lambda: _read_or_empty(ckpt / "latest").startswith("step"),
+                   tmp_path / "killed.log")
 
     # killed mid-training: a checkpoint, no export, no done marker
     tag = (ckpt / "latest").read_text().strip()

@@ -11,7 +11,7 @@ trains k-means. `assign` then gives every sample its nearest centroid, shard gro
 Outputs in `{out}/kmeans/`: centroids.npy, pca.faiss (code_index_pca only), duplicates.parquet (key,
 shard: the rows `assign` drops), rejects.parquet (key, shard, reason) and stats.json, written last.
 
-Memory: the keys of the crawl (not its features), one embed part, and the training sample.
+Memory: the keys of the crawl as UTF-8 bytes (not its features), one embed part, and the training sample.
 """
 
 from __future__ import annotations
@@ -56,19 +56,20 @@ def part_urls(cfg: Config, io: StageIO, shards: list[str]) -> list[str]:
 
 
 def load_index(urls: list[str], stems: list[str]):
-    """Keys of every part (no features): (counts per part, kept mask, all keys, part of every row,
-    rejects [(key, shard, reason)]); a key's rows after its first (in input order) are not kept."""
+    """Keys of every part (no features): (counts per part, kept mask, all keys as UTF-8 bytes, part of
+    every row, rejects [(key, shard, reason)]); a key's rows after its first (in input order) are not
+    kept. Bytes, not numpy's 4-byte-per-character str: the crawl's keys are this stage's largest array."""
     from tqdm import tqdm
 
     keys, part_ids, counts = [], [], []
     rejects: list[tuple[str | None, str, str]] = []
     for i, url in enumerate(tqdm(urls, desc="kmeans: read keys", unit="part")):
         part = embed.load_part(url, features=False)
-        keys.append(part.keys)
+        keys.append(np.char.encode(part.keys, "utf-8"))
         part_ids.append(np.full(len(part.keys), i, dtype=np.int32))
         counts.append(len(part.keys))
         rejects += [(k or None, stems[i], r) for k, r in zip(part.reject_keys.tolist(), part.reject_reasons.tolist())]
-    all_keys = np.concatenate(keys) if keys else np.zeros(0, dtype=str)
+    all_keys = np.concatenate(keys) if keys else np.zeros(0, dtype=bytes)
     # np.unique sorts stably when asked for indices, so each key's first occurrence (input order) wins.
     _, first = np.unique(all_keys, return_index=True)
     keep = np.zeros(len(all_keys), dtype=bool)
@@ -210,7 +211,7 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     urls = part_urls(cfg, io, shards)
     counts, keep, keys, part_id, rejects = load_index(urls, stems)
     duplicates = np.flatnonzero(~keep)
-    rejects += [(str(keys[j]), stems[part_id[j]], DUPLICATE_REASON) for j in duplicates]
+    rejects += [(keys[j].decode("utf-8"), stems[part_id[j]], DUPLICATE_REASON) for j in duplicates]
     n = int(keep.sum())
     k = cluster_count(cfg, n)
     if k > n:
@@ -218,8 +219,8 @@ def run(cfg: Config, io: StageIO) -> StageResult:
                           f"removal); set cluster.clusters to at most {n} "
                           f"(e.g. --set cluster.clusters={max(1, n // 25)} for ~25 samples per cluster)")
     storage.write_parquet(storage.join(out, "duplicates.parquet"), pa.table({
-        "key": pa.array(keys[duplicates], pa.string()), "shard": pa.array([stems[i] for i in part_id[duplicates]],
-                                                                            pa.string())}))
+        "key": pa.array(np.char.decode(keys[duplicates], "utf-8"), pa.string()),
+        "shard": pa.array([stems[i] for i in part_id[duplicates]], pa.string())}))
     del keys, part_id
     timings["read_keys_s"] = time.time() - started
 
