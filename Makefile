@@ -41,10 +41,10 @@ browser:
 	@command -v chromium >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
 
-## the README's results: 3 seeds, every selection variant, defaults chosen on validation, test reported
+## the results (docs/benchmarks.md): 3 seeds, every selection variant, defaults chosen on validation, test reported
 ## (three crawls x 3 seeds; see benchmarks/results/benchmark_<crawl>.json for the time it took)
 benchmark: $(CORE_STAMP)
-	$(VENV)/bin/tldr-vlp benchmark --seeds 0,1,2 --out runs/benchmark --readme README.md
+	$(VENV)/bin/tldr-vlp benchmark --seeds 0,1,2 --out runs/benchmark --readme docs/benchmarks.md
 	$(PY) benchmarks/default_paired.py runs/benchmark
 
 ## the quick tests only

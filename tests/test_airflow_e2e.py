@@ -4,7 +4,7 @@
   `captioner.*` values: compressed shards, the publish XCom, two captioners trained and registered
   as two model versions, both MLflow parent runs FINISHED with their nested stage runs, all tagged
   with the Airflow run id. A run failing at run time ends its parent run FAILED.
-- The real services (scripts/airflow-local.sh) on the README's port 8793: the api-server's socket on
+- The real services (scripts/airflow-local.sh) on docs/airflow.md's port 8793: the api-server's socket on
   127.0.0.1 is the only one they listen on; trigger through the REST API with a conf, wait for
   success; a ratio of 1.5 is refused with 400.
 """
@@ -214,15 +214,15 @@ class Api:
             return err.code, err.read().decode()
 
 
-# The README's example port: the one Airflow's scheduler log server takes by default.
-README_PORT = 8793
+# docs/airflow.md's example port: the one Airflow's scheduler log server takes by default.
+DOCUMENTED_PORT = 8793
 
 
 @pytest.fixture
 def airflow_services(tmp_path):
-    """scripts/airflow-local.sh as the README starts it (AIRFLOW_PORT=8793) with its own AIRFLOW_HOME;
+    """scripts/airflow-local.sh as docs/airflow.md starts it (AIRFLOW_PORT=8793) with its own AIRFLOW_HOME;
     yields (Api, env, the script's process); stopped by SIGTERM."""
-    home, port = tmp_path / "airflow_home", README_PORT
+    home, port = tmp_path / "airflow_home", DOCUMENTED_PORT
     env = airflow_env(tmp_path / "data", AIRFLOW_HOME=str(home), AIRFLOW_PORT=str(port), VENV_BIN=str(BIN))
     log = open(tmp_path / "airflow-local.log", "w")
     proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "airflow-local.sh")], env=env, stdout=log,
@@ -272,7 +272,7 @@ def test_local_services_listen_on_loopback_only(airflow_services):
             break
         assert time.time() < deadline, health
         time.sleep(2)
-    assert listening_sockets(proc.pid) == {("127.0.0.1", README_PORT)}
+    assert listening_sockets(proc.pid) == {("127.0.0.1", DOCUMENTED_PORT)}
 
 
 @pytest.mark.slow

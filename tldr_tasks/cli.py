@@ -9,7 +9,7 @@
     tldr-vlp stages                            the stage list with resources
     tldr-vlp report RUN_DIR                    report.html of a run (images, clusters, captions, curves)
     tldr-vlp compare RUN_ID_OR_DIR ...         parameters and metrics of several runs side by side
-    tldr-vlp benchmark --seeds 0,1,2 --out DIR  the README's results: three crawls, chosen on validation
+    tldr-vlp benchmark --seeds 0,1,2 --out DIR  the results (docs/benchmarks.md): three crawls, chosen on validation
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def benchmark_main(argv: list[str]) -> int:
     from tldr_tasks.benchmark import CRAWLS, PROFILE, VARIANTS, benchmark, markdown, update_readme
     from tldr_tasks.config import _merge, from_dict, parse_overrides
 
-    parser = CommandParser(prog="tldr-vlp benchmark", description="Regenerate the README's results: "
+    parser = CommandParser(prog="tldr-vlp benchmark", description="Regenerate the benchmark results: "
                            "every crawl and seed compressed by every selection variant and evaluated "
                            "beside full, random and the clean ceiling; defaults chosen on the validation "
                            "split, the test split reported.")
@@ -119,7 +119,8 @@ def benchmark_main(argv: list[str]) -> int:
     parser.add_argument("--variants", default=",".join(v.name for v in VARIANTS),
                         help="selection variants to compare (default: all of " + ", ".join(v.name for v in VARIANTS)
                         + "); the first also trains the baselines")
-    parser.add_argument("--readme", help="also write the results tables into this README's benchmark block")
+    parser.add_argument("--readme", help="also write the results tables into this markdown file's benchmark block "
+                        "(make benchmark: docs/benchmarks.md)")
     _add_shortcuts(parser)
     args = parser.parse_args(argv)
     by_name = {v.name: v for v in VARIANTS}

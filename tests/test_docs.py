@@ -1,0 +1,81 @@
+"""The README is a front page: short, every relative link resolves, every docs/ page reachable from it,
+its results table copied from the benchmark's files, and docs/benchmarks.md's tables what `make benchmark` writes."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = sorted((ROOT / "docs").glob("*.md"))
+# [text](target) and ![alt](target); a target in angle brackets or with a title is not used here
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def relative_links(page: Path) -> list[str]:
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # code blocks hold no links
+    return [t for t in LINK.findall(text) if not re.match(r"[a-z][a-z0-9+.-]*:", t)]  # no http:, mailto:
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces become hyphens."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", page.read_text(), flags=re.S), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_readme_is_at_most_250_lines():
+    assert len(README.read_text().splitlines()) <= 250
+
+
+@pytest.mark.parametrize("page", [README, *PAGES], ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_points_to_an_existing_file_and_heading(page):
+    for target in relative_links(page):
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        assert linked.exists(), f"{page.name} links to {target}, which does not exist"
+        if anchor and linked.suffix == ".md":
+            assert anchor in anchors(linked), f"{page.name} links to {target}: no such heading"
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    linked = {(ROOT / t.partition("#")[0]).resolve() for t in relative_links(README)}
+    assert PAGES and [p for p in PAGES if p.resolve() not in linked] == []
+
+
+def cell(stat: dict, sign: str = "") -> str:
+    return f"{stat['mean']:{sign}.1f} ± {stat['ci95']:.1f}"
+
+
+def test_readme_results_table_is_copied_from_the_benchmark_files():
+    results = ROOT / "benchmarks" / "results"
+    crawls = ["synthetic", "synthetic_correlated", "real_emoji"]
+    files = {c: json.loads((results / f"benchmark_{c}.json").read_text()) for c in crawls}
+    default = json.loads((results / "default_paired.json").read_text())
+    rows = {line.split(" | ")[0].lstrip("| "): line.rstrip(" |").split(" | ")[1:]
+            for line in README.read_text().splitlines() if line.startswith("| ")}
+    arms = {"full": "full", "random": "random", "oracle_clean (the clean ceiling)": "oracle_clean",
+            "clip_score (DataComp's baseline)": "clip_score", "semdedup (the default selection)": "semdedup",
+            "tldr (`balanced_cluster_pool`)": "tldr"}
+    for row, arm in arms.items():
+        assert rows[row] == [cell(files[c]["arms"][arm]["mean_r1"]) for c in crawls], row
+    for other in ("random", "full", "clip_score", "semdedup"):
+        assert rows[f"paired: tldr - {other}"] == [
+            cell(files[c]["paired_differences"][f"tldr - {other}"], "+") for c in crawls], other
+    for other in ("random", "full"):
+        assert rows[f"paired: semdedup - {other}"] == [
+            cell(default[c]["paired_differences"][f"semdedup - {other}"], "+") for c in crawls], other
+
+
+def test_benchmark_page_holds_what_make_benchmark_writes_from_the_results_files(tmp_path):
+    """`make benchmark` rewrites docs/benchmarks.md's block; from the committed results it changes nothing."""
+    from tldr_tasks.benchmark import CRAWLS, update_readme
+
+    page = tmp_path / "benchmarks.md"
+    page.write_text((ROOT / "docs" / "benchmarks.md").read_text())
+    update_readme(str(page), [json.loads((ROOT / "benchmarks" / "results" / f"benchmark_{c}.json").read_text())
+                              for c in CRAWLS])
+    assert page.read_text() == (ROOT / "docs" / "benchmarks.md").read_text()
