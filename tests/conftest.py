@@ -19,6 +19,10 @@ os.environ["AIRFLOW_HOME"] = os.environ.get("TLDR_TEST_AIRFLOW_HOME") or tempfil
 os.environ["TLDR_TEST_AIRFLOW_HOME"] = os.environ["AIRFLOW_HOME"]
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("TLDR_DATA_ROOT", tempfile.mkdtemp(prefix="tldr-data-"))
+# Tests download nothing and report to no one, in this process and the tools it starts (the demo's
+# dvc, the MLflow and Airflow servers): no usage analytics, and a Hugging Face hub lookup fails
+# instead of fetching. MLflow decides at import, before PYTEST_CURRENT_TEST (its own switch) is set.
+os.environ.update(DO_NOT_TRACK="true", MLFLOW_DISABLE_TELEMETRY="true", DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dags"))
 
 from tldr_tasks.config import CrawlConfig
