@@ -17,7 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "tldr-vlp"
 
 
-
 @pytest.fixture(scope="module")
 def helm() -> str:
     """bin/helm (what `make test` installs with scripts/get-helm.sh) or helm on PATH; a missing helm fails."""

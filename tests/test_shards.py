@@ -9,7 +9,6 @@ import json
 import os
 import struct
 import tarfile
-import time
 import tracemalloc
 import zlib
 from pathlib import Path
@@ -229,16 +228,15 @@ def _png_header_only(width: int, height: int) -> bytes:
 
 
 @pytest.mark.parametrize("side", [40000, 9000])  # 9000^2 is under PIL's own limit but over ours
-def test_decompression_bomb_rejected_fast_without_allocating(tmp_path, side):
+def test_decompression_bomb_rejected_without_allocating(tmp_path, side):
+    """The header check's time is measured in benchmarks/io_speed.py."""
     url = make_tar(tmp_path / "s.tar", sample_members("bomb", image=_png_header_only(side, side))
                    + sample_members("ok"))
     tracemalloc.start()
-    started = time.perf_counter()
     kept, rejected = read(url)
-    elapsed = time.perf_counter() - started
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert elapsed < 1.0 and peak < 20 * 2**20  # header check only: no pixel buffer of GBs
+    assert peak < 20 * 2**20  # header check only: no pixel buffer of GBs
     assert [s.key for s in kept] == ["ok"]
     assert [r.key for r in rejected] == ["bomb"] and rejected[0].reason.startswith("decompression bomb")
     assert rejected[0].reason == f"decompression bomb: more than {shards.MAX_IMAGE_PIXELS} pixels"  # either size

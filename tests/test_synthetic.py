@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -181,12 +180,10 @@ def test_deterministic_per_seed(tmp_path):
     assert (tmp_path / "a" / "crawl.json").read_text() == (tmp_path / "b" / "crawl.json").read_text()
 
 
-def test_cli_and_speed(tmp_path, capsys):
-    started = time.perf_counter()
+def test_cli(tmp_path, capsys):
+    """The crawl's generation speed is measured in benchmarks/io_speed.py."""
     assert synthetic.main(["--out", str(tmp_path), "--samples", "400", "--eval-samples", "40", "--noise", "0.5",
                            "--shard-size", "150", "--prototypes", "50", "--seed", "1"]) == 0
-    elapsed = time.perf_counter() - started
-    assert elapsed < 20  # ~1 ms per 64 px sample; 8,000 take ~10-15 s on one core
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["train_input"] == f"{tmp_path}/train/{{00000..00002}}.tar"
     stats = json.loads((tmp_path / "crawl.json").read_text())
