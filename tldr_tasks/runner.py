@@ -25,6 +25,7 @@ import time
 from tldr_tasks import preflight, storage, tracking
 from tldr_tasks.config import Config, ConfigError
 from tldr_tasks.pipeline import STAGES, get_stage, load_stage_module, stage_params
+from tldr_tasks.report import write_report
 from tldr_tasks.runs import TIMINGS_DIR, load_run, summary_metrics
 from tldr_tasks.stages.base import StageIO, StageResult, cpu_limit
 
@@ -176,8 +177,6 @@ def record_run(parent: str, out: str) -> dict[str, float]:
     """End-of-compression record on the parent MLflow run, the same on every path: summary metrics
     (runs.summary_metrics, the names `tldr-vlp compare` shows for a run folder), the manifest,
     report.html and plot tables as artifacts, the lineage. Writes `out/report/`. Returns the metrics."""
-    from tldr_tasks.report import write_report  # matplotlib and jinja2: only when a run is recorded
-
     run = load_run(out)
     metrics = summary_metrics(run)
     manifest = run["manifest"]
