@@ -115,6 +115,15 @@ def test_report_shows_kept_and_dropped_samples_with_captions_and_charts(run_dir)
     assert charts == {"cluster sizes", "alignment, input vs kept"}
 
 
+def test_report_escapes_what_the_run_folder_holds(run_dir):
+    manifest = json.loads((run_dir / "shards" / "manifest.json").read_text())
+    manifest["input"] = "<script>alert(1)</script>"  # and unreadable: the dropped samples have no image
+    (run_dir / "shards" / "manifest.json").write_text(json.dumps(manifest))
+    page = render_report(str(run_dir))
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert page.count("(image not readable here)") == 6 and "original: original 3" not in page
+
+
 def test_report_command_writes_metrics_and_plot_tables(run_dir, tmp_path, capsys):
     out = tmp_path / "report"
     assert cli.main(["report", str(run_dir), "--out", str(out)]) == 0

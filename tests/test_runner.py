@@ -208,8 +208,8 @@ def test_a_rerun_on_other_input_content_is_refused(tmp_path):
 
 
 def test_stage_timings_reach_the_summary_metrics(tmp_path):
-    from tldr_tasks.report import load_run, summary_metrics
     from tldr_tasks.runner import record_timing
+    from tldr_tasks.runs import load_run, summary_metrics
 
     io = StageIO(input="in", out=str(tmp_path / "run"))
     (tmp_path / "run" / "shards").mkdir(parents=True)

@@ -18,7 +18,7 @@ import sys
 from fnmatch import fnmatch
 
 from tldr_tasks import storage
-from tldr_tasks.report import PARAMS, load_run, summary_metrics
+from tldr_tasks.runs import PARAMS, load_run, summary_metrics
 
 # The rows shown without --all; a pattern matches a run folder's metric ("kept") and the stage-prefixed
 # name an MLflow parent run carries ("materialize.kept") alike.

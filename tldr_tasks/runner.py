@@ -25,10 +25,11 @@ import time
 from tldr_tasks import preflight, storage, tracking
 from tldr_tasks.config import Config, ConfigError
 from tldr_tasks.pipeline import STAGES, get_stage, load_stage_module, stage_params
+from tldr_tasks.report import write_report
+from tldr_tasks.runs import TIMINGS_DIR, load_run, summary_metrics
 from tldr_tasks.stages.base import StageIO, StageResult, cpu_limit
 
 PARAMS_RECORD = "params.json"  # in a stage's output folder: the parameters its parts were made with
-TIMINGS_DIR = "timings"  # in the run folder: one {stage}[-i-of-n].json per stage part that did work
 
 
 def check_run_config(cfg: Config, io: StageIO) -> None:
@@ -174,10 +175,8 @@ def record_timing(io: StageIO, name: str, kwargs: dict, seconds: float) -> None:
 
 def record_run(parent: str, out: str) -> dict[str, float]:
     """End-of-compression record on the parent MLflow run, the same on every path: summary metrics
-    (report.summary_metrics, the names `tldr-vlp compare` shows for a run folder), the manifest,
+    (runs.summary_metrics, the names `tldr-vlp compare` shows for a run folder), the manifest,
     report.html and plot tables as artifacts, the lineage. Writes `out/report/`. Returns the metrics."""
-    from tldr_tasks.report import load_run, summary_metrics, write_report
-
     run = load_run(out)
     metrics = summary_metrics(run)
     manifest = run["manifest"]

@@ -29,7 +29,10 @@ READ_ROWS = 1024  # rows per read when streaming a whole column (digests, passes
 
 
 class _File:
-    """A read-only file shared by every view of one column (closed with the last of them)."""
+    """A read-only file shared by every view of one column (closed with the last of them).
+
+    pread, not numpy.memmap: every mapped page a read touches stays in the process's resident set,
+    so after one epoch the process holds the whole pixel file (benchmarks/spool_read.py)."""
 
     def __init__(self, path: str):
         self.fd = os.open(path, os.O_RDONLY)

@@ -1,0 +1,156 @@
+"""A run folder read into plain data, and its summary metrics: what the report, `compare` and the
+executor's end-of-run record (runner.record_run) read.
+
+    run = load_run("runs/r1")
+    summary_metrics(run)   # {"kept": 6.0, "clusters": 3.0, "eval.test.tldr.mean_r1": 16.0, ...}
+
+`load_run` reads only what a run folder holds (config.json, shards/manifest.json,
+cluster/assignments.parquet, sample/selected.parquet, sample/alignment.parquet, embed/status/,
+evaluate/report.json, timings/) and tolerates missing parts: a run that was not evaluated has no
+evaluation, a folder without the sample stage's scores no alignment.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import json
+from collections import Counter
+
+import numpy as np
+
+from tldr_tasks import storage
+
+# The key parameters: the report's headline and `compare`'s rows.
+PARAMS = ("seed", "embed.feature", "cluster.clusters", "sample.ratio", "sample.strategy", "sample.alignment",
+          "caption.fusion", "captioner.preset", "captioner.epochs", "evaluate.epochs")
+TIMINGS_DIR = "timings"  # in the run folder: one {stage}[-i-of-n].json per stage part that did work
+
+
+def _read_json(url: str) -> dict | None:
+    return json.loads(storage.read_text(url)) if storage.exists(url) else None
+
+
+def _read_parquet(url: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    if not storage.exists(url):
+        return []
+    return pq.read_table(_io.BytesIO(storage.read_bytes(url))).to_pylist()
+
+
+def _get(config: dict, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def load_run(run_dir: str) -> dict:
+    """Everything the report and `compare` read from a run folder; absent parts are empty."""
+    from tldr_tasks.stages import embed
+    from tldr_tasks.stages.base import StageIO
+
+    manifest = _read_json(storage.join(run_dir, "shards", "manifest.json")) or {}
+    recorded = _read_json(storage.join(run_dir, "config.json")) or {}
+    config = recorded.get("config") or manifest.get("config") or {}
+    return {"run_dir": run_dir, "manifest": manifest, "config": config,
+            "assignments": _read_parquet(storage.join(run_dir, "cluster", "assignments.parquet")),
+            "selected": {r["key"] for r in _read_parquet(storage.join(run_dir, "sample", "selected.parquet"))},
+            "alignment": {r["key"]: r.get("alignment")
+                          for r in _read_parquet(storage.join(run_dir, "sample", "alignment.parquet"))},
+            "embed_status": embed.shard_status(StageIO(input="", out=run_dir)),
+            "evaluation": _read_json(storage.join(run_dir, "evaluate", "report.json")),
+            "timings": _timings(run_dir)}
+
+
+def _timings(run_dir: str) -> dict[str, float]:
+    """{stage: seconds} from the runner's `timings/` records, summed over a stage's parallel parts
+    (the work it took, not the wall time)."""
+    seconds: dict[str, float] = {}
+    for url in storage.listdir(storage.join(run_dir, TIMINGS_DIR), ".json"):
+        record = json.loads(storage.read_text(url))
+        seconds[record["stage"]] = seconds.get(record["stage"], 0.0) + float(record["seconds"])
+    return seconds
+
+
+def params_of(run: dict) -> dict:
+    return {name: _get(run["config"], name) for name in PARAMS if _get(run["config"], name) is not None}
+
+
+def _finite(values) -> np.ndarray:
+    array = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    return array[np.isfinite(array)]
+
+
+def alignment_scores(run: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The sample stage's finite alignment scores of the input and of the kept samples."""
+    return (_finite(run["alignment"].values()),
+            _finite(v for k, v in run["alignment"].items() if k in run["selected"]))
+
+
+def cluster_counts(run: dict) -> tuple[Counter, Counter]:
+    """Samples per cluster in the input and among the kept samples."""
+    return (Counter(r["cluster"] for r in run["assignments"]),
+            Counter(r["cluster"] for r in run["assignments"] if r["key"] in run["selected"]))
+
+
+def evaluation_arms(run: dict) -> dict:
+    """{arm: its results} of the evaluation's report.json; empty when the run was not evaluated."""
+    return (run["evaluation"] or {}).get("arms") or {}
+
+
+def learning_curves(run: dict) -> dict[str, list[list[float]]]:
+    """{arm: [[optimizer steps, mean R@1 on the test split], ...]} of the arms that recorded a curve."""
+    return {name: arm["curve"]["test"] for name, arm in evaluation_arms(run).items()
+            if (arm.get("curve") or {}).get("test")}
+
+
+def summary_metrics(run: dict) -> dict[str, float]:
+    """Flat numeric metrics of a run: counts, cluster spread, alignment before/after, caption counts per
+    reason, collapse flag and confidence, embed outcomes, per-stage seconds and samples/s and, when
+    evaluated, the evaluation's own metrics (prefixed `eval.`). The parent MLflow run of every path
+    carries exactly these names (runner.record_run), so `compare` lines up folders and run ids."""
+    manifest = run["manifest"]
+    metrics: dict[str, float] = {}
+    for name in ("input_samples", "kept", "dropped", "rejected", "ratio"):
+        if isinstance(manifest.get(name), (int, float)):
+            metrics[name] = float(manifest[name])
+    for name, value in (manifest.get("metrics") or {}).items():
+        if name.startswith("caption") and isinstance(value, (int, float)):
+            metrics[name] = float(value)
+    # The same caption counts from the manifest's own sections (they are what a reader of the manifest sees).
+    for reason, count in (manifest.get("captions") or {}).items():
+        metrics[f"captions_{reason.replace(':', '_')}"] = float(count)
+    if "collapsed" in (manifest.get("collapse_check") or {}):
+        metrics["caption_collapsed"] = float(manifest["collapse_check"]["collapsed"])
+    # The sample stage's alignment distribution before (input) and after (kept) selection.
+    for name, value in (manifest.get("alignment") or {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics[name] = float(value)
+    sizes = np.array(sorted(cluster_counts(run)[0].values()), dtype=np.float64)
+    if len(sizes):
+        metrics.update({"clusters": float(len(sizes)), "cluster_size_min": float(sizes.min()),
+                        "cluster_size_median": float(np.median(sizes)), "cluster_size_max": float(sizes.max())})
+    # A folder without the manifest's alignment section: the same means from the sample stage's scores.
+    before, after = alignment_scores(run)
+    if len(before) and len(after):
+        metrics.setdefault("alignment_input_mean", float(before.mean()))
+        metrics.setdefault("alignment_kept_mean", float(after.mean()))
+    for status in ("embedded", "reused", "replaced"):
+        counted = [s for s in run["embed_status"].values() if s["status"] == status]
+        if run["embed_status"]:
+            metrics[f"shards_{status}"] = float(len(counted))
+    # Per-stage seconds and throughput: the caption and materialize stages handle the kept samples,
+    # the others the whole input.
+    for stage, seconds in run.get("timings", {}).items():
+        metrics[f"seconds.{stage}"] = seconds
+        samples = manifest.get("kept" if stage in ("caption", "materialize") else "input_samples")
+        if isinstance(samples, (int, float)) and seconds > 0 and stage != "evaluate":
+            metrics[f"samples_per_second.{stage}"] = samples / seconds
+    if run["evaluation"]:
+        from tldr_tasks.stages.evaluate import flatten
+
+        metrics.update({f"eval.{k}": v for k, v in flatten(run["evaluation"]).items()})
+    # NaN (no confidence when no caption was scored) is left out: MLflow's parent run drops it, and
+    # metrics.json must stay strict JSON for `dvc metrics show`.
+    return {k: round(v, 4) for k, v in sorted(metrics.items()) if np.isfinite(v)}
