@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.busy:
         busy_loop()
-    from tldr_tasks.stages.base import cpu_limit
+    from tldr_tasks.contract import cpu_limit
 
     cores = cpu_limit()
     rows = []

@@ -162,7 +162,7 @@ STAGES = {
 
 def measure(name: str, cfg, io, device: str, rounds: int) -> dict:
     """`rounds` times the stage, then its model; samples/s over all rounds of each."""
-    from tldr_tasks.pipeline import load_stage_module
+    from tldr_tasks.runner import load_stage_module
 
     folder, samples_of, build, explain = STAGES[name]
     module = load_stage_module(name)
@@ -230,8 +230,8 @@ def main(argv=None) -> int:
     import torch
 
     from tldr_tasks.config import load_config
-    from tldr_tasks.pipeline import load_stage_module
-    from tldr_tasks.stages.base import StageIO
+    from tldr_tasks.contract import StageIO
+    from tldr_tasks.runner import load_stage_module
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     work = Path(args.workdir or tempfile.mkdtemp(prefix="stage_limits_"))

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from tldr_tasks.config import ConfigError, load_config
+from tldr_tasks.contract import StageIO
 from tldr_tasks.data.shards import Sample, iter_shard
 from tldr_tasks.models import captioner as cap
 from tldr_tasks.stages import caption
-from tldr_tasks.stages.base import StageIO
 
 torch.set_num_threads(1)
 

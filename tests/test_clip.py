@@ -155,9 +155,9 @@ def test_a_saved_clip_scores_pairs_for_the_clip_score_selection(tmp_path):
     from PIL import Image
 
     from tldr_tasks.config import Config
+    from tldr_tasks.contract import StageIO
     from tldr_tasks.data.shards import write_tar
     from tldr_tasks.scoring import pair_scores
-    from tldr_tasks.stages.base import StageIO
 
     tok = clip.CaptionTokenizer.train(["a red circle", "a blue square"])
     model = clip.build_clip("micro", tok.vocab_size)

@@ -14,9 +14,9 @@ from PIL import Image
 
 from tldr_tasks import storage
 from tldr_tasks.config import Config, ConfigError
+from tldr_tasks.contract import StageIO
 from tldr_tasks.data.shards import Sample, ShardWriter, encode_json, iter_shard
 from tldr_tasks.stages import caption, materialize
-from tldr_tasks.stages.base import StageIO
 
 
 def _png(colour):

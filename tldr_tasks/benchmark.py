@@ -174,10 +174,9 @@ def run_seed(out: Path, crawl: str, cfg: Config, seed: int, variants=VARIANTS) -
     """Every variant of one crawl and seed; returns (and keeps in {crawl}/seed{seed}/reports.json)
     {variant: evaluate's report.json plus the selection's stats}."""
     from tldr_tasks import storage
-    from tldr_tasks.pipeline import load_stage_module
+    from tldr_tasks.contract import StageIO
     from tldr_tasks.preflight import count_input_samples
-    from tldr_tasks.runner import compress
-    from tldr_tasks.stages.base import StageIO
+    from tldr_tasks.runner import compress, load_stage_module
 
     root = out / crawl / f"seed{seed}"
     done = root / "reports.json"

@@ -16,8 +16,8 @@ from pathlib import Path
 from tldr_tasks import storage, tracking
 from tldr_tasks.benchmark import PROFILE as BENCHMARK_PROFILE
 from tldr_tasks.config import Config, _merge, from_dict, load_config, parse_overrides
+from tldr_tasks.contract import StageIO
 from tldr_tasks.runner import compress
-from tldr_tasks.stages.base import StageIO
 
 RETRIEVAL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 # A first run's size: the benchmark's (6,000 pairs, a 4-epoch captioner, the evaluation's `small` 32-px

@@ -59,8 +59,8 @@ def _get(config: dict, dotted: str):
 
 def load_run(run_dir: str) -> dict:
     """Everything the report and `compare` read from a run folder; absent parts are empty."""
+    from tldr_tasks.contract import StageIO
     from tldr_tasks.stages import embed
-    from tldr_tasks.stages.base import StageIO
 
     manifest = _read_json(storage.join(run_dir, "shards", "manifest.json")) or {}
     recorded = _read_json(storage.join(run_dir, "config.json")) or {}
@@ -78,7 +78,7 @@ def load_run(run_dir: str) -> dict:
 def _timings(run_dir: str) -> dict[str, float]:
     """{stage: seconds} from the runner's `timings/` records, summed over a stage's parallel parts
     (the work it took, not the wall time)."""
-    from tldr_tasks.runner import TIMINGS_DIR
+    from tldr_tasks.contract import TIMINGS_DIR
 
     seconds: dict[str, float] = {}
     for url in storage.listdir(storage.join(run_dir, TIMINGS_DIR), ".json"):

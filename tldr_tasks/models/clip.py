@@ -37,7 +37,7 @@ def available_cpus() -> int:
     oversubscribed 2-core host ran 4x slower with 2 threads than with 1), else the cores this process
     may use: its CPU affinity (taskset / container cpusets) and its cgroup CPU quota (a container's
     CPU limit), whichever is smaller."""
-    from tldr_tasks.stages.base import cpu_limit
+    from tldr_tasks.contract import cpu_limit
 
     configured = os.environ.get("OMP_NUM_THREADS", "").strip()
     if configured.isdigit() and int(configured) > 0:

@@ -17,8 +17,7 @@ import time
 
 from tldr_tasks import storage
 from tldr_tasks.config import Config, ConfigError
-from tldr_tasks.stage_cli import stage_main
-from tldr_tasks.stages.base import StageIO, StageResult, my_parts
+from tldr_tasks.contract import StageIO, StageResult, my_parts
 
 log = logging.getLogger(__name__)
 
@@ -177,11 +176,3 @@ def write_captions(url: str, keys: list[str], originals: list[str], captions: li
         "key": pa.array(keys, pa.string()), "original": pa.array(originals, pa.string()),
         "generated": pa.array(captions, pa.string()), "confidence": pa.array(confidence, pa.float64()),
         "grounding": pa.array(grounding, pa.float64())}))
-
-
-def main(argv=None):
-    return stage_main("caption", argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -32,9 +32,8 @@ import numpy as np
 
 from tldr_tasks import content, storage
 from tldr_tasks.config import Config
+from tldr_tasks.contract import StageIO, StageResult, my_parts
 from tldr_tasks.data.shards import Rejected, Sample, iter_shard
-from tldr_tasks.stage_cli import stage_main
-from tldr_tasks.stages.base import StageIO, StageResult, my_parts
 
 
 @dataclass
@@ -280,7 +279,3 @@ def run(cfg: Config, io: StageIO, shard_index: int = 0, num_shards: int = 1) -> 
     elapsed = max(time.time() - started, 1e-9)
     metrics["images_per_s"] = round(metrics["samples"] / elapsed, 2)
     return StageResult(metrics=metrics, outputs=outputs)
-
-
-def main(argv=None):
-    return stage_main("embed", argv)

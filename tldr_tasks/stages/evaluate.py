@@ -46,10 +46,9 @@ from tqdm import tqdm
 
 from tldr_tasks import storage
 from tldr_tasks.config import FUSIONS, Config, ConfigError
+from tldr_tasks.contract import StageIO, StageResult
 from tldr_tasks.data.spool import Pixels, Split, write_spool
 from tldr_tasks.fusion import collapse_check, ship_caption
-from tldr_tasks.stage_cli import stage_main
-from tldr_tasks.stages.base import StageIO, StageResult
 
 SPLITS = ("validation", "test")
 TIME_TO_ACCURACY_SHARE = 0.95
@@ -528,8 +527,3 @@ def _clean(obj):
     if isinstance(obj, float) and obj != obj:
         return None
     return obj
-
-
-def main(argv=None):
-    return stage_main("evaluate", argv)
-

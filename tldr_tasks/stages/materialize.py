@@ -33,10 +33,9 @@ from tqdm import tqdm
 
 from tldr_tasks import fusion, storage
 from tldr_tasks.config import Config, ConfigError
+from tldr_tasks.contract import StageIO, StageResult
 from tldr_tasks.data.shards import Sample, encode_json, iter_shard, write_tar
-from tldr_tasks.stage_cli import stage_main
 from tldr_tasks.stages import caption
-from tldr_tasks.stages.base import StageIO, StageResult
 from tldr_tasks.tracking import redact
 
 CAPTION_REASONS = (fusion.REPLACED, fusion.APPENDED, fusion.ORIGINAL_BY_FUSION, fusion.ORIGINAL_LOW_CONFIDENCE,
@@ -268,7 +267,3 @@ def _output_parts(sample: Sample, selected_row: dict, caption_row: dict, shipped
     if "truth" in sample.meta:
         meta["truth"] = sample.meta["truth"]
     return {sample.image_ext: sample.image_bytes, "txt": text.encode("utf-8"), "json": encode_json(meta)}
-
-
-def main(argv=None):
-    return stage_main("materialize", argv)

@@ -30,8 +30,7 @@ import time
 from pathlib import Path
 
 from tldr_tasks.config import Config
-from tldr_tasks.stage_cli import stage_main
-from tldr_tasks.stages.base import StageIO, StageResult
+from tldr_tasks.contract import StageIO, StageResult
 
 log = logging.getLogger(__name__)
 
@@ -363,12 +362,3 @@ def _progress(total: int, done: int, rank: int):
 
     return tqdm(total=total, initial=done, desc="train captioner", unit="step", file=sys.stderr,
                 disable=rank != 0, dynamic_ncols=True)
-
-
-def main(argv=None):
-    return stage_main("train-captioner", argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-
