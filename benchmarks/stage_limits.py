@@ -87,7 +87,8 @@ def embed_model(cfg, io, device):
     import torch
 
     from tldr_tasks.data.shards import iter_shard
-    from tldr_tasks.models.captioner import image_to_tensor, load_captioner, tokenize_captions
+    from tldr_tasks.models.captioner import load_captioner
+    from tldr_tasks.preprocess import image_to_tensor, tokenize_captions
     from tldr_tasks.stages.embed import _batches, embed_batch
 
     model, tokenizer = load_captioner(io.captioner_dir, device=device)
@@ -114,7 +115,8 @@ def caption_model(cfg, io, device):
     selected images (batch_size per source shard)."""
     from tldr_tasks import storage
     from tldr_tasks.data.shards import Sample, iter_shard
-    from tldr_tasks.models.captioner import image_to_tensor, load_captioner
+    from tldr_tasks.models.captioner import load_captioner
+    from tldr_tasks.preprocess import image_to_tensor
     from tldr_tasks.stages.caption import caption_batch
 
     model, tokenizer = load_captioner(io.captioner_dir, device=device)

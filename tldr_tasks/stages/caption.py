@@ -78,7 +78,7 @@ def caption_shard(model, tokenizer, shard_url: str, keys: set[str], cfg: Config,
     from tqdm import tqdm
 
     from tldr_tasks.data.shards import RawSample, Sample, iter_raw_shard
-    from tldr_tasks.models.captioner import image_to_tensor
+    from tldr_tasks.preprocess import image_to_tensor
 
     c = cfg.caption
     out_keys: list[str] = []
@@ -149,7 +149,7 @@ def caption_confidence(model, tokenizer, quantized, captions: list[str]) -> tupl
     (`model.encode(pixels).quantized`)."""
     import torch
 
-    from tldr_tasks.models.captioner import tokenize_captions
+    from tldr_tasks.preprocess import tokenize_captions
 
     confidence = [float("nan")] * len(captions)
     grounding = [float("nan")] * len(captions)

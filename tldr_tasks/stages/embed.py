@@ -200,7 +200,7 @@ def embed_shard(model, tokenizer, cfg: Config, shard_url: str, device: str, vers
     import torch
     from tqdm import tqdm
 
-    from tldr_tasks.models.captioner import image_to_tensor, tokenize_captions
+    from tldr_tasks.preprocess import image_to_tensor, tokenize_captions
 
     # The saved architecture, not cfg.captioner: a reused --captioner may differ from this run's params.
     feature, arch = cfg.embed.feature, model.arch

@@ -104,7 +104,8 @@ def generate(io: StageIO, cfg: Config, images: np.ndarray, desc: str) -> tuple[l
     import torch
     from PIL import Image
 
-    from tldr_tasks.models.captioner import captioner_version, image_to_tensor
+    from tldr_tasks.models.captioner import captioner_version
+    from tldr_tasks.preprocess import image_to_tensor
     from tldr_tasks.stages.caption import caption_batch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -189,7 +189,7 @@ def train_step(engine, batch: dict, dtype, autocast, world: int):
     loss, still on the device."""
     import torch
 
-    from tldr_tasks.models.captioner import normalize_uint8
+    from tldr_tasks.preprocess import normalize_uint8
 
     pixels = normalize_uint8(batch["pixels"]).to(dtype)
     mask = batch["attention_mask"]
@@ -229,7 +229,7 @@ def codebook_usage(model, piece: dict, dtype, device) -> dict:
     `stream.head`), plus their mean caption loss: a collapsed codebook uses a handful of codes."""
     import torch
 
-    from tldr_tasks.models.captioner import normalize_uint8
+    from tldr_tasks.preprocess import normalize_uint8
 
     model.eval()
     with torch.no_grad():
