@@ -58,6 +58,9 @@ def test_zero_shot_accuracy_and_prompt_ensembling():
     image = _unit([[1, 0], [0, 1], [1, 0.1], [0.1, 1]])
     classes = _unit([[1, 0], [0, 1]])
     assert clip.zero_shot_accuracy(image, classes, [0, 1, 0, 0]) == 75.0
+    # scored by an attribute of the classes: the miss (class 1 for class 0) is right when both are red
+    assert clip.zero_shot_accuracy(image, classes, [0, 1, 0, 0], class_values=["red", "red"]) == 100.0
+    assert clip.zero_shot_accuracy(image, classes, [0, 1, 0, 0], class_values=["red", "blue"]) == 75.0
 
 
 def test_tokenizer_wraps_in_bos_eos_and_maps_unknown_words():
