@@ -22,7 +22,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from tldr_tasks.config import STRATEGIES, ConfigError, load_config
+from tldr_tasks.config import STRATEGIES, ConfigError, load_config, shortcut_overrides
 from tldr_tasks.contract import StageIO
 
 COMMANDS = ("demo", "compress", "run", "make-crawl", "make-real-crawl", "import", "stages", "report", "compare",
@@ -88,12 +88,7 @@ def stage_main(name: str, argv: list[str]) -> int:
 
 def _common_overrides(args: argparse.Namespace) -> list[str]:
     """Shortcut flags -> `section.key=value` overrides (explicit --set wins, it comes last)."""
-    shortcuts = {"ratio": "sample.ratio", "clusters": "cluster.clusters", "feature": "embed.feature",
-                 "strategy": "sample.strategy", "alignment": "sample.alignment", "fusion": "caption.fusion",
-                 "seed": "seed", "samples": "crawl.samples", "noise": "crawl.noise"}
-    out = [f"{key}={getattr(args, name)}" for name, key in shortcuts.items()
-           if getattr(args, name, None) is not None]
-    return out + list(args.overrides)
+    return shortcut_overrides(vars(args), args.overrides)
 
 
 def _add_shortcuts(parser: argparse.ArgumentParser) -> None:
