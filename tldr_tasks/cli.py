@@ -10,12 +10,16 @@
     tldr-vlp report RUN_DIR                    report.html of a run (images, clusters, captions, curves)
     tldr-vlp compare RUN_ID_OR_DIR ...         parameters and metrics of several runs side by side
     tldr-vlp benchmark --seeds 0,1,2 --out DIR  the README's results: three crawls, chosen on validation
+
+Messages go to stderr at $TLDR_LOG_LEVEL (default INFO; DEBUG for more, WARNING for less).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import signal
 import sys
 import tempfile
@@ -213,6 +217,18 @@ def stages_main(argv: list[str]) -> int:
     return 0
 
 
+def configure_logging() -> None:
+    """The package's messages (`logging.getLogger(__name__)` in stages, models and data, e.g. "resumed
+    from ... at step") to stderr at $TLDR_LOG_LEVEL, default INFO; other libraries' from WARNING.
+    Progress bars (tqdm) write to stderr on their own. Logging that is set up already (a test
+    session) keeps its handlers."""
+    level = os.environ.get("TLDR_LOG_LEVEL", "INFO").upper()
+    if not isinstance(logging.getLevelName(level), int):
+        raise ConfigError(f"TLDR_LOG_LEVEL={level} is not a logging level (use DEBUG, INFO, WARNING or ERROR)")
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tldr_tasks").setLevel(level)
+
+
 def _terminated(signum, frame):
     raise SystemExit(128 + signum)
 
@@ -228,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     that says where its traceback is (a file at a terminal, else the log the output goes to)."""
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
+        configure_logging()
         return _command(list(sys.argv[1:] if argv is None else argv))
     except ConfigError as err:  # a user error: what to change, no traceback
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
