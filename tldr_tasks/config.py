@@ -8,7 +8,7 @@ import hashlib
 import json
 import math
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -375,7 +375,7 @@ SHORTCUTS = {"ratio": "sample.ratio", "clusters": "cluster.clusters", "feature":
              "seed": "seed", "samples": "crawl.samples", "noise": "crawl.noise", "captioner_preset": "captioner.preset"}
 
 
-def shortcut_overrides(values: Mapping[str, Any], overrides: list[str] = ()) -> list[str]:
+def shortcut_overrides(values: Mapping[str, Any], overrides: Sequence[str] = ()) -> list[str]:
     """The `section.key=value` overrides of the shortcuts given in `values` (None: not given), then
     `overrides`, which come last and so win."""
     out = [f"{key}={values[name]}" for name, key in SHORTCUTS.items() if values.get(name) is not None]
