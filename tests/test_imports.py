@@ -106,8 +106,8 @@ def test_the_graph_sees_every_kind_of_import():
     graph = import_graph()
     assert "tldr_tasks.storage" in graph["tldr_tasks.runner"]  # from tldr_tasks import storage
     assert "tldr_tasks.pipeline" in graph["tldr_tasks.runner"]  # from tldr_tasks.pipeline import STAGES
-    assert "tldr_tasks.report" in graph["tldr_tasks.runner"]  # inside a function
-    assert "tldr_tasks.stages.embed" in graph["tldr_tasks.report"]  # from tldr_tasks.stages import embed
+    assert "tldr_tasks.content" in graph["tldr_tasks.runner"]  # inside a function
+    assert "tldr_tasks.stages.embed" in graph["tldr_tasks.stages.kmeans"]  # from tldr_tasks.stages import embed
 
 
 def test_relative_and_dotted_imports_resolve_to_modules(tmp_path):
