@@ -32,9 +32,9 @@ RESULTS = Path(__file__).parent / "results"
 def child(stage: str, work: Path, overrides: list[str], shard_index: int, num_shards: int) -> None:
     """Run one stage (one shard group of a sharded one) here; print wall time, peak RSS and metrics."""
     from tldr_tasks.config import load_config
-    from tldr_tasks.pipeline import get_stage, load_stage_module
-    from tldr_tasks.runner import thread_defaults
-    from tldr_tasks.stages.base import StageIO
+    from tldr_tasks.contract import StageIO
+    from tldr_tasks.pipeline import get_stage
+    from tldr_tasks.runner import load_stage_module, thread_defaults
 
     thread_defaults()  # the executor's OpenMP settings: spinning faiss threads crawl on a shared machine
     cfg = load_config(None, overrides)

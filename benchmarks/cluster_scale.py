@@ -39,9 +39,9 @@ def generate(work: Path, n: int, dim: int, blobs: int, shard_size: int, seed: in
     from tqdm import tqdm
 
     from tldr_tasks.config import Config
+    from tldr_tasks.contract import StageIO
     from tldr_tasks.models.captioner import MARKER
     from tldr_tasks.stages import embed
-    from tldr_tasks.stages.base import StageIO
 
     started = time.time()
     (work / "captioner").mkdir(parents=True, exist_ok=True)
@@ -73,8 +73,8 @@ def generate(work: Path, n: int, dim: int, blobs: int, shard_size: int, seed: in
 def child(stage: str, work: Path, overrides: list[str]) -> None:
     """Run one stage in this process and print its wall time, peak RSS and metrics as JSON."""
     from tldr_tasks.config import load_config
-    from tldr_tasks.pipeline import load_stage_module
-    from tldr_tasks.stages.base import StageIO
+    from tldr_tasks.contract import StageIO
+    from tldr_tasks.runner import load_stage_module
 
     cfg = load_config(None, overrides)
     io = StageIO(input=str(work / "crawl"), out=str(work / "run"), captioner=str(work / "captioner"))

@@ -84,8 +84,9 @@ def captioner_step(batch: int, image: int):
 
     from tldr_tasks.config import CaptionerConfig
     from tldr_tasks.data.synthetic import COLOURS, SHAPES
-    from tldr_tasks.models.captioner import build_captioner, tokenize_captions
+    from tldr_tasks.models.captioner import build_captioner
     from tldr_tasks.models.tokenizer import train_tokenizer
+    from tldr_tasks.preprocess import tokenize_captions
 
     captions = [f"a {c} {s} on the left of a {c2} {s2}" for c in COLOURS for s in SHAPES for c2 in COLOURS
                 for s2 in SHAPES]
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.busy:
         busy_loop()
-    from tldr_tasks.stages.base import cpu_limit
+    from tldr_tasks.contract import cpu_limit
 
     cores = cpu_limit()
     rows = []

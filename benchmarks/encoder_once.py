@@ -46,7 +46,7 @@ def main() -> int:
     import torch
 
     from tldr_tasks.data.shards import iter_shard
-    from tldr_tasks.models.captioner import image_to_tensor, tokenize_captions
+    from tldr_tasks.preprocess import image_to_tensor, tokenize_captions
     from tldr_tasks.stages.caption import caption_batch
     from tldr_tasks.stages.embed import _batches, _to_storage_dtype, compute_features, embed_batch
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 def train(crawl: Path, batch: int, work: Path) -> dict:
     from tldr_tasks.config import load_config
+    from tldr_tasks.contract import StageIO
     from tldr_tasks.stages import train_captioner
-    from tldr_tasks.stages.base import StageIO
 
     cfg = load_config(None, ["captioner.epochs=1", f"captioner.batch_size={batch}", "captioner.loader_workers=4",
                              "captioner.data_streams=8", "captioner.codebook_init=random"])

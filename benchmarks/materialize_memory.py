@@ -46,8 +46,8 @@ def make_run(n: int, work: Path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from tldr_tasks.contract import StageIO
     from tldr_tasks.stages import caption
-    from tldr_tasks.stages.base import StageIO
 
     shutil.rmtree(work, ignore_errors=True)
     stems = [f"{s:05d}" for s in range(-(-n // SHARD_ROWS))]
@@ -128,9 +128,9 @@ def columnar(cfg, io) -> None:
 def child(variant: str, work: Path) -> None:
     from tldr_tasks import storage
     from tldr_tasks.config import Config
+    from tldr_tasks.contract import StageIO
     from tldr_tasks.models import captioner  # noqa: F401  (torch: materialize reads the captioner's version)
     from tldr_tasks.stages import materialize  # noqa: F401
-    from tldr_tasks.stages.base import StageIO
 
     io = StageIO(input=str(work / "crawl"), out=str(work / "run"))
     shutil.rmtree(io.shards_dir, ignore_errors=True)

@@ -148,7 +148,7 @@ def train_child(mode: str, crawl: Path) -> None:
     import torch
 
     from tldr_tasks.data import stream
-    from tldr_tasks.models.captioner import normalize_uint8
+    from tldr_tasks.preprocess import normalize_uint8
 
     started = time.time()
     cfg, index, model, tokenizer = tiny_captioner(crawl)

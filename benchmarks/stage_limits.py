@@ -87,7 +87,8 @@ def embed_model(cfg, io, device):
     import torch
 
     from tldr_tasks.data.shards import iter_shard
-    from tldr_tasks.models.captioner import image_to_tensor, load_captioner, tokenize_captions
+    from tldr_tasks.models.captioner import load_captioner
+    from tldr_tasks.preprocess import image_to_tensor, tokenize_captions
     from tldr_tasks.stages.embed import _batches, embed_batch
 
     model, tokenizer = load_captioner(io.captioner_dir, device=device)
@@ -114,7 +115,8 @@ def caption_model(cfg, io, device):
     selected images (batch_size per source shard)."""
     from tldr_tasks import storage
     from tldr_tasks.data.shards import Sample, iter_shard
-    from tldr_tasks.models.captioner import image_to_tensor, load_captioner
+    from tldr_tasks.models.captioner import load_captioner
+    from tldr_tasks.preprocess import image_to_tensor
     from tldr_tasks.stages.caption import caption_batch
 
     model, tokenizer = load_captioner(io.captioner_dir, device=device)
@@ -162,7 +164,7 @@ STAGES = {
 
 def measure(name: str, cfg, io, device: str, rounds: int) -> dict:
     """`rounds` times the stage, then its model; samples/s over all rounds of each."""
-    from tldr_tasks.pipeline import load_stage_module
+    from tldr_tasks.runner import load_stage_module
 
     folder, samples_of, build, explain = STAGES[name]
     module = load_stage_module(name)
@@ -230,8 +232,8 @@ def main(argv=None) -> int:
     import torch
 
     from tldr_tasks.config import load_config
-    from tldr_tasks.pipeline import load_stage_module
-    from tldr_tasks.stages.base import StageIO
+    from tldr_tasks.contract import StageIO
+    from tldr_tasks.runner import load_stage_module
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     work = Path(args.workdir or tempfile.mkdtemp(prefix="stage_limits_"))

@@ -53,8 +53,8 @@ def device_info() -> dict:
 def child(stage: str, crawl: Path, out: Path, overrides: list[str]) -> None:
     """Run one stage in this process; print its wall time, peak RSS and metrics as JSON."""
     from tldr_tasks.config import load_config
-    from tldr_tasks.pipeline import load_stage_module
-    from tldr_tasks.stages.base import StageIO
+    from tldr_tasks.contract import StageIO
+    from tldr_tasks.runner import load_stage_module
 
     cfg = load_config(None, overrides)
     io = StageIO(input=str(crawl / "train"), out=str(out))

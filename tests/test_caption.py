@@ -11,11 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from tldr_tasks import preprocess
 from tldr_tasks.config import ConfigError, load_config
+from tldr_tasks.contract import StageIO
 from tldr_tasks.data.shards import Sample, iter_shard
 from tldr_tasks.models import captioner as cap
 from tldr_tasks.stages import caption
-from tldr_tasks.stages.base import StageIO
 
 torch.set_num_threads(1)
 
@@ -69,11 +70,11 @@ def test_captions_exactly_the_selected_keys(tmp_path, tiny_crawl, captioner_dir,
         assert all(isinstance(g, str) for g in out["generated"])
         # the stage's captions are the model's beam-search captions of exactly those images
         first = out["key"][:3]
-        pixels = cap.image_to_tensor([crawl_samples[k].image for k in first], 32)
+        pixels = preprocess.image_to_tensor([crawl_samples[k].image for k in first], 32)
         expected = model.generate_captions(pixels, tokenizer, num_beams=2, min_new_tokens=2, max_new_tokens=6)
         assert out["generated"][:3] == expected
         # confidence: the mean token log-probability of that caption given its own image (teacher-forced)
-        ids, mask = cap.tokenize_captions(tokenizer, expected, model.arch["max_tokens"])
+        ids, mask = preprocess.tokenize_captions(tokenizer, expected, model.arch["max_tokens"])
         own = -model.per_sample_loss(pixels, ids, mask)
         assert out["confidence"][:3] == pytest.approx(own.tolist(), abs=1e-4)
         assert all(c <= 0 for c in out["confidence"])
@@ -83,7 +84,7 @@ def test_grounding_is_zero_for_a_caption_that_ignores_the_image(captioner_dir, c
     """The same image twice: another image of the batch explains the caption equally well."""
     model, tokenizer = cap.load_captioner(captioner_dir)
     image = next(iter(crawl_samples.values())).image
-    pixels = cap.image_to_tensor([image, image], 32)
+    pixels = preprocess.image_to_tensor([image, image], 32)
     quantized = model.encode(pixels).quantized
     confidence, grounding = caption.caption_confidence(model, tokenizer, quantized, ["a red circle", "a red circle"])
     assert grounding == pytest.approx([0.0, 0.0], abs=1e-5)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from tldr_tasks import preprocess
 from tldr_tasks.config import CaptionerConfig
 from tldr_tasks.models import captioner as cap
 from tldr_tasks.models.tokenizer import train_tokenizer
@@ -36,7 +37,8 @@ def small_cfg(**kw) -> CaptionerConfig:
 
 
 def test_tokenizer_and_tokenize_captions(tokenizer):
-    ids, mask = cap.tokenize_captions(tokenizer, ["a red circle", "one two three four five six seven"], max_tokens=4)
+    ids, mask = preprocess.tokenize_captions(tokenizer, ["a red circle", "one two three four five six seven"],
+                                             max_tokens=4)
     assert ids.dtype == torch.long and ids.shape == mask.shape
     assert ids[:, 0].tolist() == [tokenizer.bos_token_id] * 2
     lengths = mask.sum(1).tolist()
@@ -49,7 +51,7 @@ def test_tokenizer_and_tokenize_captions(tokenizer):
 
 def test_image_to_tensor_range_and_resize():
     images = [Image.new("RGB", (40, 20), (255, 0, 0)), Image.new("L", (32, 32), 0)]
-    x = cap.image_to_tensor(images, 32)
+    x = preprocess.image_to_tensor(images, 32)
     assert x.shape == (2, 3, 32, 32) and x.dtype == torch.float32
     assert torch.allclose(x[0, 0], torch.ones(32, 32)) and torch.allclose(x[0, 1], -torch.ones(32, 32))
     assert torch.allclose(x[1], -torch.ones(3, 32, 32))
@@ -58,7 +60,7 @@ def test_image_to_tensor_range_and_resize():
 def test_shapes_and_quantisation(tokenizer):
     torch.manual_seed(0)
     model = cap.build_captioner(small_cfg(), tokenizer)
-    pixels = cap.image_to_tensor([scene(c) for c in CAPTIONS[:3]], 32)
+    pixels = preprocess.image_to_tensor([scene(c) for c in CAPTIONS[:3]], 32)
     enc = model.encode(pixels)
     stride = model.arch["vision"]["patch_size"] * 2 ** len(model.arch["stem_channels"])  # pixels per token
     tokens = (32 // stride) ** 2 + 1  # the grid plus CLS
@@ -74,7 +76,7 @@ def test_shapes_and_quantisation(tokenizer):
     assert enc.vq_loss.ndim == 0
     model.eval()  # without the (training-only) entropy term the VQ loss is two squared distances
     assert 0 <= float(model.encode(pixels).vq_loss.detach()) <= 4 * (1 + model.codebook.beta)
-    ids, mask = cap.tokenize_captions(tokenizer, CAPTIONS[:3], 30)
+    ids, mask = preprocess.tokenize_captions(tokenizer, CAPTIONS[:3], 30)
     per_sample = model.per_sample_loss(pixels, ids, mask)
     assert per_sample.shape == (3,) and torch.isfinite(per_sample).all()
     losses = model.losses(pixels, ids, mask)
@@ -86,8 +88,8 @@ def test_shapes_and_quantisation(tokenizer):
 def test_straight_through_gradient(tokenizer):
     torch.manual_seed(0)
     model = cap.build_captioner(small_cfg(), tokenizer)
-    pixels = cap.image_to_tensor([scene(c) for c in CAPTIONS[:4]], 32)
-    ids, mask = cap.tokenize_captions(tokenizer, CAPTIONS[:4], 30)
+    pixels = preprocess.image_to_tensor([scene(c) for c in CAPTIONS[:4]], 32)
+    ids, mask = preprocess.tokenize_captions(tokenizer, CAPTIONS[:4], 30)
     model.losses(pixels, ids, mask)["lm_loss"].backward()
     # the LM loss reaches the encoder through the argmax (straight-through) ...
     patch_grad = model.encoder.embeddings.patch_embeddings.projection.weight.grad
@@ -150,9 +152,9 @@ def test_save_load_round_trip(tokenizer, tmp_path):
     version = cap.save_captioner(model, tokenizer, {"seed": 7}, url)
     assert cap.is_complete(url) and cap.captioner_version(url) == version and len(version) == 12
     loaded, loaded_tok = cap.load_captioner(url)
-    pixels = cap.image_to_tensor([scene(c) for c in CAPTIONS[:3]], 32)
-    ids, mask = cap.tokenize_captions(loaded_tok, CAPTIONS[:3], 30)
-    assert torch.equal(ids, cap.tokenize_captions(tokenizer, CAPTIONS[:3], 30)[0])
+    pixels = preprocess.image_to_tensor([scene(c) for c in CAPTIONS[:3]], 32)
+    ids, mask = preprocess.tokenize_captions(loaded_tok, CAPTIONS[:3], 30)
+    assert torch.equal(ids, preprocess.tokenize_captions(tokenizer, CAPTIONS[:3], 30)[0])
     assert torch.equal(loaded.encode(pixels).codes, model.encode(pixels).codes)
     assert torch.allclose(loaded.per_sample_loss(pixels, ids, mask), model.per_sample_loss(pixels, ids, mask))
     assert loaded.generate_captions(pixels, loaded_tok, max_new_tokens=6) == \
@@ -167,8 +169,8 @@ def test_learns_to_caption_and_generation_limits(tokenizer):
     """A few dozen steps on 8 distinct scenes: beam search must reproduce the exact captions."""
     torch.manual_seed(0)
     model = cap.build_captioner(small_cfg(codebook_init="keywords"), tokenizer, CAPTIONS)
-    pixels = cap.image_to_tensor([scene(c) for c in CAPTIONS], 32)
-    ids, mask = cap.tokenize_captions(tokenizer, CAPTIONS, 30)
+    pixels = preprocess.image_to_tensor([scene(c) for c in CAPTIONS], 32)
+    ids, mask = preprocess.tokenize_captions(tokenizer, CAPTIONS, 30)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for _ in range(160):
         optimizer.zero_grad()

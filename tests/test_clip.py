@@ -58,6 +58,9 @@ def test_zero_shot_accuracy_and_prompt_ensembling():
     image = _unit([[1, 0], [0, 1], [1, 0.1], [0.1, 1]])
     classes = _unit([[1, 0], [0, 1]])
     assert clip.zero_shot_accuracy(image, classes, [0, 1, 0, 0]) == 75.0
+    # scored by an attribute of the classes: the miss (class 1 for class 0) is right when both are red
+    assert clip.zero_shot_accuracy(image, classes, [0, 1, 0, 0], class_values=["red", "red"]) == 100.0
+    assert clip.zero_shot_accuracy(image, classes, [0, 1, 0, 0], class_values=["red", "blue"]) == 75.0
 
 
 def test_tokenizer_wraps_in_bos_eos_and_maps_unknown_words():
@@ -155,9 +158,9 @@ def test_a_saved_clip_scores_pairs_for_the_clip_score_selection(tmp_path):
     from PIL import Image
 
     from tldr_tasks.config import Config
+    from tldr_tasks.contract import StageIO
     from tldr_tasks.data.shards import write_tar
     from tldr_tasks.scoring import pair_scores
-    from tldr_tasks.stages.base import StageIO
 
     tok = clip.CaptionTokenizer.train(["a red circle", "a blue square"])
     model = clip.build_clip("micro", tok.vocab_size)

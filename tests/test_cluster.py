@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from tldr_tasks.config import Config, ConfigError
+from tldr_tasks.contract import StageIO
 from tldr_tasks.models.captioner import MARKER
 from tldr_tasks.stages import assign, cluster, embed, kmeans
-from tldr_tasks.stages.base import StageIO
 
 VERSION = "testver00000"
 

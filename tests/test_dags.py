@@ -282,7 +282,7 @@ def test_publish_records_what_local_compress_records(compress, run_dir, mlflow_s
 
     from tldr_tasks import tracking
     from tldr_tasks.compare import load
-    from tldr_tasks.stages.base import StageIO
+    from tldr_tasks.contract import StageIO
 
     parent = tracking.parent_run_id(Config(), StageIO(input="crawl", out=str(run_dir)), key="tldr_compress/manual__3")
     plan = {"out": str(run_dir), "input": "crawl", "input_version": "v1", "runner": "kubernetes",

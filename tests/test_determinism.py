@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from tldr_tasks.config import load_config
+from tldr_tasks.contract import StageIO
 from tldr_tasks.runner import compress
 from tldr_tasks.stages import assign, cluster, embed, kmeans, sample
-from tldr_tasks.stages.base import StageIO
 
 torch.set_num_threads(1)
 

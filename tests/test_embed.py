@@ -11,11 +11,12 @@ from PIL import Image
 
 from tldr_tasks import content, storage
 from tldr_tasks.config import FEATURES, Config
+from tldr_tasks.contract import StageIO
 from tldr_tasks.data.shards import ShardWriter
-from tldr_tasks.models.captioner import build_captioner, image_to_tensor, load_captioner, save_captioner
+from tldr_tasks.models.captioner import build_captioner, load_captioner, save_captioner
 from tldr_tasks.models.tokenizer import train_tokenizer
+from tldr_tasks.preprocess import image_to_tensor
 from tldr_tasks.stages import embed
-from tldr_tasks.stages.base import StageIO
 
 CODEBOOK, IMAGE = 24, 32  # tiny preset: a stride-16 conv stem -> 2x2 patches + CLS = 5 tokens, code_dim 32
 TOKENS, CODE_DIM = (IMAGE // 16) ** 2 + 1, 32

@@ -13,12 +13,12 @@ import torch
 
 from tldr_tasks import storage
 from tldr_tasks.config import Config
+from tldr_tasks.contract import StageIO
 from tldr_tasks.data.shards import Sample, encode_json, iter_shard, write_tar
 from tldr_tasks.data.spool import write_spool
 from tldr_tasks.data.synthetic import describes_scene_exactly, scene_signature
 from tldr_tasks.fusion import ship_caption
 from tldr_tasks.stages import evaluate
-from tldr_tasks.stages.base import StageIO
 
 torch.set_num_threads(1)
 

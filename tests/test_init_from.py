@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from tldr_tasks.config import load_config
+from tldr_tasks.contract import StageIO
 from tldr_tasks.models import captioner as cap
 from tldr_tasks.stages import train_captioner as tc
-from tldr_tasks.stages.base import StageIO
 
 torch.set_num_threads(1)
 

@@ -27,7 +27,7 @@ from test_report import chromium
 
 from tldr_tasks import tracking
 from tldr_tasks.config import Config
-from tldr_tasks.stages.base import StageIO
+from tldr_tasks.contract import StageIO
 
 BIN = Path(sys.executable).parent
 # The values of the chart's Secrets, by key.

@@ -3,6 +3,7 @@
 import importlib
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tldr_tasks.pipeline import STAGE_NAMES, STAGES
@@ -31,10 +32,17 @@ def test_dvc_stages_run_their_stage_with_its_params_and_inputs():
             assert any(out in stage["deps"] for out in outs[dep]), (spec.name, dep)
 
 
-def test_every_stage_module_has_run_and_main():
+def test_every_stage_module_has_run_and_a_command_line(capsys):
+    from tldr_tasks import cli
+
     for spec in STAGES:
         module = importlib.import_module(f"tldr_tasks.stages.{spec.module}")
-        assert callable(module.run) and callable(module.main), spec.name
+        assert callable(module.run), spec.name
+        with pytest.raises(SystemExit) as exited:  # argparse's --help prints the usage and exits 0
+            cli.main(["run", spec.name, "--help"])
+        usage = capsys.readouterr().out
+        assert exited.value.code == 0 and f"tldr-vlp run {spec.name}" in usage, spec.name
+        assert ("--shard-index" in usage) == spec.sharded, spec.name
 
 
 def test_stage_list_is_importable_without_heavy_packages():

@@ -13,8 +13,8 @@ import pytest
 
 from tldr_tasks import cli, content, preflight
 from tldr_tasks.config import load_config
+from tldr_tasks.contract import StageIO
 from tldr_tasks.runner import check_run_config
-from tldr_tasks.stages.base import StageIO
 
 TLDR_VLP = str(Path(sys.executable).with_name("tldr-vlp"))
 ONE_LINE = re.compile(r"^error: .+ \(.+\)$")

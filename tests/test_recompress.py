@@ -10,10 +10,10 @@ from tldr_dagkit.crawl_registry import checkout_version, new_shards, register
 
 from tldr_tasks import content
 from tldr_tasks.config import CrawlConfig, load_config
+from tldr_tasks.contract import StageIO
 from tldr_tasks.data.synthetic import make_crawl
 from tldr_tasks.runner import compress
 from tldr_tasks.stages import embed
-from tldr_tasks.stages.base import StageIO
 
 TINY = ["captioner.epochs=1", "captioner.image_size=32", "captioner.batch_size=32", "caption.num_beams=1",
         "caption.max_new_tokens=12", "materialize.shard_size=20", "cluster.clusters=4", "sample.ratio=0.3"]

@@ -29,10 +29,10 @@ import pytest
 import torch
 
 from tldr_tasks.config import load_config
+from tldr_tasks.contract import StageIO
 from tldr_tasks.pipeline import STAGES, get_stage
 from tldr_tasks.runner import PARAMS_RECORD, run_stage
 from tldr_tasks.stages import embed
-from tldr_tasks.stages.base import StageIO
 
 torch.set_num_threads(1)
 
@@ -212,7 +212,7 @@ def plant_partial_write(final: Path, reference_file: Path) -> Path:
 
 def rerun_in_process_is_skipped(stage: str, out: Path, crawl: str) -> None:
     """A third run over the finished folder does nothing and says so."""
-    from tldr_tasks.pipeline import load_stage_module
+    from tldr_tasks.runner import load_stage_module
 
     before = stamps(files(out / STAGE_DIRS[stage]).values())
     io = StageIO(input=str(Path(crawl) / "train"), out=str(out))

@@ -16,9 +16,9 @@ import pytest
 
 from tldr_tasks import captioners
 from tldr_tasks.config import ConfigError, load_config
+from tldr_tasks.contract import StageIO, _cgroup_quota
 from tldr_tasks.pipeline import stage_params, upstream
 from tldr_tasks.runner import PARAMS_RECORD, check_stage_params, input_fingerprint
-from tldr_tasks.stages.base import StageIO, _cgroup_quota
 
 TLDR_VLP = str(Path(sys.executable).with_name("tldr-vlp"))
 
@@ -147,11 +147,11 @@ def test_cpu_quota_from_cgroups(tmp_path):
 
 
 def test_torch_threads_follow_the_cpu_limit(monkeypatch):
+    from tldr_tasks import contract
     from tldr_tasks.models import clip
-    from tldr_tasks.stages import base
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(base, "_cgroup_quota", lambda: 1)
+    monkeypatch.setattr(contract, "_cgroup_quota", lambda: 1)
     assert clip.available_cpus() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert clip.available_cpus() == 3

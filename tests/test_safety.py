@@ -21,8 +21,8 @@ import torch
 import tldr_tasks
 from tldr_tasks import tracking
 from tldr_tasks.config import load_config
+from tldr_tasks.contract import StageIO
 from tldr_tasks.stages import embed
-from tldr_tasks.stages.base import StageIO
 
 torch.set_num_threads(1)
 

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tldr_tasks.config import Config, ConfigError
+from tldr_tasks.contract import StageIO
 from tldr_tasks.stages import sample
-from tldr_tasks.stages.base import StageIO
 
 
 def _io(tmp_path, rows):

@@ -7,7 +7,7 @@ import pytest
 
 from tldr_tasks import tracking
 from tldr_tasks.config import Config
-from tldr_tasks.stages.base import StageIO, StageResult
+from tldr_tasks.contract import StageIO, StageResult
 
 
 def test_stages_of_one_compression_share_a_parent_run(mlflow_store, monkeypatch):

@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 from tldr_tasks.config import load_config
+from tldr_tasks.contract import StageIO
 from tldr_tasks.data import stream
 from tldr_tasks.data.shards import Sample, iter_shard
 from tldr_tasks.models import captioner as cap
 from tldr_tasks.stages import train_captioner as tc
-from tldr_tasks.stages.base import StageIO
 
 torch.set_num_threads(1)
 
@@ -150,7 +150,7 @@ def test_two_process_launch_matches_one_process(trained, tiny_crawl, tmp_path):
     io = train_io(tiny_crawl, tmp_path)
     script = ("import sys, torch; torch.set_num_threads(1)\n"
               "from tldr_tasks.config import load_config\n"
-              "from tldr_tasks.stages.base import StageIO\n"
+              "from tldr_tasks.contract import StageIO\n"
               "from tldr_tasks.stages import train_captioner as tc\n"
               f"tc.run(load_config(None, {OVERRIDES!r}), StageIO(input={io.input!r}, out={io.out!r}))\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}

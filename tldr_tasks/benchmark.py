@@ -157,7 +157,7 @@ def train_reference_clip(reference: str, cfg: Config, folder: Path) -> str:
 
 
 def variant_config(cfg: Config, variant: Variant, samples: int, arms: list[str], clip_model: str) -> Config:
-    from tldr_tasks.stages.cluster import cluster_count
+    from tldr_tasks.stages.kmeans import cluster_count
 
     vcfg = from_dict(cfg.to_dict()).validate()
     for key, value in variant.sample.items():
@@ -174,10 +174,9 @@ def run_seed(out: Path, crawl: str, cfg: Config, seed: int, variants=VARIANTS) -
     """Every variant of one crawl and seed; returns (and keeps in {crawl}/seed{seed}/reports.json)
     {variant: evaluate's report.json plus the selection's stats}."""
     from tldr_tasks import storage
-    from tldr_tasks.pipeline import load_stage_module
+    from tldr_tasks.contract import StageIO
     from tldr_tasks.preflight import count_input_samples
-    from tldr_tasks.runner import compress
-    from tldr_tasks.stages.base import StageIO
+    from tldr_tasks.runner import compress, load_stage_module
 
     root = out / crawl / f"seed{seed}"
     done = root / "reports.json"

@@ -10,31 +10,89 @@
     tldr-vlp report RUN_DIR                    report.html of a run (images, clusters, captions, curves)
     tldr-vlp compare RUN_ID_OR_DIR ...         parameters and metrics of several runs side by side
     tldr-vlp benchmark --seeds 0,1,2 --out DIR  the results (docs/benchmarks.md): three crawls, chosen on validation
+
+Messages go to stderr at $TLDR_LOG_LEVEL (default INFO; DEBUG for more, WARNING for less).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
 import signal
 import sys
 import tempfile
 import traceback
+from pathlib import Path
 
-from tldr_tasks.config import STRATEGIES, ConfigError, load_config
-from tldr_tasks.stage_cli import CommandParser
+from tldr_tasks.config import STRATEGIES, ConfigError, load_config, shortcut_overrides
+from tldr_tasks.contract import StageIO
 
 COMMANDS = ("demo", "compress", "run", "make-crawl", "make-real-crawl", "import", "stages", "report", "compare",
             "benchmark")
 
 
+class CommandParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are ConfigErrors: the CLI prints every user error the same
+    way, as one `error: ...` line (argparse prints the usage and exits itself)."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def add_io_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", required=True, help="crawl shards: brace pattern, glob or folder URL")
+    parser.add_argument("--out", required=True, help="run folder URL; every stage writes below it")
+    parser.add_argument("--eval-input", default=None, help="clean held-out shards for the evaluation")
+    parser.add_argument("--captioner", default=None, help="reuse this trained captioner folder")
+    parser.add_argument("--embed-cache", default=None, help="shared per-shard embedding folder")
+    parser.add_argument("--params", default=None, help="params.yaml (default: built-in defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one parameter, e.g. --set sample.ratio=0.3 (repeatable)")
+    parser.add_argument("--result-json", default=None,
+                        help="also write the result (metrics, outputs, mlflow_run_id) to this local file "
+                             "(Airflow's KubernetesPodOperator reads /airflow/xcom/return.json)")
+
+
+def io_from_args(args: argparse.Namespace) -> StageIO:
+    return StageIO(input=args.input, out=args.out, eval_input=args.eval_input,
+                   captioner=args.captioner, embed_cache=args.embed_cache)
+
+
+def stage_main(name: str, argv: list[str]) -> int:
+    """`tldr-vlp run <name> --input URL --out URL ...`, the one command line of every stage: parse it
+    and run the stage through `runner.execute_stage`."""
+    from tldr_tasks.pipeline import get_stage
+    from tldr_tasks.runner import execute_stage, result_summary
+
+    spec = get_stage(name)
+    parser = CommandParser(prog=f"tldr-vlp run {name}", description=f"Run the {name} stage.")
+    add_io_arguments(parser)
+    if spec.sharded:
+        parser.add_argument("--shard-index", type=int, default=0)
+        parser.add_argument("--num-shards", type=int, default=1)
+    args = parser.parse_args(argv)
+    if spec.sharded and not 0 <= args.shard_index < args.num_shards:
+        parser.error(f"--shard-index {args.shard_index} is not in [0, --num-shards {args.num_shards})")
+    cfg = load_config(args.params, args.overrides)
+    io = io_from_args(args)
+    kwargs = {"shard_index": args.shard_index, "num_shards": args.num_shards} if spec.sharded else {}
+    result, _, parent = execute_stage(cfg, io, name, **kwargs)
+    if parent is None:  # a DeepSpeed rank other than 0: rank 0 reports
+        return 0
+    summary = result_summary(name, io, result, parent)
+    if args.result_json:
+        Path(args.result_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.result_json).write_text(json.dumps(summary))
+    # The last stdout line is the summary: Airflow's BashOperator pushes it as the task's XCom.
+    print(json.dumps(summary))
+    return 0
+
+
 def _common_overrides(args: argparse.Namespace) -> list[str]:
     """Shortcut flags -> `section.key=value` overrides (explicit --set wins, it comes last)."""
-    shortcuts = {"ratio": "sample.ratio", "clusters": "cluster.clusters", "feature": "embed.feature",
-                 "strategy": "sample.strategy", "alignment": "sample.alignment", "fusion": "caption.fusion",
-                 "seed": "seed", "samples": "crawl.samples", "noise": "crawl.noise"}
-    out = [f"{key}={getattr(args, name)}" for name, key in shortcuts.items()
-           if getattr(args, name, None) is not None]
-    return out + list(args.overrides)
+    return shortcut_overrides(vars(args), args.overrides)
 
 
 def _add_shortcuts(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +110,6 @@ def _add_shortcuts(parser: argparse.ArgumentParser) -> None:
 
 def compress_main(argv: list[str]) -> int:
     from tldr_tasks.runner import compress
-    from tldr_tasks.stages.base import StageIO
 
     parser = CommandParser(prog="tldr-vlp compress",
                            description="Compress a crawl with every TL;DR stage, locally and resumably.")
@@ -65,9 +122,7 @@ def compress_main(argv: list[str]) -> int:
     _add_shortcuts(parser)
     args = parser.parse_args(argv)
     cfg = load_config(args.params, _common_overrides(args))
-    io = StageIO(input=args.input, out=args.out, eval_input=args.eval_input,
-                 captioner=args.captioner, embed_cache=args.embed_cache)
-    summary = compress(cfg, io, with_eval=args.eval)
+    summary = compress(cfg, io_from_args(args), with_eval=args.eval)
     manifest = summary["manifest"]
     print(f"kept {manifest['kept']} of {manifest['input_samples']} samples "
           f"({manifest['dropped']} dropped by selection, {manifest['rejected']} rejected: see "
@@ -163,6 +218,18 @@ def stages_main(argv: list[str]) -> int:
     return 0
 
 
+def configure_logging() -> None:
+    """The package's messages (`logging.getLogger(__name__)` in stages, models and data, e.g. "resumed
+    from ... at step") to stderr at $TLDR_LOG_LEVEL, default INFO; other libraries' from WARNING.
+    Progress bars (tqdm) write to stderr on their own. Logging that is set up already (a test
+    session) keeps its handlers."""
+    level = os.environ.get("TLDR_LOG_LEVEL", "INFO").upper()
+    if not isinstance(logging.getLevelName(level), int):
+        raise ConfigError(f"TLDR_LOG_LEVEL={level} is not a logging level (use DEBUG, INFO, WARNING or ERROR)")
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tldr_tasks").setLevel(level)
+
+
 def _terminated(signum, frame):
     raise SystemExit(128 + signum)
 
@@ -178,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     that says where its traceback is (a file at a terminal, else the log the output goes to)."""
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
+        configure_logging()
         return _command(list(sys.argv[1:] if argv is None else argv))
     except ConfigError as err:  # a user error: what to change, no traceback
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
@@ -204,7 +272,6 @@ def _command(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     if command == "run":
         from tldr_tasks.pipeline import STAGE_NAMES
-        from tldr_tasks.stage_cli import stage_main
 
         if not rest or rest[0] not in STAGE_NAMES:
             raise ConfigError(f"tldr-vlp run needs a stage, got {rest[0] if rest else 'none'!r} (use one of "

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,7 +189,7 @@ class EmbedConfig:
 
 @dataclass
 class ClusterConfig:
-    clusters: int = 0  # 0: round(8 * sqrt(sample.ratio * samples)) (stages/cluster.py: cluster_count)
+    clusters: int = 0  # 0: round(8 * sqrt(sample.ratio * samples)) (stages/kmeans.py: cluster_count)
     niter: int = 20
     # seeding (stages/kmeans.py): afk_mc2 (faiss' MCMC approximation of k-means++) or kmeans++ (greedy,
     # scikit-learn's: an objective within 4.5% of scikit-learn's, benchmarks/results/side_by_side.json).
@@ -365,6 +366,20 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
         return kind(value)  # float or str
     except (TypeError, ValueError, KeyError, OverflowError):
         raise ConfigError(f"{name}={value!r} is not valid (give {_EXPECTED[kind]})") from None
+
+
+# A shortcut -> the parameter it sets: the CLI's flags (--ratio ...) and the Airflow trigger form's
+# params (captioner_preset ...) both go through `shortcut_overrides`.
+SHORTCUTS = {"ratio": "sample.ratio", "clusters": "cluster.clusters", "feature": "embed.feature",
+             "strategy": "sample.strategy", "alignment": "sample.alignment", "fusion": "caption.fusion",
+             "seed": "seed", "samples": "crawl.samples", "noise": "crawl.noise", "captioner_preset": "captioner.preset"}
+
+
+def shortcut_overrides(values: Mapping[str, Any], overrides: Sequence[str] = ()) -> list[str]:
+    """The `section.key=value` overrides of the shortcuts given in `values` (None: not given), then
+    `overrides`, which come last and so win."""
+    out = [f"{key}={values[name]}" for name, key in SHORTCUTS.items() if values.get(name) is not None]
+    return out + [str(item) for item in overrides]
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:

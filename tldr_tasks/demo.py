@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 from tldr_tasks import storage, tracking
 from tldr_tasks.benchmark import PROFILE as BENCHMARK_PROFILE
 from tldr_tasks.config import Config, _merge, from_dict, load_config, parse_overrides
+from tldr_tasks.contract import StageIO
 from tldr_tasks.runner import compress
-from tldr_tasks.stages.base import StageIO
+from tldr_tasks.versioning import dvc, tracked_md5
 
 RETRIEVAL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 # A first run's size: the benchmark's (6,000 pairs, a 4-epoch captioner, the evaluation's `small` 32-px
@@ -32,30 +32,16 @@ def demo_config(params_path: str | None, overrides: list[str]) -> Config:
     return from_dict(_merge(base, parse_overrides(overrides))).validate()
 
 
-def _dvc(args: list[str], cwd: Path) -> str:
-    dvc = Path(sys.executable).with_name("dvc")
-    done = subprocess.run([str(dvc), *args], cwd=cwd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"dvc {' '.join(args)} failed in {cwd}:\n{done.stderr[-2000:]}")
-    return done.stdout
-
-
 def version_with_dvc(root: Path, folders: list[str]) -> dict[str, str]:
     """Track `folders` (relative to root) in a DVC repo at root with a local remote and push them.
     Returns {folder: md5 of its DVC-tracked version}."""
-    import yaml
-
     if not (root / ".dvc").exists():
-        _dvc(["init", "--no-scm", "-q"], root)
-        _dvc(["remote", "add", "-d", "-f", "local", str((root / "dvc-remote").resolve())], root)
-        _dvc(["config", "core.autostage", "false"], root)
-    _dvc(["add", "-q", *folders], root)
-    _dvc(["push", "-q"], root)
-    versions = {}
-    for folder in folders:
-        meta = yaml.safe_load((root / f"{folder}.dvc").read_text())
-        versions[folder] = meta["outs"][0]["md5"]
-    return versions
+        dvc(root, "init", "--no-scm", "-q")
+        dvc(root, "remote", "add", "-d", "-f", "local", str((root / "dvc-remote").resolve()))
+        dvc(root, "config", "core.autostage", "false")
+    dvc(root, "add", "-q", *folders)
+    dvc(root, "push", "-q")
+    return {folder: tracked_md5(root, folder) for folder in folders}
 
 
 def demo(out_dir: str, cfg: Config) -> dict:

@@ -1,12 +1,13 @@
 """The ordered stage list with resources: the one source of truth for the local runner, the
-Airflow DAGs and dvc.yaml. Imports nothing heavy, so DAG parsing stays fast."""
+Airflow DAGs and dvc.yaml. Imports nothing heavy and no stage code (it names each stage's module;
+the executor, `tldr_tasks.runner`, loads it), so DAG parsing stays fast."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from tldr_tasks import storage
-from tldr_tasks.stages.base import Resources, StageIO
+from tldr_tasks.contract import Resources, StageIO
 
 
 @dataclass(frozen=True)
@@ -15,7 +16,7 @@ class StageSpec:
 
     Attributes:
         name: the CLI name: `tldr-vlp run <name>`.
-        module: the module under tldr_tasks.stages with `run(cfg, io, ...)` and `main(argv)`.
+        module: the module under tldr_tasks.stages with `run(cfg, io, ...) -> StageResult`.
         resources: what one worker needs.
         sharded: takes --shard-index/--num-shards; a cluster runs one worker per shard group.
         deps: stages whose outputs it reads.
@@ -110,10 +111,3 @@ def stage_params(cfg, name: str) -> dict:
                 value = value[part]
             out.update({f"{item}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {item: value})
     return dict(sorted(out.items()))
-
-
-def load_stage_module(name: str):
-    """Import the stage module lazily: its heavy imports load only when it runs."""
-    import importlib
-
-    return importlib.import_module(f"tldr_tasks.stages.{get_stage(name).module}")

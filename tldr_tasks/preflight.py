@@ -15,8 +15,8 @@ from pathlib import Path
 
 from tldr_tasks import storage
 from tldr_tasks.config import Config, ConfigError
+from tldr_tasks.contract import StageIO
 from tldr_tasks.pipeline import STAGE_NAMES, get_stage
-from tldr_tasks.stages.base import StageIO
 
 
 def check(cfg: Config, io: StageIO, stage: str | None = None, with_eval: bool = False) -> None:

@@ -24,10 +24,10 @@ import time
 
 from tldr_tasks import preflight, storage, tracking
 from tldr_tasks.config import Config, ConfigError
-from tldr_tasks.pipeline import STAGES, get_stage, load_stage_module, stage_params
+from tldr_tasks.contract import TIMINGS_DIR, StageIO, StageResult, cpu_limit
+from tldr_tasks.pipeline import STAGES, get_stage, stage_params
 from tldr_tasks.report import write_report
-from tldr_tasks.runs import TIMINGS_DIR, load_run, summary_metrics
-from tldr_tasks.stages.base import StageIO, StageResult, cpu_limit
+from tldr_tasks.runs import load_run, summary_metrics
 
 PARAMS_RECORD = "params.json"  # in a stage's output folder: the parameters its parts were made with
 
@@ -132,6 +132,13 @@ def _write_record(cfg: Config, io: StageIO, name: str) -> None:
         record["input"] = input_fingerprint(io.input, os.environ.get("TLDR_INPUT_VERSION"))
     storage.write_text_atomic(storage.join(spec.output_dir(io), PARAMS_RECORD),
                               json.dumps(record, indent=1, sort_keys=True, default=str))
+
+
+def load_stage_module(name: str):
+    """Import the stage module lazily: its heavy imports load only when it runs."""
+    import importlib
+
+    return importlib.import_module(f"tldr_tasks.stages.{get_stage(name).module}")
 
 
 def execute_stage(cfg: Config, io: StageIO, name: str, **kwargs) -> tuple[StageResult, float, str | None]:

@@ -19,11 +19,11 @@ from collections import Counter
 import numpy as np
 
 from tldr_tasks import storage
+from tldr_tasks.contract import TIMINGS_DIR, StageIO
 
 # The key parameters: the report's headline and `compare`'s rows.
 PARAMS = ("seed", "embed.feature", "cluster.clusters", "sample.ratio", "sample.strategy", "sample.alignment",
           "caption.fusion", "captioner.preset", "captioner.epochs", "evaluate.epochs")
-TIMINGS_DIR = "timings"  # in the run folder: one {stage}[-i-of-n].json per stage part that did work
 
 
 def _read_json(url: str) -> dict | None:
@@ -48,7 +48,6 @@ def _get(config: dict, dotted: str):
 def load_run(run_dir: str) -> dict:
     """Everything the report and `compare` read from a run folder; absent parts are empty."""
     from tldr_tasks.stages import embed
-    from tldr_tasks.stages.base import StageIO
 
     manifest = _read_json(storage.join(run_dir, "shards", "manifest.json")) or {}
     recorded = _read_json(storage.join(run_dir, "config.json")) or {}

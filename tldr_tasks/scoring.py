@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from tldr_tasks import storage
 from tldr_tasks.config import Config, ConfigError
-from tldr_tasks.stages.base import StageIO
+from tldr_tasks.contract import StageIO
 
 BATCH = 256
 

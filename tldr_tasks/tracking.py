@@ -32,7 +32,7 @@ from pathlib import Path
 
 from tldr_tasks import storage
 from tldr_tasks.config import Config
-from tldr_tasks.stages.base import StageIO, StageResult
+from tldr_tasks.contract import StageIO, StageResult
 
 EXPERIMENT = "tldr-vlp"
 STALE_TAG = "tldr.ended_by"

@@ -34,8 +34,8 @@ from kubernetes.client import models as k8s
 from tldr_dagkit import settings
 from tldr_dagkit.plan import build_plan, check_params, task_id
 from tldr_tasks.config import FEATURES, FUSIONS, STRATEGIES, Config, ConfigError, presets
+from tldr_tasks.contract import Resources
 from tldr_tasks.pipeline import STAGES, StageSpec
-from tldr_tasks.stages.base import Resources
 
 CRAWL_ASSET = Asset(name="tldr_crawl", uri="tldr://crawl/registered")
 COMPRESSED_ASSET = Asset(name="tldr_compressed", uri="tldr://compressed/latest")
@@ -295,8 +295,8 @@ def open_run(params, dag_id: str, run_id: str, input_url: str, input_version: st
     every task's command and open the run's MLflow parent run. Returns the plan plus `mlflow_run_id`
     and `captioner_reason`."""
     from tldr_tasks import captioners, preflight, tracking
+    from tldr_tasks.contract import StageIO
     from tldr_tasks.runner import input_fingerprint
-    from tldr_tasks.stages.base import StageIO
 
     cfg = check_params(params, input_url)
     # The stages' own preflight, on the whole run: input and eval input readable, output root writable.

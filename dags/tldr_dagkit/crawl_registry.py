@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import subprocess
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import fsspec
 import yaml
 
 from tldr_tasks.content import file_md5
+from tldr_tasks.versioning import dvc, tracked_md5
 
 SIDECARS = (".parquet", "_stats.json")  # img2dataset writes these beside every NNNNN.tar
 
@@ -86,18 +86,6 @@ def new_shards(landing_url: str, repo: str, settle_seconds: float = 60.0) -> lis
     return found
 
 
-def dvc(repo: str, *args: str) -> str:
-    """Run the venv's dvc in `repo`; a failure raises with dvc's own message."""
-    from tldr_dagkit.settings import venv_bin
-
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    proc = subprocess.run([venv_bin("dvc"), *args], cwd=repo, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"dvc {' '.join(args)} failed in {repo} (exit {proc.returncode}):\n"
-                           f"{proc.stdout}{proc.stderr}")
-    return proc.stdout
-
-
 def ensure_repo(repo: str, remote: str) -> None:
     """A DVC repo (no git needed) at `repo` whose default remote is `remote` (a folder or s3:// URL)."""
     Path(repo).mkdir(parents=True, exist_ok=True)
@@ -145,8 +133,7 @@ def register(shard_urls: list[str], repo: str, remote: str) -> dict:
                 _copy(stem + suffix, crawl / posixpath.basename(stem + suffix))
     dvc(repo, "add", "crawl")
     dvc(repo, "push")
-    meta = yaml.safe_load((Path(repo) / "crawl.dvc").read_text())
-    version = meta["outs"][0]["md5"].removesuffix(".dir")
+    version = tracked_md5(repo, "crawl").removesuffix(".dir")
     record = {"version": version, "url": str(crawl), "shards": len(list(crawl.glob("*.tar"))), "new_shards": added,
               "replaced_shards": replaced}
     # The per-file md5s stay in the registry, not in the Asset event: they grow with the crawl.

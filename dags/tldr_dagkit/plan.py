@@ -16,17 +16,8 @@ import re
 import shlex
 from collections.abc import Mapping
 
+from tldr_tasks.config import shortcut_overrides
 from tldr_tasks.pipeline import STAGES, get_stage
-
-# Trigger-form param -> the params.yaml key it sets (`--set key=value`).
-PARAM_SETTINGS = {
-    "ratio": "sample.ratio",
-    "clusters": "cluster.clusters",
-    "feature": "embed.feature",
-    "strategy": "sample.strategy",
-    "fusion": "caption.fusion",
-    "captioner_preset": "captioner.preset",
-}
 
 
 def task_id(stage: str) -> str:
@@ -39,9 +30,9 @@ def run_folder_name(run_id: str) -> str:
 
 
 def settings(params: Mapping) -> list[str]:
-    """The `section.key=value` overrides a run's params ask for; the free-form overrides come last (win)."""
-    out = [f"{key}={params[name]}" for name, key in PARAM_SETTINGS.items() if params.get(name) is not None]
-    return out + [str(item) for item in params.get("overrides") or []]
+    """The `section.key=value` overrides a run's params ask for (its trigger-form fields named in
+    tldr_tasks.config.SHORTCUTS, as the CLI's flags); the free-form overrides come last (win)."""
+    return shortcut_overrides(params, params.get("overrides") or [])
 
 
 def stage_arguments(stage: str, params: Mapping, run_id: str, input_url: str, captioner_url: str, *,

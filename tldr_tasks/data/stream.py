@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tldr_tasks.data.shards import RawSample, Rejected, iter_raw_shard
+from tldr_tasks.preprocess import images_to_uint8, tokenize_captions
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +196,6 @@ def decode(raw: RawSample):
 
 def collate(step: int, samples: list, image_size: int, tokenizer, max_tokens: int) -> dict:
     """One piece: see TrainStream."""
-    from tldr_tasks.models.captioner import images_to_uint8, tokenize_captions
-
     width = max_tokens + 2
     ids = torch.full((len(samples), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(samples), width), dtype=torch.long)

@@ -37,7 +37,7 @@ def available_cpus() -> int:
     oversubscribed 2-core host ran 4x slower with 2 threads than with 1), else the cores this process
     may use: its CPU affinity (taskset / container cpusets) and its cgroup CPU quota (a container's
     CPU limit), whichever is smaller."""
-    from tldr_tasks.stages.base import cpu_limit
+    from tldr_tasks.contract import cpu_limit
 
     configured = os.environ.get("OMP_NUM_THREADS", "").strip()
     if configured.isdigit() and int(configured) > 0:
@@ -342,18 +342,22 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, image_gro
     return metrics
 
 
-def zero_shot_accuracy(image_emb: torch.Tensor, class_emb: torch.Tensor, labels: Sequence[int]) -> float:
-    """Percent of images whose nearest class embedding is their label.
+def zero_shot_accuracy(image_emb: torch.Tensor, class_emb: torch.Tensor, labels: Sequence[int],
+                       class_values: Sequence | None = None) -> float:
+    """Percent of images whose nearest class embedding is their label, or, with `class_values`, a class
+    with the same value as their label's (e.g. the same colour, whatever the shape).
 
     Args:
         image_emb: [N, D] L2-normalised.
         class_emb: [C, D] one embedding per class (e.g. the normalised mean over prompt templates).
         labels: N class indices.
+        class_values: C values, one per class, that a prediction is scored by (default: the class).
     """
     if len(labels) == 0:
         return float("nan")
-    pred = (torch.as_tensor(image_emb).float() @ torch.as_tensor(class_emb).float().t()).argmax(dim=1).numpy()
-    return float(100.0 * (pred == np.asarray(labels)).mean())
+    values = range(len(class_emb)) if class_values is None else class_values
+    pred = (torch.as_tensor(image_emb).float() @ torch.as_tensor(class_emb).float().t()).argmax(dim=1).tolist()
+    return 100.0 * float(np.mean([values[p] == values[y] for p, y in zip(pred, labels)]))
 
 
 def class_embeddings(model, tokenizer: CaptionTokenizer, prompts: Sequence[Sequence[str]]) -> torch.Tensor:

@@ -1,1 +1,2 @@
-"""One module per stage: `run(cfg, io, ...) -> StageResult` does the work, `main(argv)` only parses."""
+"""One module per stage: `run(cfg, io, ...) -> StageResult` does the work; `tldr-vlp run <stage>`
+(tldr_tasks.cli) parses the command line and runs it through the executor, tldr_tasks.runner."""

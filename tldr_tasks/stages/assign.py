@@ -23,9 +23,8 @@ import numpy as np
 
 from tldr_tasks import content, storage
 from tldr_tasks.config import Config, ConfigError
-from tldr_tasks.stage_cli import stage_main
+from tldr_tasks.contract import StageIO, StageResult, my_parts
 from tldr_tasks.stages import embed, kmeans
-from tldr_tasks.stages.base import StageIO, StageResult, my_parts
 
 
 def model_dir(io: StageIO) -> str:
@@ -125,7 +124,3 @@ def run(cfg: Config, io: StageIO, shard_index: int = 0, num_shards: int = 1) -> 
         storage.write_parquet(url, table)
         metrics["samples"] += table.num_rows
     return StageResult(metrics=metrics, outputs=outputs)
-
-
-def main(argv=None):
-    return stage_main("assign", argv)

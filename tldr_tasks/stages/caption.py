@@ -11,14 +11,15 @@ atomically. A shard whose parquet exists is skipped, so a restarted worker only 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 import time
+from collections.abc import Iterable
 
 from tldr_tasks import storage
 from tldr_tasks.config import Config, ConfigError
-from tldr_tasks.stage_cli import stage_main
-from tldr_tasks.stages.base import StageIO, StageResult, my_parts
+from tldr_tasks.contract import StageIO, StageResult, my_parts
 
 log = logging.getLogger(__name__)
 
@@ -79,52 +80,49 @@ def caption_shard(model, tokenizer, shard_url: str, keys: set[str], cfg: Config,
     from tqdm import tqdm
 
     from tldr_tasks.data.shards import RawSample, Sample, iter_raw_shard
-    from tldr_tasks.models.captioner import image_to_tensor
 
-    c = cfg.caption
     out_keys: list[str] = []
     out_originals: list[str] = []
-    out_captions: list[str] = []
-    out_confidence: list[float] = []
-    out_grounding: list[float] = []
-    batch_keys: list[str] = []
-    batch_images: list = []
-    batch_originals: list[str] = []
 
-    def flush():
-        if not batch_keys:
-            return
-        pixels = image_to_tensor(batch_images, model.image_size).to(device)
-        captions, confidence, grounding = caption_batch(model, tokenizer, pixels, c)
-        out_captions.extend(captions)
-        out_confidence.extend(confidence)
-        out_grounding.extend(grounding)
-        out_keys.extend(batch_keys)
-        out_originals.extend(batch_originals)
-        batch_keys.clear()
-        batch_images.clear()
-        batch_originals.clear()
-
-    with tqdm(total=len(keys), desc=f"caption {storage.shard_stem(shard_url)}", unit="img",
-              file=sys.stderr, disable=None) as progress:
+    def selected_images():
         # Only the selected samples are decoded: the rest of the shard is read, never decoded.
         for raw in iter_raw_shard(shard_url):
             item = raw.decode() if isinstance(raw, RawSample) and raw.key in keys else None
             if isinstance(item, Sample):
-                batch_keys.append(item.key)
-                batch_images.append(item.image)
-                batch_originals.append(item.caption)
-                if len(batch_keys) >= c.batch_size:
-                    flush()
-                    progress.update(c.batch_size)
-        pending = len(batch_keys)
-        flush()
-        progress.update(pending)
+                out_keys.append(item.key)
+                out_originals.append(item.caption)
+                yield item.image
+
+    with tqdm(total=len(keys), desc=f"caption {storage.shard_stem(shard_url)}", unit="img",
+              file=sys.stderr, disable=None) as progress:
+        captions, confidence, grounding = caption_images(model, tokenizer, selected_images(), cfg.caption, device,
+                                                         progress)
     missing = keys - set(out_keys)
     if missing:
         raise ValueError(f"{len(missing)} selected key(s) of {shard_url} are missing or unreadable there "
                          f"(e.g. {sorted(missing)[:3]}): the input changed since the selection was made")
-    return out_keys, out_originals, out_captions, out_confidence, out_grounding
+    return out_keys, out_originals, captions, confidence, grounding
+
+
+def caption_images(model, tokenizer, images: Iterable, c, device: str,
+                   progress=None) -> tuple[list[str], list[float], list[float]]:
+    """(beam-search captions, confidences, groundings) of PIL images, `c.batch_size` at a time, with `c` a
+    CaptionConfig: the one way the caption stage and the evaluation caption. Grounding compares the
+    images of a batch with each other, so the same images in the same order get the same scores.
+    `progress`, a tqdm bar, advances by each batch's images."""
+    from tldr_tasks.preprocess import image_to_tensor
+
+    captions: list[str] = []
+    confidence: list[float] = []
+    grounding: list[float] = []
+    images = iter(images)
+    while batch := list(itertools.islice(images, c.batch_size)):
+        pixels = image_to_tensor(batch, model.image_size).to(device)
+        for out, values in zip((captions, confidence, grounding), caption_batch(model, tokenizer, pixels, c)):
+            out.extend(values)
+        if progress is not None:
+            progress.update(len(batch))
+    return captions, confidence, grounding
 
 
 def caption_batch(model, tokenizer, pixels, c) -> tuple[list[str], list[float], list[float]]:
@@ -150,7 +148,7 @@ def caption_confidence(model, tokenizer, quantized, captions: list[str]) -> tupl
     (`model.encode(pixels).quantized`)."""
     import torch
 
-    from tldr_tasks.models.captioner import tokenize_captions
+    from tldr_tasks.preprocess import tokenize_captions
 
     confidence = [float("nan")] * len(captions)
     grounding = [float("nan")] * len(captions)
@@ -177,11 +175,3 @@ def write_captions(url: str, keys: list[str], originals: list[str], captions: li
         "key": pa.array(keys, pa.string()), "original": pa.array(originals, pa.string()),
         "generated": pa.array(captions, pa.string()), "confidence": pa.array(confidence, pa.float64()),
         "grounding": pa.array(grounding, pa.float64())}))
-
-
-def main(argv=None):
-    return stage_main("caption", argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

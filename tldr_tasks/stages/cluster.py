@@ -23,9 +23,8 @@ import numpy as np
 
 from tldr_tasks import storage
 from tldr_tasks.config import Config, ConfigError
-from tldr_tasks.stage_cli import stage_main
+from tldr_tasks.contract import StageIO, StageResult, numeric
 from tldr_tasks.stages import assign
-from tldr_tasks.stages.base import StageIO, StageResult, numeric
 
 
 def _outputs(out: str) -> list[str]:
@@ -97,7 +96,3 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     }
     storage.write_text_atomic(stats_url, json.dumps(stats, indent=2, sort_keys=True))
     return StageResult(metrics=numeric(stats), outputs=_outputs(out))
-
-
-def main(argv=None):
-    return stage_main("cluster", argv)

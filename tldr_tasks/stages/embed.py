@@ -32,9 +32,8 @@ import numpy as np
 
 from tldr_tasks import content, storage
 from tldr_tasks.config import Config
+from tldr_tasks.contract import StageIO, StageResult, my_parts
 from tldr_tasks.data.shards import Rejected, Sample, iter_shard
-from tldr_tasks.stage_cli import stage_main
-from tldr_tasks.stages.base import StageIO, StageResult, my_parts
 
 
 @dataclass
@@ -201,7 +200,7 @@ def embed_shard(model, tokenizer, cfg: Config, shard_url: str, device: str, vers
     import torch
     from tqdm import tqdm
 
-    from tldr_tasks.models.captioner import image_to_tensor, tokenize_captions
+    from tldr_tasks.preprocess import image_to_tensor, tokenize_captions
 
     # The saved architecture, not cfg.captioner: a reused --captioner may differ from this run's params.
     feature, arch = cfg.embed.feature, model.arch
@@ -280,7 +279,3 @@ def run(cfg: Config, io: StageIO, shard_index: int = 0, num_shards: int = 1) -> 
     elapsed = max(time.time() - started, 1e-9)
     metrics["images_per_s"] = round(metrics["samples"] / elapsed, 2)
     return StageResult(metrics=metrics, outputs=outputs)
-
-
-def main(argv=None):
-    return stage_main("embed", argv)

@@ -46,10 +46,9 @@ from tqdm import tqdm
 
 from tldr_tasks import storage
 from tldr_tasks.config import FUSIONS, Config, ConfigError
+from tldr_tasks.contract import StageIO, StageResult
 from tldr_tasks.data.spool import Pixels, Split, write_spool
 from tldr_tasks.fusion import collapse_check, ship_caption
-from tldr_tasks.stage_cli import stage_main
-from tldr_tasks.stages.base import StageIO, StageResult
 
 SPLITS = ("validation", "test")
 TIME_TO_ACCURACY_SHARE = 0.95
@@ -101,27 +100,19 @@ def shipped_captions(keys: Sequence[str], originals: Sequence[str], generated: S
 
 def generate(io: StageIO, cfg: Config, images: np.ndarray, desc: str) -> tuple[list[str], list[float], list[float]]:
     """Captions, confidences and groundings from the run's captioner for uint8 images, as the caption
-    stage makes them."""
+    stage makes them (`caption.caption_images`)."""
     import torch
     from PIL import Image
 
-    from tldr_tasks.models.captioner import captioner_version, image_to_tensor
-    from tldr_tasks.stages.caption import caption_batch
+    from tldr_tasks.models.captioner import captioner_version
+    from tldr_tasks.stages.caption import caption_images
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = _loaded_captioner(io.captioner_dir, captioner_version(io.captioner_dir), device)
-    c = cfg.caption
-    captions: list[str] = []
-    confidence: list[float] = []
-    grounding: list[float] = []
-    for i in tqdm(range(0, len(images), c.batch_size), desc=f"caption {desc}", unit="batch", leave=False):
-        pixels = image_to_tensor([Image.fromarray(a) for a in images[i:i + c.batch_size]],
-                                 model.image_size).to(device)
-        batch, batch_confidence, batch_grounding = caption_batch(model, tokenizer, pixels, c)
-        captions += batch
-        confidence += batch_confidence
-        grounding += batch_grounding
-    return captions, confidence, grounding
+    step = cfg.caption.batch_size  # read a batch's rows at once (a spool's Pixels reads slices in one go)
+    decoded = (Image.fromarray(a) for start in range(0, len(images), step) for a in images[start:start + step])
+    with tqdm(total=len(images), desc=f"caption {desc}", unit="img", leave=False) as progress:
+        return caption_images(model, tokenizer, decoded, cfg.caption, device, progress)
 
 
 @functools.lru_cache(maxsize=1)
@@ -350,11 +341,9 @@ def score(model, tokenizer, eval_split: Split, groups, zero_shot: ZeroShot | Non
     metrics["zero_shot_acc"] = float("nan")
     if zero_shot is not None:
         class_emb = clip.class_embeddings(model, tokenizer, zero_shot.prompts)
-        predicted = (image_emb[zero_shot.items] @ class_emb.t()).argmax(dim=1).tolist()
-        for attribute in zero_shot.attributes:
-            metrics[f"zero_shot_{attribute}"] = 100.0 * float(np.mean(
-                [zero_shot.classes[p][attribute] == zero_shot.classes[y][attribute]
-                 for p, y in zip(predicted, zero_shot.labels)]))
+        for attribute in zero_shot.attributes:  # a prediction is right on the attributes it gets right
+            metrics[f"zero_shot_{attribute}"] = clip.zero_shot_accuracy(
+                image_emb[zero_shot.items], class_emb, zero_shot.labels, [c[attribute] for c in zero_shot.classes])
         metrics["zero_shot_acc"] = float(np.mean([metrics[f"zero_shot_{a}"] for a in zero_shot.attributes]))
     return metrics
 
@@ -528,8 +517,3 @@ def _clean(obj):
     if isinstance(obj, float) and obj != obj:
         return None
     return obj
-
-
-def main(argv=None):
-    return stage_main("evaluate", argv)
-

@@ -25,9 +25,8 @@ import numpy as np
 
 from tldr_tasks import storage
 from tldr_tasks.config import Config, ConfigError
-from tldr_tasks.stage_cli import stage_main
+from tldr_tasks.contract import StageIO, StageResult, numeric
 from tldr_tasks.stages import embed
-from tldr_tasks.stages.base import StageIO, StageResult, numeric
 
 DUPLICATE_REASON = "duplicate key across shards"
 PCA_TRAIN_POINTS = 200_000  # enough to estimate a covariance of a few hundred dims
@@ -254,7 +253,3 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     }
     storage.write_text_atomic(stats_url, json.dumps(stats, indent=2, sort_keys=True))
     return StageResult(metrics=numeric(stats), outputs=_outputs(out, cfg))
-
-
-def main(argv=None):
-    return stage_main("kmeans", argv)

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 
@@ -33,11 +33,12 @@ from tqdm import tqdm
 
 from tldr_tasks import fusion, storage
 from tldr_tasks.config import Config, ConfigError
+from tldr_tasks.contract import StageIO, StageResult
 from tldr_tasks.data.shards import Sample, encode_json, iter_shard, write_tar
-from tldr_tasks.stage_cli import stage_main
 from tldr_tasks.stages import caption
-from tldr_tasks.stages.base import StageIO, StageResult
 from tldr_tasks.tracking import redact
+
+log = logging.getLogger(__name__)
 
 CAPTION_REASONS = (fusion.REPLACED, fusion.APPENDED, fusion.ORIGINAL_BY_FUSION, fusion.ORIGINAL_LOW_CONFIDENCE,
                    fusion.ORIGINAL_UNGROUNDED, fusion.ORIGINAL_COLLAPSE, fusion.ORIGINAL_NO_GENERATED)
@@ -167,16 +168,16 @@ def _captioner_version(io: StageIO) -> str | None:
 def decide_captions(captions: pa.Table, cfg: Config) -> dict:
     """The gate's report on the captions of every kept sample (`captions`: CAPTION_SCHEMA rows, in
     selected.parquet order): the run-level collapse check, the count per reason (what `ship` decides) and
-    the confidence distribution. A collapse is printed."""
+    the confidence distribution. A collapse is logged."""
     c = cfg.caption
     # two string columns as Python lists: the only per-sample objects held all at once
     check = fusion.collapse_check(captions["original"].to_pylist(), captions["generated"].to_pylist(),
                                   c.min_entropy_ratio)
     if check["collapsed"] and c.fusion != "original":
-        print(f"materialize: the generated captions collapsed ({check['distinct_generated']} distinct for "
-              f"{check['samples']} images, entropy {check['entropy_ratio']:.2f} of the originals' < "
-              f"{c.min_entropy_ratio}): shipping the original captions. Train the captioner longer, from a "
-              "pretrained model (captioner.init_from), or on more data.", file=sys.stderr)
+        log.warning("the generated captions collapsed (%d distinct for %d images, entropy %.2f of the originals' "
+                    "< %s): shipping the original captions. Train the captioner longer, from a pretrained model "
+                    "(captioner.init_from), or on more data.", check["distinct_generated"], check["samples"],
+                    check["entropy_ratio"], c.min_entropy_ratio)
     reasons: Counter = Counter()
     for batch in captions.to_batches(max_chunksize=BATCH_ROWS):
         reasons.update(ship(row, cfg, check["collapsed"])[1] for row in batch.to_pylist())
@@ -268,7 +269,3 @@ def _output_parts(sample: Sample, selected_row: dict, caption_row: dict, shipped
     if "truth" in sample.meta:
         meta["truth"] = sample.meta["truth"]
     return {sample.image_ext: sample.image_bytes, "txt": text.encode("utf-8"), "json": encode_json(meta)}
-
-
-def main(argv=None):
-    return stage_main("materialize", argv)

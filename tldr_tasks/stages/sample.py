@@ -48,8 +48,7 @@ import numpy as np
 
 from tldr_tasks import storage
 from tldr_tasks.config import Config, ConfigError
-from tldr_tasks.stage_cli import stage_main
-from tldr_tasks.stages.base import StageIO, StageResult, numeric
+from tldr_tasks.contract import StageIO, StageResult, numeric
 
 # A pair whose caption loss lies this many robust standard deviations above its cluster's median is
 # counted as likely misaligned (the noise estimate in stats.json and MLflow).
@@ -360,7 +359,3 @@ def run(cfg: Config, io: StageIO) -> StageResult:
                      **distribution(extra["clip_score"][keep], "clip_score_kept", misaligned=False))
     storage.write_text_atomic(stats_url, json.dumps(stats, indent=2, sort_keys=True))
     return StageResult(metrics=numeric(stats), outputs=[selected_url, scores_url, stats_url])
-
-
-def main(argv=None):
-    return stage_main("sample", argv)

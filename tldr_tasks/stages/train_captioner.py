@@ -30,8 +30,7 @@ import time
 from pathlib import Path
 
 from tldr_tasks.config import Config
-from tldr_tasks.stage_cli import stage_main
-from tldr_tasks.stages.base import StageIO, StageResult
+from tldr_tasks.contract import StageIO, StageResult
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +189,7 @@ def train_step(engine, batch: dict, dtype, autocast, world: int):
     loss, still on the device."""
     import torch
 
-    from tldr_tasks.models.captioner import normalize_uint8
+    from tldr_tasks.preprocess import normalize_uint8
 
     pixels = normalize_uint8(batch["pixels"]).to(dtype)
     mask = batch["attention_mask"]
@@ -230,7 +229,7 @@ def codebook_usage(model, piece: dict, dtype, device) -> dict:
     `stream.head`), plus their mean caption loss: a collapsed codebook uses a handful of codes."""
     import torch
 
-    from tldr_tasks.models.captioner import normalize_uint8
+    from tldr_tasks.preprocess import normalize_uint8
 
     model.eval()
     with torch.no_grad():
@@ -363,12 +362,3 @@ def _progress(total: int, done: int, rank: int):
 
     return tqdm(total=total, initial=done, desc="train captioner", unit="step", file=sys.stderr,
                 disable=rank != 0, dynamic_ncols=True)
-
-
-def main(argv=None):
-    return stage_main("train-captioner", argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-

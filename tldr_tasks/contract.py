@@ -1,10 +1,11 @@
-"""The stage contract shared by every stage, both runners and the DAG builder.
+"""The stage contract: what a stage is given (`StageIO`: where to read and write), what it needs
+(`Resources`) and what it reports (`StageResult`), with the small helpers every stage shares.
 
-A stage module has `run(cfg, io, ...) -> StageResult` (the work) and `main(argv)` (the CLI). Its
-contract is declared once in `tldr_tasks.pipeline.STAGES`: where it writes (`StageSpec.output`), the
-file written last when the whole stage is done (`done_marker`), and whether it is sharded into parts
-(one per input shard). `tldr_tasks.runner.execute_stage` is the one way a stage runs, whoever
-orchestrates it.
+It sits below both the spec (`tldr_tasks.pipeline`, which the DAGs parse) and the stages, and knows
+neither. A stage module has `run(cfg, io, ...) -> StageResult`; its contract is declared once in
+`tldr_tasks.pipeline.STAGES`: where it writes (`StageSpec.output`), the file written last when the
+whole stage is done (`done_marker`), and whether it is sharded into parts (one per input shard).
+`tldr_tasks.runner.execute_stage` is the one way a stage runs, whoever orchestrates it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tldr_tasks import storage
+
+TIMINGS_DIR = "timings"  # in the run folder: one {stage}[-i-of-n].json per stage part that did work
 
 
 @dataclass(frozen=True)
