@@ -157,7 +157,7 @@ def train_reference_clip(reference: str, cfg: Config, folder: Path) -> str:
 
 
 def variant_config(cfg: Config, variant: Variant, samples: int, arms: list[str], clip_model: str) -> Config:
-    from tldr_tasks.stages.cluster import cluster_count
+    from tldr_tasks.stages.kmeans import cluster_count
 
     vcfg = from_dict(cfg.to_dict()).validate()
     for key, value in variant.sample.items():

@@ -188,7 +188,7 @@ class EmbedConfig:
 
 @dataclass
 class ClusterConfig:
-    clusters: int = 0  # 0: round(8 * sqrt(sample.ratio * samples)) (stages/cluster.py: cluster_count)
+    clusters: int = 0  # 0: round(8 * sqrt(sample.ratio * samples)) (stages/kmeans.py: cluster_count)
     niter: int = 20
     # seeding (stages/kmeans.py): afk_mc2 (faiss' MCMC approximation of k-means++) or kmeans++ (greedy,
     # scikit-learn's: an objective within 4.5% of scikit-learn's, benchmarks/results/side_by_side.json).
