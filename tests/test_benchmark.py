@@ -124,3 +124,20 @@ def test_split_crawl_writes_two_disjoint_crawls(tiny_crawl, tmp_path):
 
 def test_ci95_of_one_value_is_zero():
     assert benchmark.ci95([3.0]) == 0.0
+
+
+def test_every_variant_gets_a_valid_config_with_its_own_settings():
+    """What run_seed builds per variant: its sample settings, the reference CLIP for clip_score, and a
+    cluster count scaled from the size rule where the variant asks for one."""
+    from tldr_tasks.config import Config
+    from tldr_tasks.stages.kmeans import cluster_count
+
+    cfg = Config()
+    for variant in benchmark.VARIANTS:
+        vcfg = benchmark.variant_config(cfg, variant, 4500, ["full", "tldr"], "runs/reference_clip")
+        assert all(getattr(vcfg.sample, key) == value for key, value in variant.sample.items())
+        assert vcfg.evaluate.arms == ["full", "tldr"]
+        assert (vcfg.sample.clip_model == "runs/reference_clip") == (variant.name == "clip_score")
+        expected = round(variant.cluster_scale * cluster_count(cfg, 4500)) if variant.cluster_scale != 1 else 0
+        assert vcfg.cluster.clusters == expected
+    assert cfg.sample.strategy == Config().sample.strategy  # the caller's config is left as it was
