@@ -155,10 +155,13 @@ def test_code_index_pca_whitens_to_pca_dim(tmp_path):
     assigned = table.sort_values("key")["cluster"].to_numpy()
     agreement = max((assigned == labels).mean(), (assigned != labels).mean())
     assert agreement > 0.95
-    from tldr_tasks.stages import assign, sample
+    from tldr_tasks import storage
+    from tldr_tasks.stages import assign, kmeans, sample
 
     keys, stems = table["key"].to_numpy().astype(str), table["shard"].astype(str).to_numpy()
-    features = sample.gather_features(cfg, io, keys, stems, np.arange(100), assign.load_pca(io))
+    shards = io.input_shards()
+    part_urls = dict(zip((storage.shard_stem(s) for s in shards), kmeans.part_urls(cfg, io, shards)))
+    features = sample.gather_features(part_urls, keys, stems, np.arange(100), assign.load_pca(io))
     assert features.dtype == np.float16 and features.shape == (100, 2)
     assert np.allclose(np.linalg.norm(features.astype(np.float32), axis=1), 1.0, atol=1e-2)
 

@@ -210,7 +210,9 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     urls = part_urls(cfg, io, shards)
     counts, keep, keys, part_id, rejects = load_index(urls, stems)
     duplicates = np.flatnonzero(~keep)
-    rejects += [(keys[j].decode("utf-8"), stems[part_id[j]], DUPLICATE_REASON) for j in duplicates]
+    duplicate_keys = np.char.decode(keys[duplicates], "utf-8").tolist()
+    duplicate_stems = [stems[i] for i in part_id[duplicates]]
+    rejects += [(key, stem, DUPLICATE_REASON) for key, stem in zip(duplicate_keys, duplicate_stems)]
     n = int(keep.sum())
     k = cluster_count(cfg, n)
     if k > n:
@@ -218,8 +220,7 @@ def run(cfg: Config, io: StageIO) -> StageResult:
                           f"removal); set cluster.clusters to at most {n} "
                           f"(e.g. --set cluster.clusters={max(1, n // 25)} for ~25 samples per cluster)")
     storage.write_parquet(storage.join(out, "duplicates.parquet"), pa.table({
-        "key": pa.array(np.char.decode(keys[duplicates], "utf-8"), pa.string()),
-        "shard": pa.array([stems[i] for i in part_id[duplicates]], pa.string())}))
+        "key": pa.array(duplicate_keys, pa.string()), "shard": pa.array(duplicate_stems, pa.string())}))
     del keys, part_id
     timings["read_keys_s"] = time.time() - started
 

@@ -201,17 +201,17 @@ def cluster_groups(cluster: np.ndarray, max_rows: int) -> list[np.ndarray]:
     return np.split(order, np.flatnonzero(np.diff(row_group[order])) + 1) if len(order) else []
 
 
-def gather_features(cfg: Config, io: StageIO, keys: np.ndarray, stems: np.ndarray, rows: np.ndarray, pca=None):
+def gather_features(part_urls: dict[str, str], keys: np.ndarray, stems: np.ndarray, rows: np.ndarray,
+                    pca=None) -> np.ndarray:
     """L2-normalised float16 features of the assignment rows `rows` (keys[rows], each from the embed part
-    of its shard stems[rows]), reading only the parts those rows come from."""
+    `part_urls[stems[row]]`), reading only the parts those rows come from."""
     from tldr_tasks.stages import embed, kmeans
 
-    directory = embed.parts_dir(cfg, io)
-    urls = {storage.shard_stem(s): embed.part_url(directory, s) for s in io.input_shards()}
+    row_stems = stems[rows]
     pieces, positions = [], []
-    for stem in np.unique(stems[rows]):
-        at = np.flatnonzero(stems[rows] == stem)
-        part = embed.load_part(urls[stem])
+    for stem in np.unique(row_stems):
+        at = np.flatnonzero(row_stems == stem)
+        part = embed.load_part(part_urls[stem])
         order = np.argsort(part.keys, kind="stable")  # a key repeated in a part: its first row, as kmeans keeps
         pieces.append(part.features[order[np.searchsorted(part.keys, keys[rows[at]], sorter=order)]])
         positions.append(at)
@@ -225,12 +225,14 @@ def semdedup_redundancy(cfg: Config, io: StageIO, keys: np.ndarray, stems: np.nd
     max_rows features (or one cluster's) are in memory."""
     from tqdm import tqdm
 
-    from tldr_tasks.stages import assign
+    from tldr_tasks.stages import assign, kmeans
 
+    shards = io.input_shards()
+    part_urls = dict(zip((storage.shard_stem(s) for s in shards), kmeans.part_urls(cfg, io, shards)))
     pca = assign.load_pca(io) if cfg.embed.feature == "code_index_pca" else None
     result = np.full(len(cluster), -1.0)
     for rows in tqdm(cluster_groups(cluster, max_rows), desc="sample: semdedup", unit="group"):
-        result[rows] = redundancy(cluster[rows], gather_features(cfg, io, keys, stems, rows, pca), priority[rows])
+        result[rows] = redundancy(cluster[rows], gather_features(part_urls, keys, stems, rows, pca), priority[rows])
     return result
 
 
