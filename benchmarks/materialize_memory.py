@@ -105,7 +105,7 @@ def dicts(cfg, io) -> None:
     caption_rows = [captions[r["key"]] for r in selected]
     check = fusion.collapse_check([r["original"] for r in caption_rows], [r["generated"] for r in caption_rows],
                                   cfg.caption.min_entropy_ratio)
-    shipped = {r["key"]: materialize.ship(r, cfg, check["collapsed"]) for r in caption_rows}
+    shipped = {r["key"]: materialize.ship(r, cfg, check["collapsed"], False) for r in caption_rows}
     per_shard: dict[str, Counter] = defaultdict(Counter)
     for row in assignments:
         per_shard[row["shard"]]["kept" if row["key"] in selected_by_key else "dropped"] += 1

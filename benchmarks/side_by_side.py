@@ -137,7 +137,7 @@ def embed(crawl: Path, device) -> dict:
     for name, batch in (("stage", cfg.embed.batch_size), ("per_image", 1)):
         cfg.embed.batch_size = batch
         started = time.time()
-        part = embed_shard(model, tokenizer, cfg, shard, str(device), "bench")
+        part = embed_shard([(model, tokenizer)], cfg, shard, str(device), "bench")
         out[f"{name}_per_s"] = round(len(part.keys) / (time.time() - started), 1)
     out["speedup"] = round(out["stage_per_s"] / out["per_image_per_s"], 1)
     return out

@@ -22,6 +22,7 @@ ALIGNMENTS = ("cluster_pool", "global_pool", "rank", "none")
 FUSIONS = ("mix", "generated", "concat", "original")
 NOISE_MODES = ("iid", "correlated")
 DEDUP_KEEPS = ("aligned", "central")
+MISALIGNED = ("drop", "repair")
 BUDGETS = ("compute", "epochs")
 # oracle_clean needs the synthetic crawl's ground truth: the ceiling of a benchmark, not a product arm
 ARMS = ("full", "tldr", "random", "random_generated", "oracle_clean")
@@ -163,8 +164,14 @@ class CaptionerConfig:
     data_streams: int = 8
     shuffle_buffer: int = 1000  # undecoded samples per stream (memory: this x streams x sample bytes)
     loader_workers: int = 2  # decoding processes per rank (at most data_streams / ranks are used)
+    # Cross-fitting (tldr_tasks/folds.py): K captioners, each trained without one fold of the crawl,
+    # score and caption that fold, so no sample is scored or captioned by a captioner that trained on it.
+    # Fold 0's captioner is the exported one whose codebook gives every sample its clustering feature.
+    # 1: one captioner trained on everything (scores and captions its own training data).
+    folds: int = 2
 
     def validate(self):
+        _check(self.folds >= 1, f"captioner.folds={self.folds} must be at least 1 (2: cross-fitted, 1: none)")
         _choice("captioner.codebook_init", self.codebook_init, ("keywords", "random"))
         _choice("captioner.precision", self.precision, PRECISIONS)
         _check(self.batch_size % self.data_streams == 0,
@@ -213,6 +220,10 @@ class SampleConfig:
     strategy: str = "semdedup"
     alignment: str = "none"  # which pairs fill a cluster's quota (see stages/sample.py)
     aligned_share: float = 0.5  # the pool: this share of the better-aligned pairs (released code: half)
+    # What happens to the pairs outside the pool (stages/sample.py): `drop` fills each cluster's quota from
+    # the pool first; `repair` fills it as if there were no pool (coverage decides) and ships the kept pairs
+    # outside the pool with their generated caption where it passes the gate (tldr_tasks/fusion.py).
+    misaligned: str = "drop"
     # clip_score (DataComp's baseline): the pool is the top `score_share` of the pairs by CLIP image-text
     # cosine, from `clip_model` (a CLIP folder: Hugging Face CLIPModel or tldr-vlp's own) or, when
     # empty, from the crawl's own `similarity` (img2dataset --save_additional_columns, KEY.json)
@@ -226,6 +237,10 @@ class SampleConfig:
         _choice("sample.strategy", self.strategy, STRATEGIES)
         _choice("sample.alignment", self.alignment, ALIGNMENTS)
         _choice("sample.dedup_keep", self.dedup_keep, DEDUP_KEEPS)
+        _choice("sample.misaligned", self.misaligned, MISALIGNED)
+        _check(self.misaligned == "drop" or self.alignment in ("cluster_pool", "global_pool"),
+               f"sample.misaligned=repair needs a pool of aligned pairs to repair the others against: set "
+               f"sample.alignment to cluster_pool or global_pool (it is {self.alignment!r})")
 
 
 @dataclass

@@ -18,6 +18,10 @@ Fusion modes (`caption.fusion`), applied to every sample whose generated caption
     original   the web caption only (selection without refinement).
 A sample whose generated caption fails the gate, or has none, ships its original caption. The
 chosen text is what KEY.txt holds and what the evaluation trains on.
+
+Repair (`sample.misaligned: repair`): a pair the selection kept for its cluster's coverage although its
+caption is among the misaligned ones ships its generated caption instead, whatever the fusion mode, when
+that passes the gate (reason `repaired`); when it does not, its original, with the gate's reason.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from collections import Counter
 
 # Reasons counted in the manifest, one per kept sample.
 REPLACED = "replaced"  # generated caption shipped instead of the original
+REPAIRED = "repaired"  # a misaligned pair kept for coverage, shipped with its generated caption
 APPENDED = "appended"  # "original; generated"
 ORIGINAL_BY_FUSION = "original:fusion"  # fusion=original, or the mix coin chose the original
 ORIGINAL_LOW_CONFIDENCE = "original:low_confidence"
@@ -43,7 +48,8 @@ def mix_coin(key: str, seed: int) -> bool:
 
 
 def ship_caption(key: str, original: str, generated: str, confidence: float, grounding: float, *, mode: str,
-                 min_confidence: float, min_grounding: float, seed: int, collapsed: bool) -> tuple[str, str]:
+                 min_confidence: float, min_grounding: float, seed: int, collapsed: bool,
+                 repair: bool = False) -> tuple[str, str]:
     """(the caption KEY.txt holds, the reason) for one kept sample.
 
     Args:
@@ -56,11 +62,12 @@ def ship_caption(key: str, original: str, generated: str, confidence: float, gro
         min_confidence, min_grounding: generated text below either is not used.
         seed: the run's seed.
         collapsed: the run-level collapse check failed: originals only.
+        repair: the selection kept this pair to be repaired (its caption is misaligned).
     """
     original, generated = original.strip(), generated.strip()
     if mode not in ("mix", "generated", "concat", "original"):
         raise ValueError(f"unknown fusion mode {mode!r}: use mix, generated, concat or original")
-    if mode == "original":
+    if mode == "original" and not repair:
         return original, ORIGINAL_BY_FUSION
     if collapsed:
         return original, ORIGINAL_COLLAPSE
@@ -70,6 +77,8 @@ def ship_caption(key: str, original: str, generated: str, confidence: float, gro
         return original, ORIGINAL_LOW_CONFIDENCE
     if not grounding >= min_grounding:
         return original, ORIGINAL_UNGROUNDED
+    if repair:
+        return generated, REPAIRED
     if not original:  # nothing to keep: the generated caption is the only description
         return generated, REPLACED
     if mode == "concat":

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tldr_tasks.data.shards import RawSample, Rejected, iter_raw_shard
+from tldr_tasks.folds import in_training_set
 from tldr_tasks.preprocess import images_to_uint8, tokenize_captions
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,13 @@ def trainable_caption(item) -> str | None:
 class ShardIndex:
     urls: list[str]
     counts: list[int]  # trainable samples per shard
+    folds: int = 1  # cross-fitting (tldr_tasks/folds.py): the samples of fold `holdout` are left out
+    holdout: int | None = None
+
+    def caption(self, item) -> str | None:
+        """The caption of `item` when this captioner trains on it (trainable and not held out), else None."""
+        caption = trainable_caption(item)
+        return caption if caption is not None and in_training_set(item.key, self.folds, self.holdout) else None
 
     @property
     def total(self) -> int:
@@ -63,13 +71,16 @@ class ShardIndex:
         return cls(**json.loads(text))
 
 
-def index_shards(urls: list[str], keep_captions: int) -> tuple[ShardIndex, list[str]]:
-    """(trainable samples per shard, the first `keep_captions` trainable captions in input order)."""
+def index_shards(urls: list[str], keep_captions: int, folds: int = 1,
+                 holdout: int | None = None) -> tuple[ShardIndex, list[str]]:
+    """(trainable samples per shard, the first `keep_captions` trainable captions in input order), leaving
+    out the samples of fold `holdout` of `folds` (None: none left out)."""
+    empty = ShardIndex([], [], folds, holdout)
 
     def scan(url: str, keep: int) -> tuple[int, list[str]]:
         count, captions = 0, []
         for item in iter_raw_shard(url):
-            caption = trainable_caption(item)
+            caption = empty.caption(item)
             if caption is not None:
                 count += 1
                 if len(captions) < keep:
@@ -87,7 +98,7 @@ def index_shards(urls: list[str], keep_captions: int) -> tuple[ShardIndex, list[
                 captions.extend(shard_captions[: keep_captions - len(captions)])
     if not sum(counts):
         raise ValueError(f"no captioned samples in {len(urls)} input shard(s): check --input")
-    return ShardIndex(list(urls), counts), captions
+    return ShardIndex(list(urls), counts, folds, holdout), captions
 
 
 def _shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
@@ -173,7 +184,7 @@ class TrainStream(IterableDataset):
                 offset += count
                 continue
             for item in iter_raw_shard(self.index.urls[i]):
-                if trainable_caption(item) is None:
+                if self.index.caption(item) is None:
                     continue
                 if offset >= end:
                     return
@@ -247,7 +258,7 @@ def _join(pieces: list[dict], device: torch.device) -> dict:
 
 def head(index: ShardIndex, count: int, image_size: int, tokenizer, max_tokens: int) -> dict:
     """The first `count` trainable samples in input order, collated like a training piece."""
-    raw = (item for url in index.urls for item in iter_raw_shard(url) if trainable_caption(item) is not None)
+    raw = (item for url in index.urls for item in iter_raw_shard(url) if index.caption(item) is not None)
     samples = [s for s in (decode(r) for _, r in zip(range(count), raw)) if s is not None]
     piece = collate(0, samples, image_size, tokenizer, max_tokens)
     length = piece["length"]

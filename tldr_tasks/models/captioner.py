@@ -568,8 +568,9 @@ def _state_dict_without_ties(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_captioner(model: Captioner, tokenizer, config: dict, url: str) -> str:
-    """Export `model` + `tokenizer` to the folder `url`; returns the weights' version hash.
+def save_captioner(model: Captioner, tokenizer, config: dict, url: str, companions: tuple[str, ...] = ()) -> str:
+    """Export `model` + `tokenizer` to the folder `url`; returns the version hash: of the weights, and of the
+    versions of `companions` (the other folds' captioners, whose scores come with this one's).
 
     Args:
         config: the full resolved run config (Config.to_dict()), stored beside the architecture.
@@ -579,7 +580,7 @@ def save_captioner(model: Captioner, tokenizer, config: dict, url: str) -> str:
     from safetensors.torch import save
 
     weights = save(_state_dict_without_ties(model), metadata={"format": "pt"})
-    version = hashlib.sha256(weights).hexdigest()[:12]
+    version = hashlib.sha256(weights + "".join(companions).encode()).hexdigest()[:12]
     marker = storage.join(url, MARKER)
     if storage.exists(marker):  # re-exporting over an old folder: unmark it first
         storage.filesystem(marker)[0].rm(storage.filesystem(marker)[1])
@@ -605,8 +606,29 @@ def _require_complete(url: str) -> None:
                                 "`tldr-vlp run train-captioner` or pass --captioner with a trained one")
 
 
+def fold_url(url: str, fold: int) -> str:
+    """The captioner of cross-fitting fold `fold` (tldr_tasks/folds.py) in the captioner folder `url`: fold 0's
+    is the folder's own export, the others' live beside it in `fold<k>/`."""
+    return url if fold == 0 else storage.join(url, f"fold{fold}")
+
+
+def captioner_folds(url: str) -> int:
+    """How many cross-fitted captioners the folder `url` holds: the folds it was trained with (1 for a
+    folder exported before cross-fitting). Read from the folder, not the run's config: a reused
+    --captioner keeps its own."""
+    _require_complete(url)
+    config = json.loads(storage.read_text(storage.join(url, CONFIG)))
+    return int(config.get("run_config", {}).get("captioner", {}).get("folds", 1))
+
+
+def load_fold_captioners(url: str, device: str = "cpu") -> list[tuple[Captioner, object]]:
+    """[(model, tokenizer)] of every fold of the captioner folder `url`, fold 0 first."""
+    return [load_captioner(fold_url(url, fold), device) for fold in range(captioner_folds(url))]
+
+
 def captioner_version(url: str) -> str:
-    """Short hash of the saved weights; keys caches of anything computed with this captioner."""
+    """Short hash of the saved weights (and of the other folds' versions); keys caches of anything computed
+    with this captioner."""
     _require_complete(url)
     return json.loads(storage.read_text(storage.join(url, MARKER)))["version"]
 

@@ -48,14 +48,14 @@ def run(cfg: Config, io: StageIO, shard_index: int = 0, num_shards: int = 1) -> 
 
     import torch
 
-    from tldr_tasks.models.captioner import load_captioner
+    from tldr_tasks.models.captioner import load_fold_captioners
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_captioner(io.captioner_dir, device=device)
+    captioners = load_fold_captioners(io.captioner_dir, device=device)
     written, seconds = 0, 0.0
     for stem in todo:
         started = time.time()
-        columns = caption_shard(model, tokenizer, urls[stem], keys_by_shard[stem], cfg, device)
+        columns = caption_shard(captioners, urls[stem], keys_by_shard[stem], cfg, device)
         seconds += time.time() - started
         write_captions(output_url(io, stem), *columns)
         written += len(columns[0])
@@ -74,34 +74,40 @@ def output_url(io: StageIO, stem: str) -> str:
     return storage.join(io.caption_dir, f"{content.shard_id(url)}.parquet")
 
 
-def caption_shard(model, tokenizer, shard_url: str, keys: set[str], cfg: Config, device: str):
+def caption_shard(captioners: list, shard_url: str, keys: set[str], cfg: Config, device: str):
     """(keys, originals, generated captions, confidences, groundings) for the `keys` of one shard, in shard
-    order. Raises when a selected key is missing or unreadable: the selection and the input disagree."""
+    order. `captioners`: [(model, tokenizer)] per cross-fitting fold (`load_fold_captioners`); each sample is
+    captioned by its own fold's captioner, which never trained on it (one pass over the shard per fold).
+    Raises when a selected key is missing or unreadable: the selection and the input disagree."""
     from tqdm import tqdm
 
     from tldr_tasks.data.shards import RawSample, Sample, iter_raw_shard
+    from tldr_tasks.folds import fold_of
 
-    out_keys: list[str] = []
-    out_originals: list[str] = []
-
-    def selected_images():
-        # Only the selected samples are decoded: the rest of the shard is read, never decoded.
-        for raw in iter_raw_shard(shard_url):
-            item = raw.decode() if isinstance(raw, RawSample) and raw.key in keys else None
-            if isinstance(item, Sample):
-                out_keys.append(item.key)
-                out_originals.append(item.caption)
-                yield item.image
-
+    rows: list[tuple] = []  # (position in the shard, key, original, caption, confidence, grounding)
     with tqdm(total=len(keys), desc=f"caption {storage.shard_stem(shard_url)}", unit="img",
               file=sys.stderr, disable=None) as progress:
-        captions, confidence, grounding = caption_images(model, tokenizer, selected_images(), cfg.caption, device,
-                                                         progress)
-    missing = keys - set(out_keys)
+        for fold, (model, tokenizer) in enumerate(captioners):
+            wanted = {k for k in keys if fold_of(k, len(captioners)) == fold}
+            found: list[tuple[int, str, str]] = []
+
+            def selected_images(wanted=wanted, found=found):
+                # Only this fold's selected samples are decoded: the rest of the shard is read, never decoded.
+                for position, raw in enumerate(iter_raw_shard(shard_url)):
+                    item = raw.decode() if isinstance(raw, RawSample) and raw.key in wanted else None
+                    if isinstance(item, Sample):
+                        found.append((position, item.key, item.caption))
+                        yield item.image
+
+            if wanted:
+                outputs = caption_images(model, tokenizer, selected_images(), cfg.caption, device, progress)
+                rows += [(*sample, *scores) for sample, *scores in zip(found, *outputs)]
+    rows.sort(key=lambda row: row[0])
+    missing = keys - {row[1] for row in rows}
     if missing:
         raise ValueError(f"{len(missing)} selected key(s) of {shard_url} are missing or unreadable there "
                          f"(e.g. {sorted(missing)[:3]}): the input changed since the selection was made")
-    return out_keys, out_originals, captions, confidence, grounding
+    return tuple([row[i] for row in rows] for i in range(1, 6))
 
 
 def caption_images(model, tokenizer, images: Iterable, c, device: str,

@@ -43,7 +43,8 @@ class EmbedPart:
     Attributes:
         keys: sample keys in shard order (str array).
         features: one row per key (float16; int16/int32 code indices for code_index_pca).
-        loss: the captioner's per-sample loss on the original caption (float32, NaN when empty).
+        loss: the per-sample loss of the original caption under the captioner of the sample's cross-fitting
+            fold, which never trained on it (float32, NaN when empty).
         reject_keys: keys of samples the reader rejected ("" when the whole shard was unreadable).
         reject_reasons: why, one per reject key.
         meta: shard, feature, captioner_version, samples, rejected (no timings: parts are reproducible).
@@ -195,13 +196,17 @@ def embed_batch(model, pixels, with_caption: list[int], ids, mask, feature: str)
     return features, loss
 
 
-def embed_shard(model, tokenizer, cfg: Config, shard_url: str, device: str, version: str) -> EmbedPart:
-    """Embed every sample of one shard (the pure core of the stage)."""
+def embed_shard(captioners: list, cfg: Config, shard_url: str, device: str, version: str) -> EmbedPart:
+    """Embed every sample of one shard (the pure core of the stage). `captioners`: [(model, tokenizer)] of
+    every cross-fitting fold (`load_fold_captioners`): fold 0's gives every sample its feature (one codebook
+    space), and each sample's caption loss comes from its own fold's captioner, which never trained on it."""
     import torch
     from tqdm import tqdm
 
+    from tldr_tasks.folds import fold_of
     from tldr_tasks.preprocess import image_to_tensor, tokenize_captions
 
+    model, tokenizer = captioners[0]
     # The saved architecture, not cfg.captioner: a reused --captioner may differ from this run's params.
     feature, arch = cfg.embed.feature, model.arch
     codebook_size, image_size, max_tokens = arch["codebook_size"], arch["image_size"], arch["max_tokens"]
@@ -214,12 +219,19 @@ def embed_shard(model, tokenizer, cfg: Config, shard_url: str, device: str, vers
         for batch in tqdm(_batches(iter_shard(shard_url), cfg.embed.batch_size, rejects),
                           desc=f"embed {stem}", unit="batch", leave=False):
             pixels = image_to_tensor([s.image for s in batch], image_size).to(device)
-            with_caption = [i for i, s in enumerate(batch) if s.caption.strip()]
+            folds = [fold_of(s.key, len(captioners)) if s.caption.strip() else -1 for s in batch]
+            with_caption = [i for i, fold in enumerate(folds) if fold == 0]
             ids = mask = None
             if with_caption:
                 ids, mask = tokenize_captions(tokenizer, [batch[i].caption for i in with_caption], max_tokens)
                 ids, mask = ids.to(device), mask.to(device)
             feats, loss = embed_batch(model, pixels, with_caption, ids, mask, feature)
+            for fold, (fold_model, fold_tokenizer) in enumerate(captioners[1:], start=1):
+                rows = [i for i, f in enumerate(folds) if f == fold]
+                if rows:
+                    ids, mask = tokenize_captions(fold_tokenizer, [batch[i].caption for i in rows], max_tokens)
+                    loss[rows] = fold_model.per_sample_loss(pixels[rows], ids.to(device),
+                                                            mask.to(device)).float().cpu().numpy()
             features.append(feats)
             losses.append(loss)
             keys += [s.key for s in batch]
@@ -241,7 +253,7 @@ def run(cfg: Config, io: StageIO, shard_index: int = 0, num_shards: int = 1) -> 
     """Embed this worker's input shards; shards whose part already exists are reused."""
     import torch
 
-    from tldr_tasks.models.captioner import captioner_version, load_captioner
+    from tldr_tasks.models.captioner import captioner_version, load_fold_captioners
 
     shards = io.input_shards()
     check_unique_stems(shards)
@@ -268,11 +280,10 @@ def run(cfg: Config, io: StageIO, shard_index: int = 0, num_shards: int = 1) -> 
     if not todo:
         return StageResult(metrics=metrics, outputs=outputs, skipped=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_captioner(io.captioner_dir, device=device)
-    model.eval()
+    captioners = load_fold_captioners(io.captioner_dir, device=device)
     started = time.time()
     for shard_url in todo:
-        part = embed_shard(model, tokenizer, cfg, shard_url, device, version)
+        part = embed_shard(captioners, cfg, shard_url, device, version)
         save_part(part_url(directory, shard_url), part)
         metrics["samples"] += part.meta["samples"]
         metrics["rejected"] += part.meta["rejected"]

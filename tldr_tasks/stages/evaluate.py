@@ -72,7 +72,8 @@ def compressed_fields(split: Split) -> dict[str, Sequence]:
                          "the shards were not written by `materialize`; rerun it")
     return {"original": originals, **{name: split.metas.field(field)
                                       for name, field in (("generated", "generated_caption"),
-                                                          ("confidence", "confidence"), ("grounding", "grounding"))}}
+                                                          ("confidence", "confidence"), ("grounding", "grounding"),
+                                                          ("repair", "repair"))}}
 
 
 def random_subset(n_total: int, size: int, seed: int) -> np.ndarray:
@@ -85,43 +86,56 @@ def random_subset(n_total: int, size: int, seed: int) -> np.ndarray:
 
 def shipped_captions(keys: Sequence[str], originals: Sequence[str], generated: Sequence[str | None],
                      confidence: Sequence[float | None], grounding: Sequence[float | None], cfg: Config,
-                     fusion: str) -> list[str]:
+                     fusion: str, repair: Sequence[bool | None] | None = None) -> list[str]:
     """What materialize would write to KEY.txt for these samples with caption.fusion = `fusion`
-    (a missing generated caption is empty, a missing score NaN, as in KEY.json)."""
+    (a missing generated caption is empty, a missing score NaN, as in KEY.json; `repair`: the selection's
+    flag per sample, None: none)."""
     c = cfg.caption
     generated = [g or "" for g in generated]
     collapsed = collapse_check(list(originals), generated, c.min_entropy_ratio)["collapsed"]
     nan = float("nan")
+    repair = repair if repair is not None else [False] * len(keys)
     return [ship_caption(k, o, g, nan if conf is None else conf, nan if ground is None else ground, mode=fusion,
                          min_confidence=c.min_confidence, min_grounding=c.min_grounding, seed=cfg.seed,
-                         collapsed=collapsed)[0]
-            for k, o, g, conf, ground in zip(keys, originals, generated, confidence, grounding)]
+                         collapsed=collapsed, repair=bool(r))[0]
+            for k, o, g, conf, ground, r in zip(keys, originals, generated, confidence, grounding, repair)]
 
 
-def generate(io: StageIO, cfg: Config, images: np.ndarray, desc: str) -> tuple[list[str], list[float], list[float]]:
-    """Captions, confidences and groundings from the run's captioner for uint8 images, as the caption
-    stage makes them (`caption.caption_images`)."""
+def generate(io: StageIO, cfg: Config, images, desc: str,
+             keys: Sequence[str] | None = None) -> tuple[list[str], list[float], list[float]]:
+    """Captions, confidences and groundings for uint8 images (an array or a spool's Pixels), as the caption
+    stage makes them (`caption.caption_images`). With `keys` (crawl samples), each image is captioned by its
+    cross-fitting fold's captioner, which never trained on it; without (held-out images, which no
+    captioner trained on), by fold 0's."""
     import torch
     from PIL import Image
 
+    from tldr_tasks.folds import fold_of
     from tldr_tasks.models.captioner import captioner_version
     from tldr_tasks.stages.caption import caption_images
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = _loaded_captioner(io.captioner_dir, captioner_version(io.captioner_dir), device)
-    step = cfg.caption.batch_size  # read a batch's rows at once (a spool's Pixels reads slices in one go)
-    decoded = (Image.fromarray(a) for start in range(0, len(images), step) for a in images[start:start + step])
+    captioners = _loaded_captioners(io.captioner_dir, captioner_version(io.captioner_dir), device)
+    folds = np.array([fold_of(k, len(captioners)) for k in keys] if keys is not None else [0] * len(images))
+    captions, confidence, grounding = [""] * len(images), [float("nan")] * len(images), [float("nan")] * len(images)
+    step = cfg.caption.batch_size  # read a batch's rows at once (a spool's Pixels reads them in one go)
     with tqdm(total=len(images), desc=f"caption {desc}", unit="img", leave=False) as progress:
-        return caption_images(model, tokenizer, decoded, cfg.caption, device, progress)
+        for fold, (model, tokenizer) in enumerate(captioners):
+            rows = np.flatnonzero(folds == fold)
+            decoded = (Image.fromarray(a) for start in range(0, len(rows), step)
+                       for a in images[rows[start:start + step]])
+            for i, *values in zip(rows, *caption_images(model, tokenizer, decoded, cfg.caption, device, progress)):
+                captions[i], confidence[i], grounding[i] = values
+    return captions, confidence, grounding
 
 
 @functools.lru_cache(maxsize=1)
-def _loaded_captioner(url: str, version: str, device: str):
-    """The captioner at `url`, loaded once for the evaluation's calls to `generate`; keyed by its
+def _loaded_captioners(url: str, version: str, device: str):
+    """Every fold's captioner at `url`, loaded once for the evaluation's calls to `generate`; keyed by its
     weights' version too, so a folder retrained in the same process is loaded again."""
-    from tldr_tasks.models.captioner import load_captioner
+    from tldr_tasks.models.captioner import load_fold_captioners
 
-    return load_captioner(url, device=device)
+    return load_fold_captioners(url, device=device)
 
 
 @dataclass
@@ -151,7 +165,7 @@ def build_arms(names: list[str], full: Split, tldr: Split, cfg: Config, io: Stag
             if mode not in FUSIONS:
                 raise ValueError(f"evaluate.arms: {name!r} names no fusion mode; use tldr_<{'|'.join(FUSIONS)}>")
             captions = shipped_captions(tldr.keys, fields["original"], fields["generated"], fields["confidence"],
-                                        fields["grounding"], cfg, mode)
+                                        fields["grounding"], cfg, mode, fields["repair"])
             arms[name] = Arm(name, tldr.images, captions, tldr.truths())
         elif name == "oracle_clean":
             truths = full.truths()
@@ -165,7 +179,7 @@ def build_arms(names: list[str], full: Split, tldr: Split, cfg: Config, io: Stag
             subset = full.take(idx)
             captions = subset.captions
             if name == "random_generated":
-                generated, confidence, grounding = generate(io, cfg, subset.images, "random subset")
+                generated, confidence, grounding = generate(io, cfg, subset.images, "random subset", subset.keys)
                 captions = shipped_captions(subset.keys, subset.captions, generated, confidence, grounding, cfg,
                                             cfg.caption.fusion)
             arms[name] = Arm(name, subset.images, captions, subset.truths())

@@ -40,8 +40,8 @@ from tldr_tasks.tracking import redact
 
 log = logging.getLogger(__name__)
 
-CAPTION_REASONS = (fusion.REPLACED, fusion.APPENDED, fusion.ORIGINAL_BY_FUSION, fusion.ORIGINAL_LOW_CONFIDENCE,
-                   fusion.ORIGINAL_UNGROUNDED, fusion.ORIGINAL_COLLAPSE, fusion.ORIGINAL_NO_GENERATED)
+CAPTION_REASONS = (fusion.REPLACED, fusion.REPAIRED, fusion.APPENDED, fusion.ORIGINAL_BY_FUSION,
+                   fusion.ORIGINAL_LOW_CONFIDENCE, fusion.ORIGINAL_UNGROUNDED, fusion.ORIGINAL_COLLAPSE, fusion.ORIGINAL_NO_GENERATED)
 # A caption part's columns (caption.write_captions), typed so that parts concatenate.
 CAPTION_SCHEMA = pa.schema([("key", pa.string()), ("original", pa.string()), ("generated", pa.string()),
                             ("confidence", pa.float64()), ("grounding", pa.float64())])
@@ -113,7 +113,7 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     part_urls = {stem: caption.output_url(io, stem) for stem in sorted(pc.unique(selected["shard"]).to_pylist())}
     # every caption at once, for the run-level decision only: the output shards read the parts they span
     gate = decide_captions(_captions_of(selected["key"], [_read_part(url) for url in part_urls.values()
-                                                          if storage.exists(url)]), cfg)
+                                                          if storage.exists(url)]), _repair(selected), cfg)
     collapsed = gate["collapse_check"]["collapsed"]
 
     selected = _output_order(selected, shard_urls, io.input)
@@ -132,7 +132,8 @@ def run(cfg: Config, io: StageIO) -> StageResult:
         captions = {s: captions[s] if s in captions else _read_part(part_urls[s]) for s in stems}
         rows = zip(group.to_pylist(), _captions_of(group["key"], list(captions.values())).to_pylist())
         samples = _samples([by_url[s] for s in stems], set(group["key"].to_pylist()))
-        write_tar(out_url, [(row["key"], _output_parts(samples[row["key"]], row, cap, ship(cap, cfg, collapsed),
+        write_tar(out_url, [(row["key"], _output_parts(samples[row["key"]], row, cap,
+                                                       ship(cap, cfg, collapsed, bool(row.get("repair"))),
                                                        cfg.caption.fusion)) for row, cap in rows])
 
     assignments = storage.iter_parquet(storage.join(io.cluster_dir, "assignments.parquet"), ["key", "shard"],
@@ -165,10 +166,17 @@ def _captioner_version(io: StageIO) -> str | None:
     return captioner_version(io.captioner_dir) if storage.exists(storage.join(io.captioner_dir, MARKER)) else None
 
 
-def decide_captions(captions: pa.Table, cfg: Config) -> dict:
+def _repair(selected: pa.Table) -> pa.Array:
+    """Per selected row, whether the selection kept it to be repaired (sample.misaligned: repair)."""
+    if "repair" in selected.column_names:
+        return selected["repair"].combine_chunks().fill_null(False)
+    return pa.array([False] * selected.num_rows)
+
+
+def decide_captions(captions: pa.Table, repair: pa.Array, cfg: Config) -> dict:
     """The gate's report on the captions of every kept sample (`captions`: CAPTION_SCHEMA rows, in
-    selected.parquet order): the run-level collapse check, the count per reason (what `ship` decides) and
-    the confidence distribution. A collapse is logged."""
+    selected.parquet order; `repair`: its flag per row): the run-level collapse check, the count per reason
+    (what `ship` decides) and the confidence distribution. A collapse is logged."""
     c = cfg.caption
     # two string columns as Python lists: the only per-sample objects held all at once
     check = fusion.collapse_check(captions["original"].to_pylist(), captions["generated"].to_pylist(),
@@ -179,8 +187,8 @@ def decide_captions(captions: pa.Table, cfg: Config) -> dict:
                     "(captioner.init_from), or on more data.", check["distinct_generated"], check["samples"],
                     check["entropy_ratio"], c.min_entropy_ratio)
     reasons: Counter = Counter()
-    for batch in captions.to_batches(max_chunksize=BATCH_ROWS):
-        reasons.update(ship(row, cfg, check["collapsed"])[1] for row in batch.to_pylist())
+    for batch in captions.append_column("repair", repair).to_batches(max_chunksize=BATCH_ROWS):
+        reasons.update(ship(row, cfg, check["collapsed"], row["repair"])[1] for row in batch.to_pylist())
     confidence = captions["confidence"].to_numpy()  # a null is NaN
     grounding = captions["grounding"].to_numpy()
     counts = {reason: reasons.get(reason, 0) for reason in CAPTION_REASONS}
@@ -190,12 +198,12 @@ def decide_captions(captions: pa.Table, cfg: Config) -> dict:
     return {"captions": counts, "collapse_check": check, "metrics": metrics}
 
 
-def ship(row: dict, cfg: Config, collapsed: bool) -> tuple[str, str]:
+def ship(row: dict, cfg: Config, collapsed: bool, repair: bool) -> tuple[str, str]:
     """(text, reason): the caption the kept sample of caption-part row `row` ships (fusion.ship_caption)."""
     c = cfg.caption
     return fusion.ship_caption(row["key"], row["original"], row["generated"], _score(row, "confidence"),
                                _score(row, "grounding"), mode=c.fusion, min_confidence=c.min_confidence,
-                               min_grounding=c.min_grounding, seed=cfg.seed, collapsed=collapsed)
+                               min_grounding=c.min_grounding, seed=cfg.seed, collapsed=collapsed, repair=repair)
 
 
 def _read_part(url: str) -> pa.Table:
@@ -258,7 +266,7 @@ def _output_parts(sample: Sample, selected_row: dict, caption_row: dict, shipped
     text, reason = shipped
     meta = {"original_caption": sample.caption, "generated_caption": caption_row["generated"],
             "confidence": _score(caption_row, "confidence"), "grounding": _score(caption_row, "grounding"),
-            "alignment": selected_row.get("alignment"),
+            "alignment": selected_row.get("alignment"), "repair": bool(selected_row.get("repair")),
             "caption_reason": reason, "fusion": fusion_mode, "cluster": int(selected_row["cluster"]),
             "source_shard": sample.shard, "source_key": sample.key}
     if meta["alignment"] is not None and not np.isfinite(meta["alignment"]):

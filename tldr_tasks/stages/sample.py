@@ -29,9 +29,15 @@ alignment score is minus its caption loss, robustly z-scored within its cluster 
     rank           best-aligned first (fewest misaligned pairs, least variety)
     none           every pair equally likely (the paper's uniform sampling)
 
+Misaligned pairs (`sample.misaligned`), those outside the pool of cluster_pool or global_pool:
+    drop           a quota takes the pool first (the rest only when the pool runs short)
+    repair         the quota is filled as with alignment none (coverage decides), and every kept pair
+                   outside the pool is marked `repair`: it ships its generated caption where that passes
+                   the gate (tldr_tasks/fusion.py)
+
 Rows are put in key order first and ties are broken by key, so the choice depends only on the
 assignments and cfg.seed. Outputs in `{out}/sample/`: selected.parquet (key, shard, cluster, loss,
-alignment; sorted by key), alignment.parquet (the same for every sample, plus `kept`, and clip_score's
+alignment, repair; sorted by key), alignment.parquet (the same for every sample, plus `kept`, and clip_score's
 `clip_score` or semdedup's `redundancy`) and stats.json
 (counts, alignment distribution of the input and of the kept set), written last as the done-marker.
 
@@ -325,6 +331,10 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     score = scores(s.strategy, s.alignment, loss, table["distance"].to_numpy().astype(np.float64), alignment)
     keys = table["key"].to_numpy(zero_copy_only=False).astype(str)
     extra: dict[str, np.ndarray] = {}  # the baselines' own per-sample evidence, kept in alignment.parquet
+    pool = (eligible_pairs(cluster, loss, alignment, s.alignment, s.aligned_share)
+            if s.alignment in ("cluster_pool", "global_pool") else None)
+    # repair: coverage alone fills the quotas, and the kept pairs outside the pool are recaptioned
+    first = None if s.misaligned == "repair" else pool
     if s.strategy == "clip_score":
         from tldr_tasks.scoring import pair_scores
 
@@ -335,16 +345,15 @@ def run(cfg: Config, io: StageIO) -> StageResult:
         priority = alignment if s.dedup_keep == "aligned" else -table["distance"].to_numpy().astype(np.float64)
         stems = table["shard"].cast(pa.string()).to_numpy(zero_copy_only=False).astype(str)
         extra["redundancy"] = semdedup_redundancy(cfg, io, keys, stems, cluster, priority)
-        pool = (eligible_pairs(cluster, loss, alignment, s.alignment, s.aligned_share)
-                if s.alignment == "cluster_pool" else None)
-        keep = semdedup_keep(extra["redundancy"], s.ratio, cfg.seed, pool)
+        keep = semdedup_keep(extra["redundancy"], s.ratio, cfg.seed, first if s.alignment == "cluster_pool" else None)
     else:
         # hard, near_centroid and far_centroid order each cluster by their own score; random has no clusters
-        eligible = (eligible_pairs(cluster, loss, alignment, s.alignment, s.aligned_share)
-                    if s.strategy in ("uniform", "balanced") else None)
-        keep = choose(cluster, score, s.ratio, cfg.seed, s.strategy, eligible)
+        keep = choose(cluster, score, s.ratio, cfg.seed, s.strategy,
+                      first if s.strategy in ("uniform", "balanced") else None)
+    repair = keep & ~pool if s.misaligned == "repair" and pool is not None else np.zeros(len(keep), dtype=bool)
     scored = table.select(["key", "shard", "cluster", "loss"]).append_column(
-        "alignment", pa.array(alignment, pa.float64())).append_column("kept", pa.array(keep))
+        "alignment", pa.array(alignment, pa.float64())).append_column("repair", pa.array(repair)).append_column(
+        "kept", pa.array(keep))
     for name, values in extra.items():
         scored = scored.append_column(name, pa.array(values))
     storage.write_parquet(scores_url, scored)
@@ -353,6 +362,7 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     stats = {"input": n, "kept": kept, "dropped": n - kept, "ratio": s.ratio, "ratio_achieved": kept / n,
              "clusters": int(len(np.unique(cluster))), "clusters_kept": int(len(np.unique(cluster[keep]))),
              "strategy": s.strategy, "alignment": s.alignment, "aligned_share": s.aligned_share, "seed": cfg.seed,
+             "misaligned": s.misaligned, "repair": int(repair.sum()),
              **distribution(alignment, "alignment_input"), **distribution(alignment[keep], "alignment_kept")}
     if "redundancy" in extra:  # the cosine above which SemDeDup dropped a pair at this ratio
         stats["semdedup_threshold"] = float(extra["redundancy"][keep].max())

@@ -58,7 +58,7 @@ def train(cfg: Config, io: StageIO, stop_after_steps: int | None = None) -> Stag
     started = time.time()
     owned = _init_distributed(deepspeed)
     try:
-        return _train(cfg, io, stop_after_steps, started)
+        return _train_folds(cfg, io, stop_after_steps, started)
     finally:
         # DeepSpeed warns at exit otherwise; a caller that brought its own process group keeps it.
         # deepspeed.comm's, not torch's: it also drops DeepSpeed's cached groups, so a later
@@ -69,7 +69,34 @@ def train(cfg: Config, io: StageIO, stop_after_steps: int | None = None) -> Stag
                 os.environ.pop(name, None)
 
 
-def _train(cfg: Config, io: StageIO, stop_after_steps: int | None, started: float) -> StageResult:
+def _train_folds(cfg: Config, io: StageIO, stop_after_steps: int | None, started: float) -> StageResult:
+    """Every fold's captioner (tldr_tasks/folds.py): folds 1..K-1 first, into `fold<k>/`, then fold 0 into the
+    folder itself, whose COMPLETE marker (written last) says the whole stage is done. A restarted stage
+    skips the folds already exported and resumes the one in progress from its own checkpoints.
+    Fold 0's metrics are the stage's; the other folds' are prefixed `fold<k>_`."""
+    from tldr_tasks.models import captioner as cap
+
+    folds = cfg.captioner.folds
+    metrics: dict[str, float] = {}
+    companions: list[str] = []
+    for fold in [*range(1, folds), 0]:
+        url = cap.fold_url(io.captioner_dir, fold)
+        if fold and cap.is_complete(url):
+            companions.append(cap.captioner_version(url))
+            continue
+        result, version = _train(cfg, io.input_shards(), url, fold if folds > 1 else None, stop_after_steps,
+                                 started, tuple(companions) if fold == 0 else ())
+        if version is None:  # stopped by the test hook
+            return result
+        companions.append(version)
+        metrics.update({(f"fold{fold}_{k}" if fold else k): v for k, v in result.metrics.items()})
+    return StageResult(metrics=metrics, outputs=[io.captioner_dir])
+
+
+def _train(cfg: Config, urls: list[str], url: str, holdout: int | None, stop_after_steps: int | None,
+           started: float, companions: tuple[str, ...]) -> tuple[StageResult, str | None]:
+    """Train one captioner on the crawl `urls` without the samples of fold `holdout` (None: on all) and export
+    it to `url`; returns its result and version (None when stopped by `stop_after_steps`)."""
     import deepspeed
     import torch
 
@@ -81,16 +108,17 @@ def _train(cfg: Config, io: StageIO, stop_after_steps: int | None, started: floa
     if c.batch_size % world or c.data_streams % world:
         raise ValueError(f"captioner.batch_size={c.batch_size} and captioner.data_streams={c.data_streams} must be "
                          f"divisible by the {world} ranks (the batch is global)")
-    ckpt_dir = checkpoint_dir(io.captioner_dir)
+    ckpt_dir = checkpoint_dir(url)
     # DeepSpeed rewrites `latest` in place: a kill inside that write leaves it empty. The tag folder
     # it names is complete (written before it); with no valid tag, train from the start.
     latest = Path(ckpt_dir) / "latest"
     tag = latest.read_text().strip() if latest.exists() else ""
     resuming = bool(tag) and (Path(ckpt_dir) / tag).is_dir()
-    index, captions = _shared_index(io.input_shards(), ckpt_dir, rank, need_captions=not resuming)
+    index, captions = _shared_index(urls, ckpt_dir, rank, not resuming, c.folds, holdout)
     if index.total < c.batch_size:
-        raise ValueError(f"only {index.total} captioned training samples in {io.input}; need at least "
-                         f"captioner.batch_size={c.batch_size}")
+        held_out = f" outside cross-fitting fold {holdout}" if holdout is not None else ""
+        raise ValueError(f"only {index.total} captioned training samples{held_out} in {len(urls)} input shard(s); "
+                         f"need at least captioner.batch_size={c.batch_size}")
     folders = cap.pretrained_folders(c.init_from)
     tokenizer = (cap.pretrained_tokenizer(folders["text"]) if "text" in folders
                  else _shared_tokenizer(captions, c.vocab_size, ckpt_dir, rank))
@@ -153,7 +181,7 @@ def _train(cfg: Config, io: StageIO, stop_after_steps: int | None, started: floa
                     _prune_checkpoints(ckpt_dir)
             if step == stop_after_steps:
                 progress.close()
-                return StageResult(metrics={"steps": float(step)}, outputs=[ckpt_dir])
+                return StageResult(metrics={"steps": float(step)}, outputs=[ckpt_dir]), None
     progress.close()
     train_seconds = time.time() - train_started
 
@@ -173,15 +201,17 @@ def _train(cfg: Config, io: StageIO, stop_after_steps: int | None, started: floa
     model = engine.module
     model.codebook.sync_ranks = False  # the usage check below runs on each rank alone
     metrics.update(codebook_usage(model, stream.head(index, 256, c.image_size, tokenizer, c.max_tokens), dtype, device))
+    version = None
     if rank == 0:
-        version = cap.save_captioner(model.float().cpu(), tokenizer, cfg.to_dict(), io.captioner_dir)
-        log.info("captioner %s exported to %s", version, io.captioner_dir)
+        version = cap.save_captioner(model.float().cpu(), tokenizer, cfg.to_dict(), url, companions)
+        log.info("captioner %s exported to %s", version, url)
         # The export is what later stages read; optimizer-state checkpoints are dead weight now
         # (and would be versioned with the captioner folder by DVC).
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     if world > 1:
         torch.distributed.barrier()
-    return StageResult(metrics=metrics, outputs=[io.captioner_dir])
+        version = cap.captioner_version(url)  # every rank carries it on to the next fold's companions
+    return StageResult(metrics=metrics, outputs=[url]), version
 
 
 def train_step(engine, batch: dict, dtype, autocast, world: int):
@@ -308,9 +338,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _shared_index(urls: list[str], ckpt_dir: str, rank: int, need_captions: bool):
-    """Rank 0 counts the trainable samples of every shard (kept beside the checkpoints: a resumed
-    run does not re-read the crawl) and the other ranks read its count. Returns the index and, on
+def _shared_index(urls: list[str], ckpt_dir: str, rank: int, need_captions: bool, folds: int, holdout: int | None):
+    """Rank 0 counts the trainable samples of every shard outside fold `holdout` (kept beside the checkpoints:
+    a resumed run does not re-read the crawl) and the other ranks read its count. Returns the index and, on
     rank 0 when `need_captions` (a fresh start: tokenizer and keyword codebook), the first
     TOKENIZER_CAPTIONS captions; else an empty list."""
     import torch
@@ -322,7 +352,7 @@ def _shared_index(urls: list[str], ckpt_dir: str, rank: int, need_captions: bool
     if rank == 0:
         index = ShardIndex.from_json(path.read_text()) if path.exists() else None
         if index is None or index.urls != list(urls) or need_captions:
-            index, captions = index_shards(urls, TOKENIZER_CAPTIONS)
+            index, captions = index_shards(urls, TOKENIZER_CAPTIONS, folds, holdout)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             tmp.write_text(index.to_json())
