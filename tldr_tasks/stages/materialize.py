@@ -41,7 +41,8 @@ from tldr_tasks.tracking import redact
 log = logging.getLogger(__name__)
 
 CAPTION_REASONS = (fusion.REPLACED, fusion.REPAIRED, fusion.APPENDED, fusion.ORIGINAL_BY_FUSION,
-                   fusion.ORIGINAL_LOW_CONFIDENCE, fusion.ORIGINAL_UNGROUNDED, fusion.ORIGINAL_COLLAPSE, fusion.ORIGINAL_NO_GENERATED)
+                   fusion.ORIGINAL_LOW_CONFIDENCE, fusion.ORIGINAL_UNGROUNDED, fusion.ORIGINAL_COLLAPSE,
+                   fusion.ORIGINAL_NO_GENERATED)
 # A caption part's columns (caption.write_captions), typed so that parts concatenate.
 CAPTION_SCHEMA = pa.schema([("key", pa.string()), ("original", pa.string()), ("generated", pa.string()),
                             ("confidence", pa.float64()), ("grounding", pa.float64())])
