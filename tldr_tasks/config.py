@@ -20,7 +20,7 @@ KMEANS_INITS = ("kmeans++", "afk_mc2")
 STRATEGIES = ("uniform", "balanced", "hard", "near_centroid", "far_centroid", "random", "clip_score", "semdedup")
 ALIGNMENTS = ("cluster_pool", "global_pool", "rank", "none")
 FUSIONS = ("mix", "generated", "concat", "original")
-NOISE_MODES = ("iid", "correlated")
+NOISE_MODES = ("iid", "correlated", "incomplete")
 DEDUP_KEEPS = ("aligned", "central")
 MISALIGNED = ("drop", "repair")
 BUDGETS = ("compute", "epochs")
@@ -124,7 +124,8 @@ class CrawlConfig:
     image_size: int = 64
     noise: float = 0.3  # share of captions that are web noise
     # iid: every noisy caption on its own; correlated: whole scenes share one wrong caption (shop
-    # templates, consistent mislabels) beside per-sample near misses (data/synthetic.py)
+    # templates, consistent mislabels) beside per-sample near misses; incomplete: captions naming only
+    # part of the image (some objects, the background, a product name) (data/synthetic.py)
     noise_mode: str = "iid"
     prototypes: int = 1500  # distinct scenes; popularity is Zipf-distributed
     zipf: float = 1.1

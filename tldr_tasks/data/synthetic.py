@@ -10,6 +10,12 @@ alt-text junk or empty. `noise_mode=correlated`, at the same total share, as the
 scenes (every near-duplicate copy) carry one consistent wrong label (`mislabel`: one object's colour or
 shape changed, the same for all copies) or one shop's boilerplate alt-text (`template`), beside
 per-sample near misses (`wrong_attribute`); inside such a cluster the typical caption is the wrong one.
+`noise_mode=incomplete`, at the same total share, alt-text that names only part of the image: of the noisy
+captions 40% `partial_object` (a multi-object scene's caption naming only some of its objects), 20%
+`background_only` (only the background named), 20% `product_name` (a brand and product code plus one
+true colour or shape), and 10% each `swap` and `wrong_attribute` as in `iid`. Scenes of one object get no
+partial caption; when too few samples show several objects, the rest of that share is `background_only`.
+Every noisy caption, incomplete ones included, fails `describes_scene_exactly`.
 The eval split is balanced over prototypes, clean, and captioned with templates the train split never
 uses.
 
@@ -33,7 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from tldr_tasks import storage
-from tldr_tasks.config import CrawlConfig
+from tldr_tasks.config import NOISE_MODES, CrawlConfig
 from tldr_tasks.data.shards import encode_json, write_crawl_records, write_crawl_shard
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross", "star")
@@ -49,12 +55,25 @@ BACKGROUND_RGB: dict[str, tuple[int, int, int]] = {
 BACKGROUNDS: tuple[str, ...] = tuple(BACKGROUND_RGB)
 SIZES: tuple[str, ...] = ("small", "large")
 POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "center")
-NOISE_TYPES: tuple[str, ...] = ("none", "swap", "wrong_attribute", "junk", "empty", "mislabel", "template")
+NOISE_TYPES: tuple[str, ...] = ("none", "swap", "wrong_attribute", "junk", "empty", "mislabel", "template",
+                                "partial_object", "background_only", "product_name")
+# The kinds each crawl.noise_mode plants, in the order crawl.json counts them.
+MODE_NOISE_TYPES: dict[str, tuple[str, ...]] = {
+    "iid": NOISE_TYPES[:5],
+    "correlated": ("none", "mislabel", "template", "wrong_attribute"),
+    "incomplete": ("none", "partial_object", "background_only", "product_name", "swap", "wrong_attribute"),
+}
 # Correlated noise (crawl.noise_mode=correlated): a shop's boilerplate alt-text on all its products.
 SHOP_TEMPLATES: tuple[str, ...] = (
     "best price shapes store item", "free shipping on all orders | shapeshop", "product image - click to zoom",
     "new arrival sale limited offer", "stock photo preview watermark",
 )
+# Incomplete captions (crawl.noise_mode=incomplete): alt-text that names only the setting, or a product
+# listing's title. No brand or item word is a colour or a shape, so none forms a "colour shape" phrase.
+BACKGROUND_ONLY_CAPTIONS: tuple[str, ...] = ("{bg} background", "plain {bg} backdrop", "abstract {bg} wallpaper",
+                                             "{bg} texture")
+PRODUCT_BRANDS: tuple[str, ...] = ("Geomart", "ShapeCraft", "Polygonia", "Tangrammy", "Formwerk")
+PRODUCT_ITEMS: tuple[str, ...] = ("sticker", "decal", "wall print", "fridge magnet")
 
 # Object extent as a share of the image side: small is 16 px and large 26 px at 64 px.
 _SIZE_FRACTION = {"small": 0.25, "large": 0.40}
@@ -326,6 +345,46 @@ def _correlated_noise_plan(scene_ids: np.ndarray, share: float, protos: list[dic
     return kinds.tolist(), wrong_objects, boilerplate
 
 
+def _incomplete_noise_plan(scene_ids: np.ndarray, share: float, protos: list[dict],
+                           rng: np.random.Generator) -> list[str]:
+    """Exact counts at `share`: 40% partial_object (only on samples of multi-object scenes; what does not
+    fit there becomes background_only), 20% background_only, 20% product_name, 10% swap, 10% wrong
+    attribute; the kind per sample."""
+    n = len(scene_ids)
+    noisy = int(round(share * n))
+    multi = np.flatnonzero([len(protos[scene]["objects"]) > 1 for scene in scene_ids])
+    partial = min(int(round(noisy * 0.4)), len(multi))
+    # Cumulative cut points, so the counts add up to `noisy` whatever the rounding.
+    cuts = [partial] + [int(round(noisy * f)) for f in (0.6, 0.8, 0.9)] + [noisy]
+    background, product, swap, wrong = np.diff(cuts).tolist()
+    kinds = np.full(n, "none", dtype=object)
+    kinds[rng.choice(multi, partial, replace=False)] = "partial_object"
+    others = rng.permutation(np.flatnonzero(kinds == "none"))[: noisy - partial]
+    kinds[others] = (["background_only"] * background + ["product_name"] * product + ["swap"] * swap
+                     + ["wrong_attribute"] * wrong)
+    return kinds.tolist()
+
+
+def _some_objects(objects: list[dict], rng: np.random.Generator) -> list[dict]:
+    """A non-empty strict subset of a multi-object scene's objects, in scene order."""
+    keep = np.sort(rng.choice(len(objects), int(rng.integers(1, len(objects))), replace=False))
+    return [objects[j] for j in keep]
+
+
+def _background_only(background: str, rng: np.random.Generator) -> str:
+    return BACKGROUND_ONLY_CAPTIONS[int(rng.integers(len(BACKGROUND_ONLY_CAPTIONS)))].format(bg=background)
+
+
+def _product_name(objects: list[dict], rng: np.random.Generator) -> str:
+    """A shop listing's title: brand, item and code, then one true colour or shape of one object, never
+    both, e.g. "Polygonia decal PO-4821 - red"."""
+    brand = PRODUCT_BRANDS[int(rng.integers(len(PRODUCT_BRANDS)))]
+    item = PRODUCT_ITEMS[int(rng.integers(len(PRODUCT_ITEMS)))]
+    obj = objects[int(rng.integers(len(objects)))]
+    attribute = obj["colour"] if rng.random() < 0.5 else obj["shape"]
+    return f"{brand} {item} {brand[:2].upper()}-{int(rng.integers(1000, 10000))} - {attribute}"
+
+
 def _wrong_attribute(objects: list[dict], rng: np.random.Generator) -> list[dict]:
     """The objects with one colour or shape changed to a value no object in the scene has."""
     present = {(o["colour"], o["shape"]) for o in objects}
@@ -386,21 +445,28 @@ def _write_split(out_url: str, split: str, proto_ids: np.ndarray, protos: list[d
             sample_rng = np.random.default_rng((seed, split_id, i))
             image_bytes = _png(_render(protos[proto_ids[i]], cfg.image_size, sample_rng))
             kind = noise[i]
+            background = protos[proto_ids[i]]["background"]
             if kind == "none":
                 caption = descriptions[i]
             elif kind == "swap":
                 caption = _swap_caption(i, pairs, descriptions, sample_rng)
                 if caption is None:  # every sample shows the same scene: describe a changed one instead
-                    caption = templates[template_ids[i]](_wrong_attribute(objects_of[i], sample_rng),
-                                                         protos[proto_ids[i]]["background"])
+                    caption = templates[template_ids[i]](_wrong_attribute(objects_of[i], sample_rng), background)
             elif kind == "wrong_attribute":
-                caption = templates[template_ids[i]](_wrong_attribute(objects_of[i], sample_rng),
-                                                     protos[proto_ids[i]]["background"])
+                caption = templates[template_ids[i]](_wrong_attribute(objects_of[i], sample_rng), background)
             elif kind == "mislabel":  # the scene's one wrong label, in this copy's own template
-                caption = templates[template_ids[i]](wrong_objects[int(proto_ids[i])],
-                                                     protos[proto_ids[i]]["background"])
+                caption = templates[template_ids[i]](wrong_objects[int(proto_ids[i])], background)
             elif kind == "template":
                 caption = boilerplate[int(proto_ids[i])]
+            elif kind == "partial_object":
+                template = templates[template_ids[i]]
+                if template is _t_count:  # "one shape: ..." would miscount a scene of two or three
+                    template = _t_list
+                caption = template(_some_objects(objects_of[i], sample_rng), background)
+            elif kind == "background_only":
+                caption = _background_only(background, sample_rng)
+            elif kind == "product_name":
+                caption = _product_name(objects_of[i], sample_rng)
             elif kind == "junk":
                 caption = _junk(sample_rng)
             else:
@@ -411,7 +477,7 @@ def _write_split(out_url: str, split: str, proto_ids: np.ndarray, protos: list[d
                 "original_width": cfg.image_size, "original_height": cfg.image_size, "exif": None,
                 "sha256": hashlib.sha256(image_bytes).hexdigest(),
                 "truth": {"objects": objects_of[i], "scene": int(proto_ids[i]),
-                          "background": protos[proto_ids[i]]["background"], "noise": kind,
+                          "background": background, "noise": kind,
                           "description": descriptions[i]},
             }
             if split == "eval":  # what eval/task.json's hits and zero-shot labels read
@@ -447,6 +513,8 @@ def make_crawl(out_url: str, cfg: CrawlConfig, seed: int) -> dict:
     if cfg.noise_mode == "correlated":  # its own generator: the i.i.d. crawl stays byte-identical
         train_noise, wrong_objects, boilerplate = _correlated_noise_plan(train_ids, cfg.noise, protos,
                                                                          np.random.default_rng((seed, 102)))
+    elif cfg.noise_mode == "incomplete":  # its own generator too
+        train_noise = _incomplete_noise_plan(train_ids, cfg.noise, protos, np.random.default_rng((seed, 103)))
     else:
         train_noise = _noise_plan(cfg.samples, cfg.noise, rng)
     train_shards = -(-cfg.samples // cfg.shard_size)
@@ -456,8 +524,7 @@ def make_crawl(out_url: str, cfg: CrawlConfig, seed: int) -> dict:
                                   np.random.default_rng((seed, 100)), progress, wrong_objects, boilerplate)
         eval_urls = _write_split(out_url, "eval", eval_ids, protos, cfg, seed, train_shards,
                                  ["none"] * cfg.eval_samples, np.random.default_rng((seed, 101)), progress)
-    kinds = ("none", "mislabel", "template", "wrong_attribute") if cfg.noise_mode == "correlated" else NOISE_TYPES[:5]
-    noise_counts = {kind: train_noise.count(kind) for kind in kinds}
+    noise_counts = {kind: train_noise.count(kind) for kind in MODE_NOISE_TYPES[cfg.noise_mode]}
     stats = {
         "params": {**dataclasses.asdict(cfg), "seed": seed},
         "train": {"samples": cfg.samples, "shards": len(train_urls), "noise": noise_counts,
@@ -483,8 +550,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=defaults.samples, help="train samples")
     parser.add_argument("--eval-samples", type=int, default=defaults.eval_samples, help="clean eval samples")
     parser.add_argument("--noise", type=float, default=defaults.noise, help="share of noisy train captions")
-    parser.add_argument("--noise-mode", choices=("iid", "correlated"), default=defaults.noise_mode,
-                        help="iid: each noisy caption on its own; correlated: whole scenes share one wrong caption")
+    parser.add_argument("--noise-mode", choices=NOISE_MODES, default=defaults.noise_mode,
+                        help="iid: each noisy caption on its own; correlated: whole scenes share one wrong caption; "
+                             "incomplete: captions naming only part of the image")
     parser.add_argument("--image-size", type=int, default=defaults.image_size, help="image side in pixels")
     parser.add_argument("--prototypes", type=int, default=defaults.prototypes, help="distinct scenes")
     parser.add_argument("--zipf", type=float, default=defaults.zipf, help="Zipf exponent of scene popularity")
