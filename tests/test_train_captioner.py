@@ -23,7 +23,7 @@ torch.set_num_threads(1)
 
 OVERRIDES = ["captioner.image_size=32", "captioner.epochs=2", "captioner.batch_size=32",
              "captioner.checkpoint_every=4", "captioner.codebook_size=64", "captioner.warmup_steps=2",
-             "captioner.vocab_size=400"]
+             "captioner.vocab_size=400", "captioner.folds=1"]  # one captioner: tests/test_crossfit.py has folds
 
 
 def config(*extra: str):

@@ -84,6 +84,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "captioner.data_streams": (1, math.inf, False),
     "captioner.shuffle_buffer": (1, math.inf, False),
     "captioner.loader_workers": (0, math.inf, False),
+    "captioner.folds": (1, math.inf, False),
     "embed.batch_size": (1, math.inf, False),
     "cluster.clusters": (0, math.inf, False),  # 0: the size rule
     "cluster.niter": (1, math.inf, False),
@@ -172,7 +173,6 @@ class CaptionerConfig:
     folds: int = 2
 
     def validate(self):
-        _check(self.folds >= 1, f"captioner.folds={self.folds} must be at least 1 (2: cross-fitted, 1: none)")
         _choice("captioner.codebook_init", self.codebook_init, ("keywords", "random"))
         _choice("captioner.precision", self.precision, PRECISIONS)
         _check(self.batch_size % self.data_streams == 0,
