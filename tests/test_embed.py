@@ -33,6 +33,7 @@ def _cfg(feature="quantized_mean"):
     cfg = Config(seed=0)
     cfg.captioner.image_size, cfg.captioner.codebook_size, cfg.captioner.codebook_init = IMAGE, CODEBOOK, "random"
     cfg.embed.feature, cfg.embed.batch_size = feature, 4
+    cfg.captioner.folds = 1  # one hand-built captioner (tests/test_crossfit.py runs two folds)
     return cfg
 
 
