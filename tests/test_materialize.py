@@ -129,7 +129,7 @@ def test_key_txt_is_the_gated_caption_and_the_manifest_counts_reasons(selection)
     assert samples["0006"].meta["grounding"] == 0.1 and samples["0001"].meta["alignment"] == 0.5
     assert samples["0009"].meta["confidence"] is None  # strict JSON, no NaN
     manifest = json.loads(open(f"{selection.out}/shards/manifest.json").read())
-    assert manifest["captions"] == {"replaced": 1, "appended": 0, "original:fusion": 0,
+    assert manifest["captions"] == {"replaced": 1, "repaired": 0, "appended": 0, "original:fusion": 0,
                                     "original:low_confidence": 1, "original:ungrounded": 1,
                                     "original:collapse": 0, "original:no_generated": 1}
     assert sum(manifest["captions"].values()) == manifest["kept"]
@@ -235,3 +235,87 @@ def test_accounting_does_not_depend_on_the_batch_size(crawl_run, batch_rows):
     counts = materialize.account(storage.iter_parquet(url, ["key", "shard"], batch_rows), rejects, selected)
     assert counts["per_shard"]["00000"] == {"kept": 6, "dropped": 4, "rejected": 2, "input": 12}
     assert (counts["kept"], counts["dropped"], counts["rejected"]) == (20, 26, 2)
+
+
+def _scene(i: int) -> str:
+    """Sample i's one-object scene as a caption that names it exactly."""
+    from tldr_tasks.data.synthetic import COLOURS, SHAPES
+
+    return f"a {COLOURS[i % len(COLOURS)]} {SHAPES[i % len(SHAPES)]}"
+
+
+def _with_ground_truth(run_io):
+    """The selection's crawl again, now with synthetic ground truth (sample i: one object, _scene(i)). Of the
+    kept samples 0001 has the right original and a wrong generated caption, 0003 and 0006 the reverse,
+    0009 a wrong original and none generated."""
+    from tldr_tasks.data.synthetic import COLOURS, SHAPES
+
+    # caption parts are named by their shard's content: rewritten crawl shards need parts under new names
+    parts = [r for path in Path(run_io.caption_dir).glob("*.parquet") for r in pq.read_table(path).to_pylist()]
+    shutil.rmtree(run_io.caption_dir)
+    shutil.rmtree(run_io.input)
+    with ShardWriter(run_io.input, shard_size=5) as writer:
+        for i in range(10):
+            truth = {"scene": i, "objects": [{"colour": COLOURS[i % len(COLOURS)], "shape": SHAPES[i % len(SHAPES)]}]}
+            writer.write(f"{i:04d}", {"png": _png((i * 20, 0, 0)), "txt": _scene(i if i == 1 else i + 1).encode(),
+                                      "json": encode_json({"truth": truth})})
+    generated = {"0001": _scene(2), "0003": _scene(3), "0006": _scene(6), "0009": ""}
+    for shard in ("00000", "00001"):
+        _write_parquet(Path(caption.output_url(run_io, shard)),
+                       [{**r, "original": _scene(1 if r["key"] == "0001" else int(r["key"]) + 1),
+                         "generated": generated[r["key"]]} for r in parts if int(r["key"]) // 5 == int(shard)])
+
+
+def _judged_from_shards(urls):
+    """{reason: [shipped, noisy, original noisy]} recomputed from the output shards' KEY.txt and KEY.json."""
+    from tldr_tasks.data.truth import describes_exactly
+
+    judged: dict[str, list[int]] = {}
+    for url in urls:
+        for s in iter_shard(url):
+            counts = judged.setdefault(s.meta["caption_reason"], [0, 0, 0])
+            counts[0] += 1
+            counts[1] += not describes_exactly(s.caption, s.meta["truth"])
+            counts[2] += not describes_exactly(s.meta["original_caption"], s.meta["truth"])
+    return judged
+
+
+def test_shipped_caption_noise_is_judged_per_reason_in_manifest_metrics_and_report(selection):
+    from tldr_tasks.report import render_report
+    from tldr_tasks.runs import load_run, summary_metrics
+
+    _with_ground_truth(selection)
+    cfg = Config()
+    cfg.caption.fusion = "generated"
+    cfg.materialize.shard_size = 3
+    result = materialize.run(cfg, selection)
+    judged = _judged_from_shards([u for u in result.outputs if u.endswith(".tar")])
+    manifest = json.loads(open(f"{selection.out}/shards/manifest.json").read())
+    noise = manifest["caption_noise"]
+    assert {r: [c["shipped"], c["noisy"], c["original_noisy"]] for r, c in noise["by_reason"].items()} == judged
+    assert noise["shipped"] == sum(c[1] for c in judged.values()) / 4 == 0.5  # 0001 and 0009 ship noise
+    assert noise["original"] == sum(c[2] for c in judged.values()) / 4 == 0.75  # only 0001's original is right
+    assert (noise["judge"], noise["samples"]) == ("strict", 4) and "caption_noise_note" not in manifest
+    assert (result.metrics["shipped_noise"], result.metrics["original_noise"]) == (0.5, 0.75)
+    # what the runner logs to MLflow's parent run
+    metrics = summary_metrics(load_run(selection.out))
+    assert (metrics["shipped_noise"], metrics["original_noise"]) == (0.5, 0.75)
+    assert metrics["shipped_noise_replaced"] == round(1 / 3, 4) and metrics["captions_replaced"] == 3
+    page = render_report(selection.out)
+    assert "<h2>Shipped captions</h2>" in page and "<b>50.0%</b>, their original captions 75.0%" in page
+    assert "<tr><td>replaced</td><td>3</td><td>75.0%</td><td>1</td><td>2</td></tr>" in page
+    # a restart that finds every shard written reads the noise back from them
+    Path(f"{selection.out}/shards/manifest.json").unlink()
+    materialize.run(cfg, selection)
+    assert json.loads(open(f"{selection.out}/shards/manifest.json").read())["caption_noise"] == noise
+
+
+def test_a_crawl_without_ground_truth_has_no_caption_noise(crawl_run):
+    from tldr_tasks.runs import load_run, summary_metrics
+
+    run_io, _ = crawl_run
+    result = materialize.run(Config(), run_io)
+    manifest = json.loads(open(f"{run_io.out}/shards/manifest.json").read())
+    assert manifest["caption_noise"] is None and "20 of 20 kept samples have no ground truth" in manifest[
+        "caption_noise_note"]
+    assert not {"shipped_noise", "original_noise"} & (set(result.metrics) | set(summary_metrics(load_run(run_io.out))))

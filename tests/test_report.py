@@ -124,6 +124,27 @@ def test_report_escapes_what_the_run_folder_holds(run_dir):
     assert page.count("(image not readable here)") == 6 and "original: original 3" not in page
 
 
+def test_shipped_captions_table_lists_every_reason_the_manifest_counts(run_dir):
+    manifest = json.loads((run_dir / "shards" / "manifest.json").read_text())
+    # a reason this page was not written for, and one that must be escaped
+    manifest["captions"] = {"replaced": 4, "repaired": 1, "<i>odd</i>": 1}
+    by_reason = {"replaced": (4, 1, 4), "repaired": (1, 1, 1), "<i>odd</i>": (1, 1, 1)}
+    manifest["caption_noise"] = {"judge": "strict", "samples": 6, "shipped": 0.5, "original": 1.0, "by_reason": {
+        reason: dict(zip(("shipped", "noisy", "original_noisy"), counts)) for reason, counts in by_reason.items()}}
+    (run_dir / "shards" / "manifest.json").write_text(json.dumps(manifest))
+    page = render_report(str(run_dir))
+    assert "shipped captions\n<b>50.0%</b>, their original captions 100.0%" in page
+    assert "<tr><td>replaced</td><td>4</td><td>66.7%</td><td>1</td><td>4</td></tr>" in page
+    assert "<tr><td>repaired</td><td>1</td><td>16.7%</td><td>1</td><td>1</td></tr>" in page
+    assert "<i>odd</i>" not in page and "&lt;i&gt;odd&lt;/i&gt;" in page
+    # no ground truth: counts and shares only, and why
+    manifest.update(caption_noise=None, caption_noise_note="6 of 6 kept samples have no ground truth")
+    (run_dir / "shards" / "manifest.json").write_text(json.dumps(manifest))
+    page = render_report(str(run_dir))
+    assert "<tr><td>repaired</td><td>1</td><td>16.7%</td></tr>" in page and "noisy shipped" not in page
+    assert "6 of 6 kept samples have no ground truth" in page
+
+
 def test_report_command_writes_metrics_and_plot_tables(run_dir, tmp_path, capsys):
     out = tmp_path / "report"
     assert cli.main(["report", str(run_dir), "--out", str(out)]) == 0

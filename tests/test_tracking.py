@@ -137,6 +137,9 @@ def test_local_compress_parent_carries_summary_lineage_and_report(tiny_crawl, ra
     assert {"dropped", "rejected", "ratio", "clusters", "cluster_size_max", "alignment_input_mean",
             "alignment_kept_mean", "captions_original_ungrounded", "caption_collapsed", "caption_entropy_ratio",
             "seconds.embed", "samples_per_second.embed", "seconds.materialize"} - set(metrics) == set()
+    # the synthetic crawl carries ground truth: the strict judge's noise of what shipped and of the originals
+    assert (metrics["shipped_noise"], metrics["original_noise"]) == pytest.approx(
+        (manifest["caption_noise"]["shipped"], manifest["caption_noise"]["original"]), abs=1e-4)
     if manifest["metrics"]["caption_confidence_mean"] == manifest["metrics"]["caption_confidence_mean"]:
         assert metrics["caption_confidence_mean"] == pytest.approx(manifest["metrics"]["caption_confidence_mean"])
     assert "seconds.train-captioner" not in metrics  # the captioner was reused: no work, no timing

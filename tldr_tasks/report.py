@@ -4,11 +4,12 @@
     tldr-vlp report data/run --out data/report   (the dvc.yaml `report` stage)
 
 The page (every image inlined as a data URI, so it opens anywhere and can be an MLflow artifact):
-the run's parameters and summary metrics; each shard's embed outcome (embedded, reused, replaced);
-the cluster-size histogram; the alignment distribution of the input and of the kept set; retrieval
-bars and learning curves when the run was evaluated; and a grid of sample images for a spread of
-clusters, kept and dropped marked, with original and generated captions, caption confidence,
-alignment score and why the shipped caption was chosen.
+the run's parameters and summary metrics; the shipped captions per reason and, for a crawl with ground
+truth, how many of them and of their originals the strict judge finds noisy; each shard's embed outcome
+(embedded, reused, replaced); the cluster-size histogram; the alignment distribution of the input and
+of the kept set; retrieval bars and learning curves when the run was evaluated; and a grid of sample
+images for a spread of clusters, kept and dropped marked, with original and generated captions,
+caption confidence, alignment score and why the shipped caption was chosen.
 
 The run comes from `runs.load_run` (what a run folder holds; missing parts are empty, so a run that
 was not evaluated has no retrieval section); the sample images from the output shards and, for
@@ -201,6 +202,21 @@ def sample_cards(run: dict) -> list[tuple[int, int, int, list[dict]]]:
     return grid
 
 
+# ---- the shipped captions ----
+
+def shipped_caption_rows(manifest: dict) -> list[dict]:
+    """One row per reason a caption shipped for (whatever reasons the manifest counts): the count, its
+    share of the kept samples and the noisy shipped captions and noisy originals (counted only with ground
+    truth: the page shows them only then)."""
+    counts = manifest.get("captions") or {}
+    by_reason = (manifest.get("caption_noise") or {}).get("by_reason") or {}
+    total = sum(counts.values())
+    return [{"reason": reason, "count": count, "share": count / total if total else None,
+             "noisy": by_reason.get(reason, {}).get("noisy", 0),
+             "original_noisy": by_reason.get(reason, {}).get("original_noisy", 0)}
+            for reason, count in counts.items()]
+
+
 # ---- the page ----
 
 def _fmt(value) -> str:
@@ -212,9 +228,15 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _pct(value) -> str:
+    """A share as the page shows it (the template's `pct`): "–" for none, else a percentage."""
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
 _TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("tldr_tasks"), autoescape=True, trim_blocks=True,
                                 lstrip_blocks=True, undefined=jinja2.StrictUndefined)
 _TEMPLATES.filters["fmt"] = _fmt
+_TEMPLATES.filters["pct"] = _pct
 
 
 def render_report(run_dir: str) -> str:
@@ -231,6 +253,7 @@ def _render(run: dict) -> str:
     return _TEMPLATES.get_template("report.html.j2").render(
         run_dir=run["run_dir"], manifest=run["manifest"], params=params_of(run),
         charts=[(title, uri) for title, uri in charts if uri], grid=sample_cards(run),
+        shipped=shipped_caption_rows(run["manifest"]), caption_noise=run["manifest"].get("caption_noise"),
         metrics=[(k, v) for k, v in metrics.items() if not k.startswith("eval.")],
         embed_status=sorted(run["embed_status"].items()), evaluation=evaluation if run["evaluation"] else None)
 

@@ -106,9 +106,10 @@ def learning_curves(run: dict) -> dict[str, list[list[float]]]:
 
 def summary_metrics(run: dict) -> dict[str, float]:
     """Flat numeric metrics of a run: counts, cluster spread, alignment before/after, caption counts per
-    reason, collapse flag and confidence, embed outcomes, per-stage seconds and samples/s and, when
-    evaluated, the evaluation's own metrics (prefixed `eval.`). The parent MLflow run of every path
-    carries exactly these names (runner.record_run), so `compare` lines up folders and run ids."""
+    reason, collapse flag and confidence, the shipped and original captions' noise (ground truth only),
+    embed outcomes, per-stage seconds and samples/s and, when evaluated, the evaluation's own metrics
+    (prefixed `eval.`). The parent MLflow run of every path carries exactly these names
+    (runner.record_run), so `compare` lines up folders and run ids."""
     manifest = run["manifest"]
     metrics: dict[str, float] = {}
     for name in ("input_samples", "kept", "dropped", "rejected", "ratio"):
@@ -122,6 +123,14 @@ def summary_metrics(run: dict) -> dict[str, float]:
         metrics[f"captions_{reason.replace(':', '_')}"] = float(count)
     if "collapsed" in (manifest.get("collapse_check") or {}):
         metrics["caption_collapsed"] = float(manifest["collapse_check"]["collapsed"])
+    # The strict judge's noise of the shipped and the original captions, overall and per reason (a crawl
+    # with ground truth only: the manifest's caption_noise is null otherwise).
+    noise = manifest.get("caption_noise") or {}
+    for name in ("shipped", "original"):
+        if isinstance(noise.get(name), (int, float)):
+            metrics[f"{name}_noise"] = float(noise[name])
+    for reason, counts in (noise.get("by_reason") or {}).items():
+        metrics[f"shipped_noise_{reason.replace(':', '_')}"] = counts["noisy"] / counts["shipped"]
     # The sample stage's alignment distribution before (input) and after (kept) selection.
     for name, value in (manifest.get("alignment") or {}).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -48,6 +48,7 @@ from tldr_tasks import storage
 from tldr_tasks.config import FUSIONS, Config, ConfigError
 from tldr_tasks.contract import StageIO, StageResult
 from tldr_tasks.data.spool import Pixels, Split, write_spool
+from tldr_tasks.data.truth import describes_exactly, noise_rate
 from tldr_tasks.fusion import collapse_check, ship_caption
 
 SPLITS = ("validation", "test")
@@ -240,24 +241,6 @@ def scene_groups(split: Split, task: dict) -> list[str] | None:
     says hits are judged by group; None: exact pairs only."""
     groups = list(split.metas.field("group")) if task.get("hit") == "group" else []
     return [str(g) for g in groups] if groups and None not in groups else None
-
-
-def describes_exactly(caption: str, truth: dict) -> bool:
-    """The benchmark crawls' strict judge: the synthetic crawl's (the caption names exactly the scene's
-    objects) for truths with objects, the real-image crawl's (it names this concept and no other)."""
-    if "objects" in truth:
-        from tldr_tasks.data.synthetic import describes_scene_exactly
-
-        return describes_scene_exactly(caption, truth)
-    from tldr_tasks.data.real_crawl import describes_concept
-
-    return describes_concept(caption, truth)
-
-
-def noise_rate(captions: list[str], truths: list[dict]) -> float:
-    """Share of captions that do not describe their scene exactly (a wrong object next to the right ones
-    counts as noise: "wrong caption; right caption" is not clean)."""
-    return float(np.mean([not describes_exactly(c, t) for c, t in zip(captions, truths)])) if truths else 0.0
 
 
 def held_out_correct(io: StageIO, cfg: Config, eval_split: Split) -> list[bool]:

@@ -6,8 +6,10 @@ input layout (`KEY.png|jpg|webp`, `KEY.txt`, `KEY.json`), readable by open_clip'
 collapse check and caption.fusion, decided once per sample); `KEY.json` the original and generated
 captions, the generated caption's confidence, the pair's alignment score, why that caption shipped,
 cluster id and source shard. `manifest.json` accounts for every input sample (kept + dropped by
-selection + rejected with a reason, per shard and in total), counts the shipped captions per reason
-and is written last: its presence means the output is complete.
+selection + rejected with a reason, per shard and in total), counts the shipped captions per reason,
+measures with the strict judge (data/truth.py) how noisy the shipped and the original captions are when
+the crawl carries ground truth (KEY.json "truth", the benchmark crawls), and is written last: its
+presence means the output is complete.
 
 No Python object per sample: the assignments (one row per input sample, millions at scale) are counted
 in record batches, the selection stays a pyarrow table, and each output shard reads only the caption
@@ -34,7 +36,8 @@ from tqdm import tqdm
 from tldr_tasks import fusion, storage
 from tldr_tasks.config import Config, ConfigError
 from tldr_tasks.contract import StageIO, StageResult
-from tldr_tasks.data.shards import Sample, encode_json, iter_shard, write_tar
+from tldr_tasks.data.shards import RawSample, Sample, encode_json, iter_raw_shard, iter_shard, write_tar
+from tldr_tasks.data.truth import describes_exactly
 from tldr_tasks.stages import caption
 from tldr_tasks.tracking import redact
 
@@ -122,20 +125,27 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     outputs = []
     by_url = {storage.shard_stem(u): u for u in shard_urls}
     captions: dict[str, pa.Table] = {}  # the caption parts of the source shards the last group spanned
+    noise = ShippedNoise()
     for index, start in enumerate(tqdm(range(0, selected.num_rows, size), desc="materialize", unit="shard")):
         out_url = storage.join(io.shards_dir, f"{index:05d}.tar")
         outputs.append(out_url)
-        if storage.exists(out_url):
-            continue  # finished before a restart
+        if storage.exists(out_url):  # finished before a restart: its noise is read back
+            for item in iter_raw_shard(out_url):
+                if isinstance(item, RawSample):
+                    noise.add(item.parts)
+            continue
         group = selected.slice(start, size)
         stems = pc.unique(group["shard"]).to_pylist()  # in output order
         # groups follow the source shards: a part is read when its shard is first needed, dropped after
         captions = {s: captions[s] if s in captions else _read_part(part_urls[s]) for s in stems}
         rows = zip(group.to_pylist(), _captions_of(group["key"], list(captions.values())).to_pylist())
         samples = _samples([by_url[s] for s in stems], set(group["key"].to_pylist()))
-        write_tar(out_url, [(row["key"], _output_parts(samples[row["key"]], row, cap,
-                                                       ship(cap, cfg, collapsed, bool(row.get("repair"))),
-                                                       cfg.caption.fusion)) for row, cap in rows])
+        entries = [(row["key"], _output_parts(samples[row["key"]], row, cap,
+                                              ship(cap, cfg, collapsed, bool(row.get("repair"))),
+                                              cfg.caption.fusion)) for row, cap in rows]
+        write_tar(out_url, entries)
+        for _, parts in entries:
+            noise.add(parts)
 
     assignments = storage.iter_parquet(storage.join(io.cluster_dir, "assignments.parquet"), ["key", "shard"],
                                        BATCH_ROWS)
@@ -144,8 +154,12 @@ def run(cfg: Config, io: StageIO) -> StageResult:
                "dropped": accounting["dropped"], "rejected": accounting["rejected"],
                "ratio": accounting["kept"] / max(1, accounting["input_samples"] - accounting["rejected"]),
                "output_shards": len(outputs), **gate["metrics"]}
+    caption_noise = noise.report()
+    if caption_noise is not None:
+        metrics.update(shipped_noise=caption_noise["shipped"], original_noise=caption_noise["original"])
     manifest = {**accounting, "metrics": metrics, "ratio": metrics["ratio"], "fusion": cfg.caption.fusion,
                 "captions": gate["captions"], "collapse_check": gate["collapse_check"],
+                "caption_noise": caption_noise, **({} if caption_noise else {"caption_noise_note": noise.note()}),
                 "alignment": sample_alignment_stats(io),
                 "strategy": cfg.sample.strategy, "config_hash": cfg.hash(), "config": cfg.to_dict(),
                 # URLs may carry credentials (s3://key:secret@...); the manifest travels with the data
@@ -159,6 +173,46 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     storage.write_text_atomic(storage.join(io.shards_dir, "rejects.jsonl"), rejects_lines)
     storage.write_text_atomic(manifest_url, json.dumps(manifest, indent=1, sort_keys=True))
     return StageResult(metrics=metrics, outputs=outputs + [manifest_url])
+
+
+class ShippedNoise:
+    """The strict judge's count of noisy captions among the shipped samples, overall and per reason, for the
+    shipped caption (KEY.txt) and the original one (KEY.json): what the gate changed. Fed one output sample's
+    parts at a time, so memory does not grow with the output."""
+
+    def __init__(self):
+        self.samples = self.without_truth = 0
+        self.by_reason: dict[str, Counter] = defaultdict(Counter)
+
+    def add(self, parts: dict[str, bytes]) -> None:
+        self.samples += 1
+        meta = json.loads(parts["json"])
+        truth = meta.get("truth")
+        if truth is None:
+            self.without_truth += 1
+            return
+        counts = self.by_reason[meta["caption_reason"]]
+        counts["shipped"] += 1
+        counts["noisy"] += not describes_exactly(parts["txt"].decode("utf-8"), truth)
+        counts["original_noisy"] += not describes_exactly(meta["original_caption"], truth)
+
+    def report(self) -> dict | None:
+        """{"judge", "samples", "shipped", "original", "by_reason"} (shares of noisy captions, and per reason
+        counts); None unless every shipped sample has ground truth: a share of some samples would mislead."""
+        if not self.samples or self.without_truth:
+            return None
+        noisy = sum(c["noisy"] for c in self.by_reason.values())
+        original = sum(c["original_noisy"] for c in self.by_reason.values())
+        return {"judge": "strict", "samples": self.samples, "shipped": noisy / self.samples,
+                "original": original / self.samples,
+                "by_reason": {reason: dict(counts) for reason, counts in sorted(self.by_reason.items())}}
+
+    def note(self) -> str:
+        """Why report() is None."""
+        if not self.samples:
+            return "no sample was kept: caption noise is not measured"
+        return (f"{self.without_truth} of {self.samples} kept samples have no ground truth (KEY.json \"truth\"; "
+                "only the benchmark crawls carry it): caption noise is not measured")
 
 
 def _captioner_version(io: StageIO) -> str | None:
@@ -192,7 +246,7 @@ def decide_captions(captions: pa.Table, repair: pa.Array, cfg: Config) -> dict:
         reasons.update(ship(row, cfg, check["collapsed"], row["repair"])[1] for row in batch.to_pylist())
     confidence = captions["confidence"].to_numpy()  # a null is NaN
     grounding = captions["grounding"].to_numpy()
-    counts = {reason: reasons.get(reason, 0) for reason in CAPTION_REASONS}
+    counts = {**dict.fromkeys(CAPTION_REASONS, 0), **reasons}  # and any reason fusion adds
     metrics = {f"captions_{reason.replace(':', '_')}": float(n) for reason, n in counts.items()}
     metrics.update(caption_collapsed=float(check["collapsed"]), caption_entropy_ratio=check["entropy_ratio"],
                    caption_confidence_mean=_mean(confidence), caption_grounding_mean=_mean(grounding))
