@@ -160,15 +160,15 @@ def demo_main(argv: list[str]) -> int:
 
 
 def benchmark_main(argv: list[str]) -> int:
-    from tldr_tasks.benchmark import CRAWLS, PROFILE, VARIANTS, benchmark, markdown, update_readme
+    from tldr_tasks.benchmark import ALL_CRAWLS, CRAWLS, PROFILE, VARIANTS, benchmark, markdown, update_readme
     from tldr_tasks.config import _merge, from_dict, parse_overrides
 
     parser = CommandParser(prog="tldr-vlp benchmark", description="Regenerate the benchmark results: "
                            "every crawl and seed compressed by every selection variant and evaluated "
                            "beside full, random and the clean ceiling; defaults chosen on the validation "
                            "split, the test split reported.")
-    parser.add_argument("--crawls", default=",".join(CRAWLS), help="comma-separated (default: all of "
-                        + ", ".join(CRAWLS) + ")")
+    parser.add_argument("--crawls", default=",".join(CRAWLS), help="comma-separated (default: "
+                        + ", ".join(CRAWLS) + "; also " + ", ".join(sorted(set(ALL_CRAWLS) - set(CRAWLS))) + ")")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--out", default="runs/benchmark", help="folder (resumable; default runs/benchmark)")
     parser.add_argument("--variants", default=",".join(v.name for v in VARIANTS),
@@ -185,9 +185,9 @@ def benchmark_main(argv: list[str]) -> int:
     except (ValueError, KeyError) as err:
         parser.error(f"--seeds takes integers and --variants names from {', '.join(by_name)}: {err}")
     crawls = [c for c in args.crawls.split(",") if c]
-    unknown = [c for c in crawls if c not in CRAWLS]
+    unknown = [c for c in crawls if c not in ALL_CRAWLS]
     if unknown or not crawls:
-        parser.error(f"--crawls takes names from {', '.join(CRAWLS)}; got {args.crawls!r}")
+        parser.error(f"--crawls takes names from {', '.join(ALL_CRAWLS)}; got {args.crawls!r}")
     # the benchmark's size (PROFILE) under the params file and the overrides
     params = load_config(args.params).to_dict() if args.params else {}
     cfg = from_dict(_merge(_merge(from_dict(PROFILE).to_dict(), params),
