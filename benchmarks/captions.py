@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tldr_tasks.benchmark import PROFILE, Variant, make_benchmark_crawl, machine, summarise, variant_config
+from tldr_tasks.benchmark import PROFILE, Variant, machine, make_benchmark_crawl, summarise, variant_config
 from tldr_tasks.config import _merge, from_dict
 
 RESULTS = Path(__file__).parent / "results"
