@@ -1,4 +1,5 @@
-"""Stage `caption`: a generated caption for every selected image (beam search, KV cache).
+"""Stage `caption`: a generated caption for every selected image (beam search, KV cache), each by the
+captioner of its cross-fitting fold, which never trained on it (tldr_tasks/folds.py).
 
     tldr-vlp run caption --input 'crawl/train/{00000..00007}.tar' --out runs/r1 \
         --shard-index 0 --num-shards 4

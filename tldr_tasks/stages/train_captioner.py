@@ -11,6 +11,9 @@ restarted run resumes from the latest one and ends in the same weights as an uni
 the data order is a function of (seed, epoch), dropout is off and steps already done are skipped.
 The checkpoints are deleted once the export is complete.
 Only rank 0 exports. The batch size is global: each of N ranks takes batch_size / N samples.
+Cross-fitting (`captioner.folds` = K, tldr_tasks/folds.py): K captioners, one after the other, each
+without one fold of the crawl; fold 0's is the folder's export, fold k's goes to `{captioner_dir}/fold<k>`
+(with its own checkpoints), and the folder's COMPLETE marker is written last, after every fold.
 
 The crawl is read as a stream (tldr_tasks/data/stream.py): memory does not grow with the crawl, and
 the global batches do not depend on the number of ranks, so N ranks end in the weights of one
