@@ -1,0 +1,96 @@
+"""The caption gate's thresholds chosen on validation R@1, never on ground truth.
+
+    .venv/bin/python benchmarks/caption_gate.py --out runs/bench_captions --seeds 0,1,2 \
+        --crawls synthetic,synthetic_incomplete,real_emoji
+
+The gate reads two signals a user has for every generated caption, both from the out-of-fold captioner
+that wrote it (tldr_tasks/fusion.py): confidence (mean token log-probability given the image) and
+grounding (that minus the same given another image). For every crawl and seed of benchmarks/captions.py,
+its `drop` run's compressed set (whose KEY.json keeps each sample's generated caption and scores) is
+evaluated again with caption.fusion=generated under each other setting of GATES (the evaluation re-decides
+every caption with `fusion.ship_caption`, as materialize would); the default setting's row is that run's own
+`tldr` (fusion generated, default gate), and `tldr_original` its selection with the original captions.
+The setting with the best mean validation R@1 over the crawls is chosen; the test split is reported,
+paired with the same selection's original captions.
+Writes `benchmarks/results/caption_gate.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from captions import captions_config
+
+from tldr_tasks.benchmark import machine, summarise
+
+RESULTS = Path(__file__).parent / "results"
+# (caption.min_confidence, caption.min_grounding); `default` is the shipped default
+GATES = {"off": (-math.inf, -math.inf), "default": (-1.0, 0.5), "grounded": (-1.0, 1.5), "confident": (-0.3, 0.5)}
+
+
+def evaluate_gate(root: Path, seed: int, gate: str) -> dict:
+    """{"validation", "test", "noise"} of the `drop` run's selection shipped with fusion=generated under one gate
+    (arm `tldr_generated`; for the default gate, the drop run's own `tldr`), and the same for `tldr_original`."""
+    from tldr_tasks.contract import StageIO
+    from tldr_tasks.runner import load_stage_module
+
+    drop = json.loads((root / "reports.json").read_text())["drop"]
+    if gate == "default":
+        return {arm: {**drop["arms"][source], "noise": drop.get("noise_rate", {}).get(source)}
+                for arm, source in (("tldr_generated", "tldr"), ("tldr_original", "tldr_original"))}
+    folder = root / f"gate-{gate}"
+    folder.mkdir(exist_ok=True)
+    if not (folder / "shards").exists():  # the same compressed set: only the captions are re-decided
+        os.symlink(root / "drop" / "shards", folder / "shards")
+    cfg = captions_config(seed)
+    cfg.sample.strategy, cfg.sample.alignment = "balanced", "cluster_pool"
+    cfg.caption.fusion = "generated"
+    cfg.caption.min_confidence, cfg.caption.min_grounding = GATES[gate]
+    cfg.evaluate.arms = ["tldr_generated"]
+    io = StageIO(input=str(root / "crawl" / "main"), out=str(folder), eval_input=str(root / "crawl" / "eval"),
+                 captioner=str(root / "captioner-run" / "captioner"))
+    load_stage_module("evaluate").run(cfg.validate(), io)
+    report = json.loads((folder / "evaluate" / "report.json").read_text())
+    return {"tldr_generated": {**report["arms"]["tldr_generated"],
+                               "noise": report.get("noise_rate", {}).get("tldr_generated")}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="runs/bench_captions")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--crawls", default="synthetic,synthetic_incomplete,real_emoji")
+    parser.add_argument("--results", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    seeds, crawls = [int(s) for s in args.seeds.split(",")], args.crawls.split(",")
+    reports = {crawl: {gate: [evaluate_gate(Path(args.out) / crawl / f"seed{seed}", seed, gate) for seed in seeds]
+                       for gate in GATES} for crawl in crawls}
+
+    def r1(crawl: str, gate: str, split: str, arm: str = "tldr_generated") -> list[float]:
+        return [r[arm][split]["mean_r1"] for r in reports[crawl][gate]]
+
+    validation = {gate: float(np.mean([np.mean(r1(c, gate, "validation")) for c in crawls])) for gate in GATES}
+    chosen = max(validation, key=validation.get)
+    result = {"machine": machine(), "seeds": seeds, "gates": {g: list(v) for g, v in GATES.items()},
+              "validation_mean_r1": validation, "chosen_on_validation": chosen, "crawls": {}}
+    for crawl in crawls:
+        original = r1(crawl, "default", "test", "tldr_original")
+        result["crawls"][crawl] = {
+            "tldr_original": summarise(original),
+            **{gate: {"test": summarise(r1(crawl, gate, "test")),
+                      "validation": summarise(r1(crawl, gate, "validation")),
+                      "noise_rate": summarise([r["tldr_generated"]["noise"] for r in reports[crawl][gate]])
+                      if reports[crawl][gate][0]["tldr_generated"]["noise"] is not None else None,
+                      f"{gate} - tldr_original": summarise(np.subtract(r1(crawl, gate, "test"), original).tolist())}
+               for gate in GATES}}
+    (Path(args.results) / "caption_gate.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({"validation_mean_r1": validation, "chosen": chosen}))
+
+
+if __name__ == "__main__":
+    main()
