@@ -221,7 +221,18 @@ def rerun_in_process_is_skipped(stage: str, out: Path, crawl: str) -> None:
 
 
 @pytest.mark.slow
+def fold0_steps(tiny_crawl: str) -> int:
+    """Optimizer steps of fold 0's captioner (2 epochs of batch 32 over the captioned samples outside fold 0):
+    with two folds it trains after fold 1's, whose export a resumed stage keeps."""
+    from tldr_tasks.data import stream
+
+    index, _ = stream.index_shards(StageIO(input=str(Path(tiny_crawl) / "train"), out="").input_shards(), 0, 2, 0)
+    return 2 * (index.total // 32)
+
+
 def test_train_captioner_resumes_from_its_last_deepspeed_checkpoint(tiny_crawl, reference, workspace, tmp_path):
+    """Killed inside the second fold's training (fold 0, after fold 1's export): the rerun keeps fold 1's export
+    and resumes fold 0 from its checkpoint."""
     out = tmp_path / "run"
     ckpt = out / "captioner" / "checkpoints"
     command = _command("train-captioner", tiny_crawl, out)
@@ -232,13 +243,16 @@ def test_train_captioner_resumes_from_its_last_deepspeed_checkpoint(tiny_crawl, 
     # killed mid-training: a checkpoint, no export, no done marker
     tag = (ckpt / "latest").read_text().strip()
     assert tag.startswith("step") and (ckpt / tag).is_dir()
-    step = int(tag[len("step"):])
-    assert 2 <= step < 12
+    step, total = int(tag[len("step"):]), fold0_steps(tiny_crawl)
+    assert 2 <= step < total
     assert not (out / "captioner" / "COMPLETE").exists() and not (out / "captioner" / "model.safetensors").exists()
+    fold1 = stamps(sorted((out / "captioner" / "fold1").iterdir()))  # exported before the kill
 
     summary = run_to_end(command, _env(workspace, delay=False), tmp_path)
     assert not summary["skipped"]
-    assert summary["metrics"]["steps_resumed"] == step and summary["metrics"]["steps"] == 12
+    assert summary["metrics"]["steps_resumed"] == step and summary["metrics"]["steps"] == total
+    assert "fold1_steps" not in summary["metrics"]  # not trained again
+    assert stamps(sorted((out / "captioner" / "fold1").iterdir())) == fold1
     assert not ckpt.exists()  # checkpoints are dropped once the export is complete
     # the resumed run ends in the very weights (and export) of the uninterrupted one
     assert_same_bytes(out / "captioner", reference / "captioner")
@@ -259,7 +273,7 @@ def test_train_captioner_survives_a_kill_inside_the_latest_file_write(tiny_crawl
     ckpt.mkdir(parents=True)
     (ckpt / "latest").write_text("")
     result = train_captioner.run(load_config(None, OVERRIDES), io)
-    assert result.metrics["steps_resumed"] == 0 and result.metrics["steps"] == 12
+    assert result.metrics["steps_resumed"] == 0 and result.metrics["steps"] == fold0_steps(tiny_crawl)
     # the stage alone (no executor): the same export, without the executor's params record
     assert_same_bytes(tmp_path / "run" / "captioner", reference / "captioner", ignore=(PARAMS_RECORD,))
 
