@@ -94,13 +94,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--crawls", nargs="+", required=True, help="<out>/<crawl>/seed<N> folders of captions.py")
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args(argv)
+    path = Path(args.results) / "captioner_quality.json"
     result = {"machine": machine(), "levers": LEVERS, "crawls": {}}
     for folder in map(Path, args.crawls):
         seed = int(folder.name.removeprefix("seed"))
         name = f"{folder.parent.name}/seed{seed}"
-        result["crawls"][name] = {lever: measure(folder, lever, overrides, seed) for lever, overrides in LEVERS.items()}
-        print(json.dumps({name: result["crawls"][name]}), flush=True)
-    (Path(args.results) / "captioner_quality.json").write_text(json.dumps(result, indent=1) + "\n")
+        for lever, overrides in LEVERS.items():
+            result["crawls"].setdefault(name, {})[lever] = measure(folder, lever, overrides, seed)
+            print(json.dumps({name: {lever: result["crawls"][name][lever]}}), flush=True)
+            path.write_text(json.dumps(result, indent=1) + "\n")  # kept as it grows: a crash loses one lever
 
 
 if __name__ == "__main__":
