@@ -79,3 +79,46 @@ def test_benchmark_page_holds_what_make_benchmark_writes_from_the_results_files(
     update_readme(str(page), [json.loads((ROOT / "benchmarks" / "results" / f"benchmark_{c}.json").read_text())
                               for c in CRAWLS])
     assert page.read_text() == (ROOT / "docs" / "benchmarks.md").read_text()
+
+
+def test_readme_caption_table_is_copied_from_the_caption_benchmark_files():
+    import numpy as np
+
+    results = ROOT / "benchmarks" / "results"
+    crawls = ["synthetic", "synthetic_incomplete", "real_emoji"]
+    files = {c: json.loads((results / f"benchmark_captions_{c}.json").read_text()) for c in crawls}
+    text = README.read_text()
+    table = text[text.index("| caption half |"):]
+    rows = {line.split(" | ")[0].lstrip("| "): line.rstrip(" |").split(" | ")[1:]
+            for line in table[:table.index("\n\n")].splitlines()[2:]}
+
+    def shipped(result: dict) -> str:
+        shares = [sum(n.get(r, 0) for r in ("replaced", "appended", "repaired")) / sum(n.values())
+                  for n in result["captions_shipped"]["drop"]]
+        return f"{100 * np.mean(shares):.1f}%"
+
+    def percent(stat: dict) -> str:
+        return f"{100 * stat['mean']:.1f}%"
+
+    assert rows["generated text shipped (share of kept, fusion `generated`)"] == [shipped(files[c]) for c in crawls]
+    assert rows["caption noise: originals → generated shipped"] == [
+        f"{percent(files[c]['noise_rate']['tldr_original'])} → {percent(files[c]['noise_rate']['tldr_generated'])}"
+        for c in crawls]
+    assert rows["held-out caption accuracy, head / tail scenes"] == [
+        f"{percent(files[c]['caption_accuracy']['_head'])} / {percent(files[c]['caption_accuracy']['_tail'])}"
+        for c in crawls]
+    arms = {"selection with its originals (`tldr_original`)": "tldr_original",
+            "generated captions (`tldr_generated`)": "tldr_generated", "`mix`": "tldr_mix",
+            "`concat` (the paper's)": "tldr_concat", "repair instead of drop (`tldr_repair`)": "tldr_repair"}
+    for row, arm in arms.items():  # a row that is the same training set as the originals says so
+        assert rows[row] == ["= originals" if arm in files[c]["identical_rows"] else cell(files[c]["arms"][arm]["mean_r1"])
+                             for c in crawls], row
+    for pair in ("tldr - tldr_original", "tldr_repair - tldr_original", "random_generated - random"):
+        assert rows[f"paired: {pair}"] == [cell(files[c]["paired_differences"][pair], "+") for c in crawls], pair
+    assert all(files[c]["chosen_on_validation"]["tldr"] == "tldr_mix" for c in crawls)  # the prose names it
+
+
+def test_benchmark_page_holds_the_caption_benchmark_tables():
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    for path in sorted((ROOT / "benchmarks" / "results").glob("benchmark_captions_*.md")):
+        assert path.read_text() in page, f"docs/benchmarks.md lacks {path.name}: copy it into 'The caption half'"
