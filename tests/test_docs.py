@@ -111,8 +111,8 @@ def test_readme_caption_table_is_copied_from_the_caption_benchmark_files():
             "generated captions (`tldr_generated`)": "tldr_generated", "`mix`": "tldr_mix",
             "`concat` (the paper's)": "tldr_concat", "repair instead of drop (`tldr_repair`)": "tldr_repair"}
     for row, arm in arms.items():  # a row that is the same training set as the originals says so
-        assert rows[row] == ["= originals" if arm in files[c]["identical_rows"] else cell(files[c]["arms"][arm]["mean_r1"])
-                             for c in crawls], row
+        assert rows[row] == ["= originals" if arm in files[c]["identical_rows"]
+                             else cell(files[c]["arms"][arm]["mean_r1"]) for c in crawls], row
     for pair in ("tldr - tldr_original", "tldr_repair - tldr_original", "random_generated - random"):
         assert rows[f"paired: {pair}"] == [cell(files[c]["paired_differences"][pair], "+") for c in crawls], pair
     assert all(files[c]["chosen_on_validation"]["tldr"] == "tldr_mix" for c in crawls)  # the prose names it

@@ -63,3 +63,17 @@ def test_collapse_check_compares_entropy_with_the_originals():
     assert check["top_generated_share"] == pytest.approx(0.44)
     assert check["entropy_original_bits"] == pytest.approx(math.log2(200), abs=1e-3)
     assert not fusion.collapse_check(originals, collapsed, min_entropy_ratio=0.0)["collapsed"]
+
+
+def test_a_pair_kept_for_repair_ships_its_generated_caption_whatever_the_fusion():
+    for mode in ("original", "mix", "concat", "generated"):
+        assert fusion.ship_caption("k1", "a blue square", "a red circle", -0.5, 1.0, mode=mode, min_confidence=-1.0,
+                                   min_grounding=0.5, seed=0, collapsed=False, repair=True) == ("a red circle",
+                                                                                                fusion.REPAIRED)
+    # the gate and the collapse check still hold: the original ships, with their reason
+    assert fusion.ship_caption("k1", "a blue square", "a red circle", -0.5, 0.1, mode="original", min_confidence=-1.0,
+                               min_grounding=0.5, seed=0, collapsed=False, repair=True) == (
+        "a blue square", fusion.ORIGINAL_UNGROUNDED)
+    assert fusion.ship_caption("k1", "a blue square", "a red circle", -0.5, 1.0, mode="original", min_confidence=-1.0,
+                               min_grounding=0.5, seed=0, collapsed=True, repair=True) == (
+        "a blue square", fusion.ORIGINAL_COLLAPSE)

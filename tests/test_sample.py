@@ -360,3 +360,33 @@ def test_semdedup_with_the_cluster_pool_takes_the_better_aligned_first():
     eligible = np.array([False, False, True, True, True, True])
     assert np.flatnonzero(sample.semdedup_keep(redundancy, 0.5, 0)).tolist() == [0, 1, 2]
     assert np.flatnonzero(sample.semdedup_keep(redundancy, 0.5, 0, eligible)).tolist() == [2, 3, 4]
+
+
+def test_repair_keeps_what_coverage_picks_and_marks_the_misaligned_for_recaptioning(tmp_path):
+    """sample.misaligned=repair: the same pairs as with no filter, and exactly the kept pairs outside the
+    aligned pool carry `repair` (mostly the planted misaligned ones); drop marks none."""
+    rows, bad = _planted_crawl()
+    selected = {}
+    for name, alignment, misaligned in (("none", "none", "drop"), ("repair", "cluster_pool", "repair"),
+                                        ("drop", "cluster_pool", "drop")):
+        cfg = _cfg("balanced", 0.25)
+        cfg.sample.alignment, cfg.sample.misaligned = alignment, misaligned
+        io = _io(tmp_path / name, rows)
+        result = sample.run(cfg.validate(), io)
+        selected[name] = {r["key"]: r["repair"] for r in _selected(io)}
+        assert result.metrics["repair"] == sum(selected[name].values())
+    assert set(selected["repair"]) == set(selected["none"])
+    assert not any(selected["drop"].values())
+    cluster = np.array([r["cluster"] for r in rows])
+    loss = np.array([r["loss"] for r in rows])
+    pool = sample.eligible_pairs(cluster, loss, sample.alignment_scores(cluster, loss), "cluster_pool", 0.5)
+    marked = [int(k) for k, flag in selected["repair"].items() if flag]
+    assert sorted(marked) == sorted(int(k) for k in selected["repair"] if not pool[int(k)])
+    assert bad[marked].mean() > 0.5 > bad[[int(k) for k, f in selected["repair"].items() if not f]].mean()
+
+
+def test_repair_without_an_aligned_pool_is_refused():
+    cfg = _cfg("balanced", 0.25)
+    cfg.sample.misaligned = "repair"
+    with pytest.raises(ConfigError, match="sample.alignment to cluster_pool or global_pool"):
+        cfg.validate()
