@@ -33,6 +33,24 @@ RESULTS = Path(__file__).parent / "results"
 GATES = {"off": (-math.inf, -math.inf), "default": (-1.0, 0.5), "grounded": (-1.0, 1.5), "confident": (-0.3, 0.5)}
 
 
+def shipped_share(root: Path, seed: int, gate: str) -> float:
+    """Share of the `drop` run's kept samples whose generated caption ships (fusion generated) under one gate."""
+    from tldr_tasks import fusion, storage
+    from tldr_tasks.data.shards import Sample, iter_shard
+
+    metas = [s.meta for url in storage.listdir(str(root / "drop" / "shards"), ".tar") for s in iter_shard(url)
+             if isinstance(s, Sample)]
+    collapsed = fusion.collapse_check([m["original_caption"] for m in metas], [m["generated_caption"] for m in metas],
+                                      captions_config(seed).caption.min_entropy_ratio)["collapsed"]
+    nan = float("nan")
+    reasons = [fusion.ship_caption(m["source_key"], m["original_caption"], m["generated_caption"],
+                                   nan if m["confidence"] is None else m["confidence"],
+                                   nan if m["grounding"] is None else m["grounding"], mode="generated",
+                                   min_confidence=GATES[gate][0], min_grounding=GATES[gate][1], seed=seed,
+                                   collapsed=collapsed)[1] for m in metas]
+    return reasons.count(fusion.REPLACED) / len(reasons)
+
+
 def evaluate_gate(root: Path, seed: int, gate: str) -> dict:
     """{"validation", "test", "noise"} of the `drop` run's selection shipped with fusion=generated under one gate
     (arm `tldr_generated`; for the default gate, the drop run's own `tldr`), and the same for `tldr_original`."""
@@ -68,8 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args(argv)
     seeds, crawls = [int(s) for s in args.seeds.split(",")], args.crawls.split(",")
-    reports = {crawl: {gate: [evaluate_gate(Path(args.out) / crawl / f"seed{seed}", seed, gate) for seed in seeds]
-                       for gate in GATES} for crawl in crawls}
+    reports = {crawl: {gate: [{**evaluate_gate(Path(args.out) / crawl / f"seed{seed}", seed, gate),
+                               "shipped": shipped_share(Path(args.out) / crawl / f"seed{seed}", seed, gate)}
+                              for seed in seeds] for gate in GATES} for crawl in crawls}
 
     def r1(crawl: str, gate: str, split: str, arm: str = "tldr_generated") -> list[float]:
         return [r[arm][split]["mean_r1"] for r in reports[crawl][gate]]
@@ -84,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
             "tldr_original": summarise(original),
             **{gate: {"test": summarise(r1(crawl, gate, "test")),
                       "validation": summarise(r1(crawl, gate, "validation")),
+                      "generated_shipped_share": summarise([r["shipped"] for r in reports[crawl][gate]]),
                       "noise_rate": summarise([r["tldr_generated"]["noise"] for r in reports[crawl][gate]])
                       if reports[crawl][gate][0]["tldr_generated"]["noise"] is not None else None,
                       f"{gate} - tldr_original": summarise(np.subtract(r1(crawl, gate, "test"), original).tolist())}

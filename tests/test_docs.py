@@ -122,3 +122,26 @@ def test_benchmark_page_holds_the_caption_benchmark_tables():
     page = (ROOT / "docs" / "benchmarks.md").read_text()
     for path in sorted((ROOT / "benchmarks" / "results").glob("benchmark_captions_*.md")):
         assert path.read_text() in page, f"docs/benchmarks.md lacks {path.name}: copy it into 'The caption half'"
+
+
+def test_readme_gate_rows_are_copied_from_the_gate_file():
+    gate = json.loads((ROOT / "benchmarks" / "results" / "caption_gate.json").read_text())
+    captions = json.loads((ROOT / "benchmarks" / "results" / "benchmark_captions_synthetic.json").read_text())
+    crawls = ["synthetic", "synthetic_incomplete", "real_emoji"]
+    rows = {line.split(" | ")[0].lstrip("| "): line.rstrip(" |").split(" | ")[1:]
+            for line in README.read_text().splitlines() if line.startswith("| ")}
+    chosen = {c: gate["crawls"][c][gate["chosen_on_validation"]] for c in crawls}
+    assert rows["generated text shipped, gate chosen on validation"] == [
+        f"{100 * chosen[c]['generated_shipped_share']['mean']:.1f}%" for c in crawls]
+    assert rows["generated captions, gate chosen on validation"] == [
+        "= originals" if chosen[c]["generated_shipped_share"]["mean"] == 0 else cell(chosen[c]["test"]) for c in crawls]
+    assert rows["paired: gate chosen on validation - tldr_original"] == [
+        cell(chosen[c][f"{gate['chosen_on_validation']} - tldr_original"], "+") for c in crawls]
+    # the prose: the chosen gate is the shipped default, and its validation mean against the originals'
+    from tldr_tasks.config import CaptionConfig
+
+    assert tuple(gate["gates"][gate["chosen_on_validation"]]) == (CaptionConfig().min_confidence,
+                                                                  CaptionConfig().min_grounding)
+    text = README.read_text()
+    assert (f"{gate['validation_mean_r1'][gate['chosen_on_validation']]:.2f} vs "
+            f"{captions['chosen_on_validation']['validation_mean_r1']['tldr_original']:.2f}") in text

@@ -181,7 +181,7 @@ def crawl_run(tmp_path):
     run_io = StageIO(input=str(crawl), out=str(out))
     for stem in sorted(set(shard[k] for k in chosen)):
         rows = [{"key": k, "original": f"caption {keys.index(k)}", "generated": f"generated {n % 7}",
-                 "confidence": -0.5 if n % 4 else -3.0, "grounding": 1.0}
+                 "confidence": -0.2 if n % 4 else -3.0, "grounding": 1.0}
                 for n, k in enumerate(sorted(chosen)) if shard[k] == stem]
         _write_parquet(Path(caption.output_url(run_io, stem)), rows)
     return run_io, sorted(chosen, key=lambda k: (shard[k], k))  # the input order: source shard, then key
