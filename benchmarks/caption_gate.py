@@ -8,11 +8,11 @@ that wrote it (tldr_tasks/fusion.py): confidence (mean token log-probability giv
 grounding (that minus the same given another image). For every crawl and seed of benchmarks/captions.py,
 its `drop` run's compressed set (whose KEY.json keeps each sample's generated caption and scores) is
 evaluated again with caption.fusion=generated under each other setting of GATES (the evaluation re-decides
-every caption with `fusion.ship_caption`, as materialize would); the default setting's row is that run's own
-`tldr` (fusion generated, default gate), and `tldr_original` its selection with the original captions.
+every caption with `fusion.ship_caption`, as materialize would); the `earlier` setting's row is that run's own
+`tldr` (fusion generated, the gate it ran with), and `tldr_original` its selection with the original captions.
 The setting with the best mean validation R@1 over the crawls is chosen; the test split is reported,
 paired with the same selection's original captions.
-Writes `benchmarks/results/caption_gate.json`.
+Writes `benchmarks/results/caption_gate.json` and `caption_gate.md` (its table in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from captions import captions_config
 from tldr_tasks.benchmark import machine, summarise
 
 RESULTS = Path(__file__).parent / "results"
-# (caption.min_confidence, caption.min_grounding); `default` is the shipped default
-GATES = {"off": (-math.inf, -math.inf), "default": (-1.0, 0.5), "grounded": (-1.0, 1.5), "confident": (-0.3, 0.5)}
+# (caption.min_confidence, caption.min_grounding); `earlier`: the default before this sweep, whose row is the
+# drop run's own `tldr`
+GATES = {"off": (-math.inf, -math.inf), "earlier": (-1.0, 0.5), "grounded": (-1.0, 1.5), "confident": (-0.3, 0.5)}
 
 
 def shipped_share(root: Path, seed: int, gate: str) -> float:
@@ -53,12 +54,12 @@ def shipped_share(root: Path, seed: int, gate: str) -> float:
 
 def evaluate_gate(root: Path, seed: int, gate: str) -> dict:
     """{"validation", "test", "noise"} of the `drop` run's selection shipped with fusion=generated under one gate
-    (arm `tldr_generated`; for the default gate, the drop run's own `tldr`), and the same for `tldr_original`."""
+    (arm `tldr_generated`; for the `earlier` gate, the drop run's own `tldr`), and the same for `tldr_original`."""
     from tldr_tasks.contract import StageIO
     from tldr_tasks.runner import load_stage_module
 
     drop = json.loads((root / "reports.json").read_text())["drop"]
-    if gate == "default":
+    if gate == "earlier":
         return {arm: {**drop["arms"][source], "noise": drop.get("noise_rate", {}).get(source)}
                 for arm, source in (("tldr_generated", "tldr"), ("tldr_original", "tldr_original"))}
     folder = root / f"gate-{gate}"
@@ -76,6 +77,27 @@ def evaluate_gate(root: Path, seed: int, gate: str) -> dict:
     report = json.loads((folder / "evaluate" / "report.json").read_text())
     return {"tldr_generated": {**report["arms"]["tldr_generated"],
                                "noise": report.get("noise_rate", {}).get("tldr_generated")}}
+
+
+def markdown(result: dict) -> str:
+    """The gate table of docs/benchmarks.md."""
+    chosen = result["chosen_on_validation"]
+    crawls = list(result["crawls"])
+    lines = [f"Chosen: `{chosen}` (confidence ≥ {result['gates'][chosen][0]:g}, grounding ≥ "
+             f"{result['gates'][chosen][1]:g}). Test mean R@1 (paired difference with the selection's original "
+             "captions), and the share of kept pairs whose generated caption ships:", "",
+             "| gate (confidence, grounding) | validation (mean of crawls) | " + " | ".join(crawls) + " |",
+             "|---|---|" + "---|" * len(crawls)]
+    for name, (confidence, grounding) in result["gates"].items():
+        cells = []
+        for crawl in crawls:
+            row = result["crawls"][crawl][name]
+            diff = row[f"{name} - tldr_original"]
+            cells.append(f"{row['test']['mean']:.1f} ({diff['mean']:+.1f} ± {diff['ci95']:.1f}), shipped "
+                         f"{100 * row['generated_shipped_share']['mean']:.1f}%")
+        lines.append(f"| {name} ({confidence:g}, {grounding:g}) | {result['validation_mean_r1'][name]:.2f} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {"machine": machine(), "seeds": seeds, "gates": {g: list(v) for g, v in GATES.items()},
               "validation_mean_r1": validation, "chosen_on_validation": chosen, "crawls": {}}
     for crawl in crawls:
-        original = r1(crawl, "default", "test", "tldr_original")
+        original = r1(crawl, "earlier", "test", "tldr_original")
         result["crawls"][crawl] = {
             "tldr_original": summarise(original),
             **{gate: {"test": summarise(r1(crawl, gate, "test")),
@@ -109,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"{gate} - tldr_original": summarise(np.subtract(r1(crawl, gate, "test"), original).tolist())}
                for gate in GATES}}
     (Path(args.results) / "caption_gate.json").write_text(json.dumps(result, indent=1) + "\n")
+    (Path(args.results) / "caption_gate.md").write_text(markdown(result))
     print(json.dumps({"validation_mean_r1": validation, "chosen": chosen}))
 
 
