@@ -17,14 +17,13 @@ Writes `benchmarks/results/caption_gate.json` and `caption_gate.md` (its table i
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 from pathlib import Path
 
 import numpy as np
-from captions import captions_config
+from captions import arguments, captions_config
 
 from tldr_tasks.benchmark import machine, summarise
 
@@ -101,12 +100,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="runs/bench_captions")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--crawls", default="synthetic,synthetic_incomplete,real_emoji")
-    parser.add_argument("--results", default=str(RESULTS))
-    args = parser.parse_args(argv)
+    args = arguments(__doc__.split("\n")[0], argv)
     seeds, crawls = [int(s) for s in args.seeds.split(",")], args.crawls.split(",")
     reports = {crawl: {gate: [{**evaluate_gate(Path(args.out) / crawl / f"seed{seed}", seed, gate),
                                "shipped": shipped_share(Path(args.out) / crawl / f"seed{seed}", seed, gate)}

@@ -195,13 +195,18 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="runs/bench_captions")
+def arguments(description: str, argv: list[str] | None) -> argparse.Namespace:
+    """The options of this benchmark and of the ones that read its runs (caption_gate.py)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", default="runs/bench_captions", help="the runs folder (resumable)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--crawls", default="synthetic,synthetic_incomplete,real_emoji")
     parser.add_argument("--results", default=str(RESULTS), help="where the result files go")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments(__doc__.split("\n")[0], argv)
     out, seeds, crawls = Path(args.out), [int(s) for s in args.seeds.split(",")], args.crawls.split(",")
     per_crawl = {crawl: [run_seed(out, crawl, seed) for seed in seeds] for crawl in crawls}
     validation = {}
