@@ -47,6 +47,12 @@ def trainable_caption(item) -> str | None:
     return text[0]
 
 
+def training_caption(item, folds: int, holdout: int | None) -> str | None:
+    """`trainable_caption`, for the captioner that holds out fold `holdout` of `folds` (None: none)."""
+    caption = trainable_caption(item)
+    return caption if caption is not None and in_training_set(item.key, folds, holdout) else None
+
+
 @dataclass
 class ShardIndex:
     urls: list[str]
@@ -56,8 +62,7 @@ class ShardIndex:
 
     def caption(self, item) -> str | None:
         """The caption of `item` when this captioner trains on it (trainable and not held out), else None."""
-        caption = trainable_caption(item)
-        return caption if caption is not None and in_training_set(item.key, self.folds, self.holdout) else None
+        return training_caption(item, self.folds, self.holdout)
 
     @property
     def total(self) -> int:
@@ -75,12 +80,11 @@ def index_shards(urls: list[str], keep_captions: int, folds: int = 1,
                  holdout: int | None = None) -> tuple[ShardIndex, list[str]]:
     """(trainable samples per shard, the first `keep_captions` trainable captions in input order), leaving
     out the samples of fold `holdout` of `folds` (None: none left out)."""
-    empty = ShardIndex([], [], folds, holdout)
 
     def scan(url: str, keep: int) -> tuple[int, list[str]]:
         count, captions = 0, []
         for item in iter_raw_shard(url):
-            caption = empty.caption(item)
+            caption = training_caption(item, folds, holdout)
             if caption is not None:
                 count += 1
                 if len(captions) < keep:

@@ -91,6 +91,7 @@ def _train_folds(cfg: Config, io: StageIO, stop_after_steps: int | None, started
                                  started, tuple(companions) if fold == 0 else ())
         if version is None:  # stopped by the test hook
             return result
+        started = time.time()  # the next fold's setup_seconds: its own, not the folds' before it
         companions.append(version)
         metrics.update({(f"fold{fold}_{k}" if fold else k): v for k, v in result.metrics.items()})
     return StageResult(metrics=metrics, outputs=[io.captioner_dir])
