@@ -44,7 +44,8 @@ def test_image_tower_knows_imagenet(name, no_network):
     size = towers.TOWERS[name].native_size
     with torch.no_grad():
         photo_top3 = tower.logits(image_to_tensor([photo], size)).topk(3).indices[0].tolist()
-        drawing_top1 = tower.logits(image_to_tensor([_white_background(DATA / "noto-ambulance-1f691.png")], 128)).argmax()
+        drawing = _white_background(DATA / "noto-ambulance-1f691.png")
+        drawing_top1 = tower.logits(image_to_tensor([drawing], 128)).argmax()
     assert MILITARY_UNIFORM in photo_top3  # Grace Hopper in uniform, the classic ImageNet check
     assert drawing_top1.item() == AMBULANCE
     grid = tower(image_to_tensor([photo], 128))
