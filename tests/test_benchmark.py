@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tldr_tasks import benchmark
+from tldr_tasks.stages import evaluate
 
 METRICS = ("mean_r1", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "zero_shot_acc")
 
@@ -17,11 +18,13 @@ def _arm(validation, test, steps=20, samples=100):
             "curve": {"validation": curve, "test": curve}, "steps": steps, "samples": samples}
 
 
-def _report(arms, tta=None):
+def _report(arms):
     names = list(arms)
+    # what evaluate writes: time to accuracy against the full arm of the same evaluation ({} without one)
+    tta = evaluate.time_to_accuracy({n: a["curve"]["test"] for n, a in arms.items() if not n.endswith("_epochs")}, 20)
     return {"arms": arms, "noise_rate": dict.fromkeys(names, 0.1), "distinct_scenes": dict.fromkeys(names, 50),
             "noise_types": {n: {"none": 90, "mislabel": 10} for n in names}, "noise_rate_input": 0.3,
-            "caption_accuracy": 0.8, "time_to_accuracy": tta or dict.fromkeys(names, 0.5), "selection": {"kept": 25}}
+            "caption_accuracy": 0.8, "time_to_accuracy": tta, "selection": {"kept": 25}}
 
 
 def _seed(shift):
@@ -55,11 +58,35 @@ def test_choice_is_made_on_validation_over_the_crawls_and_test_is_reported_with_
     assert semdedup["values"] == [11, 10, 9] and semdedup["ci95"] > 0
     assert result["paired_differences"]["tldr_epochs - random_epochs"]["values"] == [10, 9, 8]
     assert result["steps_per_arm"]["tldr_epochs"] == 5 and result["steps_per_arm"]["tldr"] == 20
-    assert result["time_to_accuracy_per_seed"]["tldr"] == [0.5, 0.5, 0.5]
+    assert result["time_to_accuracy_per_seed"]["tldr"] == [None, None, None]  # 18 + shift < 0.95 * (20 + shift)
     assert result["noise_types"]["tldr"]["mislabel"]["mean"] == 10
     table = benchmark.markdown(result)
     assert "| tldr | compute (20) | 19.0 ± 2.5 |" in table and "| balanced_cluster_pool |" not in table
     assert "tldr - full -2.0 ± 0.0 (≥ -2.0)" in table
+
+
+def _curved(curve, steps=20):
+    arm = _arm(1, curve[-1][1], steps)
+    arm["curve"] = {"validation": curve, "test": curve}
+    return arm
+
+
+def test_time_to_accuracy_is_a_number_for_every_variant_that_reaches_its_seeds_full_score():
+    # only the first variant's evaluation trains full; each seed's full curve sets that seed's target
+    fulls = [[[10, 8.0], [20, 10.0]], [[10, 16.0], [20, 20.0]]]  # targets 0.95 * best: 9.5 and 19
+    seeds = [{"paper_uniform": _report({"full": _curved(full), "random": _curved([[10, 4.0], [20, 6.0]]),
+                                        "tldr": _curved([[10, 5.0], [20, 9.0]])}),
+              "balanced_cluster_pool": _report({"tldr": _curved([[10, 19.0], [20, 19.0]])}),
+              "clip_score": _report({"tldr": _curved([[10, 10.0], [20, 12.0]])})} for full in fulls]
+    seeds[0]["balanced_cluster_pool"]["arms"]["tldr"]["validation"]["mean_r1"] = 5  # the TL;DR row
+    result = benchmark.assemble("synthetic", seeds, [0, 1], benchmark.choose_on_validation({"synthetic": seeds}))
+    tta = result["time_to_accuracy_per_seed"]
+    # interpolated between checkpoints from R@1 0 at step 0, as a share of full's 20 steps
+    assert tta["full"] == [pytest.approx((10 + 10 * 1.5 / 2) / 20), pytest.approx((10 + 10 * 3 / 4) / 20)]
+    assert tta["balanced_cluster_pool"] == [pytest.approx(10 * 9.5 / 19 / 20), pytest.approx(10 / 20)]
+    assert tta["tldr"] == tta["balanced_cluster_pool"]
+    assert tta["clip_score"] == [pytest.approx(10 * 9.5 / 10 / 20), None]  # never reaches 19 on seed 1
+    assert tta["random"] == [None, None] and tta["paper_uniform"] == [None, None]
 
 
 def test_a_baseline_that_wins_validation_becomes_the_default_not_the_tldr_row():

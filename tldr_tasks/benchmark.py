@@ -255,7 +255,11 @@ def metric_names(runs: list[dict]) -> list[str]:
 
 def assemble(crawl: str, per_seed: list[dict], seeds: list[int], chosen: dict, split: str = "test") -> dict:
     """benchmark_<crawl>.json: every arm on `split` (mean and CI over seeds), the TL;DR row as `tldr`,
-    paired differences, learning curves, time to accuracy per seed, noise per type, distinct scenes."""
+    paired differences, learning curves, time to accuracy per seed, noise per type, distinct scenes.
+    Time to accuracy is computed here, per seed, from each arm's stored curve against that seed's full
+    curve: only the first variant's evaluation trains full, so the others' own reports have none."""
+    from tldr_tasks.stages.evaluate import time_to_accuracy
+
     first = next(iter(per_seed[0]))
     sources = arm_runs(per_seed[0], first)
     for suffix in ("", "_epochs"):
@@ -275,8 +279,10 @@ def assemble(crawl: str, per_seed: list[dict], seeds: list[int], chosen: dict, s
             scenes[name] = summarise([r["distinct_scenes"][base_arm] for r in reports])
             kinds = sorted({k for r in reports for k in r["noise_types"][base_arm]})
             noise_types[name] = {k: summarise([r["noise_types"][base_arm].get(k, 0) for r in reports]) for k in kinds}
-        if not name.endswith("_epochs"):
-            tta[name] = [r.get("time_to_accuracy", {}).get(arm) for r in reports]
+        if not name.endswith("_epochs") and "full" in sources:
+            fulls = [seed[sources["full"][0]]["arms"][sources["full"][1]] for seed in per_seed]
+            tta[name] = [time_to_accuracy({"full": f["curve"][split], name: r["curve"][split]}, f["steps"])[name]
+                         for f, r in zip(fulls, runs)]
     return {
         "crawl": crawl, "machine": machine(), "seeds": seeds, "split": split, "chosen_on_validation": chosen,
         "arms": arms, "paired_differences": paired_differences(arms), "learning_curve": curves,
