@@ -11,6 +11,8 @@ captioners (captioner.folds=2, the benchmark's PROFILE otherwise) under each lev
                           scenes apart (head: the most popular scenes making up half the crawl)
     out_of_fold_accuracy  the same on CRAWL_SAMPLES crawl images, each captioned by the captioner that never
                           trained on it, judged against the image's true scene (not its noisy caption)
+    collapsed             the caption stage's collapse check on those out-of-fold captions (entropy_ratio:
+                          their entropy over their originals'; collapsed below caption.min_entropy_ratio)
     train_seconds         wall time of the captioners' training (2 CPU cores, nothing else running)
 Writes `benchmarks/results/captioner_quality.json`.
 """
@@ -28,6 +30,7 @@ import numpy as np
 
 from tldr_tasks.benchmark import PROFILE, machine
 from tldr_tasks.config import _merge, from_dict
+from tldr_tasks.fusion import collapse_check
 
 RESULTS = Path(__file__).parent / "results"
 CRAWL_SAMPLES = 600
@@ -81,8 +84,12 @@ def measure(root: Path, lever: str, overrides: dict, seed: int) -> dict:
     right = judged(generate(io, cfg, pixels(validation, size), "validation")[0], validation)
     in_head = [s.meta["truth"]["scene"] in head for s in validation]
     picked = [crawl[i] for i in np.random.default_rng(seed).choice(len(crawl), CRAWL_SAMPLES, replace=False)]
-    oof = judged(generate(io, cfg, pixels(picked, size), "crawl", [s.key for s in picked])[0], picked)
-    return {"heldout_accuracy": float(np.mean(right)),
+    oof_captions = generate(io, cfg, pixels(picked, size), "crawl", [s.key for s in picked])[0]
+    oof = judged(oof_captions, picked)
+    collapse = collapse_check([s.caption for s in picked], oof_captions, cfg.caption.min_entropy_ratio)
+    return {"collapsed": collapse["collapsed"], "entropy_ratio": collapse["entropy_ratio"],
+            "distinct_generated": collapse["distinct_generated"], "caption_examples": oof_captions[:5],
+            "heldout_accuracy": float(np.mean(right)),
             "heldout_accuracy_head": float(np.mean([r for r, h in zip(right, in_head) if h] or [np.nan])),
             "heldout_accuracy_tail": float(np.mean([r for r, h in zip(right, in_head) if not h] or [np.nan])),
             "out_of_fold_accuracy": float(np.mean(oof)), "train_seconds": round(seconds, 1),

@@ -11,6 +11,9 @@ caption, `rounds` times in turn, so that other work on the machine slows both al
 - model: the same model, batch size and thread settings on the same batches, built in memory
   beforehand, through the stage's own per-batch function: `train_step` (the DeepSpeed step),
   `embed_batch` (feature and caption loss), `caption_batch` (beam search, confidence, grounding).
+- tower-tokens: the frozen pretrained image tower's pass that train-captioner (preset `pretrained`) and embed
+  (feature `tower`) share (`TokenCache.ensure`), against the tower's plain forward on the same batches.
+  `--stages tower-tokens` adds its row to an existing results file and keeps the others.
 
 stage_per_s and model_per_s are the samples of all rounds over their seconds (train-captioner: the
 trained samples, embed: the crawl's, caption: the captioned ones); ratio = stage_per_s / model_per_s;
@@ -138,6 +141,50 @@ def caption_model(cfg, io, device):
     return generate, sum(len(b) for b in batches)
 
 
+def tower_tokens_model(cfg, io, device):
+    """The frozen image tower alone (EfficientNet-Lite0 at 128 px, `embed.TOWER_FEATURE`) on the same batches the
+    token cache computes (TokenCache's batch size), decoded and resized beforehand."""
+    import torch
+
+    from tldr_tasks.data.shards import Sample, iter_shard
+    from tldr_tasks.models.towers import TokenCache, image_tokens, load_image_tower
+    from tldr_tasks.preprocess import image_to_tensor
+    from tldr_tasks.stages.embed import TOWER_FEATURE
+
+    tower, size = load_image_tower(TOWER_FEATURE[0], device), TOWER_FEATURE[1]
+    step = TokenCache(*TOWER_FEATURE, io.embed_dir).batch_size
+    batches = []
+    for url in io.input_shards():
+        images = [s.image for s in iter_shard(url) if isinstance(s, Sample)]
+        batches += [image_to_tensor(images[i:i + step], size).to(device) for i in range(0, len(images), step)]
+
+    @torch.no_grad()
+    def forward() -> float:
+        started = time.time()
+        for pixels in batches:
+            image_tokens(tower(pixels)).to(torch.float16).cpu()
+        return time.time() - started
+
+    return forward, sum(len(b) for b in batches)
+
+
+class TowerTokensStage:
+    """The frozen tower's pass over the crawl as train-captioner and embed run it (`TokenCache.ensure`: read,
+    decode, resize, tower, write one float16 file per shard), standing in for a stage module."""
+
+    @staticmethod
+    def run(cfg, io):
+        from tldr_tasks.contract import StageResult
+        from tldr_tasks.data.shards import Sample, iter_shard
+        from tldr_tasks.models.towers import TokenCache
+        from tldr_tasks.stages.embed import TOWER_FEATURE
+
+        shards = io.input_shards()
+        TokenCache(*TOWER_FEATURE, io.embed_dir).ensure(shards)
+        samples = sum(isinstance(s, Sample) for url in shards for s in iter_shard(url))
+        return StageResult(metrics={"samples": float(samples)}, outputs=[])
+
+
 def explain_training(stage_s: float, model_s: float, m: dict) -> str:
     steps = m["train_seconds"] - m["data_wait_seconds"]
     return (f"per round {stage_s:.1f} s: setup {m['setup_seconds']:.1f} s (index pass, tokenizer, codebook, "
@@ -159,6 +206,7 @@ STAGES = {
                         explain_training),
     "embed": ("embed", lambda cfg, m: m["samples"], embed_model, explain_outside),
     "caption": ("caption", lambda cfg, m: m["captions_written"], caption_model, explain_outside),
+    "tower-tokens": ("embed/towers", lambda cfg, m: m["samples"], tower_tokens_model, explain_outside),
 }
 
 
@@ -167,7 +215,7 @@ def measure(name: str, cfg, io, device: str, rounds: int) -> dict:
     from tldr_tasks.runner import load_stage_module
 
     folder, samples_of, build, explain = STAGES[name]
-    module = load_stage_module(name)
+    module = TowerTokensStage if name == "tower-tokens" else load_stage_module(name)
     done = []
     for r in range(rounds):
         shutil.rmtree(Path(io.out, folder), ignore_errors=True)
@@ -241,23 +289,30 @@ def main(argv=None) -> int:
     overrides = OVERRIDES + [f"cluster.clusters={max(2, args.samples // 50)}"]
     cfg = load_config(None, overrides)
     io = StageIO(input=str(crawl / "train"), out=str(work / "run"))
-    record = {"machine": {**device_info(), "load_average_before": [round(x, 2) for x in os.getloadavg()]},
-              "settings": {"samples": args.samples, "rounds": args.rounds, "overrides": overrides}}
+    machine = {**device_info(), "load_average_before": [round(x, 2) for x in os.getloadavg()]}
+    settings = {"samples": args.samples, "rounds": args.rounds, "overrides": overrides}
+    names = args.stages.split(",")
+    if set(names) < set(STAGES) and Path(args.out).exists():  # a part of the suite: the other stages' rows stay
+        record = json.loads(Path(args.out).read_text())
+        for name in names:
+            record[name] = {"machine": machine, "settings": settings}
+    else:
+        record = {"machine": machine, "settings": settings}
     try:
         if not (crawl / "crawl.json").exists():
             subprocess.run([sys.executable, "-m", "tldr_tasks.cli", "make-crawl", "--out", str(crawl), "--samples",
                             str(args.samples), "--eval-samples", "100"], check=True, stdout=subprocess.DEVNULL)
         warm_imports()
-        for name in args.stages.split(","):
+        for name in names:
             if name == "caption":  # its input: the selection of the stages in between
                 for between in ("cluster", "sample"):
                     shutil.rmtree(Path(io.out, between), ignore_errors=True)
                     load_stage_module(between).run(cfg, io)
-            record[name] = measure(name, cfg, io, device, args.rounds)
+            record[name] = {**record.get(name, {}), **measure(name, cfg, io, device, args.rounds)}
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-    record["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    machine["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     for name in STAGES:

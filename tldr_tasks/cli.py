@@ -26,7 +26,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from tldr_tasks.config import STRATEGIES, ConfigError, load_config, shortcut_overrides
+from tldr_tasks.config import FEATURES, STRATEGIES, ConfigError, load_config, shortcut_overrides
 from tldr_tasks.contract import StageIO
 
 COMMANDS = ("demo", "compress", "run", "make-crawl", "make-real-crawl", "import", "stages", "report", "compare",
@@ -98,7 +98,7 @@ def _common_overrides(args: argparse.Namespace) -> list[str]:
 def _add_shortcuts(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ratio", type=float, help="share of samples to keep, in (0, 1] (default 0.25)")
     parser.add_argument("--clusters", type=int, help="k-means clusters (default 0: round(8 * sqrt(ratio * samples)))")
-    parser.add_argument("--feature", help="clustering feature: quantized_mean, code_histogram, cls, code_index_pca")
+    parser.add_argument("--feature", help="clustering feature: " + ", ".join(FEATURES))
     parser.add_argument("--strategy", help="sampling: " + ", ".join(STRATEGIES))
     parser.add_argument("--fusion", help="caption fusion: mix, generated, concat, original")
     parser.add_argument("--alignment", help="which pairs fill a quota: cluster_pool, global_pool, rank, none")

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-FEATURES = ("quantized_mean", "code_histogram", "cls", "code_index_pca")
+FEATURES = ("quantized_mean", "code_histogram", "cls", "code_index_pca", "tower")
 KMEANS_INITS = ("kmeans++", "afk_mc2")
 STRATEGIES = ("uniform", "balanced", "hard", "near_centroid", "far_centroid", "random", "clip_score", "semdedup")
 ALIGNMENTS = ("cluster_pool", "global_pool", "rank", "none")
@@ -178,12 +178,19 @@ class CaptionerConfig:
         _check(self.batch_size % self.data_streams == 0,
                f"captioner.data_streams={self.data_streams} does not divide captioner.batch_size={self.batch_size} "
                "(use a divisor of the batch size)")
-        preset = load_preset("captioner", self.preset)
         # a pretrained encoder (init_from) brings its own patch size, checked when it is loaded
-        stride = preset["vision"]["patch_size"] * 2 ** len(preset.get("stem_channels", []))
+        stride = image_stride(load_preset("captioner", self.preset))
         _check(bool(self.init_from) or self.image_size % stride == 0,
                f"captioner.image_size={self.image_size} does not fit preset {self.preset!r} (use a multiple of "
                f"{stride}, its patch size in pixels)")
+
+
+def image_stride(preset: dict) -> int:
+    """Pixels per image token of a captioner preset: a pretrained tower's grid cell (EfficientNet: 32), or the
+    ViT's patch times the conv stem's downsampling."""
+    if preset.get("image_tower"):
+        return 32
+    return preset["vision"]["patch_size"] * 2 ** len(preset.get("stem_channels", []))
 
 
 @dataclass

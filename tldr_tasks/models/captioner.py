@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tldr_tasks import storage
+from tldr_tasks.config import image_stride
 from tldr_tasks.config import load_preset as _load_preset
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,31 @@ class Captioner(nn.Module):
     def __init__(self, arch: dict):
         super().__init__()
         self.arch = arch
+        if arch.get("image_tower"):
+            # A frozen pretrained tower (tldr_tasks/models/towers.py) gives the image tokens; it is not a submodule:
+            # its weights ship in their package, never in the captioner's file, and never train.
+            from tldr_tasks.models.towers import TOWERS
+
+            hidden = TOWERS[arch["image_tower"].split(":", 1)[0]].width
+            tokens = (arch["image_size"] // image_stride(arch)) ** 2 + 1  # the grid's cells and their mean
+        else:
+            hidden, tokens = self._build_vit(arch)
+        self.pre_quant = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, arch["code_dim"]))
+        self.codebook = CosineCodebook(arch["codebook_size"], arch["code_dim"], arch["beta"],
+                                       arch.get("entropy_weight", 0.0), arch.get("entropy_temperature", 0.1))
+        text_config = _decoder_config(arch)
+        # Codes carry no position; the decoder gets it back from a learned per-token embedding.
+        self.post_quant = nn.Linear(arch["code_dim"], text_config.hidden_size)
+        self.token_pos = nn.Parameter(torch.zeros(1, tokens, text_config.hidden_size))
+        nn.init.normal_(self.token_pos, std=0.02)
+        self.decoder = _model_class(text_config.model_type, TEXT_MODELS)(text_config)
+        if arch.get("freeze_word_embeddings"):
+            # A pretrained vocabulary's embeddings (tied to the output layer) stay as they are: the crawl's
+            # captions use a few thousand of its 30k words, and the frozen table costs no gradient.
+            self.decoder.get_input_embeddings().weight.requires_grad_(False)
+
+    def _build_vit(self, arch: dict) -> tuple[int, int]:
+        """The ViT encoder (and its optional conv stem) trained with the captioner; returns (hidden size, tokens)."""
         vision = arch["vision"]
         # Optional convolutional stem (Xiao et al. 2021, "Early convolutions help transformers see
         # better"): stride-2 3x3 convs replace the patchify step and the ViT reads their feature map
@@ -145,26 +171,34 @@ class Captioner(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self._renormalise = (mean, std) != ([0.5] * 3, [0.5] * 3)
-        self.pre_quant = nn.Sequential(nn.LayerNorm(vision_config.hidden_size),
-                                       nn.Linear(vision_config.hidden_size, arch["code_dim"]))
-        self.codebook = CosineCodebook(arch["codebook_size"], arch["code_dim"], arch["beta"],
-                                       arch.get("entropy_weight", 0.0), arch.get("entropy_temperature", 0.1))
-        text_config = _decoder_config(arch)
-        # Codes carry no position; the decoder gets it back from a learned per-token embedding.
-        self.post_quant = nn.Linear(arch["code_dim"], text_config.hidden_size)
-        self.token_pos = nn.Parameter(torch.zeros(1, tokens, text_config.hidden_size))
-        nn.init.normal_(self.token_pos, std=0.02)
-        self.decoder = _model_class(text_config.model_type, TEXT_MODELS)(text_config)
+        return vision_config.hidden_size, tokens
 
     @property
     def image_size(self) -> int:
         return self.arch["image_size"]
 
-    def encode(self, pixels: torch.Tensor) -> EncoderOutput:
-        if self._renormalise:
-            pixels = (pixels * 0.5 + 0.5 - self.pixel_mean.to(pixels.dtype)) / self.pixel_std.to(pixels.dtype)
-        hidden = self.encoder(pixel_values=self.stem(pixels),
-                              interpolate_pos_encoding=self._interpolate).last_hidden_state
+    def frozen_tokens(self, pixels: torch.Tensor) -> torch.Tensor | None:
+        """The frozen image tower's tokens [B, T, C] of `pixels` ([-1, 1]); None when the encoder trains with the
+        captioner (a ViT). They are the same for every fold's captioner, so callers compute them once."""
+        if not self.arch.get("image_tower"):
+            return None
+        from tldr_tasks.models import towers
+
+        with torch.no_grad():
+            tower = towers.load_image_tower(self.arch["image_tower"], pixels.device)
+            return towers.image_tokens(tower(pixels.float())).to(pixels.dtype)
+
+    def encode(self, pixels: torch.Tensor | None, tokens: torch.Tensor | None = None) -> EncoderOutput:
+        """Quantised tokens of the images `pixels` ([-1, 1]), or of their `frozen_tokens` when given."""
+        if tokens is not None:
+            hidden = tokens
+        elif self.arch.get("image_tower"):
+            hidden = self.frozen_tokens(pixels)
+        else:
+            if self._renormalise:
+                pixels = (pixels * 0.5 + 0.5 - self.pixel_mean.to(pixels.dtype)) / self.pixel_std.to(pixels.dtype)
+            hidden = self.encoder(pixel_values=self.stem(pixels),
+                                  interpolate_pos_encoding=self._interpolate).last_hidden_state
         z = self.pre_quant(hidden)
         quantized, codes, vq_loss = self.codebook(z)
         return EncoderOutput(quantized=quantized, codes=codes, cls=F.normalize(z[:, 0], dim=-1),
@@ -173,15 +207,16 @@ class Captioner(nn.Module):
     def _memory(self, quantized: torch.Tensor) -> torch.Tensor:
         return self.post_quant(quantized) + self.token_pos[:, : quantized.shape[1]]
 
-    def losses(self, pixels, input_ids, attention_mask, lm_tokens=None) -> dict[str, torch.Tensor]:
+    def losses(self, pixels, input_ids, attention_mask, lm_tokens=None, tokens=None) -> dict[str, torch.Tensor]:
         """{'loss', 'lm_loss', 'vq_loss'} (scalars) and 'codes' [B, T].
 
         Args:
             lm_tokens: what the summed caption token loss is divided by; default this batch's
                 predicted tokens. Data-parallel ranks pass the global batch's count / ranks, so
                 that the average of their gradients is the gradient of the global batch's mean.
+            tokens: the images' `frozen_tokens` when they are cached (pixels are then not read).
         """
-        enc = self.encode(pixels)
+        enc = self.encode(pixels, tokens)
         logits = self.decoder(input_ids=input_ids, attention_mask=attention_mask,
                               encoder_hidden_states=self._memory(enc.quantized)).logits
         mask = attention_mask[:, 1:].flatten().float()
@@ -189,16 +224,16 @@ class Captioner(nn.Module):
         lm_loss = (token_loss * mask).sum() / (mask.sum() if lm_tokens is None else lm_tokens)
         return {"loss": lm_loss + enc.vq_loss, "lm_loss": lm_loss, "vq_loss": enc.vq_loss, "codes": enc.codes}
 
-    def forward(self, pixels, input_ids, attention_mask, lm_tokens=None) -> torch.Tensor:
+    def forward(self, pixels, input_ids, attention_mask, lm_tokens=None, tokens=None) -> torch.Tensor:
         """Training loss: caption LM loss + VQ loss (scalar). The parts of the last call stay in
         `self.last_losses` (detached) for logging, since a DeepSpeed engine returns only the loss."""
-        losses = self.losses(pixels, input_ids, attention_mask, lm_tokens)
+        losses = self.losses(pixels, input_ids, attention_mask, lm_tokens, tokens)
         self.last_losses = {"lm_loss": losses["lm_loss"].detach(), "vq_loss": losses["vq_loss"].detach()}
         return losses["loss"]
 
-    def per_sample_loss(self, pixels, input_ids, attention_mask) -> torch.Tensor:
+    def per_sample_loss(self, pixels, input_ids, attention_mask, tokens=None) -> torch.Tensor:
         """Mean caption token loss of every sample, float [B] (the "hard samples" score)."""
-        return self.caption_loss(self.encode(pixels).quantized, input_ids, attention_mask)
+        return self.caption_loss(self.encode(pixels, tokens).quantized, input_ids, attention_mask)
 
     def caption_loss(self, quantized, input_ids, attention_mask) -> torch.Tensor:
         """`per_sample_loss` from the images' quantised tokens (`encode(pixels).quantized`), for callers
@@ -258,10 +293,10 @@ def build_captioner(cfg, tokenizer, keyword_captions: list[str] | None = None) -
             cfg.codebook_init == "keywords"; None or empty falls back to a random codebook.
     """
     preset = load_preset(cfg.preset)
-    folders = pretrained_folders(cfg.init_from)
+    folders = start_folders(cfg)
     arch = {
         "format": FORMAT, "preset": cfg.preset, "image_size": cfg.image_size,
-        "vision": preset["vision"], "text": preset["text"], "code_dim": preset["code_dim"],
+        "vision": preset.get("vision", {}), "text": preset.get("text", {}), "code_dim": preset["code_dim"],
         "stem_channels": preset.get("stem_channels", []), "entropy_weight": preset.get("entropy_weight", 0.0),
         "entropy_temperature": preset.get("entropy_temperature", 0.1),
         "codebook_size": cfg.codebook_size, "beta": cfg.beta, "max_tokens": cfg.max_tokens,
@@ -269,20 +304,27 @@ def build_captioner(cfg, tokenizer, keyword_captions: list[str] | None = None) -
         "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
         "special_tokens": {name: getattr(tokenizer, name) for name in OUR_SPECIAL_TOKENS},
+        "freeze_word_embeddings": preset.get("freeze_word_embeddings", False),
     }
-    patch = preset["vision"]["patch_size"]
+    if preset.get("image_tower"):
+        if "vision" in folders:
+            raise ValueError(f"captioner.preset={cfg.preset} reads images with its pretrained tower "
+                             f"{preset['image_tower']}; captioner.init_from cannot also name a vision encoder")
+        arch["image_tower"] = preset["image_tower"]
+    stride = image_stride(preset)
     if "vision" in folders:
         config = _pretrained_config(folders["vision"])
         arch.update(vision_config=config.to_dict(), stem_channels=[], **_pixel_stats(folders["vision"]))
-        patch = config.patch_size
+        stride = config.patch_size
     if "text" in folders:
         config = _pretrained_config(folders["text"])
         positions = getattr(config, "n_positions", None) or config.max_position_embeddings
         if positions < cfg.max_tokens + 2:
-            raise ValueError(f"the decoder at {cfg.init_from} holds {positions} positions, fewer than "
+            raise ValueError(f"the decoder at {folders['text']} holds {positions} positions, fewer than "
                              f"captioner.max_tokens + 2 = {cfg.max_tokens + 2}")
+        if preset.get("decoder_layers"):  # the first layers of a deeper text model (a cheaper decoder)
+            config.num_hidden_layers = preset["decoder_layers"]
         arch.update(text_config=config.to_dict(), vocab_size=config.vocab_size, n_positions=positions)
-    stride = patch * 2 ** len(arch["stem_channels"])
     if cfg.image_size % stride:
         raise ValueError(f"captioner.image_size={cfg.image_size} must be a multiple of {stride}, the "
                          f"encoder's patch size in pixels")
@@ -364,6 +406,18 @@ def pretrained_folders(urls: list[str]) -> dict[str, str]:
         if role in folders:
             raise ValueError(f"captioner.init_from names two {role} models: {folders[role]} and {url}")
         folders[role] = local
+    return folders
+
+
+def start_folders(cfg) -> dict[str, str]:
+    """`pretrained_folders(cfg.init_from)`, plus the decoder the preset starts from (its `text_tower`, see
+    tldr_tasks/models/towers.py) when init_from names none: the folder whose tokenizer the captioner uses."""
+    folders = pretrained_folders(cfg.init_from)
+    text_tower = load_preset(cfg.preset).get("text_tower")
+    if text_tower and "text" not in folders:
+        from tldr_tasks.models.towers import text_folder
+
+        folders["text"] = text_folder(text_tower)
     return folders
 
 

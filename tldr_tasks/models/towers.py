@@ -176,3 +176,123 @@ class TextTower(nn.Module):
 def load_text_tower(spec: str = "minilm-l6", device: str = "cpu") -> TextTower:
     """The text tower `spec` (a name of TEXT_TOWERS, a Hugging Face folder or `hf:<hub id>`) on `device`."""
     return TextTower(text_folder(spec)).to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen image tokens, computed once per shard
+
+def image_tokens(grid: torch.Tensor) -> torch.Tensor:
+    """A tower's grid [B, C, h, w] -> tokens [B, 1 + h*w, C]: the grid's mean first (the image's feature,
+    a CLS stand-in), then the cells in raster order."""
+    cells = grid.flatten(2).transpose(1, 2)
+    return torch.cat([cells.mean(dim=1, keepdim=True), cells], dim=1)
+
+
+class TokenCache:
+    """The frozen image tower's tokens of every readable sample of a shard, in one float16 .npy per shard,
+    content-addressed (`{root}/{tower}-{size}px/{stem}-{md5}.npy`, keys beside it): cross-fitted folds,
+    epochs, the embed stage and reruns read them instead of running the tower again. Files are written
+    atomically, keys first and tokens last (the tokens file marks the shard done); they are memory-mapped
+    when read, so memory does not grow with the crawl.
+
+        cache = TokenCache("efficientnet-lite0", 128, "runs/r1/embed")
+        cache.ensure(shard_urls)                       # computes what is missing, with a progress bar
+        tokens = cache.lookup(["00000/0000003", ...])  # float32 [B, T, 1280], by "shard stem/key"
+    """
+
+    def __init__(self, tower: str, image_size: int, root: str, device: str = "cpu", batch_size: int = 128):
+        from tldr_tasks import storage
+
+        check_image_tower(tower, "image tower")
+        self.tower, self.image_size, self.device, self.batch_size = tower, image_size, device, batch_size
+        safe = tower.replace(":", "_").replace("/", "_")
+        self.folder = storage.join(root, "towers", f"{safe}-{image_size}px")
+        self._parts: dict[str, tuple[dict[str, int], object]] = {}  # stem -> (row of key, mmap)
+
+    def _paths(self, shard_url: str) -> tuple[str, str]:
+        from tldr_tasks import content, storage
+
+        name = content.shard_id(shard_url)
+        return storage.join(self.folder, name + ".keys.json"), storage.join(self.folder, name + ".npy")
+
+    def ensure(self, shard_urls: list[str]) -> None:
+        """Compute the tokens of every shard that has none yet."""
+        from tqdm import tqdm
+
+        from tldr_tasks import storage
+
+        todo = [u for u in shard_urls if not storage.exists(self._paths(u)[1])]
+        for url in tqdm(todo, desc=f"{self.tower} tokens", unit="shard", disable=not todo):
+            self._compute(url)
+
+    @torch.no_grad()
+    def _compute(self, shard_url: str) -> None:
+        import io
+        import json
+
+        import numpy as np
+
+        from tldr_tasks import storage
+        from tldr_tasks.data.shards import Sample, iter_shard
+        from tldr_tasks.preprocess import image_to_tensor
+
+        tower = load_image_tower(self.tower, self.device)
+        keys, rows, batch = [], [], []
+
+        def flush():
+            pixels = image_to_tensor([s.image for s in batch], self.image_size).to(self.device)
+            rows.append(image_tokens(tower(pixels)).to(torch.float16).cpu().numpy())
+            keys.extend(s.key for s in batch)
+            batch.clear()
+
+        for item in iter_shard(shard_url):
+            if isinstance(item, Sample):
+                batch.append(item)
+                if len(batch) == self.batch_size:
+                    flush()
+        if batch:
+            flush()
+        tokens = np.concatenate(rows) if rows else np.zeros((0, 0, 0), np.float16)
+        keys_url, tokens_url = self._paths(shard_url)
+        buffer = io.BytesIO()
+        np.save(buffer, tokens, allow_pickle=False)
+        storage.write_text_atomic(keys_url, json.dumps(keys))
+        storage.write_bytes_atomic(tokens_url, buffer.getvalue())
+
+    def part(self, shard_url: str) -> tuple[dict[str, int], object]:
+        """({key: row}, tokens [n, T, C] float16, memory-mapped) of one shard, computed when missing."""
+        import io
+        import json
+
+        import numpy as np
+
+        from tldr_tasks import storage
+
+        stem = storage.shard_stem(shard_url)
+        if stem not in self._parts:
+            self.ensure([shard_url])
+            keys_url, tokens_url = self._paths(shard_url)
+            fs, path = storage.filesystem(tokens_url)
+            tokens = (np.load(path, mmap_mode="r") if storage.is_local(fs)
+                      else np.load(io.BytesIO(storage.read_bytes(tokens_url)), allow_pickle=False))
+            rows = {k: i for i, k in enumerate(json.loads(storage.read_text(keys_url)))}
+            self._parts[stem] = (rows, tokens)
+        return self._parts[stem]
+
+    def register(self, shard_urls: list[str]) -> None:
+        """Make `lookup` know these shards (computing what is missing)."""
+        self.ensure(shard_urls)
+        for url in shard_urls:
+            self.part(url)
+
+    def lookup(self, keys: list[str]) -> torch.Tensor:
+        """Tokens [B, T, C] (float32) of "stem/key" names of registered shards, in order."""
+        import numpy as np
+
+        rows = []
+        for name in keys:
+            stem, key = name.split("/", 1)
+            index, tokens = self._parts[stem]
+            rows.append(np.asarray(tokens[index[key]], dtype=np.float32))
+        return torch.from_numpy(np.stack(rows))
+

@@ -16,6 +16,12 @@ Features (`embed.feature`):
     cls              encoder CLS token before quantisation          float16 [N, D]
     code_index_pca   the released code: raw code index per token    int16/int32 [N, T]
                      (`cluster` PCA-whitens it, it needs all data)
+    tower            the pretrained image tower's pooled feature    float16 [N, 1280]
+                     (ImageNet EfficientNet-Lite, as SemDeDup uses pretrained image embeddings: the captioner's
+                     own tower when it has one, else TOWER_FEATURE; tldr_tasks/models/towers.py)
+
+A captioner with a frozen image tower, and the `tower` feature, read the tower's tokens from their per-shard
+cache (`{embed_dir}/towers/`, written by train-captioner or here): the tower runs once per image.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from tldr_tasks import content, storage
 from tldr_tasks.config import Config
 from tldr_tasks.contract import StageIO, StageResult, my_parts
 from tldr_tasks.data.shards import Rejected, Sample, iter_shard
+
+TOWER_FEATURE = ("efficientnet-lite0", 128)  # (tower, pixels) of the `tower` feature when the captioner has none
 
 
 @dataclass
@@ -148,16 +156,20 @@ def _batches(samples: Iterator[Sample | Rejected], size: int, rejects: list[Reje
         yield batch
 
 
-def compute_features(encoded, feature: str, codebook_size: int):
+def compute_features(encoded, feature: str, codebook_size: int, tokens=None):
     """The clustering feature of a batch of images (a torch tensor [B, ...], not yet numpy).
 
     Args:
         encoded: `model.encode(pixels)` of the captioner: quantized [B,T,D], codes [B,T], cls [B,D].
         feature: one of config.FEATURES.
         codebook_size: number of codes (the histogram's length).
+        tokens: the pretrained image tower's tokens [B, T, C] (towers.image_tokens; token 0 is the grid's mean),
+            needed by the `tower` feature.
     """
     import torch
 
+    if feature == "tower":
+        return tokens[:, 0].float()
     if feature == "quantized_mean":
         return encoded.quantized.float().mean(dim=1)
     if feature == "cls":
@@ -178,28 +190,50 @@ def _to_storage_dtype(array: np.ndarray, feature: str, codebook_size: int) -> np
     return array.astype(np.float16)
 
 
-def embed_batch(model, pixels, with_caption: list[int], ids, mask, feature: str) -> tuple[np.ndarray, np.ndarray]:
+def embed_batch(model, pixels, with_caption: list[int], ids, mask, feature: str,
+                tokens=None, feature_tokens=None) -> tuple[np.ndarray, np.ndarray]:
     """(features in their storage dtype, per-sample caption loss, NaN for samples without a caption) of
     one batch; the encoder runs once for both.
 
     Args:
         pixels: FloatTensor [B, 3, S, S] from `image_to_tensor`.
         with_caption: the rows that have a caption; `ids` and `mask` are theirs (`tokenize_captions`).
+        tokens: the captioner's frozen tower tokens of the batch, when it has a tower (else None).
+        feature_tokens: the tower tokens the `tower` feature pools.
     """
     codebook_size = model.arch["codebook_size"]
-    encoded = model.encode(pixels)
-    features = _to_storage_dtype(compute_features(encoded, feature, codebook_size).cpu().numpy(), feature,
-                                 codebook_size)
+    encoded = model.encode(pixels, tokens)
+    features = _to_storage_dtype(compute_features(encoded, feature, codebook_size, feature_tokens).cpu().numpy(),
+                                 feature, codebook_size)
     loss = np.full(len(pixels), np.nan, dtype=np.float32)
     if with_caption:
         loss[with_caption] = model.caption_loss(encoded.quantized[with_caption], ids, mask).float().cpu().numpy()
     return features, loss
 
 
-def embed_shard(captioners: list, cfg: Config, shard_url: str, device: str, version: str) -> EmbedPart:
+def token_caches(model, cfg: Config, io: StageIO, device: str) -> tuple:
+    """(the captioner's tower token cache or None, the `tower` feature's or None): one object when they agree."""
+    from tldr_tasks.models.towers import TokenCache
+
+    own = (model.arch["image_tower"], model.arch["image_size"]) if model.arch.get("image_tower") else None
+    captioner_cache = TokenCache(*own, io.embed_dir, device) if own else None
+    if cfg.embed.feature != "tower":
+        return captioner_cache, None
+    if captioner_cache is not None:
+        return captioner_cache, captioner_cache
+    return None, TokenCache(*TOWER_FEATURE, io.embed_dir, device)
+
+
+def _tokens(cache, stem: str, batch: list[Sample], device: str):
+    return None if cache is None else cache.lookup([f"{stem}/{s.key}" for s in batch]).to(device)
+
+
+def embed_shard(captioners: list, cfg: Config, shard_url: str, device: str, version: str,
+                caches: tuple = (None, None)) -> EmbedPart:
     """Embed every sample of one shard (the pure core of the stage). `captioners`: [(model, tokenizer)] of
     every cross-fitting fold (`load_fold_captioners`): fold 0's gives every sample its feature (one codebook
-    space), and each sample's caption loss comes from its own fold's captioner, which never trained on it."""
+    space), and each sample's caption loss comes from its own fold's captioner, which never trained on it.
+    `caches`: `token_caches(...)`, the frozen tower tokens of the captioners and of the `tower` feature."""
     import torch
     from tqdm import tqdm
 
@@ -215,6 +249,8 @@ def embed_shard(captioners: list, cfg: Config, shard_url: str, device: str, vers
     features: list[np.ndarray] = []
     losses: list[np.ndarray] = []
     stem = storage.shard_stem(shard_url)
+    for cache in {id(c): c for c in caches if c is not None}.values():
+        cache.register([shard_url])
     with torch.inference_mode():
         for batch in tqdm(_batches(iter_shard(shard_url), cfg.embed.batch_size, rejects),
                           desc=f"embed {stem}", unit="batch", leave=False):
@@ -225,20 +261,22 @@ def embed_shard(captioners: list, cfg: Config, shard_url: str, device: str, vers
             if with_caption:
                 ids, mask = tokenize_captions(tokenizer, [batch[i].caption for i in with_caption], max_tokens)
                 ids, mask = ids.to(device), mask.to(device)
-            feats, loss = embed_batch(model, pixels, with_caption, ids, mask, feature)
+            tokens, feature_tokens = (_tokens(cache, stem, batch, device) for cache in caches)
+            feats, loss = embed_batch(model, pixels, with_caption, ids, mask, feature, tokens, feature_tokens)
             for fold, (fold_model, fold_tokenizer) in enumerate(captioners[1:], start=1):
                 rows = [i for i, f in enumerate(folds) if f == fold]
                 if rows:
                     ids, mask = tokenize_captions(fold_tokenizer, [batch[i].caption for i in rows], max_tokens)
-                    loss[rows] = fold_model.per_sample_loss(pixels[rows], ids.to(device),
-                                                            mask.to(device)).float().cpu().numpy()
+                    loss[rows] = fold_model.per_sample_loss(
+                        pixels[rows], ids.to(device), mask.to(device),
+                        None if tokens is None else tokens[rows]).float().cpu().numpy()
             features.append(feats)
             losses.append(loss)
             keys += [s.key for s in batch]
     if features:
         matrix = np.concatenate(features)
     else:  # a shard with nothing readable still gets a part, so it counts as done
-        width = 0 if feature == "code_index_pca" else (codebook_size if feature == "code_histogram" else 0)
+        width = codebook_size if feature == "code_histogram" else 0
         matrix = _to_storage_dtype(np.zeros((0, width)), feature, codebook_size)
     # No timings in the part: it is a pure function of (shard, captioner, feature).
     meta = {"shard": stem, "feature": feature, "captioner_version": version, "samples": len(keys),
@@ -281,9 +319,10 @@ def run(cfg: Config, io: StageIO, shard_index: int = 0, num_shards: int = 1) -> 
         return StageResult(metrics=metrics, outputs=outputs, skipped=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     captioners = load_fold_captioners(io.captioner_dir, device=device)
+    caches = token_caches(captioners[0][0], cfg, io, device)
     started = time.time()
     for shard_url in todo:
-        part = embed_shard(captioners, cfg, shard_url, device, version)
+        part = embed_shard(captioners, cfg, shard_url, device, version, caches)
         save_part(part_url(directory, shard_url), part)
         metrics["samples"] += part.meta["samples"]
         metrics["rejected"] += part.meta["rejected"]

@@ -88,7 +88,7 @@ def _train_folds(cfg: Config, io: StageIO, stop_after_steps: int | None, started
             companions.append(cap.captioner_version(url))
             continue
         result, version = _train(cfg, io.input_shards(), url, fold if folds > 1 else None, stop_after_steps,
-                                 started, tuple(companions) if fold == 0 else ())
+                                 started, tuple(companions) if fold == 0 else (), io.embed_dir)
         if version is None:  # stopped by the test hook
             return result
         started = time.time()  # the next fold's setup_seconds: its own, not the folds' before it
@@ -98,9 +98,11 @@ def _train_folds(cfg: Config, io: StageIO, stop_after_steps: int | None, started
 
 
 def _train(cfg: Config, urls: list[str], url: str, holdout: int | None, stop_after_steps: int | None,
-           started: float, companions: tuple[str, ...]) -> tuple[StageResult, str | None]:
+           started: float, companions: tuple[str, ...], embed_dir: str) -> tuple[StageResult, str | None]:
     """Train one captioner on the crawl `urls` without the samples of fold `holdout` (None: on all) and export
-    it to `url`; returns its result and version (None when stopped by `stop_after_steps`)."""
+    it to `url`; returns its result and version (None when stopped by `stop_after_steps`). A captioner that
+    reads images with a frozen pretrained tower reads the tower's tokens from their cache under `embed_dir`
+    (computed once for every fold and epoch, and for the embed stage)."""
     import deepspeed
     import torch
 
@@ -123,7 +125,7 @@ def _train(cfg: Config, urls: list[str], url: str, holdout: int | None, stop_aft
         held_out = f" outside cross-fitting fold {holdout}" if holdout is not None else ""
         raise ValueError(f"only {index.total} captioned training samples{held_out} in {len(urls)} input shard(s); "
                          f"need at least captioner.batch_size={c.batch_size}")
-    folders = cap.pretrained_folders(c.init_from)
+    folders = cap.start_folders(c)
     tokenizer = (cap.pretrained_tokenizer(folders["text"]) if "text" in folders
                  else _shared_tokenizer(captions, c.vocab_size, ckpt_dir, rank))
 
@@ -131,6 +133,7 @@ def _train(cfg: Config, urls: list[str], url: str, holdout: int | None, stop_aft
     model = cap.build_captioner(c, tokenizer, captions if c.codebook_init == "keywords" else None)
     del captions  # only rank 0 of a fresh run holds them, and only the first TOKENIZER_CAPTIONS
     model.codebook.sync_ranks = world > 1
+    token_cache = _token_cache(model, urls, embed_dir, rank, world)
     steps_per_epoch = index.total // c.batch_size  # the ragged tail of each epoch is dropped
     total_steps = steps_per_epoch * c.epochs
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
@@ -169,6 +172,8 @@ def _train(cfg: Config, urls: list[str], url: str, holdout: int | None, stop_aft
             if batch is None:
                 break
             index_in_epoch = batch["step"]
+            if token_cache is not None:
+                batch["tokens"] = token_cache.lookup(batch["keys"]).to(device)
             loss = train_step(engine, batch, dtype, autocast, world)
             step += 1
             trained_samples += c.batch_size
@@ -218,9 +223,28 @@ def _train(cfg: Config, urls: list[str], url: str, holdout: int | None, stop_aft
     return StageResult(metrics=metrics, outputs=[url]), version
 
 
+def _token_cache(model, urls: list[str], embed_dir: str, rank: int, world: int):
+    """The frozen tower's token cache of the crawl, complete (rank 0 computes what is missing), or None when the
+    captioner's encoder trains (a ViT)."""
+    import torch
+
+    from tldr_tasks.models.towers import TokenCache
+
+    if not model.arch.get("image_tower"):
+        return None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cache = TokenCache(model.arch["image_tower"], model.arch["image_size"], embed_dir, device)
+    if rank == 0:
+        cache.ensure(urls)
+    if world > 1:
+        torch.distributed.barrier()
+    cache.register(urls)
+    return cache
+
+
 def train_step(engine, batch: dict, dtype, autocast, world: int):
-    """One optimizer step on one rank's part of a global batch (from `stream.batches`); returns the
-    loss, still on the device."""
+    """One optimizer step on one rank's part of a global batch (from `stream.batches`, with the frozen tower's
+    `tokens` when the captioner has one); returns the loss, still on the device."""
     import torch
 
     from tldr_tasks.preprocess import normalize_uint8
@@ -231,8 +255,9 @@ def train_step(engine, batch: dict, dtype, autocast, world: int):
     if world > 1:  # the global batch's predicted tokens, as a per-rank average (see Captioner.losses)
         torch.distributed.all_reduce(lm_tokens)
         lm_tokens = lm_tokens / world
+    tokens = batch.get("tokens")
     with autocast:
-        loss = engine(pixels, batch["input_ids"], mask, lm_tokens)
+        loss = engine(pixels, batch["input_ids"], mask, lm_tokens, None if tokens is None else tokens.to(dtype))
     engine.backward(loss)
     engine.step()
     return loss

@@ -1,0 +1,83 @@
+"""Pretrained start against from scratch, same budget: does a captioner that starts from ImageNet and BERT
+describe what it did not memorise? (issue 24)
+
+    .venv/bin/python benchmarks/captioner_pretrained.py [--seeds 0,1,2] [--crawls synthetic,real_emoji]
+
+For every crawl and seed the benchmark's crawl (tldr_tasks.benchmark.make_benchmark_crawl) trains two
+cross-fitted captioners (captioner.folds=2, the benchmark's PROFILE: 4 epochs, batch 32) per arm:
+    scratch     the `tiny` preset: conv stem + ViT, GPT-2 decoder, both from random init (64 px)
+    pretrained  the `pretrained` preset: frozen EfficientNet-Lite0 grid (128 px, cached once) -> codebook ->
+                the first 3 layers of MiniLM-L6 as a BERT decoder with new cross-attention
+and measures them as benchmarks/captioner_quality.py does (held-out accuracy head/tail, out-of-fold accuracy,
+the collapse check). One file per (crawl, seed, arm) under `--out`, skipped when present (resumable);
+the summary, mean and per seed, goes to `benchmarks/results/captioner_pretrained.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tldr_tasks.benchmark import PROFILE, machine, make_benchmark_crawl, summarise
+from tldr_tasks.config import _merge, from_dict
+
+RESULTS = Path(__file__).parent / "results"
+ARMS = {
+    "scratch": {},
+    "pretrained": {"captioner": {"preset": "pretrained", "image_size": 128}},
+}
+METRICS = ("heldout_accuracy", "heldout_accuracy_head", "heldout_accuracy_tail", "out_of_fold_accuracy",
+           "entropy_ratio", "train_seconds")
+
+
+def run_one(out: Path, crawl: str, seed: int, arm: str) -> dict:
+    from captioner_quality import measure
+
+    path = out / "results" / f"{crawl}-seed{seed}-{arm}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    root = out / crawl / f"seed{seed}"
+    make_benchmark_crawl(root, crawl, from_dict(_merge(PROFILE, {"seed": seed})).validate(), seed)
+    result = {"crawl": crawl, "seed": seed, "arm": arm, **measure(root, arm, ARMS[arm], seed)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def summary(runs: list[dict]) -> dict:
+    table: dict = {}
+    for crawl in sorted({r["crawl"] for r in runs}):
+        for arm in ARMS:
+            mine = [r for r in runs if r["crawl"] == crawl and r["arm"] == arm]
+            if not mine:
+                continue
+            row = {m: summarise([r[m] for r in mine]) for m in METRICS}
+            row["collapsed_seeds"] = sum(bool(r["collapsed"]) for r in mine)
+            row["seeds"] = [r["seed"] for r in mine]
+            table.setdefault(crawl, {})[arm] = row
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--crawls", default="synthetic,real_emoji")
+    parser.add_argument("--out", default="runs/captioner_pretrained")
+    parser.add_argument("--results", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    runs = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for crawl in args.crawls.split(","):
+            for arm in ARMS:
+                runs.append(run_one(Path(args.out), crawl, seed, arm))
+                print(json.dumps({k: runs[-1][k] for k in ("crawl", "seed", "arm", *METRICS, "collapsed")}),
+                      flush=True)
+                result = {"machine": machine(), "arms": ARMS, "profile": PROFILE, "summary": summary(runs),
+                          "runs": runs}
+                (Path(args.results) / "captioner_pretrained.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(summary(runs), indent=1))
+
+
+if __name__ == "__main__":
+    main()
