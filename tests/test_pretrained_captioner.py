@@ -118,3 +118,13 @@ def test_training_reads_cached_tokens_and_embed_reuses_them(tiny_crawl, tmp_path
     np.testing.assert_allclose(part.features[:4].astype(np.float32), pooled.numpy(), atol=0.02, rtol=0.01)
     captioned = np.array([bool(samples[k].caption.strip()) for k in part.keys])
     assert np.isnan(part.loss[~captioned]).all() and np.isfinite(part.loss[captioned]).all()
+
+
+def test_a_users_weights_file_gets_a_cache_of_its_own(tmp_path):
+    weights = tmp_path / "lite0.pth"
+    weights.write_bytes(towers.image_weights("efficientnet-lite0").read_bytes())
+    first = towers.TokenCache(f"efficientnet-lite0:{weights}", 128, str(tmp_path)).folder
+    weights.write_bytes(weights.read_bytes() + b"\0")  # other weights at the same path
+    second = towers.TokenCache(f"efficientnet-lite0:{weights}", 128, str(tmp_path)).folder
+    packaged = towers.TokenCache("efficientnet-lite0", 128, str(tmp_path)).folder
+    assert len({first, second, packaged}) == 3

@@ -205,8 +205,12 @@ class TokenCache:
 
         check_image_tower(tower, "image tower")
         self.tower, self.image_size, self.device, self.batch_size = tower, image_size, device, batch_size
-        safe = tower.replace(":", "_").replace("/", "_")
-        self.folder = storage.join(root, "towers", f"{safe}-{image_size}px")
+        name, _, weights = tower.partition(":")
+        if weights:  # a user's weights file: named by its content, so other weights at that path get their own
+            from tldr_tasks.content import file_md5
+
+            name = f"{name}-{file_md5(weights)[:12]}"
+        self.folder = storage.join(root, "towers", f"{name}-{image_size}px")
         self._parts: dict[str, tuple[dict[str, int], object]] = {}  # stem -> (row of key, mmap)
 
     def _paths(self, shard_url: str) -> tuple[str, str]:
