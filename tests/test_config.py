@@ -35,7 +35,7 @@ def test_overrides_are_typed():
     ("cluster.clusters=[1", "the value is not valid YAML"),
     ("embed.batch_size=0", r"embed.batch_size=0 is out of range \(use a value >= 1\)"),
     ("evaluate.lr=nan", "evaluate.lr=nan is out of range"),
-    ("captioner.preset=huge", r"captioner.preset='huge' is not known \(use one of base, tiny\)"),
+    ("captioner.preset=huge", r"captioner.preset='huge' is not known \(use one of base, pretrained, tiny\)"),
     ("captioner.image_size=33", r"captioner.image_size=33 does not fit preset 'tiny' \(use a multiple of 16"),
     ("evaluate.preset=huge", r"evaluate.preset='huge' is not known \(use one of base, micro, small, tiny\)"),
     ("evaluate.arms=full,tldr_fancy", "unknown arm 'tldr_fancy'"),

@@ -70,7 +70,8 @@ def test_features_have_right_shape_and_dtype(crawl, feature):
     part = embed.load_part(result.outputs[1])
     assert part.keys.tolist() == ["0006", "0007", "0009", "0010", "0011"]  # 0008 rejected
     expected = {"quantized_mean": ((5, CODE_DIM), np.float16), "cls": ((5, CODE_DIM), np.float16),
-                "code_histogram": ((5, CODEBOOK), np.float16), "code_index_pca": ((5, TOKENS), np.int16)}[feature]
+                "code_histogram": ((5, CODEBOOK), np.float16), "code_index_pca": ((5, TOKENS), np.int16),
+                "tower": ((5, 1280), np.float16)}[feature]
     assert (part.features.shape, part.features.dtype) == expected
     assert part.loss.dtype == np.float32 and np.isfinite(part.loss).all() and (part.loss > 0).all()
     if feature == "code_histogram":
