@@ -315,3 +315,41 @@ def test_parsing_reads_no_variable_or_connection():
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "['tldr_compress', 'tldr_ingest']"
+
+
+@pytest.mark.slow
+def test_retrain_trains_and_registers_a_new_captioner_under_both_runners(compress, tiny_crawl, mlflow_store):
+    """Retrain means retrain (issue 26): with the crawl and the parameters unchanged, a run whose form asks to
+    retrain gets a captioner folder of its own (the pod runner's command names it too), trains there, and
+    registers a new `tldr-captioner` version; a run without the request reuses the newest captioner."""
+    tiny = ["captioner.epochs=1", "captioner.image_size=32", "captioner.batch_size=32"]
+    ti = SimpleNamespace(dag_id="tldr_compress")
+    params = validated(compress, {"input_url": f"{tiny_crawl}/train", "output_url": str(mlflow_store / "root"),
+                                  "overrides": tiny})
+    client = mlflow.MlflowClient()
+
+    def plan_and_train(run_id: str, retrain: bool) -> dict:
+        plan = compress.task_dict["plan"].python_callable(params={**params, "retrain_captioner": retrain},
+                                                          run_id=run_id, ti=ti)
+        command = plan["local__train_captioner"]
+        pod = plan["pod__train_captioner"]
+        assert pod[pod.index("--captioner") + 1] == plan["captioner"]  # the pod trains the same folder
+        done = subprocess.run(["bash", "-c", command], env={**os.environ, "TLDR_RUN_KEY": f"tldr_compress/{run_id}"},
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return plan
+
+    first = plan_and_train("manual__first", retrain=False)
+    assert [str(v.version) for v in client.search_model_versions("name = 'tldr-captioner'")] == ["1"]
+    reused = plan_and_train("manual__reuse", retrain=False)
+    assert reused["captioner"] == first["captioner"] and reused["captioner_reason"].startswith("reusing")
+    retrained = plan_and_train("manual__retrain", retrain=True)
+    assert retrained["captioner"] != first["captioner"] and retrained["captioner_reason"] == "retrain requested"
+    versions = client.search_model_versions("name = 'tldr-captioner'")
+    assert sorted(str(v.version) for v in versions) == ["1", "2"]
+    newest = next(v for v in versions if str(v.version) == "2")
+    assert newest.run_id == retrained["mlflow_run_id"]
+    assert client.get_run(retrained["mlflow_run_id"]).data.tags["tldr.captioner_version"] == "2"
+    # the next run without the request reuses the retrained captioner
+    after = compress.task_dict["plan"].python_callable(params=params, run_id="manual__after", ti=ti)
+    assert after["captioner"] == retrained["captioner"]
