@@ -5,10 +5,11 @@
 
 The page (every image inlined as a data URI, so it opens anywhere and can be an MLflow artifact):
 the run's parameters and summary metrics; a banner when the generated captions collapsed; the trust
-summary (trust.py: input vs kept vs a random subset of the same size, and a verdict); the shipped captions per reason and, for a crawl with ground
-truth, how many of them and of their originals the strict judge finds noisy; each shard's embed outcome
-(embedded, reused, replaced); the cluster-size histogram; the caption loss of the input, the kept set
-and the random subset; retrieval bars and learning curves when the run was evaluated; and a grid of sample
+summary (trust.py: input vs kept vs a random subset of the same size, and a verdict); the shipped
+captions per reason and, for a crawl with ground truth, how many of them and of their originals the
+strict judge finds noisy; each shard's embed outcome (embedded, reused, replaced); the cluster-size
+histogram; the caption loss of the input, the kept set and the random subset; retrieval bars and
+learning curves when the run was evaluated; and a grid of sample
 images for a spread of clusters, kept and dropped marked, with original and generated captions,
 caption confidence, alignment score and why the shipped caption was chosen.
 
