@@ -5,7 +5,8 @@
   as two model versions, both MLflow parent runs FINISHED with their nested stage runs, all tagged
   with the Airflow run id. A run failing at run time ends its parent run FAILED.
 - The real services (scripts/airflow-local.sh) on docs/airflow.md's port 8793: the api-server's socket on
-  127.0.0.1 is the only one they listen on; trigger through the REST API with a conf, wait for
+  127.0.0.1 is the only one they listen on (and, while a run's tasks train the captioner, nothing listens
+  outside 127.0.0.1); trigger through the REST API with a conf, wait for
   success; a ratio of 1.5 is refused with 400.
 """
 
@@ -277,7 +278,7 @@ def test_local_services_listen_on_loopback_only(airflow_services):
 
 @pytest.mark.slow
 def test_rest_trigger_on_real_services(tiny_crawl, airflow_services, tmp_path):
-    api, env, _ = airflow_services
+    api, env, proc = airflow_services
     deadline = time.time() + 180
     while api.call("GET", "/api/v2/dags/tldr_compress")[0] != 200:  # the dag-processor's first parse
         assert time.time() < deadline, "tldr_compress never appeared in the API"
@@ -290,13 +291,16 @@ def test_rest_trigger_on_real_services(tiny_crawl, airflow_services, tmp_path):
     assert status == 200, run
     run_id = run["dag_run_id"]
     deadline = time.time() + 1500
+    seen: set[tuple[str, int]] = set()  # what the services and their tasks (train-captioner too) listen on
     while True:
+        seen |= listening_sockets(proc.pid)
         state = api.call("GET", f"/api/v2/dags/tldr_compress/dagRuns/{run_id}")[1]["state"]
         if state in ("success", "failed"):
             break
         assert time.time() < deadline, "the run did not finish in 25 minutes"
-        time.sleep(5)
+        time.sleep(0.5)
     assert state == "success"
+    assert {address for address, _ in seen} == {"127.0.0.1"}, seen
     status, xcom = api.call("GET", f"/api/v2/dags/tldr_compress/dagRuns/{run_id}/taskInstances/publish/xcomEntries/"
                                    "return_value")
     assert status == 200, xcom
