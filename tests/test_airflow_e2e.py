@@ -4,7 +4,7 @@
   `captioner.*` values: compressed shards, the publish XCom, two captioners trained and registered
   as two model versions, both MLflow parent runs FINISHED with their nested stage runs, all tagged
   with the Airflow run id. A run failing at run time ends its parent run FAILED.
-- The real services (scripts/airflow-local.sh) on docs/airflow.md's port 8793: the api-server's socket on
+- The real services (scripts/airflow-local.sh) on a free port: the api-server's socket on
   127.0.0.1 is the only one they listen on (and, while a run's tasks train the captioner, nothing listens
   outside 127.0.0.1); trigger through the REST API with a conf, wait for
   success; a ratio of 1.5 is refused with 400.
@@ -215,15 +215,21 @@ class Api:
             return err.code, err.read().decode()
 
 
-# docs/airflow.md's example port: the one Airflow's scheduler log server takes by default.
-DOCUMENTED_PORT = 8793
+def free_port() -> int:
+    """A port nothing on loopback listens on now (other worktrees' tests run Airflow too)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.fixture
 def airflow_services(tmp_path):
-    """scripts/airflow-local.sh as docs/airflow.md starts it (AIRFLOW_PORT=8793) with its own AIRFLOW_HOME;
-    yields (Api, env, the script's process); stopped by SIGTERM."""
-    home, port = tmp_path / "airflow_home", DOCUMENTED_PORT
+    """scripts/airflow-local.sh as docs/airflow.md starts it (AIRFLOW_PORT: a free port) with its own
+    AIRFLOW_HOME; yields (Api, env, the script's process); stopped by SIGTERM. The scheduler's and the
+    triggerer's log servers would listen on 8793 and 8794 on every address: the socket test finds them."""
+    home, port = tmp_path / "airflow_home", free_port()
     env = airflow_env(tmp_path / "data", AIRFLOW_HOME=str(home), AIRFLOW_PORT=str(port), VENV_BIN=str(BIN))
     log = open(tmp_path / "airflow-local.log", "w")
     proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "airflow-local.sh")], env=env, stdout=log,
@@ -273,7 +279,7 @@ def test_local_services_listen_on_loopback_only(airflow_services):
             break
         assert time.time() < deadline, health
         time.sleep(2)
-    assert listening_sockets(proc.pid) == {("127.0.0.1", DOCUMENTED_PORT)}
+    assert listening_sockets(proc.pid) == {("127.0.0.1", int(api.base.rsplit(":", 1)[1]))}
 
 
 @pytest.mark.slow
