@@ -10,7 +10,9 @@ kept images, write the compressed shards; optionally evaluate full vs compressed
 The `runner` picks where stages run: `local` (on the Airflow worker) or `kubernetes` (one pod per
 stage, GPU limits, the stage image from the `tldr_kubernetes` config).
 
-**Schedule**: runs when `tldr_ingest` registers a new crawl version (Asset `tldr_crawl`), else weekly.
+**Schedule**: runs when `tldr_ingest` registers a new crawl version (Asset `tldr_crawl`) or a person
+triggers it; never by the clock (unpausing starts nothing). A conf key the form does not have is refused
+by `plan`, its first act.
 A captioner with the run's parameters under the output root is reused (retrained when the form
 asks or the crawl has grown past the set share), and the per-shard embeddings are keyed by
 captioner version, so a recompression embeds only the new shards.

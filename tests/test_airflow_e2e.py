@@ -4,8 +4,9 @@
   `captioner.*` values: compressed shards, the publish XCom, two captioners trained and registered
   as two model versions, both MLflow parent runs FINISHED with their nested stage runs, all tagged
   with the Airflow run id. A run failing at run time ends its parent run FAILED.
-- The real services (scripts/airflow-local.sh) on docs/airflow.md's port 8793: the api-server's socket on
-  127.0.0.1 is the only one they listen on; trigger through the REST API with a conf, wait for
+- The real services (scripts/airflow-local.sh) on a free port: the api-server's socket on
+  127.0.0.1 is the only one they listen on (and, while a run's tasks train the captioner, nothing listens
+  outside 127.0.0.1); trigger through the REST API with a conf, wait for
   success; a ratio of 1.5 is refused with 400.
 """
 
@@ -214,15 +215,21 @@ class Api:
             return err.code, err.read().decode()
 
 
-# docs/airflow.md's example port: the one Airflow's scheduler log server takes by default.
-DOCUMENTED_PORT = 8793
+def free_port() -> int:
+    """A port nothing on loopback listens on now (other worktrees' tests run Airflow too)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.fixture
 def airflow_services(tmp_path):
-    """scripts/airflow-local.sh as docs/airflow.md starts it (AIRFLOW_PORT=8793) with its own AIRFLOW_HOME;
-    yields (Api, env, the script's process); stopped by SIGTERM."""
-    home, port = tmp_path / "airflow_home", DOCUMENTED_PORT
+    """scripts/airflow-local.sh as docs/airflow.md starts it (AIRFLOW_PORT: a free port) with its own
+    AIRFLOW_HOME; yields (Api, env, the script's process); stopped by SIGTERM. The scheduler's and the
+    triggerer's log servers would listen on 8793 and 8794 on every address: the socket test finds them."""
+    home, port = tmp_path / "airflow_home", free_port()
     env = airflow_env(tmp_path / "data", AIRFLOW_HOME=str(home), AIRFLOW_PORT=str(port), VENV_BIN=str(BIN))
     log = open(tmp_path / "airflow-local.log", "w")
     proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "airflow-local.sh")], env=env, stdout=log,
@@ -272,12 +279,12 @@ def test_local_services_listen_on_loopback_only(airflow_services):
             break
         assert time.time() < deadline, health
         time.sleep(2)
-    assert listening_sockets(proc.pid) == {("127.0.0.1", DOCUMENTED_PORT)}
+    assert listening_sockets(proc.pid) == {("127.0.0.1", int(api.base.rsplit(":", 1)[1]))}
 
 
 @pytest.mark.slow
 def test_rest_trigger_on_real_services(tiny_crawl, airflow_services, tmp_path):
-    api, env, _ = airflow_services
+    api, env, proc = airflow_services
     deadline = time.time() + 180
     while api.call("GET", "/api/v2/dags/tldr_compress")[0] != 200:  # the dag-processor's first parse
         assert time.time() < deadline, "tldr_compress never appeared in the API"
@@ -290,13 +297,16 @@ def test_rest_trigger_on_real_services(tiny_crawl, airflow_services, tmp_path):
     assert status == 200, run
     run_id = run["dag_run_id"]
     deadline = time.time() + 1500
+    seen: set[tuple[str, int]] = set()  # what the services and their tasks (train-captioner too) listen on
     while True:
+        seen |= listening_sockets(proc.pid)
         state = api.call("GET", f"/api/v2/dags/tldr_compress/dagRuns/{run_id}")[1]["state"]
         if state in ("success", "failed"):
             break
         assert time.time() < deadline, "the run did not finish in 25 minutes"
-        time.sleep(5)
+        time.sleep(0.5)
     assert state == "success"
+    assert {address for address, _ in seen} == {"127.0.0.1"}, seen
     status, xcom = api.call("GET", f"/api/v2/dags/tldr_compress/dagRuns/{run_id}/taskInstances/publish/xcomEntries/"
                                    "return_value")
     assert status == 200, xcom

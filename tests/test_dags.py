@@ -20,7 +20,6 @@ DAGS = ROOT / "dags"
 
 
 from airflow.dag_processing.dagbag import DagBag  # noqa: E402
-from airflow.sdk import AssetOrTimeSchedule  # noqa: E402
 from airflow.sdk.exceptions import ParamValidationError  # noqa: E402
 from test_report import run_dir  # noqa: E402, F401  (fixture: a finished, evaluated run folder)
 from tldr_dagkit import settings  # noqa: E402
@@ -104,10 +103,11 @@ def test_runner_branch_and_evaluation_gate(compress):
         <= publish.upstream_task_ids
 
 
-def test_schedule_on_the_crawl_asset(dagbag, compress):
-    assert isinstance(compress.timetable, AssetOrTimeSchedule)
+def test_schedule_on_the_crawl_asset_alone(dagbag, compress):
+    """Started by tldr_ingest's Asset or by a person: no clock, so unpausing creates no run (whose default
+    input would not exist before tldr_ingest registered a crawl)."""
+    assert type(compress.timetable).__name__ == "AssetTriggeredTimetable"  # no AssetOrTimeSchedule, no cron
     assert compress.timetable.asset_condition == CRAWL_ASSET
-    assert compress.timetable.timetable.expression == "0 4 * * 0"  # and a weekly cron fallback
     assert compress.max_active_runs == 1
     ingest = dagbag.dags["tldr_ingest"]
     assert CRAWL_ASSET in ingest.task_dict["register_version"].outlets
@@ -184,6 +184,9 @@ def test_plan_refuses_bad_runs_before_work(compress):
 
 
 @pytest.mark.parametrize("conf, message", [
+    ({"ration": 0.3}, "unknown conf key 'ration' (did you mean 'ration' -> 'ratio'?"),
+    ({"nosuch": 1, "ratio": 0.3}, "unknown conf key 'nosuch' (the keys are: captioner_max_growth,"),
+    ({"overrides": ["captioner.nope=1"]}, "unknown parameter captioner.nope"),
     ({"overrides": ["seed=abc"]}, "seed='abc' is not valid"),
     ({"overrides": ["cluster.clusters=[1"]}, "not valid YAML"),
     ({"overrides": ["captioner.preset=huge"]}, "captioner.preset='huge' is not known"),
@@ -202,10 +205,11 @@ def test_a_user_error_fails_plan_without_retry(compress, tiny_crawl, tmp_path, m
 
     (tmp_path / "file").write_text("")
     conf = {k: v.format(file=tmp_path / "file") if isinstance(v, str) else v for k, v in conf.items()}
-    params = validated(compress, {"input_url": f"{tiny_crawl}/train", "output_url": str(tmp_path / "root"), **conf})
+    known = {k: v for k, v in conf.items() if k in compress.params}
+    params = validated(compress, {"input_url": f"{tiny_crawl}/train", "output_url": str(tmp_path / "root"), **known})
     with pytest.raises(AirflowFailException, match=re.escape(message)):
         compress.task_dict["plan"].python_callable(params=params, run_id="manual__bad", ti=SimpleNamespace(
-            dag_id="tldr_compress"))
+            dag_id="tldr_compress"), dag_run=SimpleNamespace(conf=conf))
     assert compress.task_dict["plan"].retries == 2  # retries stay for what may pass on a retry
     assert not (tmp_path / "root").exists()
     assert not mlflow.search_runs(search_all_experiments=True, output_format="list")
@@ -315,3 +319,41 @@ def test_parsing_reads_no_variable_or_connection():
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "['tldr_compress', 'tldr_ingest']"
+
+
+@pytest.mark.slow
+def test_retrain_trains_and_registers_a_new_captioner_under_both_runners(compress, tiny_crawl, mlflow_store):
+    """Retrain means retrain (issue 26): with the crawl and the parameters unchanged, a run whose form asks to
+    retrain gets a captioner folder of its own (the pod runner's command names it too), trains there, and
+    registers a new `tldr-captioner` version; a run without the request reuses the newest captioner."""
+    tiny = ["captioner.epochs=1", "captioner.image_size=32", "captioner.batch_size=32"]
+    ti = SimpleNamespace(dag_id="tldr_compress")
+    params = validated(compress, {"input_url": f"{tiny_crawl}/train", "output_url": str(mlflow_store / "root"),
+                                  "overrides": tiny})
+    client = mlflow.MlflowClient()
+
+    def plan_and_train(run_id: str, retrain: bool) -> dict:
+        plan = compress.task_dict["plan"].python_callable(params={**params, "retrain_captioner": retrain},
+                                                          run_id=run_id, ti=ti)
+        command = plan["local__train_captioner"]
+        pod = plan["pod__train_captioner"]
+        assert pod[pod.index("--captioner") + 1] == plan["captioner"]  # the pod trains the same folder
+        done = subprocess.run(["bash", "-c", command], env={**os.environ, "TLDR_RUN_KEY": f"tldr_compress/{run_id}"},
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return plan
+
+    first = plan_and_train("manual__first", retrain=False)
+    assert [str(v.version) for v in client.search_model_versions("name = 'tldr-captioner'")] == ["1"]
+    reused = plan_and_train("manual__reuse", retrain=False)
+    assert reused["captioner"] == first["captioner"] and reused["captioner_reason"].startswith("reusing")
+    retrained = plan_and_train("manual__retrain", retrain=True)
+    assert retrained["captioner"] != first["captioner"] and retrained["captioner_reason"] == "retrain requested"
+    versions = client.search_model_versions("name = 'tldr-captioner'")
+    assert sorted(str(v.version) for v in versions) == ["1", "2"]
+    newest = next(v for v in versions if str(v.version) == "2")
+    assert newest.run_id == retrained["mlflow_run_id"]
+    assert client.get_run(retrained["mlflow_run_id"]).data.tags["tldr.captioner_version"] == "2"
+    # the next run without the request reuses the retrained captioner
+    after = compress.task_dict["plan"].python_callable(params=params, run_id="manual__after", ti=ti)
+    assert after["captioner"] == retrained["captioner"]

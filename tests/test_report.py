@@ -21,6 +21,10 @@ from tldr_tasks import cli
 from tldr_tasks.data.shards import ShardWriter, encode_json, write_tar
 from tldr_tasks.report import render_report
 
+# compress on the tiny crawl in a minute or two (tests/test_end_to_end.py's settings)
+TINY = ["--set", "captioner.epochs=1", "--set", "captioner.image_size=32", "--set", "captioner.batch_size=32",
+        "--set", "caption.num_beams=1", "--set", "caption.max_new_tokens=12", "--set", "materialize.shard_size=20",
+        "--clusters", "4", "--ratio", "0.3"]
 N = 12  # samples k00..k11 in two input shards; cluster i % 3; even i kept
 
 
@@ -203,3 +207,132 @@ def test_report_renders_in_headless_chromium_with_every_image_loaded(run_dir, tm
     shot = tmp_path / "report.png"
     chromium(profile, f"--screenshot={shot}", "--window-size=1200,900", checked.as_uri())
     assert Image.open(shot).size == (1200, 900)
+
+
+class _Table(HTMLParser):
+    """The rows (cell texts) of the table with the id given, and the text of the elements with the ids given."""
+
+    def __init__(self, table_id: str, text_ids: tuple[str, ...] = ()):
+        super().__init__()
+        self.table_id, self.text_ids = table_id, text_ids
+        self.rows: list[list[str]] = []
+        self.texts: dict[str, str] = {}
+        self._in_table = False
+        self._open: list[str] = []  # ids of the text elements being read
+
+    def handle_starttag(self, tag, attrs):
+        element_id = dict(attrs).get("id")
+        if tag == "table" and element_id == self.table_id:
+            self._in_table = True
+        if self._in_table and tag == "tr":
+            self.rows.append([])
+        if self._in_table and tag in ("td", "th"):
+            self.rows[-1].append("")
+        if element_id in self.text_ids:
+            self._open.append(element_id)
+            self.texts[element_id] = ""
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self._in_table = False
+        if tag in ("p", "div") and self._open:
+            self._open.pop()
+
+    def handle_data(self, data):
+        if self._in_table and self.rows and self.rows[-1]:
+            self.rows[-1][-1] += data
+        for element_id in self._open:
+            self.texts[element_id] += data
+
+
+def _pct_of(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+@pytest.mark.slow
+def test_a_noisy_crawls_report_opens_with_the_trust_summary_in_headless_chromium(tiny_crawl, tmp_path, mlflow_store,
+                                                                                 capsys):
+    """Acceptance (issue 26): report.html of a compression of a crawl with 30% caption noise starts with the input
+    and kept figures beside a random subset of the same size, the strict judge's noise in and out, and the
+    verdict; the manifest, MLflow and `compare` carry the same facts."""
+    import mlflow
+
+    from tldr_tasks.data.shards import Sample, iter_shard
+    from tldr_tasks.data.truth import describes_exactly
+
+    out = tmp_path / "run"
+    assert cli.main(["compress", "--input", f"{tiny_crawl}/train", "--out", str(out), *TINY]) == 0
+    manifest = json.loads((out / "shards" / "manifest.json").read_text())
+    summary = manifest["trust"]
+    sets = summary["sets"]
+    assert sets["input"]["samples"] == manifest["input_samples"] - manifest["rejected"]
+    assert sets["kept"]["samples"] == sets["random"]["samples"] == manifest["kept"]
+    # the noise going in, by the strict judge, is the crawl's own (every sample carries its truth)
+    crawl = [s for url in sorted(Path(tiny_crawl, "train").glob("*.tar")) for s in iter_shard(str(url))
+             if isinstance(s, Sample)]
+    assigned = set(pq.read_table(out / "cluster" / "assignments.parquet")["key"].to_pylist())
+    noisy = {s.key: not describes_exactly(s.caption, s.meta["truth"]) for s in crawl if s.key in assigned}
+    assert len(noisy) == len(assigned)
+    assert summary["ground_truth"] and sets["input"]["noise"] == pytest.approx(np.mean(list(noisy.values())))
+    assert 0 < sets["input"]["noise"] < 1  # a noisy crawl
+    checked = tmp_path / "checked.html"
+    checked.write_text((out / "report" / "report.html").read_text())
+    dom = chromium(f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", checked.as_uri()).stdout
+    page = _Table("trust-summary", ("trust-verdict", "collapse-banner"))
+    page.feed(dom)
+    header, *rows = page.rows
+    assert [cell.strip() for cell in header[1:]] == ["input", "kept", "random subset, same size"]
+    by_label = {row[0].strip(): [cell.strip() for cell in row[1:]] for row in rows}
+    noise_row = next(cells for label, cells in by_label.items() if label.startswith("noisy original captions"))
+    assert noise_row == [_pct_of(sets[name]["noise"]) for name in ("input", "kept", "random")]
+    misaligned = next(cells for label, cells in by_label.items() if label.startswith("likely misaligned"))
+    assert misaligned == [_pct_of(sets[name]["misaligned_share"]) for name in ("input", "kept", "random")]
+    assert by_label["samples"] == [f"{sets[name]['samples']:,}" for name in ("input", "kept", "random")]
+    assert any(label.startswith("exact duplicates") for label in by_label)
+    assert any(label.startswith("near duplicates") for label in by_label)
+    assert page.texts["trust-verdict"].strip() == summary["verdict"]["text"]
+    assert ("collapse-banner" in page.texts) == manifest["collapse_check"]["collapsed"]
+    # the summary comes before anything else on the page: the first table
+    assert dom.index('id="trust-summary"') < dom.index("<img")
+    # MLflow: one metric per fact on the parent run, as `compare` shows it by default
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    parent = next(r for r in runs if "tldr.run_key" in r.data.tags)
+    for name in ("input", "kept", "random"):
+        assert parent.data.metrics[f"trust.{name}.noise"] == pytest.approx(sets[name]["noise"], abs=1e-4)
+        assert parent.data.metrics[f"trust.{name}.misaligned_share"] == pytest.approx(sets[name]["misaligned_share"],
+                                                                                     abs=1e-4)
+    assert parent.data.metrics["trust.kept_no_better_than_random"] == summary["verdict"]["no_better_than_random"]
+    capsys.readouterr()
+    assert cli.main(["compare", str(out), parent.info.run_id]) == 0
+    shown = capsys.readouterr().out
+    assert "trust.kept.noise" in shown and "trust.random.noise" in shown and "shipped_noise" in shown
+
+
+def test_collapsed_captions_show_a_banner_in_headless_chromium(run_dir, tmp_path):
+    manifest = json.loads((run_dir / "shards" / "manifest.json").read_text())
+    for collapsed in (True, False):
+        manifest["collapse_check"] = {"collapsed": collapsed, "distinct_generated": 2, "samples": 6,
+                                      "entropy_ratio": 0.1}
+        (run_dir / "shards" / "manifest.json").write_text(json.dumps(manifest))
+        checked = tmp_path / f"collapsed-{collapsed}.html"
+        checked.write_text(render_report(str(run_dir)))
+        dom = chromium(f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", checked.as_uri()).stdout
+        page = _Table("trust-summary", ("collapse-banner",))
+        page.feed(dom)
+        if collapsed:
+            assert "The generated captions collapsed: 2 distinct captions for 6 kept images" in " ".join(
+                page.texts["collapse-banner"].split())
+        else:
+            assert "collapse-banner" not in page.texts
+
+
+def test_the_header_shows_only_what_the_run_used(run_dir):
+    manifest = json.loads((run_dir / "shards" / "manifest.json").read_text())
+    manifest["config"].update(evaluate={"epochs": 5}, cluster={"clusters": 0})
+    (run_dir / "shards" / "manifest.json").write_text(json.dumps(manifest))
+    (run_dir / "evaluate" / "report.json").unlink()  # not evaluated: no evaluate.* in the header
+    page = render_report(str(run_dir))
+    header = page[page.index("<p>kept"):page.index("</p>")]
+    assert "evaluate.epochs" not in header
+    assert "cluster.clusters 0 (size rule: 3 used)" in header

@@ -88,8 +88,8 @@ def test_embed_and_a_reused_captioner_need_no_record(tmp_path):
     assert not (tmp_path / "theirs" / PARAMS_RECORD).exists() and not (tmp_path / "out").exists()
 
 
-def fake_captioner(root: Path, cfg, shards: int, version: str, complete: bool = True) -> str:
-    url = captioners.folder(str(root), cfg, version)
+def fake_captioner(root: Path, cfg, shards: int, version: str, complete: bool = True, suffix: str = "") -> str:
+    url = captioners.folder(str(root), cfg, version) + suffix
     Path(url).mkdir(parents=True)
     (Path(url) / PARAMS_RECORD).write_text(json.dumps({"stage": "train-captioner",
                                                        "params": stage_params(cfg, "train-captioner"),
@@ -113,6 +113,12 @@ def test_captioner_policy(tmp_path):
     assert grown["url"] == captioners.folder(str(tmp_path), cfg, "v16") and "grew from 10 to 16" in grown["reason"]
     assert captioners.choose(str(tmp_path), cfg, "v16", 16, max_growth=1.0)["url"] == old
     assert captioners.choose(str(tmp_path), cfg, "v11", 11, retrain=True)["url"].endswith("-v11")
+    # a retrain on a crawl whose captioner is finished trains a new one beside it, and that one is the newest
+    again = captioners.choose(str(tmp_path), cfg, "v10", 10, retrain=True)
+    assert again["url"] == f"{old}-r2" and again["reason"] == "retrain requested"
+    retrained = fake_captioner(tmp_path, cfg, 10, "v10", suffix="-r2")
+    assert retrained == again["url"] and captioners.choose(str(tmp_path), cfg, "v15", 15)["url"] == retrained
+    assert captioners.choose(str(tmp_path), cfg, "v10", 10, retrain=True)["url"] == f"{old}-r3"
     # other captioner parameters never reuse it
     assert captioners.choose(str(tmp_path), other, "v10", 10)["url"] == captioners.folder(str(tmp_path), other, "v10")
     newer = fake_captioner(tmp_path, cfg, 16, "v16")

@@ -51,6 +51,10 @@ def test_captioner_is_registered_once_per_trained_version(mlflow_store):
     assert version.run_id == other_run and version.source.endswith("/captioner")
     assert version.tags["captioner_version"] == "w2"
     assert mlflow.MlflowClient().get_run(other_run).data.tags["tldr.captioner_version"] == "2"
+    # a retrain: another folder trained (deterministically) to the same weights is another training
+    retrained = captioner("a-r2", "w1")
+    assert tracking.register_captioner(other_run, retrained) == "3"
+    assert tracking.register_captioner(other_run, retrained) == "3"
 
 
 def test_parent_run_is_ended_by_key(mlflow_store):

@@ -10,13 +10,15 @@ Policy for scheduled recompression (`choose`): reuse the newest compatible capti
 parameters; newest = trained on the most shards, since a registered crawl only grows); train a new
 one on the current crawl when the run asks for it (`retrain`), when none is compatible, or when the
 crawl has grown by more than `max_growth` (a share: 0.5 = 50% more shards) since that captioner was
-trained.
+trained. A retrain never lands in a finished captioner's folder (that would be reused, not trained): it
+takes the next free `<params key>-<crawl version>-r<N>`, and is registered as a new model version.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 from tldr_tasks import storage
 from tldr_tasks.config import Config
@@ -50,8 +52,26 @@ def compatible(root: str, cfg: Config) -> list[dict]:
         record = json.loads(storage.read_text(record_url))
         if record.get("params") == wanted:
             trained_on = record.get("input") or {}
-            found.append({"url": url, "shards": int(trained_on.get("shards", 0)), "version": trained_on.get("version")})
-    return sorted(found, key=lambda c: (-c["shards"], c["url"]))
+            found.append({"url": url, "shards": int(trained_on.get("shards", 0)), "version": trained_on.get("version"),
+                          "retrain": retrain_number(url)})
+    # newest first: trained on the most shards, then the latest retrain
+    return sorted(found, key=lambda c: (-c["shards"], -c["retrain"], c["url"]))
+
+
+def retrain_number(url: str) -> int:
+    """1 for a first training, N for the folder `...-rN` a retrain trained."""
+    found = re.search(r"-r(\d+)$", url.rstrip("/"))
+    return int(found.group(1)) if found else 1
+
+
+def _unfinished(url: str) -> str:
+    """`url`, or its first `-rN` sibling (N = 2, 3, ...) that holds no finished captioner."""
+    done = get_stage("train-captioner").done_marker
+    candidate, number = url, 1
+    while storage.exists(storage.join(candidate, done)):
+        number += 1
+        candidate = f"{url}-r{number}"
+    return candidate
 
 
 def choose(root: str, cfg: Config, crawl_version: str, crawl_shards: int, retrain: bool = False,
@@ -68,7 +88,7 @@ def choose(root: str, cfg: Config, crawl_version: str, crawl_shards: int, retrai
     """
     new = folder(root, cfg, crawl_version)
     if retrain:
-        return {"url": new, "reason": "retrain requested", "trained_shards": crawl_shards}
+        return {"url": _unfinished(new), "reason": "retrain requested", "trained_shards": crawl_shards}
     candidates = compatible(root, cfg)
     if not candidates:
         return {"url": new, "reason": "no captioner with these parameters yet", "trained_shards": crawl_shards}

@@ -20,9 +20,11 @@ from fnmatch import fnmatch
 from tldr_tasks import storage
 from tldr_tasks.runs import PARAMS, load_run, summary_metrics
 
-# The rows shown without --all; a pattern matches a run folder's metric ("kept") and the stage-prefixed
-# name an MLflow parent run carries ("materialize.kept") alike.
-KEY_METRICS = ("*input_samples", "*kept", "*dropped", "*rejected", "ratio", "*.ratio", "clusters", "*cluster_size_*",
+# The rows shown without --all (the trust summary first: input vs kept vs a random subset of the same
+# size, and the strict judge's noise on a crawl with ground truth); a pattern matches a run folder's metric
+# ("kept") and the stage-prefixed name an MLflow parent run carries ("materialize.kept") alike.
+KEY_METRICS = ("trust.*", "*shipped_noise", "*original_noise", "*input_samples", "*kept", "*dropped", "*rejected",
+               "ratio", "*.ratio", "clusters", "*cluster_size_*",
                "alignment_input_mean", "alignment_kept_mean", "alignment_*_misaligned_share",
                "*confidence_mean", "captions_*", "caption_collapsed", "*shards_embedded", "*shards_reused",
                "*shards_replaced", "*test.*.mean_r1", "*noise_rate_*", "*time_to_accuracy.*", "seconds.*",
@@ -80,7 +82,8 @@ def table(runs: list[dict], show_all: bool = False) -> list[tuple[str, list, boo
     (PARAMS, KEY_METRICS) unless `show_all`."""
     rows = []
     for kind in ("params", "metrics"):
-        for name in sorted({name for run in runs for name in run[kind]}):
+        # the trust summary's rows first (trust.input.*, trust.kept.*, trust.random.*, then the verdict)
+        for name in sorted({name for run in runs for name in run[kind]}, key=lambda n: (not n.startswith("trust."), n)):
             key = name in PARAMS if kind == "params" else any(fnmatch(name, p) for p in KEY_METRICS)
             if key or show_all:
                 values = [run[kind].get(name) for run in runs]

@@ -42,6 +42,11 @@ def check(cfg: Config, io: StageIO, stage: str | None = None, with_eval: bool = 
         _check(bool(io.eval_input), "the evaluation needs clean held-out shards (pass --eval-input)")
         readable_shards(io.eval_input, "--eval-input")
     _check_models(cfg)
+    if cfg.sample.strategy == "clip_score" and stage in (None, "sample"):
+        _check(clip_score_scorer(cfg, shards) is not None,
+               "sample.strategy=clip_score has no scorer: the crawl's KEY.json carries no numeric `similarity` and "
+               "sample.clip_model is empty (set sample.clip_model to a CLIP folder, download the crawl with "
+               "img2dataset --save_additional_columns '[\"similarity\"]', or choose another --strategy)")
     for url, flag in _written(io, stage):
         check_writable(url, flag)
     missing = missing_upstream(stage, io) if stage else []
@@ -120,6 +125,32 @@ def _check_models(cfg: Config) -> None:
         _check(storage.exists(cfg.sample.clip_model),
                f"sample.clip_model={cfg.sample.clip_model} not found (give a CLIP folder, or leave it empty to use "
                "the crawl's own similarity)")
+
+
+def clip_score_scorer(cfg: Config, shards: list[str]) -> str | None:
+    """What scores the pairs of the `clip_score` selection, or None when nothing can: "sample.clip_model"
+    (a CLIP folder; _check_models checks it exists), or "similarity" when the first sample of the first
+    readable shard carries a numeric `similarity` in its KEY.json (img2dataset's LAION score; the sample
+    stage still refuses a later sample without one). A built-in scorer is one more case here."""
+    if cfg.sample.clip_model:
+        return "sample.clip_model"
+    from tldr_tasks.data.shards import RawSample, iter_raw_shard
+
+    for url in shards:
+        if unreadable(url):
+            continue
+        try:
+            first = next((item for item in iter_raw_shard(url) if isinstance(item, RawSample)), None)
+        except OSError:
+            continue
+        if first is None:
+            continue
+        text = first.text()
+        meta = text[1] if isinstance(text, tuple) else {}
+        similarity = meta.get("similarity")
+        numeric = isinstance(similarity, (int, float)) and not isinstance(similarity, bool)
+        return "similarity" if numeric else None
+    return None
 
 
 def missing_upstream(name: str, io: StageIO) -> list[str]:

@@ -4,10 +4,12 @@
     tldr-vlp report data/run --out data/report   (the dvc.yaml `report` stage)
 
 The page (every image inlined as a data URI, so it opens anywhere and can be an MLflow artifact):
-the run's parameters and summary metrics; the shipped captions per reason and, for a crawl with ground
-truth, how many of them and of their originals the strict judge finds noisy; each shard's embed outcome
-(embedded, reused, replaced); the cluster-size histogram; the alignment distribution of the input and
-of the kept set; retrieval bars and learning curves when the run was evaluated; and a grid of sample
+the run's parameters and summary metrics; a banner when the generated captions collapsed; the trust
+summary (trust.py: input vs kept vs a random subset of the same size, and a verdict); the shipped
+captions per reason and, for a crawl with ground truth, how many of them and of their originals the
+strict judge finds noisy; each shard's embed outcome (embedded, reused, replaced); the cluster-size
+histogram; the caption loss of the input, the kept set and the random subset; retrieval bars and
+learning curves when the run was evaluated; and a grid of sample
 images for a spread of clusters, kept and dropped marked, with original and generated captions,
 caption confidence, alignment score and why the shipped caption was chosen.
 
@@ -30,6 +32,7 @@ import numpy as np
 from tldr_tasks import storage
 from tldr_tasks.runs import (
     alignment_scores,
+    caption_losses,
     cluster_counts,
     evaluation_arms,
     learning_curves,
@@ -80,16 +83,34 @@ def cluster_sizes_chart(run: dict) -> str | None:
 
 
 def alignment_chart(run: dict) -> str | None:
-    before, after = alignment_scores(run)
-    if not len(before):
-        return None
-    fig, ax = _figure()
-    bins = np.histogram_bin_edges(before, bins=30)
-    ax.hist(before, bins=bins, density=True, alpha=0.6, label=f"input ({len(before)})")
-    ax.hist(after, bins=bins, density=True, alpha=0.6, label=f"kept ({len(after)})")
-    ax.set_xlabel("alignment score (higher: caption fits the image better)")
-    ax.set_ylabel("density")
-    ax.legend()
+    """The caption loss (nats per token) of the input, the kept set and the random reference, on an axis
+    spanning the input's 1st to 99th percentile (the few values beyond it are counted in the edge bars),
+    as each set's share of its samples. A folder without losses: the within-cluster z-scores, likewise."""
+    losses = caption_losses(run)
+    if losses and len(losses["input"]):
+        label = "caption loss, nats per token (lower: the caption fits its image better)"
+    else:
+        before, after = alignment_scores(run)
+        if not len(before):
+            return None
+        losses = {"input": before, "kept": after}
+        label = "alignment score, robust z within its cluster (higher: fits better)"
+    low, high = np.percentile(losses["input"], [1, 99])
+    if not high > low:
+        low, high = low - 0.5, high + 0.5
+    bins = np.linspace(low, high, 31)
+    fig, ax = _figure(5.6, 3.2)
+    for name, colour in (("input", "C0"), ("kept", "C2"), ("random", "C7")):
+        values = losses.get(name)
+        if values is None or not len(values):
+            continue
+        weights = np.full(len(values), 100.0 / len(values))
+        ax.hist(np.clip(values, low, high), bins=bins, weights=weights, histtype="step" if name == "random" else "bar",
+                alpha=1.0 if name == "random" else 0.55, color=colour, linewidth=1.5,
+                label=f"{name} ({len(values)})" if name != "random" else f"random subset, same size ({len(values)})")
+    ax.set_xlabel(label, fontsize=9)
+    ax.set_ylabel("% of the set's samples")
+    ax.legend(fontsize=8)
     return _data_uri(fig)
 
 
@@ -217,6 +238,34 @@ def shipped_caption_rows(manifest: dict) -> list[dict]:
             for reason, count in counts.items()]
 
 
+# ---- the trust summary ----
+
+TRUST_ROWS = (  # (fact, what it is, how the page shows it)
+    ("samples", "samples", "int"),
+    ("caption_loss_median", "caption loss, median (nats per token; lower fits better)", "num"),
+    ("caption_loss_percentile", "that median among the input's losses (percentile)", "num"),
+    ("misaligned_share", "likely misaligned: caption loss > {z:g} robust SD above its cluster's median, or empty",
+     "pct"),
+    ("exact_duplicate_share", "exact duplicates: image bytes identical to another sample of the set", "pct"),
+    ("near_duplicate_share", "near duplicates: codebook feature cosine >= {cosine:g} with another sample "
+                             "of its cluster in the set", "pct"),
+    ("clusters_covered", "clusters covered", "int"),
+    ("noise", "noisy original captions, strict judge (ground truth)", "pct"),
+)
+
+
+def trust_rows(summary: dict | None) -> list[dict]:
+    """The trust summary as table rows: {"label", "input", "kept", "random"} (values formatted for the page);
+    the noise row only with ground truth."""
+    if not summary:
+        return []
+    sets, t = summary["sets"], summary["thresholds"]
+    show = {"int": lambda v: "–" if v is None else f"{int(v):,}", "num": _fmt, "pct": _pct}
+    return [{"label": label.format(z=t["misaligned_z"], cosine=t["near_duplicate_cosine"]),
+             **{name: show[kind](sets[name].get(fact)) for name in ("input", "kept", "random")}}
+            for fact, label, kind in TRUST_ROWS if any(fact in sets[name] for name in sets)]
+
+
 # ---- the page ----
 
 def _fmt(value) -> str:
@@ -252,6 +301,8 @@ def _render(run: dict) -> str:
     evaluation = [(k.removeprefix("eval."), v) for k, v in metrics.items() if k.startswith("eval.")]
     return _TEMPLATES.get_template("report.html.j2").render(
         run_dir=run["run_dir"], manifest=run["manifest"], params=params_of(run),
+        trust=run["manifest"].get("trust"), trust_rows=trust_rows(run["manifest"].get("trust")),
+        collapse=(run["manifest"].get("collapse_check") or {}),
         charts=[(title, uri) for title, uri in charts if uri], grid=sample_cards(run),
         shipped=shipped_caption_rows(run["manifest"]), caption_noise=run["manifest"].get("caption_noise"),
         metrics=[(k, v) for k, v in metrics.items() if not k.startswith("eval.")],

@@ -55,11 +55,18 @@ def load_run(run_dir: str) -> dict:
     return {"run_dir": run_dir, "manifest": manifest, "config": config,
             "assignments": _read_parquet(storage.join(run_dir, "cluster", "assignments.parquet")),
             "selected": {r["key"] for r in _read_parquet(storage.join(run_dir, "sample", "selected.parquet"))},
-            "alignment": {r["key"]: r.get("alignment")
-                          for r in _read_parquet(storage.join(run_dir, "sample", "alignment.parquet"))},
+            **_scores(run_dir),
             "embed_status": embed.shard_status(StageIO(input="", out=run_dir)),
             "evaluation": _read_json(storage.join(run_dir, "evaluate", "report.json")),
             "timings": _timings(run_dir)}
+
+
+def _scores(run_dir: str) -> dict:
+    """The sample stage's per-sample scores in key order: {"alignment": {key: within-cluster z}, "loss":
+    {key: caption loss, nats per token}} (a folder written before losses were kept there: no losses)."""
+    rows = _read_parquet(storage.join(run_dir, "sample", "alignment.parquet"))
+    return {"alignment": {r["key"]: r.get("alignment") for r in rows},
+            "loss": {r["key"]: r["loss"] for r in rows if r.get("loss") is not None}}
 
 
 def _timings(run_dir: str) -> dict[str, float]:
@@ -73,7 +80,14 @@ def _timings(run_dir: str) -> dict[str, float]:
 
 
 def params_of(run: dict) -> dict:
-    return {name: _get(run["config"], name) for name in PARAMS if _get(run["config"], name) is not None}
+    """The key parameters as the report's header shows them: `evaluate.*` only for an evaluated run, and
+    the clusters a run used beside a `cluster.clusters` of 0 (the size rule)."""
+    params = {name: _get(run["config"], name) for name in PARAMS if _get(run["config"], name) is not None
+              and (run["evaluation"] or not name.startswith("evaluate."))}
+    used = len(cluster_counts(run)[0])
+    if params.get("cluster.clusters") == 0 and used:
+        params["cluster.clusters"] = f"0 (size rule: {used} used)"
+    return params
 
 
 def _finite(values) -> np.ndarray:
@@ -85,6 +99,22 @@ def alignment_scores(run: dict) -> tuple[np.ndarray, np.ndarray]:
     """The sample stage's finite alignment scores of the input and of the kept samples."""
     return (_finite(run["alignment"].values()),
             _finite(v for k, v in run["alignment"].items() if k in run["selected"]))
+
+
+def caption_losses(run: dict) -> dict[str, np.ndarray]:
+    """The finite caption losses (nats per token) of the input, the kept set and the trust summary's random
+    subset of the same size (trust.random_subset at the summary's seed); empty when none were kept."""
+    from tldr_tasks.trust import random_subset
+
+    keys = list(run["alignment"])
+    if not run["loss"] or not keys:
+        return {}
+    loss = np.asarray([run["loss"].get(k, np.nan) for k in keys], dtype=np.float64)
+    kept = np.asarray([k in run["selected"] for k in keys])
+    seed = ((run["manifest"].get("trust") or {}).get("thresholds") or {}).get("random_seed",
+                                                                           _get(run["config"], "seed") or 0)
+    sets = {"input": loss, "kept": loss[kept], "random": loss[random_subset(len(keys), int(kept.sum()), int(seed))]}
+    return {name: values[np.isfinite(values)] for name, values in sets.items()}
 
 
 def cluster_counts(run: dict) -> tuple[Counter, Counter]:
@@ -135,6 +165,10 @@ def summary_metrics(run: dict) -> dict[str, float]:
     for name, value in (manifest.get("alignment") or {}).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             metrics[name] = float(value)
+    # The trust summary: input vs kept vs a random subset of the same size (trust.py), one metric per fact.
+    from tldr_tasks.trust import metrics as trust_metrics
+
+    metrics.update(trust_metrics(manifest.get("trust")))
     sizes = np.array(sorted(cluster_counts(run)[0].values()), dtype=np.float64)
     if len(sizes):
         metrics.update({"clusters": float(len(sizes)), "cluster_size_min": float(sizes.min()),

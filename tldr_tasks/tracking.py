@@ -291,9 +291,11 @@ def finish_parent_by_key(key: str, status: str) -> str | None:
 
 def register_captioner(parent: str, captioner_dir: str, description: str = "") -> str:
     """Register the captioner in `captioner_dir` as a version of the `tldr-captioner` model, once per
-    trained weights: a captioner already registered (by its weights hash, the tag
-    `captioner_version`) keeps its version, so retries and runs reusing it add none. Otherwise the
-    folder (safetensors + config + tokenizer) is logged on the parent run and registered.
+    training: a captioner already registered (by its weights hash, the tag `captioner_version`, and its
+    folder, the tag `captioner_folder`) keeps its version, so retries and runs reusing it add none; a
+    retrain (a new folder, captioners.choose) adds one even where deterministic training gave the same
+    weights. Otherwise the folder (safetensors + config + tokenizer) is logged on the parent run and
+    registered.
     Returns the model version number, also set as the parent's tag `tldr.captioner_version`."""
     from tldr_tasks.models.captioner import captioner_version
 
@@ -305,7 +307,10 @@ def register_captioner(parent: str, captioner_dir: str, description: str = "") -
     except mlflow.exceptions.MlflowException:  # RESOURCE_DOES_NOT_EXIST
         client.create_registered_model(CAPTIONER_MODEL_NAME,
                                        description="TL;DR codebook captioner (ViT -> VQ codebook -> decoder)")
-    known = client.search_model_versions(f"name = '{CAPTIONER_MODEL_NAME}' and tags.captioner_version = '{weights}'")
+    where = redact(captioner_dir.rstrip("/"))
+    known = [v for v in client.search_model_versions(f"name = '{CAPTIONER_MODEL_NAME}' and "
+                                                     f"tags.captioner_version = '{weights}'")
+             if v.tags.get("captioner_folder") == where]
     if known:
         version = str(min(int(v.version) for v in known))
     else:
@@ -313,7 +318,7 @@ def register_captioner(parent: str, captioner_dir: str, description: str = "") -
             client.log_artifacts(parent, local, artifact_path="captioner")
         source = f"{client.get_run(parent).info.artifact_uri}/captioner"
         version = str(client.create_model_version(CAPTIONER_MODEL_NAME, source=source, run_id=parent,
-                                                  tags={"captioner_version": weights},
+                                                  tags={"captioner_version": weights, "captioner_folder": where},
                                                   description=description).version)
     client.set_tag(parent, "tldr.captioner_version", version)
     client.set_tag(parent, "tldr.captioner_weights", weights)

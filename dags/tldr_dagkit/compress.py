@@ -21,18 +21,17 @@ task mapping, one task (pod) per shard group; `plan` computes every command once
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import fields, replace
 from datetime import timedelta
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.providers.standard.operators.bash import BashOperator
-from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, TaskGroup, TriggerRule, task
+from airflow.sdk import DAG, Asset, Param, TaskGroup, TriggerRule, task
 from airflow.sdk.exceptions import AirflowFailException
 from kubernetes.client import models as k8s
 
 from tldr_dagkit import settings
-from tldr_dagkit.plan import build_plan, check_params, task_id
+from tldr_dagkit.plan import build_plan, check_conf, check_params, task_id
 from tldr_tasks.config import FEATURES, FUSIONS, STRATEGIES, Config, ConfigError, presets
 from tldr_tasks.contract import Resources
 from tldr_tasks.pipeline import STAGES, StageSpec
@@ -327,13 +326,13 @@ def open_run(params, dag_id: str, run_id: str, input_url: str, input_version: st
 
 def build_compress_dag(dag_id: str, doc_md: str | None) -> DAG:
     config = settings.kubernetes_config()
-    cron = os.environ.get("TLDR_COMPRESS_CRON", "0 4 * * 0")
     with DAG(
         dag_id=dag_id,
         doc_md=doc_md,
         description="TL;DR: compress a crawl into a small, better-captioned training set",
-        # A newly registered crawl (tldr_ingest) or, failing that, the weekly cron starts a run.
-        schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=CRAWL_ASSET),
+        # A newly registered crawl (tldr_ingest) or a person starts a run; never a clock, whose run would
+        # compress the form's default input, which does not exist until tldr_ingest has registered a crawl.
+        schedule=CRAWL_ASSET,
         start_date=None,
         catchup=False,
         # Runs share the captioner and the embedding cache: one at a time.
@@ -344,10 +343,12 @@ def build_compress_dag(dag_id: str, doc_md: str | None) -> DAG:
     ) as dag:
 
         @task(multiple_outputs=True)
-        def plan(params=None, run_id=None, ti=None, triggering_asset_events=None) -> dict:
+        def plan(params=None, run_id=None, ti=None, triggering_asset_events=None, dag_run=None) -> dict:
             """Every task's command for this run; refuses bad parameters before any work starts."""
             url, version = _landed_input(triggering_asset_events)
             try:
+                # first: a conf key the form does not have (a typo would run with the default)
+                check_conf(getattr(dag_run, "conf", None), params.keys())
                 # A scheduled (Asset/cron) run compresses the landed crawl; a manual one what the form says.
                 return open_run(params, ti.dag_id, run_id, url or params["input_url"], version)
             except ConfigError as err:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import shlex
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from tldr_tasks.config import shortcut_overrides
 from tldr_tasks.pipeline import STAGES, get_stage
@@ -64,6 +64,22 @@ def stage_arguments(stage: str, params: Mapping, run_id: str, input_url: str, ca
     if result_json:
         args += ["--result-json", result_json]
     return args
+
+
+def check_conf(conf: Mapping | None, known: Iterable[str]) -> None:
+    """Refuse a trigger's conf key that is no parameter of the DAG (`{"ration": 0.3}` would otherwise run
+    with the default ratio): Airflow's params schema checks the values of known keys only."""
+    from difflib import get_close_matches
+
+    from tldr_tasks.config import ConfigError
+
+    known = sorted(known)
+    unknown = sorted(set(conf or {}) - set(known))
+    if unknown:
+        hints = [f"{key!r} -> {close[0]!r}" for key in unknown if (close := get_close_matches(key, known, 1))]
+        raise ConfigError(f"unknown conf key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                          f"({'did you mean ' + ', '.join(hints) + '? ' if hints else ''}the keys are: "
+                          f"{', '.join(known)})")
 
 
 def check_params(params: Mapping, input_url: str | None):

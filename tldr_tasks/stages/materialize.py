@@ -8,8 +8,9 @@ captions, the generated caption's confidence, the pair's alignment score, why th
 cluster id and source shard. `manifest.json` accounts for every input sample (kept + dropped by
 selection + rejected with a reason, per shard and in total), counts the shipped captions per reason,
 measures with the strict judge (data/truth.py) how noisy the shipped and the original captions are when
-the crawl carries ground truth (KEY.json "truth", the benchmark crawls), and is written last: its
-presence means the output is complete.
+the crawl carries ground truth (KEY.json "truth", the benchmark crawls), carries the trust summary
+(trust.py: input vs kept vs a random subset of the same size), and is written last: its presence means
+the output is complete.
 
 No Python object per sample: the assignments (one row per input sample, millions at scale) are counted
 in record batches, the selection stays a pyarrow table, and each output shard reads only the caption
@@ -33,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from tldr_tasks import fusion, storage
+from tldr_tasks import fusion, storage, trust
 from tldr_tasks.config import Config, ConfigError
 from tldr_tasks.contract import StageIO, StageResult
 from tldr_tasks.data.shards import RawSample, Sample, encode_json, iter_raw_shard, iter_shard, write_tar
@@ -161,6 +162,8 @@ def run(cfg: Config, io: StageIO) -> StageResult:
                 "captions": gate["captions"], "collapse_check": gate["collapse_check"],
                 "caption_noise": caption_noise, **({} if caption_noise else {"caption_noise_note": noise.note()}),
                 "alignment": sample_alignment_stats(io),
+                # input vs kept vs a random subset of the same size on label-free signals (trust.py)
+                "trust": trust.measure(cfg, io),
                 "strategy": cfg.sample.strategy, "config_hash": cfg.hash(), "config": cfg.to_dict(),
                 # URLs may carry credentials (s3://key:secret@...); the manifest travels with the data
                 "input": redact(io.input),

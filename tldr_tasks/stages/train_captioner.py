@@ -325,7 +325,8 @@ def _init_distributed(deepspeed) -> list[str] | None:
     import torch
 
     before = set(os.environ)
-    if "RANK" not in os.environ:
+    alone = "RANK" not in os.environ
+    if alone:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -337,6 +338,12 @@ def _init_distributed(deepspeed) -> list[str] | None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if torch.distributed.is_initialized():
         return None
+    if alone:
+        # A world of one needs no rendezvous: an in-process store instead of the TCP store, which listens on
+        # every address (`*:MASTER_PORT`), and gloo's own socket on loopback (issue 26).
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        torch.distributed.init_process_group(get_accelerator().communication_backend_name(),
+                                             store=torch.distributed.HashStore(), rank=0, world_size=1)
     deepspeed.init_distributed(verbose=False)
     return sorted(set(os.environ) - before)
 
