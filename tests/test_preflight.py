@@ -37,7 +37,8 @@ def places(tiny_crawl, tmp_path_factory) -> dict[str, str]:
 BAD = [
     ("compress", ["--set", "seed=abc"], "seed='abc' is not valid (give a whole number"),
     ("compress", ["--set", "cluster.clusters=[1"], "not valid YAML"),
-    ("compress", ["--set", "captioner.preset=huge"], "captioner.preset='huge' is not known (use one of base, pretrained, tiny)"),
+    ("compress", ["--set", "captioner.preset=huge"],
+     "captioner.preset='huge' is not known (use one of base, pretrained, tiny)"),
     ("compress", ["--set", "captioner.image_size=33"], "captioner.image_size=33 does not fit preset 'tiny'"),
     ("compress", ["--eval", "--eval-input", "{eval}", "--set", "evaluate.preset=huge"], "evaluate.preset='huge'"),
     ("compress", ["--set", "embed.batch_size=0"], "embed.batch_size=0 is out of range (use a value >= 1)"),

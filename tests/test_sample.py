@@ -390,3 +390,24 @@ def test_repair_without_an_aligned_pool_is_refused():
     cfg.sample.misaligned = "repair"
     with pytest.raises(ConfigError, match="sample.alignment to cluster_pool or global_pool"):
         cfg.validate()
+
+
+def test_cross_fitted_losses_are_calibrated_per_fold_before_they_are_compared():
+    from tldr_tasks.folds import fold_of
+
+    keys = np.array([f"{i:07d}" for i in range(400)])
+    fold = np.array([fold_of(k, 2) for k in keys])
+    rng = np.random.default_rng(0)
+    base = rng.normal(2.0, 0.5, len(keys))
+    loss = np.where(fold == 1, 3.0 * base + 4.0, base)  # fold 1's captioner: harsher and more spread out
+    cluster = np.zeros(len(keys), dtype=np.int64)  # one cluster: both folds' pairs compete for its pool
+    raw_pool = sample.eligible_pairs(cluster, loss, sample.alignment_scores(cluster, loss), "cluster_pool", 0.5)
+    assert raw_pool[fold == 1].mean() < 0.1  # uncalibrated, the harsher captioner's pairs are nearly all dropped
+    calibrated = sample.calibrated_loss(loss, keys, 2)
+    pool = sample.eligible_pairs(cluster, calibrated, sample.alignment_scores(cluster, calibrated), "cluster_pool",
+                                 0.5)
+    assert 0.4 < pool[fold == 1].mean() < 0.6 and 0.4 < pool[fold == 0].mean() < 0.6
+    for f in (0, 1):  # within a fold the order is the captioner's own
+        rows = fold == f
+        assert (np.argsort(calibrated[rows]) == np.argsort(loss[rows])).all()
+    np.testing.assert_array_equal(sample.calibrated_loss(loss, keys, 1), loss)

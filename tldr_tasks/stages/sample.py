@@ -21,7 +21,8 @@ Strategies (`sample.strategy`) set each cluster's quota, all keeping exactly rou
                    other alignments leave SemDeDup as it is
 
 Alignment (`sample.alignment`) decides which pairs fill a uniform or balanced quota. Every sample's
-alignment score is minus its caption loss, robustly z-scored within its cluster (`alignment_scores`):
+alignment score is minus its caption loss (each cross-fitted captioner's losses standardised within its fold:
+`calibrated_loss`), robustly z-scored within its cluster (`alignment_scores`):
     cluster_pool   uniformly at random from the better-aligned `aligned_share` of each cluster: drops
                    misaligned pairs while keeping the cluster's variety
     global_pool    uniformly from the better-aligned `aligned_share` of all pairs by raw loss (the
@@ -95,22 +96,42 @@ def balanced_quotas(sizes: np.ndarray, total: int) -> np.ndarray:
     return quotas
 
 
+def _robust_z(values: np.ndarray) -> np.ndarray:
+    """(values - median) / (1.4826 * MAD), the standard deviation standing in when the MAD is 0."""
+    median = np.median(values)
+    spread = 1.4826 * np.median(np.abs(values - median))
+    spread = spread if spread > 1e-6 else max(float(values.std()), 1e-6)
+    return (values - median) / spread
+
+
+def calibrated_loss(loss: np.ndarray, keys: np.ndarray, folds: int) -> np.ndarray:
+    """Caption losses of K cross-fitted captioners on one scale: each fold's losses (all from its own captioner)
+    robustly standardised within the fold, so a pair's score does not depend on which captioner happened to
+    score it. One captioner (K = 1): unchanged (every later use is invariant to one shift and scale anyway)."""
+    if folds <= 1:
+        return loss
+    from tldr_tasks.folds import fold_of
+
+    fold = np.array([fold_of(str(k), folds) for k in keys])
+    calibrated = loss.astype(np.float64)
+    for f in range(folds):
+        rows = np.flatnonzero((fold == f) & ~np.isnan(loss))
+        if len(rows):
+            calibrated[rows] = _robust_z(loss[rows].astype(np.float64))
+    return calibrated
+
+
 def alignment_scores(cluster: np.ndarray, loss: np.ndarray) -> np.ndarray:
     """How well each caption fits its image, comparable across clusters: minus the captioner's
-    length-normalised loss of the original caption, robustly z-scored within the sample's cluster
-    ((loss - median) / (1.4826 * MAD)). Higher is better aligned; an empty caption (NaN loss) is -inf.
-    Raw loss also tracks popularity (the captioner knows head scenes best); within a cluster of
-    look-alike images it mostly tracks whether the caption describes the image."""
+    length-normalised loss of the original caption (`calibrated_loss` across cross-fitting folds), robustly
+    z-scored within the sample's cluster ((loss - median) / (1.4826 * MAD)). Higher is better aligned; an
+    empty caption (NaN loss) is -inf. Raw loss also tracks popularity (the captioner knows head scenes best);
+    within a cluster of look-alike images it mostly tracks whether the caption describes the image."""
     score = np.full(len(loss), -np.inf)
     for c in np.unique(cluster):
         rows = np.flatnonzero((cluster == c) & ~np.isnan(loss))
-        if not len(rows):
-            continue
-        values = loss[rows].astype(np.float64)
-        median = np.median(values)
-        spread = 1.4826 * np.median(np.abs(values - median))
-        spread = spread if spread > 1e-6 else max(float(values.std()), 1e-6)
-        score[rows] = -(values - median) / spread
+        if len(rows):
+            score[rows] = -_robust_z(loss[rows].astype(np.float64))
     return score
 
 
@@ -300,6 +321,13 @@ def distribution(values: np.ndarray, prefix: str, misaligned: bool = True) -> di
     return out
 
 
+def scoring_folds(io: StageIO) -> int:
+    """The cross-fitting folds of the captioner that scored the losses (1 when there is none to read)."""
+    from tldr_tasks.models.captioner import captioner_folds, is_complete
+
+    return captioner_folds(io.captioner_dir) if is_complete(io.captioner_dir) else 1
+
+
 def run(cfg: Config, io: StageIO) -> StageResult:
     """Select the samples to keep; skipped when stats.json exists."""
     import pyarrow as pa
@@ -326,10 +354,10 @@ def run(cfg: Config, io: StageIO) -> StageResult:
         raise ConfigError(f"sample.ratio={s.ratio} keeps 0 of {n} samples; raise it to at least {1.0 / max(n, 1):.4g} "
                           "(e.g. --set sample.ratio=0.25)")
     cluster = table["cluster"].to_numpy().astype(np.int64)
-    loss = table["loss"].to_numpy().astype(np.float64)
+    keys = table["key"].to_numpy(zero_copy_only=False).astype(str)
+    loss = calibrated_loss(table["loss"].to_numpy().astype(np.float64), keys, scoring_folds(io))
     alignment = alignment_scores(cluster, loss)
     score = scores(s.strategy, s.alignment, loss, table["distance"].to_numpy().astype(np.float64), alignment)
-    keys = table["key"].to_numpy(zero_copy_only=False).astype(str)
     extra: dict[str, np.ndarray] = {}  # the baselines' own per-sample evidence, kept in alignment.parquet
     pool = (eligible_pairs(cluster, loss, alignment, s.alignment, s.aligned_share)
             if s.alignment in ("cluster_pool", "global_pool") else None)
