@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     runs = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        for crawl in args.crawls.split(","):
-            for arm in ARMS:
+        for arm in ARMS:
+            for crawl in args.crawls.split(","):
                 runs.append(run_one(Path(args.out), crawl, seed, arm))
                 print(json.dumps({k: runs[-1][k] for k in ("crawl", "seed", "arm", *METRICS, "collapsed")}),
                       flush=True)
