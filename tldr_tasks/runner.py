@@ -197,6 +197,8 @@ def record_run(parent: str, out: str) -> dict[str, float]:
     tracking.log_lineage(parent, manifest.get("input", ""), manifest.get("input_version"),
                          storage.join(out, "shards"), manifest.get("output_version"),
                          captioner=manifest.get("captioner_version"))
+    if "clusters" in metrics:  # the number used: the tag said 0 where the size rule was to choose it
+        tracking.log_to_parent(parent, {}, tags={"clusters": str(int(metrics["clusters"]))})
     return metrics
 
 
@@ -213,16 +215,20 @@ def result_summary(name: str, io: StageIO, result: StageResult, parent: str | No
             "skipped": result.skipped, "out": tracking.redact(io.out), "mlflow_run_id": parent}
 
 
-def compress(cfg: Config, io: StageIO, with_eval: bool = False) -> dict:
+def compress(cfg: Config, io: StageIO, with_eval: bool = False, label: str = "") -> dict:
     """Run every stage (and the evaluation when asked) and return a summary dict:
-    {"results": {stage: metrics}, "seconds": {stage: s}, "mlflow_run_id", "manifest"}."""
+    {"results": {stage: metrics}, "seconds": {stage: s}, "mlflow_run_id", "manifest"}.
+
+    Args:
+        label: a word or two for the MLflow parent run's name beside ratio, strategy and time (the demo's crawl).
+    """
     thread_defaults()
     preflight.check(cfg, io, with_eval=with_eval)
     check_run_config(cfg, io)
     # compress owns its parent run: one RUNNING under this key is a killed earlier compress's.
     tracking.end_stale_runs(tracking.key_filter(tracking.run_key(io)),
                             "a later compress with the same run key found it RUNNING")
-    parent = tracking.parent_run_id(cfg, io, new=True)
+    parent = tracking.parent_run_id(cfg, io, new=True, label=label)
     stages = [s for s in STAGES if with_eval or not s.optional]
     results: dict[str, dict] = {}
     seconds: dict[str, float] = {}
