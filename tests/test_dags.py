@@ -248,6 +248,10 @@ def test_asset_triggered_run_compresses_the_landed_crawl(compress, tiny_crawl, m
     assert parent.info.status == "RUNNING" and parent.data.tags["tldr.run_key"] == "tldr_compress/asset_triggered__1"
     assert parent.data.tags["airflow.run_id"] == "asset_triggered__1"
     assert parent.data.tags["tldr.input_version"] == "bbb"
+    # named and tagged as a local compress's parent run: ratio, strategy, start time; the key parameters
+    assert parent.info.run_name.startswith(f"r{params['ratio']:.2f} {params['strategy']} ")
+    assert (parent.data.tags["ratio"], parent.data.tags["strategy"], parent.data.tags["input"]) == (
+        str(params["ratio"]), params["strategy"], landed)
     manual = compress.task_dict["plan"].python_callable(params={**params, "input_url": old}, run_id="manual__1", ti=ti,
                                                         triggering_asset_events=None)
     assert manual["input"] == old and manual["input_version"] is None
@@ -301,6 +305,7 @@ def test_publish_records_what_local_compress_records(compress, run_dir, mlflow_s
     assert "manifest.json" in {f.path for f in client.list_artifacts(parent)}
     assert "report/report.html" in {f.path for f in client.list_artifacts(parent, "report")}
     assert {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs} == {"crawl": "v1"}
+    assert run.data.tags["clusters"] == str(int(run.data.metrics["clusters"]))  # the number the run used
 
 
 def test_parsing_reads_no_variable_or_connection():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -232,3 +233,53 @@ def test_stage_timings_reach_the_summary_metrics(tmp_path):
     assert metrics["seconds.caption"] == 5.0 and metrics["samples_per_second.caption"] == 10.0  # kept samples
     assert metrics["captions_original_low_confidence"] == 40 and metrics["caption_collapsed"] == 0
     assert metrics["alignment_input_mean"] == 0.1 and metrics["alignment_kept_mean"] == 0.4
+
+
+RETRAIN_TINY = ["captioner.epochs=1", "captioner.folds=1", "captioner.image_size=32", "captioner.batch_size=32",
+                "caption.num_beams=1", "caption.max_new_tokens=8", "materialize.shard_size=20", "cluster.clusters=4",
+                "sample.ratio=0.3"]
+
+
+@pytest.mark.slow
+def test_compress_retrain_captioner_trains_and_registers_a_new_version(tiny_crawl, mlflow_store, capsys):
+    """Retrain means retrain under `compress` too (issue 26): with the crawl and the parameters unchanged,
+    `--retrain-captioner` beside a finished `--captioner` trains a new one in `DIR-r2` and registers a new
+    version; a rerun of that run folder continues with it, training nothing; a retrain in a run folder that
+    already holds its captioner is refused before any work."""
+    import mlflow
+
+    from tldr_tasks import cli, tracking
+
+    def compress(out: str, *flags: str) -> dict:
+        args = ["compress", "--input", f"{tiny_crawl}/train", "--out", str(mlflow_store / out)]
+        assert cli.main([*args, *flags, *(f for o in RETRAIN_TINY for f in ("--set", o))]) == 0, capsys.readouterr().err
+        run_id = re.search(r"MLflow run (\w+)", capsys.readouterr().out).group(1)
+        return mlflow.MlflowClient().get_run(run_id)
+
+    first = compress("run1")
+    trained = mlflow_store / "run1" / "captioner"
+    assert first.data.tags["tldr.captioner_version"] == "1"
+    reused = compress("run2", "--captioner", str(trained))
+    assert reused.data.tags["tldr.captioner_version"] == "1" and "seconds.train-captioner" not in reused.data.metrics
+
+    retrained = compress("run3", "--captioner", str(trained), "--retrain-captioner")
+    assert (mlflow_store / "run1" / "captioner-r2" / "COMPLETE").exists()
+    assert retrained.data.tags["tldr.captioner_version"] == "2"
+    assert retrained.data.tags["tldr.captioner_choice"] == "retrain requested"
+    assert retrained.data.metrics["seconds.train-captioner"] > 0
+    version = mlflow.MlflowClient().get_model_version(tracking.CAPTIONER_MODEL_NAME, "2")
+    assert version.run_id == retrained.info.run_id
+    assert version.tags["captioner_folder"] == str(mlflow_store / "run1" / "captioner-r2")
+    manifest = json.loads((mlflow_store / "run3" / "shards" / "manifest.json").read_text())
+    assert manifest["captioner_version"] == version.tags["captioner_version"]
+
+    # a rerun of the retrained run folder (say after a kill) keeps its captioner: no third training
+    again = compress("run3", "--captioner", str(trained), "--retrain-captioner")
+    assert again.data.tags["tldr.captioner_version"] == "2" and not (mlflow_store / "run1" / "captioner-r3").exists()
+    assert len(mlflow.MlflowClient().search_model_versions(f"name = '{tracking.CAPTIONER_MODEL_NAME}'")) == 2
+
+    args = ["compress", "--input", f"{tiny_crawl}/train", "--out", str(mlflow_store / "run1"), "--retrain-captioner"]
+    runs_before = len(mlflow.MlflowClient().search_runs([first.info.experiment_id]))
+    assert cli.main([*args, *(f for o in RETRAIN_TINY for f in ("--set", o))]) == 2
+    assert "already holds a trained captioner" in capsys.readouterr().err
+    assert len(mlflow.MlflowClient().search_runs([first.info.experiment_id])) == runs_before  # refused before any run

@@ -64,7 +64,7 @@ def retrain_number(url: str) -> int:
     return int(found.group(1)) if found else 1
 
 
-def _unfinished(url: str) -> str:
+def unfinished(url: str) -> str:
     """`url`, or its first `-rN` sibling (N = 2, 3, ...) that holds no finished captioner."""
     done = get_stage("train-captioner").done_marker
     candidate, number = url, 1
@@ -88,7 +88,7 @@ def choose(root: str, cfg: Config, crawl_version: str, crawl_shards: int, retrai
     """
     new = folder(root, cfg, crawl_version)
     if retrain:
-        return {"url": _unfinished(new), "reason": "retrain requested", "trained_shards": crawl_shards}
+        return {"url": unfinished(new), "reason": "retrain requested", "trained_shards": crawl_shards}
     candidates = compatible(root, cfg)
     if not candidates:
         return {"url": new, "reason": "no captioner with these parameters yet", "trained_shards": crawl_shards}

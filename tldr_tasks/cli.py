@@ -116,13 +116,16 @@ def compress_main(argv: list[str]) -> int:
     parser.add_argument("--input", required=True, help="crawl shards: brace pattern, glob or folder URL")
     parser.add_argument("--out", required=True, help="output folder URL (resumable: rerun to continue)")
     parser.add_argument("--captioner", help="reuse a trained captioner folder instead of training one")
+    parser.add_argument("--retrain-captioner", action="store_true",
+                        help="train a new captioner even where --captioner names a trained one (in DIR-r2, "
+                             "DIR-r3, ... beside it), registered as a new tldr-captioner version")
     parser.add_argument("--embed-cache", help="shared embedding folder: recompression embeds only new shards")
     parser.add_argument("--eval", action="store_true", help="also run the downstream evaluation")
     parser.add_argument("--eval-input", help="clean held-out shards for --eval")
     _add_shortcuts(parser)
     args = parser.parse_args(argv)
     cfg = load_config(args.params, _common_overrides(args))
-    summary = compress(cfg, io_from_args(args), with_eval=args.eval)
+    summary = compress(cfg, io_from_args(args), with_eval=args.eval, retrain_captioner=args.retrain_captioner)
     manifest = summary["manifest"]
     print(f"kept {manifest['kept']} of {manifest['input_samples']} samples "
           f"({manifest['dropped']} dropped by selection, {manifest['rejected']} rejected: see "

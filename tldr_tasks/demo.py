@@ -8,7 +8,6 @@ store, versions the compressed set, prints a results table and writes `DIR/repor
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -56,8 +55,7 @@ def demo(out_dir: str, cfg: Config) -> dict:
         print(f"making a synthetic crawl of {cfg.crawl.samples} samples in {crawl} ...", file=sys.stderr)
         make_crawl(str(crawl), cfg.crawl, cfg.seed)
     io = StageIO(input=str(crawl / "train"), out=str(root / "run"), eval_input=str(crawl / "eval"))
-    os.environ.setdefault("TLDR_RUN_NAME", f"demo seed={cfg.seed} noise={cfg.crawl.noise} ratio={cfg.sample.ratio}")
-    summary = compress(cfg, io, with_eval=True)
+    summary = compress(cfg, io, with_eval=True, label=f"demo noise={cfg.crawl.noise} seed={cfg.seed}")
     versions = version_with_dvc(root, ["crawl", "run/shards"])
     evaluation = json.loads(storage.read_text(storage.join(io.evaluate_dir, "report.json")))
     manifest = summary["manifest"]

@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 
 from tldr_tasks import preflight, storage, tracking
 from tldr_tasks.config import Config, ConfigError
@@ -197,6 +198,8 @@ def record_run(parent: str, out: str) -> dict[str, float]:
     tracking.log_lineage(parent, manifest.get("input", ""), manifest.get("input_version"),
                          storage.join(out, "shards"), manifest.get("output_version"),
                          captioner=manifest.get("captioner_version"))
+    if "clusters" in metrics:  # the number used: the tag said 0 where the size rule was to choose it
+        tracking.log_to_parent(parent, {}, tags={"clusters": str(int(metrics["clusters"]))})
     return metrics
 
 
@@ -213,16 +216,60 @@ def result_summary(name: str, io: StageIO, result: StageResult, parent: str | No
             "skipped": result.skipped, "out": tracking.redact(io.out), "mlflow_run_id": parent}
 
 
-def compress(cfg: Config, io: StageIO, with_eval: bool = False) -> dict:
+CAPTIONER_CHOICE = "captioner_choice.json"  # in a run folder: the captioner a requested retrain trains
+
+
+def retrain_choice(io: StageIO, retrain: bool) -> tuple[StageIO, dict | None]:
+    """`io` with the captioner a requested retrain trains, and the choice ({"url", "reason"}; None when
+    the run trains or reuses as usual).
+
+    A retrain trains, with the run's parameters, in a folder that holds no finished captioner, and is
+    registered as a new `tldr-captioner` version: beside the `--captioner` it would have reused, in the first
+    free `DIR-r2`, `DIR-r3`, ... (the folders Airflow's runners use: captioners.choose), or, without
+    --captioner, in the run's own `out/captioner`, which must not be finished yet (the later stages in that
+    run folder were made with it). The choice is recorded in the run folder on first use: a rerun of that
+    folder (after a kill) continues with that captioner, with or without the flag, never trains another."""
+    from tldr_tasks import captioners
+
+    record = storage.join(io.out, CAPTIONER_CHOICE)
+    if storage.exists(record):
+        choice = json.loads(storage.read_text(record))
+    elif not retrain:
+        return io, None
+    elif io.captioner:
+        choice = {"url": captioners.unfinished(io.captioner), "reason": "retrain requested"}
+    elif get_stage("train-captioner").is_done(io):
+        raise ConfigError(f"--retrain-captioner: {tracking.redact(io.out)} already holds a trained captioner and the "
+                          "stages made with it; a retrain there would mix two captioners in one run folder (use a new "
+                          f"--out, or --captioner {tracking.redact(io.captioner_dir)} to train a new one beside it)")
+    else:
+        choice = {"url": io.captioner_dir, "reason": "retrain requested"}
+    if not storage.exists(record):
+        storage.write_text_atomic(record, json.dumps(choice))
+    if choice["url"] == io.captioner_dir:
+        return io, choice
+    return replace(io, captioner=choice["url"]), choice
+
+
+def compress(cfg: Config, io: StageIO, with_eval: bool = False, retrain_captioner: bool = False,
+             label: str = "") -> dict:
     """Run every stage (and the evaluation when asked) and return a summary dict:
-    {"results": {stage: metrics}, "seconds": {stage: s}, "mlflow_run_id", "manifest"}."""
+    {"results": {stage: metrics}, "seconds": {stage: s}, "mlflow_run_id", "manifest"}.
+
+    Args:
+        retrain_captioner: train a new captioner even where `--captioner` names a finished one (retrain_choice).
+        label: a word or two for the MLflow parent run's name beside ratio, strategy and time (the demo's crawl).
+    """
     thread_defaults()
     preflight.check(cfg, io, with_eval=with_eval)
     check_run_config(cfg, io)
+    io, choice = retrain_choice(io, retrain_captioner)
     # compress owns its parent run: one RUNNING under this key is a killed earlier compress's.
     tracking.end_stale_runs(tracking.key_filter(tracking.run_key(io)),
                             "a later compress with the same run key found it RUNNING")
-    parent = tracking.parent_run_id(cfg, io, new=True)
+    tags = ({"tldr.captioner": tracking.redact(choice["url"]), "tldr.captioner_choice": choice["reason"]}
+            if choice else {})
+    parent = tracking.parent_run_id(cfg, io, tags=tags, new=True, label=label)
     stages = [s for s in STAGES if with_eval or not s.optional]
     results: dict[str, dict] = {}
     seconds: dict[str, float] = {}

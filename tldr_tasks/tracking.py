@@ -142,21 +142,39 @@ def log_params(run_id: str, params: dict) -> None:
     _mlflow().MlflowClient().log_batch(run_id, params=[Param(k, v) for k, v in sorted(flat.items())])
 
 
+def run_name(cfg: Config, label: str = "", when: float | None = None) -> str:
+    """A parent run's name, for what tells runs apart in the MLflow runs table: the ratio, the sampling
+    strategy, an optional `label` (the demo's crawl) and the local time it started, to the minute:
+    "r0.30 semdedup 2026-12-06 16:38"."""
+    stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(when))
+    return " ".join(part for part in (f"r{cfg.sample.ratio:.2f}", cfg.sample.strategy, label, stamp) if part)
+
+
+def key_tags(cfg: Config, io: StageIO) -> dict[str, str]:
+    """The key parameters as plain tags (the runs table lists tags beside the name; params need a column
+    chosen): ratio, strategy, alignment, fusion, captioner preset, clusters (the configured number; 0 =
+    the size rule, replaced by the number used once the run is recorded: record_run) and the input."""
+    return {"ratio": str(cfg.sample.ratio), "strategy": cfg.sample.strategy, "alignment": cfg.sample.alignment,
+            "fusion": cfg.caption.fusion, "captioner_preset": cfg.captioner.preset,
+            "clusters": str(cfg.cluster.clusters), "input": redact(io.input)}
+
+
 def parent_run_id(cfg: Config, io: StageIO, tags: dict[str, str] | None = None, key: str | None = None,
-                  new: bool = False) -> str:
+                  new: bool = False, label: str = "") -> str:
     """The id of this compression's parent run (tag `tldr.run_key` = `key`, default `run_key(io)`),
-    created with the full config as params and `tags` on first use, or always when `new`."""
+    created on first use, or always when `new`: named by `run_name` (`$TLDR_RUN_NAME` wins), with the
+    config as params, the key parameters as tags (`key_tags`) and `tags`."""
     mlflow = _mlflow()
     key = key or run_key(io)
     found = None if new else find_parent(key)
     if found:
         return found
     tags = {"tldr.run_key": key, "tldr.input": redact(io.input), "tldr.out": redact(io.out),
-            "tldr.config_hash": cfg.hash(), **_airflow_tags(), **(tags or {})}
+            "tldr.config_hash": cfg.hash(), **key_tags(cfg, io), **_airflow_tags(), **(tags or {})}
     client = mlflow.MlflowClient()
     run = client.create_run(mlflow.get_experiment_by_name(
         os.environ.get("TLDR_MLFLOW_EXPERIMENT", EXPERIMENT)).experiment_id, tags=tags,
-        run_name=os.environ.get("TLDR_RUN_NAME") or f"compress {key.rsplit('/', 1)[-1]}")
+        run_name=os.environ.get("TLDR_RUN_NAME") or run_name(cfg, label))
     # Only what describes the run: not the `crawl` section (the synthetic crawl generator's: a run on
     # another crawl would record settings that never made its input; the demo logs its crawl's own),
     # nor `evaluate` before an evaluation runs (stage_run adds it then).
