@@ -86,7 +86,11 @@ def _fake_package(folder: Path, vendor: str) -> Path:
     images += [v["image"] for e in emojis for v in (e.get("skin_variations") or {}).values()]
     for index, image in enumerate(images):
         files[f"package/img/{vendor}/64/{image}"] = _png(vendor, index)
-    path = folder / f"emoji-datasource-{vendor}-0.0.1.tgz"
+    return _tgz(folder / f"emoji-datasource-{vendor}-0.0.1.tgz", files)
+
+
+def _tgz(path: Path, files: dict[str, bytes]) -> Path:
+    """A .tgz of `files` (member name -> bytes), as npm serves a package."""
     with tarfile.open(path, "w:gz") as tar:
         for name, data in files.items():
             info = tarfile.TarInfo(name)

@@ -4,7 +4,8 @@
     tldr-vlp compress --input URL --out URL    the main job on your own crawl
     tldr-vlp run STAGE --input URL --out URL   one stage (what Airflow tasks and dvc.yaml call)
     tldr-vlp make-crawl --out DIR              the synthetic benchmark crawl
-    tldr-vlp make-real-crawl --out DIR         the real-image benchmark crawl (npm emoji packages, pinned)
+    tldr-vlp make-real-crawl --out DIR         the real-image benchmark crawl (npm emoji packages, pinned);
+                                               --source mixed: 3D emoji + furniture (npm, Debian), pinned
     tldr-vlp import --images DIR --captions F --out DIR   a folder of images + captions -> shards
     tldr-vlp stages                            the stage list with resources
     tldr-vlp report RUN_DIR                    report.html of a run (images, clusters, captions, curves)

@@ -44,7 +44,9 @@ import tarfile
 import tempfile
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -115,15 +117,16 @@ def caption_for(emoji: dict, skin_key: str = "") -> str:
     return text
 
 
-# What caption_for puts after the name. Names never contain ", a " or ", an ", so it cannot cut one.
-_DESCRIPTION_TAIL = re.compile(r",\s+an?\s+[^;]*\bemoji\b[^;]*$")
+# What caption_for (and real_mixed's captions: "..., a 3d model from ...") put after the name. Names
+# never contain ", a " or ", an ", so it cannot cut one.
+_DESCRIPTION_TAIL = re.compile(r",\s+an?\s+[^;]*\b(?:emoji|model)\b[^;]*$")
 _ARTICLE = re.compile(r"^(?:an?|the)\s+")
 
 
 def describes_concept(caption: str, truth: dict) -> bool:
     """True iff one ';'-separated part of `caption` names exactly this concept: is its clean name
     (truth["name"], skin tone included), optionally after an article and before a ", a ... emoji ..."
-    description. Case and spacing do not matter.
+    (or ", a ... model ...") description. Case and spacing do not matter.
 
     A whole name is compared, not a phrase search: "grinning face with big eyes" does not name
     "grinning face", and "kiss, a family emoji ..." does not name "family" (subcategory words are
@@ -150,35 +153,49 @@ def eval_task() -> dict:
 
 
 class IntegrityError(ValueError):
-    """A tarball's sha512 is not the pinned one: it is not used."""
+    """A tarball's sha512 (or sha256) is not the pinned one: it is not used."""
 
 
-def _sri_sha512(digest: bytes) -> str:
-    return "sha512-" + base64.b64encode(digest).decode("ascii")
+def _sri(algorithm: str, digest: bytes) -> str:
+    return f"{algorithm}-" + base64.b64encode(digest).decode("ascii")
 
 
-def _file_sri(path: str) -> str:
-    digest = hashlib.sha512()
+def sri_from_hex(algorithm: str, hexdigest: str) -> str:
+    """'sha256-<base64>' from a hex digest (what Debian's Packages index publishes)."""
+    return _sri(algorithm, bytes.fromhex(hexdigest))
+
+
+def _algorithm(integrity: str) -> str:
+    algorithm = integrity.split("-", 1)[0]
+    if algorithm not in ("sha512", "sha256"):
+        raise IntegrityError(f"integrity {integrity!r} is neither sha512-<base64> nor sha256-<base64>")
+    return algorithm
+
+
+def _file_sri(path: str, algorithm: str = "sha512") -> str:
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return _sri_sha512(digest.digest())
+    return _sri(algorithm, digest.digest())
 
 
 def fetch_tarball(url: str, integrity: str, cache_dir: str) -> str:
-    """The local path of the tarball at `url`, downloaded into `cache_dir` once and checked against
-    `integrity` (npm's "sha512-<base64>") on every use. Raises IntegrityError on a mismatch."""
+    """The local path of the archive at `url`, downloaded into `cache_dir` once and checked against
+    `integrity` (npm's "sha512-<base64>", or "sha256-<base64>" for a Debian package) on every use.
+    Raises IntegrityError on a mismatch."""
     from tqdm import tqdm
 
+    algorithm = _algorithm(integrity)
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, posixpath.basename(urllib.parse.urlparse(url).path))
     if os.path.exists(path):
-        got = _file_sri(path)
+        got = _file_sri(path, algorithm)
         if got != integrity:
-            raise IntegrityError(f"cached {path} has sha512 {got}, not the pinned {integrity}: refusing it "
+            raise IntegrityError(f"cached {path} has {algorithm} {got}, not the pinned {integrity}: refusing it "
                                  "(delete it to download it again)")
         return path
-    digest = hashlib.sha512()
+    digest = hashlib.new(algorithm)
     fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
@@ -189,9 +206,9 @@ def fetch_tarball(url: str, integrity: str, cache_dir: str) -> str:
                     digest.update(block)
                     out.write(block)
                     progress.update(len(block))
-        got = _sri_sha512(digest.digest())
+        got = _sri(algorithm, digest.digest())
         if got != integrity:
-            raise IntegrityError(f"{url} has sha512 {got}, not the pinned {integrity}: refusing it")
+            raise IntegrityError(f"{url} has {algorithm} {got}, not the pinned {integrity}: refusing it")
         os.chmod(tmp, 0o644)  # mkstemp makes files private; the cache is meant to be shared
         os.replace(tmp, path)  # only a verified, complete download enters the cache
     finally:
@@ -272,10 +289,11 @@ def _other_caption(concept: Concept, candidates: list[Concept], rng: np.random.G
     return wrong[int(rng.integers(len(wrong)))].caption
 
 
-def plant_noise(items: list[tuple[Concept, str]], concepts: list[Concept], share: float,
-                rng: np.random.Generator) -> tuple[list[str], list[str]]:
-    """(noise kind, caption) per train item: exactly round(share * n) noisy, a quarter each in whole
-    templated subcategories and whole mislabelled concepts while they fit, swaps for the rest."""
+def plant_noise(items: list[tuple[Concept, object]], concepts: list[Concept], share: float,
+                rng: np.random.Generator, templates: tuple[str, ...] = TEMPLATES) -> tuple[list[str], list[str]]:
+    """(noise kind, caption) per train item (a concept and its image: a vendor, a variant): exactly
+    round(share * n) noisy, a quarter each in whole templated subcategories (one of `templates`, `{n}`
+    a number) and whole mislabelled concepts while they fit, swaps for the rest."""
     n = len(items)
     noisy = int(round(share * n))
     kinds = ["none"] * n
@@ -293,7 +311,7 @@ def plant_noise(items: list[tuple[Concept, str]], concepts: list[Concept], share
     for j in rng.permutation(len(subcategory_groups)):
         members = subcategory_groups[j]
         if len(members) <= budget:
-            text = TEMPLATES[int(rng.integers(len(TEMPLATES)))].format(n=int(rng.integers(2, 100)))
+            text = templates[int(rng.integers(len(templates)))].format(n=int(rng.integers(2, 100)))
             for i in members:
                 kinds[i], captions[i] = "template", text
             budget -= len(members)
@@ -324,9 +342,9 @@ def plant_noise(items: list[tuple[Concept, str]], concepts: list[Concept], share
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def _render(png: bytes, size: int) -> tuple[bytes, tuple[int, int]]:
-    """The RGBA drawing composited on white, resized to size x size, as PNG; and its original size."""
-    with Image.open(io.BytesIO(png)) as img:
+def render(image: bytes, size: int) -> tuple[bytes, tuple[int, int]]:
+    """The (RGBA) image composited on white, resized to size x size, as PNG; and its original size."""
+    with Image.open(io.BytesIO(image)) as img:
         rgba = img.convert("RGBA")
     canvas = Image.new("RGB", rgba.size, (255, 255, 255))
     canvas.paste(rgba, mask=rgba.getchannel("A"))
@@ -341,9 +359,27 @@ def _key_digits(shard_size: int) -> int:
     return max(4, len(str(shard_size - 1)))
 
 
-def _write_split(out_url: str, split: str, items: list[tuple[Concept, str]], kinds: list[str], captions: list[str],
-                 packages: dict[str, Package], image_size: int, shard_size: int, first_shard: int,
-                 progress) -> list[str]:
+@dataclass(frozen=True)
+class SplitWriter:
+    """How one real crawl writes a split: where its images come from and what its truth says.
+
+    image_of(item) -> the source image bytes; truth_of(item, noise kind) -> KEY.json's truth;
+    group_of(item) -> the eval item's "group" (what eval/task.json's hits read); host names the
+    crawl in the placeholder URLs (https://<host>/<split>/<key>.png)."""
+
+    image_of: Callable[[Any], bytes]
+    truth_of: Callable[[Any, str], dict]
+    group_of: Callable[[Any], str]
+    host: str
+    image_size: int
+    shard_size: int
+
+
+def write_split(out_url: str, split: str, items: list, kinds: list[str], captions: list[str], writer: SplitWriter,
+                first_shard: int, progress) -> list[str]:
+    """Write `items` with their captions as `split`'s shards (keys numbered from `first_shard`, as the
+    synthetic crawl numbers them); the shard URLs."""
+    shard_size, image_size = writer.shard_size, writer.image_size
     digits = _key_digits(shard_size)
     shard_urls = []
     for shard_offset, start in enumerate(range(0, len(items), shard_size)):
@@ -351,17 +387,16 @@ def _write_split(out_url: str, split: str, items: list[tuple[Concept, str]], kin
         samples, rows = [], []
         for i in range(start, min(start + shard_size, len(items))):
             key = f"{shard_number:05d}{i - start:0{digits}d}"
-            concept, vendor = items[i]
-            image_bytes, (width, height) = _render(packages[vendor].images[concept.image], image_size)
+            image_bytes, (width, height) = render(writer.image_of(items[i]), image_size)
             meta = {
-                "url": f"https://real-emoji.invalid/{split}/{key}.png", "key": key, "caption": captions[i],
+                "url": f"https://{writer.host}/{split}/{key}.png", "key": key, "caption": captions[i],
                 "status": "success", "error_message": None, "width": image_size, "height": image_size,
                 "original_width": width, "original_height": height, "exif": None,
                 "sha256": hashlib.sha256(image_bytes).hexdigest(),
-                "truth": _truth(concept, vendor, kinds[i]),
+                "truth": writer.truth_of(items[i], kinds[i]),
             }
             if split == "eval":  # what eval/task.json's hits read
-                meta["group"] = concept.name
+                meta["group"] = writer.group_of(items[i])
             samples.append((key, {"png": image_bytes, "txt": captions[i].encode("utf-8"), "json": encode_json(meta)}))
             rows.append(meta)
             progress.update(1)
@@ -371,8 +406,9 @@ def _write_split(out_url: str, split: str, items: list[tuple[Concept, str]], kin
     return shard_urls
 
 
-def _validate(noise: float, image_size: int, shard_size: int, max_train: int | None, max_eval: int | None,
-              sources: dict[str, tuple[str, str]]) -> None:
+def check_params(noise: float, image_size: int, shard_size: int, max_train: int | None,
+                 max_eval: int | None) -> None:
+    """The parameters every real crawl shares; ConfigError names the one to change."""
     if not 0.0 <= noise <= 1.0:
         raise ConfigError(f"noise is {noise}: it is a share of train captions, from 0 to 1")
     if image_size < 8:
@@ -382,6 +418,11 @@ def _validate(noise: float, image_size: int, shard_size: int, max_train: int | N
     for name, value in (("max_train", max_train), ("max_eval", max_eval)):
         if value is not None and value < 1:
             raise ConfigError(f"{name} is {value}: use at least 1, or None")
+
+
+def _validate(noise: float, image_size: int, shard_size: int, max_train: int | None, max_eval: int | None,
+              sources: dict[str, tuple[str, str]]) -> None:
+    check_params(noise, image_size, shard_size, max_train, max_eval)
     if EVAL_VENDOR not in sources or len(sources) < 2:
         raise ConfigError(f"sources are {sorted(sources)}: they need {EVAL_VENDOR!r} (held out) and a train vendor")
 
@@ -417,13 +458,16 @@ def make_real_crawl(out_url: str, seed: int, noise: float = 0.3, image_size: int
     train_items = [train_items[int(i)] for i in rng.permutation(len(train_items))]  # a crawl is not sorted
     kinds, captions = plant_noise(train_items, concepts, noise, np.random.default_rng((seed, 1)))
 
+    writer = SplitWriter(image_of=lambda item: packages[item[1]].images[item[0].image],
+                         truth_of=lambda item, kind: _truth(item[0], item[1], kind),
+                         group_of=lambda item: item[0].name, host="real-emoji.invalid", image_size=image_size,
+                         shard_size=shard_size)
     train_shards = -(-len(train_items) // shard_size)
     with tqdm(total=len(train_items) + len(eval_items), desc="make-real-crawl", unit="img", file=sys.stderr,
               disable=None) as progress:
-        train_urls = _write_split(out_url, "train", train_items, kinds, captions, packages, image_size, shard_size,
-                                  0, progress)
-        eval_urls = _write_split(out_url, "eval", eval_items, ["none"] * n_eval, [c.caption for c, _ in eval_items],
-                                 packages, image_size, shard_size, train_shards, progress)
+        train_urls = write_split(out_url, "train", train_items, kinds, captions, writer, 0, progress)
+        eval_urls = write_split(out_url, "eval", eval_items, ["none"] * n_eval, [c.caption for c, _ in eval_items],
+                                writer, train_shards, progress)
     stats = {
         "kind": "real_emoji",
         "params": {"seed": seed, "noise": noise, "image_size": image_size, "shard_size": shard_size,
@@ -450,23 +494,39 @@ def make_real_crawl(out_url: str, seed: int, noise: float = 0.3, image_size: int
     return stats
 
 
+SOURCE_NAMES = ("emoji", "mixed")  # --source: this module's crawl (the default), real_mixed's
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tldr-vlp make-real-crawl",
-                                     description="Write the real emoji benchmark crawl (train + held-out vendor eval).")
+                                     description="Write a real-image benchmark crawl: `emoji` (default; four vendors, "
+                                                 "one held out for eval) or `mixed` (3D emoji and furniture, "
+                                                 "held-out names for eval; data/real_mixed.py).")
     parser.add_argument("--out", required=True, help="output folder URL")
+    parser.add_argument("--source", choices=SOURCE_NAMES, default="emoji", help="which real crawl (default emoji)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--noise", type=float, default=0.3, help="share of noisy train captions")
     parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     parser.add_argument("--max-train", type=int, default=None, help="cap on train samples (default: all)")
     parser.add_argument("--max-eval", type=int, default=None, help=f"cap on eval samples (default {DEFAULT_MAX_EVAL})")
+    parser.add_argument("--eval-share", type=float, default=None,
+                        help="mixed only: held-out share of the images (default real_mixed.EVAL_SHARE)")
     parser.add_argument("--cache-dir", default=None,
-                        help=f"where the npm tarballs are kept (default {DEFAULT_CACHE_DIR})")
+                        help=f"where the downloaded archives are kept (default {DEFAULT_CACHE_DIR})")
     args = parser.parse_args(argv)
+    common = {"seed": args.seed, "noise": args.noise, "image_size": args.image_size, "shard_size": args.shard_size,
+              "cache_dir": args.cache_dir, "max_train": args.max_train, "max_eval": args.max_eval}
     try:
-        stats = make_real_crawl(args.out, seed=args.seed, noise=args.noise, image_size=args.image_size,
-                                shard_size=args.shard_size, cache_dir=args.cache_dir, max_train=args.max_train,
-                                max_eval=args.max_eval)
+        if args.source == "mixed":
+            from tldr_tasks.data.real_mixed import EVAL_SHARE, make_mixed_crawl
+
+            stats = make_mixed_crawl(args.out, eval_share=EVAL_SHARE if args.eval_share is None else args.eval_share,
+                                     **common)
+        elif args.eval_share is not None:
+            raise ConfigError("--eval-share is for --source mixed: the emoji crawl holds out a vendor")
+        else:
+            stats = make_real_crawl(args.out, **common)
     except ConfigError as err:
         parser.error(str(err))
     print(json.dumps({"out": args.out, "train_input": storage.join(args.out, stats["train_input"]),
