@@ -9,6 +9,7 @@ importable.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -99,3 +100,17 @@ def random_captioner(tiny_crawl, tmp_path_factory) -> str:
     url = str(tmp_path_factory.mktemp("random_captioner"))
     cap.save_captioner(model.eval(), tokenizer, {}, url)
     return url
+
+
+@pytest.fixture()
+def fresh_python():
+    """`run(code, hash_seed)`: the stdout of `code` run in a new interpreter with PYTHONHASHSEED=hash_seed. What
+    must be the same in every process (a key-hash split) is checked there: Python's own `hash()` of a str
+    differs between processes, never inside one."""
+    def run(code: str, hash_seed: int) -> str:
+        done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(hash_seed)},
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout.strip()
+
+    return run
