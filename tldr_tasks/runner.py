@@ -21,6 +21,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from tldr_tasks import preflight, storage, tracking
 from tldr_tasks.config import Config, ConfigError
@@ -61,6 +63,7 @@ def check_run_config(cfg: Config, io: StageIO) -> None:
 
 
 CPU_MODES = ("owned", "shared")
+THREAD_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")  # what thread_defaults sets
 
 
 def thread_defaults() -> None:
@@ -81,6 +84,24 @@ def thread_defaults() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(cpu_limit()))
     if mode == "shared":
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+@contextmanager
+def stage_threads() -> Iterator[None]:
+    """`thread_defaults` for one run in this process (a stage, a compress; `@stage_threads()` on the function),
+    then the caller's environment as it was: a process that goes on to other work (a notebook, a test
+    session) keeps its own settings, and a later evaluation, which sizes torch's threads from
+    OMP_NUM_THREADS, is not sized by this run's."""
+    saved = {name: os.environ.get(name) for name in THREAD_VARS}
+    thread_defaults()
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def input_fingerprint(input_url: str, version: str | None = None) -> dict:
@@ -141,13 +162,13 @@ def load_stage_module(name: str):
     return importlib.import_module(f"tldr_tasks.stages.{get_stage(name).module}")
 
 
+@stage_threads()
 def execute_stage(cfg: Config, io: StageIO, name: str, **kwargs) -> tuple[StageResult, float, str | None]:
     """Run one stage: preflight, params record, the stage inside its MLflow stage run, and (for
     train-captioner) the captioner's registration. Returns (result, seconds, parent run id).
 
     Under the DeepSpeed launcher every rank calls this; only rank 0 checks, records and tracks.
     """
-    thread_defaults()
     first_rank = int(os.environ.get("RANK", "0")) == 0
     if first_rank:  # before the stage's heavy imports (torch): a refused run ends in well under a second
         preflight.check(cfg, io, stage=name, with_eval=name == "evaluate")
@@ -213,10 +234,10 @@ def result_summary(name: str, io: StageIO, result: StageResult, parent: str | No
             "skipped": result.skipped, "out": tracking.redact(io.out), "mlflow_run_id": parent}
 
 
+@stage_threads()
 def compress(cfg: Config, io: StageIO, with_eval: bool = False) -> dict:
     """Run every stage (and the evaluation when asked) and return a summary dict:
     {"results": {stage: metrics}, "seconds": {stage: s}, "mlflow_run_id", "manifest"}."""
-    thread_defaults()
     preflight.check(cfg, io, with_eval=with_eval)
     check_run_config(cfg, io)
     # compress owns its parent run: one RUNNING under this key is a killed earlier compress's.
