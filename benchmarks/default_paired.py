@@ -4,8 +4,9 @@
 
 `tldr-vlp benchmark` pairs the TL;DR row with every baseline. The default selection is chosen on
 validation and may be another variant (a baseline, when one wins); this pairs it the same way (same
-seed, same crawl, mean R@1 on the test split) from each `benchmark_<crawl>.json`, and writes
-`default_paired.json` beside them.
+seed, same crawl, mean R@1 on the test split) from each `benchmark_<crawl>.json` (a crawl of
+tldr_tasks.benchmark.ALL_CRAWLS: not the caption benchmark's `benchmark_captions_<crawl>.json` beside them),
+and writes `default_paired.json` beside them.
 """
 
 from __future__ import annotations
@@ -14,16 +15,15 @@ import json
 import sys
 from pathlib import Path
 
-from tldr_tasks.benchmark import default_paired
+from tldr_tasks.benchmark import ALL_CRAWLS, default_paired
 
 
 def main(folder: str = "benchmarks/results") -> None:
-    files = sorted(Path(folder).glob("benchmark_*.json"))
+    files = [path for crawl in ALL_CRAWLS if (path := Path(folder) / f"benchmark_{crawl}.json").exists()]
     results = {}
     for path in files:
         result = json.loads(path.read_text())
-        if "crawl" in result and "chosen_on_validation" in result:
-            results[result["crawl"]] = default_paired(result)
+        results[result["crawl"]] = default_paired(result)
     (Path(folder) / "default_paired.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     for crawl, result in results.items():
         print(crawl, ", ".join(f"{name} {d['mean']:+.1f} ± {d['ci95']:.1f} (≥ {d['lower']:.1f})"

@@ -1,14 +1,15 @@
 """Shared fixtures and the test session's environment.
 
 `tiny_crawl`: a small synthetic crawl (made once per test session); `mlflow_store`: a fresh local
-MLflow store per test. Airflow reads its home at import, so the session gets its own (never the
-user's ~/airflow) before any test module imports Airflow, and the DAG helpers under dags/ are
-importable.
+MLflow store per test; every test gives torch's thread count and OpenMP's variables back as they were.
+Airflow reads its home at import, so the session gets its own (never the user's ~/airflow) before any
+test module imports Airflow, and the DAG helpers under dags/ are importable.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -52,6 +53,25 @@ def pytest_runtest_makereport(item, call):
 def pytest_make_collect_report(collector):
     """A test module that skips itself (pytest.importorskip, a module-level skip) fails to collect."""
     return _fail_a_skip((yield))
+
+
+@pytest.fixture(autouse=True)
+def _thread_settings_restored():
+    """torch's thread count and OMP_NUM_THREADS / OMP_WAIT_POLICY are process-wide, and a trained model's bytes
+    depend on the thread count: what one test sets (a stage run in-process) must not reach the next."""
+    from tldr_tasks.runner import THREAD_VARS
+
+    environment = {name: os.environ.get(name) for name in THREAD_VARS}
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch else None
+    yield
+    if threads is not None:
+        torch.set_num_threads(threads)
+    for name, value in environment.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")
@@ -99,3 +119,17 @@ def random_captioner(tiny_crawl, tmp_path_factory) -> str:
     url = str(tmp_path_factory.mktemp("random_captioner"))
     cap.save_captioner(model.eval(), tokenizer, {}, url)
     return url
+
+
+@pytest.fixture()
+def fresh_python():
+    """`run(code, hash_seed)`: the stdout of `code` run in a new interpreter with PYTHONHASHSEED=hash_seed. What
+    must be the same in every process (a key-hash split) is checked there: Python's own `hash()` of a str
+    differs between processes, never inside one."""
+    def run(code: str, hash_seed: int) -> str:
+        done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(hash_seed)},
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout.strip()
+
+    return run

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -118,11 +119,36 @@ def test_readme_caption_table_is_copied_from_the_caption_benchmark_files():
     assert all(files[c]["chosen_on_validation"]["tldr"] == "tldr_mix" for c in crawls)  # the prose names it
 
 
-def test_benchmark_page_holds_the_caption_benchmark_tables():
+def test_benchmark_page_holds_the_caption_tables_written_from_the_results_files(monkeypatch):
+    """The caption benchmark's and the gate's tables as their scripts write them from the JSON files: in
+    docs/benchmarks.md, and in the `.md` copies beside the JSON."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import caption_gate
+    import captions
+
+    results = ROOT / "benchmarks" / "results"
+    tables = {path: captions.markdown(json.loads(path.read_text()))
+              for path in sorted(results.glob("benchmark_captions_*.json"))}
+    gate = results / "caption_gate.json"
+    tables[gate] = caption_gate.markdown(json.loads(gate.read_text()))
+    assert len(tables) == 4
     page = (ROOT / "docs" / "benchmarks.md").read_text()
-    for path in [*sorted((ROOT / "benchmarks" / "results").glob("benchmark_captions_*.md")),
-                 ROOT / "benchmarks" / "results" / "caption_gate.md"]:
-        assert path.read_text() in page, f"docs/benchmarks.md lacks {path.name}: copy it into 'The caption half'"
+    for path, table in tables.items():
+        assert table in page, f"docs/benchmarks.md lacks the table of {path.name}: copy it into 'The caption half'"
+        assert path.with_suffix(".md").read_text() == table, f"{path.with_suffix('.md').name} is not {path.name}'s"
+
+
+def test_default_paired_is_what_its_script_writes_from_the_benchmark_files(monkeypatch, tmp_path):
+    """benchmarks/results/default_paired.json, which the README's semdedup rows read, made again from the
+    benchmark's files there (the caption benchmark's files beside them too: the script passes them over)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import default_paired
+
+    results = ROOT / "benchmarks" / "results"
+    for path in results.glob("benchmark_*.json"):
+        shutil.copy(path, tmp_path)
+    default_paired.main(str(tmp_path))
+    assert (tmp_path / "default_paired.json").read_text() == (results / "default_paired.json").read_text()
 
 
 def test_readme_gate_rows_are_copied_from_the_gate_file():

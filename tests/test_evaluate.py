@@ -251,7 +251,12 @@ def test_every_evaluation_of_one_input_shares_tokenizer_and_initialisation(evalu
     other_io = StageIO(input=f"{tiny_crawl}/train", out=other, eval_input=f"{tiny_crawl}/eval",
                        captioner=random_captioner)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    during, spooled = [], evaluate.evaluate_spooled
+    monkeypatch.setattr(evaluate, "evaluate_spooled",
+                        lambda *args: during.append(torch.get_num_threads()) or spooled(*args))
+    torch.set_num_threads(2)  # the caller's count: the stage trains with OMP_NUM_THREADS' and gives this one back
     evaluate.run(cfg, other_io)
+    assert during == [1] and torch.get_num_threads() == 2
     again = json.loads(open(f"{other}/evaluate/report.json").read())
     assert again["tokenizer_vocab"] == report["tokenizer_vocab"]
     assert again["arms"]["full"]["test"] == report["arms"]["full"]["test"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import mlflow
@@ -13,6 +14,7 @@ import pytest
 from test_end_to_end import TINY
 
 from tldr_tasks import cli
+from tldr_tasks.pipeline import STAGES
 
 BUCKET = "tldr"
 
@@ -46,7 +48,7 @@ def upload(fs, folder: str, prefix: str) -> None:
 
 
 @pytest.mark.slow
-def test_compress_with_everything_on_s3(tiny_crawl, random_captioner, s3, mlflow_store, tmp_path, monkeypatch):
+def test_compress_with_everything_on_s3(tiny_crawl, random_captioner, s3, mlflow_store, tmp_path, monkeypatch, capsys):
     upload(s3, f"{tiny_crawl}/train", f"{BUCKET}/crawl/train")
     upload(s3, random_captioner, f"{BUCKET}/captioners/random")
     client = mlflow.MlflowClient()
@@ -78,6 +80,16 @@ def test_compress_with_everything_on_s3(tiny_crawl, random_captioner, s3, mlflow
     assert sorted(os.path.basename(p) for p in s3.ls(version.source.removeprefix("s3://"))) == sorted(
         p.name for p in Path(random_captioner).iterdir())
 
-    # a rerun on the same bucket finds every part done and writes the same manifest
+    # a rerun on the same bucket finds every part done (the cached embeddings untouched) and writes the same manifest
+    def written() -> dict[str, str]:
+        s3.invalidate_cache()  # s3fs's listing cache would answer with the first run's objects
+        return {path: s3.info(path)["LastModified"] for path in s3.glob(f"{BUCKET}/embed/**/*.npz")}
+
+    cached = written()
+    capsys.readouterr()
     assert cli.main(argv) == 0
+    progress = [line for line in capsys.readouterr().err.splitlines() if re.match(r"\[\d+/\d+\] [\w-]+: ", line)]
+    assert [line.split("] ")[1] for line in progress] == [
+        f"{spec.name}: already done, skipped" for spec in STAGES if not spec.optional]
+    assert written() == cached
     assert json.loads(s3.cat(f"{BUCKET}/runs/r1/shards/manifest.json")) == manifest

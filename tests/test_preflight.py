@@ -3,6 +3,7 @@ traceback, nothing written to --out; the same check in compress, `tldr-vlp run` 
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -79,24 +80,26 @@ BAD = [
 ]
 
 
-def command_line(command: str, args: list[str], places: dict, out: Path) -> list[str]:
-    """The argv of one case: --input and --out unless the case gives its own."""
+def command_line(command: str, args: list[str], places: dict, where: Path) -> list[str]:
+    """The argv of one case: --input, and --out, --captioner and --embed-cache below `where`, unless the case
+    gives its own."""
     args = [a.format(**places) for a in args]
     head = [command, *args[:1]] if command == "run" else [command]
     rest = args[1:] if command == "run" else args
     defaults = [] if "--input" in rest else ["--input", places["crawl"]]
-    defaults += [] if "--out" in rest else ["--out", str(out)]
+    for flag in ("--out", "--captioner", "--embed-cache"):
+        defaults += [] if flag in rest else [flag, str(where / flag.removeprefix("--"))]
     return head + defaults + rest
 
 
 @pytest.mark.parametrize("command, args, message", BAD, ids=[f"{c}-{' '.join(a)}" for c, a, _ in BAD])
-def test_bad_input_is_refused_before_any_work(places, tmp_path, capsys, command, args, message):
-    out = tmp_path / "out"
-    assert cli.main(command_line(command, args, places, out)) == 2
+def test_bad_input_is_refused_before_any_work(places, mlflow_store, tmp_path, capsys, command, args, message):
+    assert cli.main(command_line(command, args, places, tmp_path)) == 2
     err = capsys.readouterr().err
     assert ONE_LINE.match(err.strip()), err
     assert message.format(**places) in err and "Traceback" not in err
-    assert not out.exists() and Path(places["file"]).read_text() == "not a folder"  # nothing written
+    # nothing written: no --out, --captioner or --embed-cache, no MLflow store (so no run in it)
+    assert list(tmp_path.iterdir()) == [] and Path(places["file"]).read_text() == "not a folder"
 
 
 @pytest.mark.parametrize("command, args", [
@@ -106,12 +109,11 @@ def test_bad_input_is_refused_before_any_work(places, tmp_path, capsys, command,
     ("run", ["embed", "--input", "{unreadable}"]),
 ])
 def test_the_entry_point_prints_one_line_and_exits_2(places, tmp_path, command, args):
-    out = tmp_path / "out"
-    done = subprocess.run([TLDR_VLP, *command_line(command, args, places, out)], capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path)
+    done = subprocess.run([TLDR_VLP, *command_line(command, args, places, tmp_path)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"})
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert ONE_LINE.match(done.stderr.strip()), done.stderr
-    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("terminal", [True, False])

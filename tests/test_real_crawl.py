@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from tldr_tasks import cli
 from tldr_tasks.data import real_crawl
 from tldr_tasks.data.real_crawl import (
     EVAL_VENDOR,
@@ -301,7 +302,7 @@ def test_parameters_are_checked(sources, tmp_path):
 def test_cli(sources, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(real_crawl, "SOURCES", sources)
     out = tmp_path / "crawl"
-    assert real_crawl.main(["--out", str(out), "--seed", "1", "--noise", "0.2", "--image-size", "8",
+    assert cli.make_real_crawl_main(["--out", str(out), "--seed", "1", "--noise", "0.2", "--image-size", "8",
                             "--max-train", "12", "--max-eval", "4", "--cache-dir", str(tmp_path / "cache")]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["train_input"] == f"{out}/train/{{00000..00000}}.tar"

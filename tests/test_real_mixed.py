@@ -18,8 +18,9 @@ import pytest
 from PIL import Image
 from test_real_crawl import _read, _tgz  # a sibling test module: pytest puts tests/ on the path
 
+from tldr_tasks import cli
 from tldr_tasks.config import ConfigError
-from tldr_tasks.data import real_crawl, real_mixed
+from tldr_tasks.data import real_mixed
 from tldr_tasks.data.real_crawl import NOISE_KINDS, IntegrityError, describes_concept
 from tldr_tasks.data.real_mixed import TEMPLATES, make_mixed_crawl
 
@@ -264,14 +265,14 @@ def test_parameters_are_checked_before_any_work(sources, tmp_path):
 def test_cli_source_mixed(sources, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(real_mixed, "SOURCES", sources)
     out = tmp_path / "crawl"
-    assert real_crawl.main(["--source", "mixed", "--out", str(out), "--seed", "1", "--noise", "0.25",
+    assert cli.make_real_crawl_main(["--source", "mixed", "--out", str(out), "--seed", "1", "--noise", "0.25",
                             "--image-size", "8", "--eval-share", "0.25", "--cache-dir", str(tmp_path / "cache")]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert json.loads((out / "crawl.json").read_text())["kind"] == "real_mixed"
     assert summary["train_samples"] + summary["eval_samples"] == IMAGES
     assert sum(summary["noise"].values()) - summary["noise"]["none"] == round(0.25 * summary["train_samples"])
     with pytest.raises(SystemExit) as exit_info:  # the emoji crawl holds out a vendor, not a share
-        real_crawl.main(["--out", str(tmp_path / "x"), "--eval-share", "0.3"])
+        cli.make_real_crawl_main(["--out", str(tmp_path / "x"), "--eval-share", "0.3"])
     assert exit_info.value.code == 2 and "--source mixed" in capsys.readouterr().err
 
 

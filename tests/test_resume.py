@@ -31,10 +31,8 @@ import torch
 from tldr_tasks.config import load_config
 from tldr_tasks.contract import StageIO
 from tldr_tasks.pipeline import STAGES, get_stage
-from tldr_tasks.runner import PARAMS_RECORD, run_stage
+from tldr_tasks.runner import PARAMS_RECORD
 from tldr_tasks.stages import embed
-
-torch.set_num_threads(1)
 
 # The test_end_to_end tiny config, plus a checkpoint every 2 optimizer steps (12 steps in all) and
 # small output shards, so train-captioner and materialize have several parts to be killed between.
@@ -96,25 +94,14 @@ def workspace(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(tiny_crawl, workspace) -> Path:
-    """An uninterrupted run of every stage, in-process (the expected outputs, and the upstream
-    outputs each test copies)."""
+    """An uninterrupted run of every stage (the expected outputs, and the upstream outputs each test copies):
+    through the same command, in the same environment, as the killed and resumed runs, so with the same torch
+    thread count (a trained captioner's bytes depend on it), whatever this process's is."""
     out = workspace / "reference"
-    saved = {k: os.environ.get(k) for k in (*DIST_VARS, "MLFLOW_TRACKING_URI", "TLDR_RUN_KEY")}
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workspace}/mlflow.db"
-    os.environ.pop("TLDR_RUN_KEY", None)
-    try:
-        cfg = load_config(None, OVERRIDES)
-        io = StageIO(input=str(Path(tiny_crawl) / "train"), out=str(out))
-        for spec in STAGES:
-            if not spec.optional:
-                result, _ = run_stage(cfg, io, spec.name)
-                assert not result.skipped
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    for spec in STAGES:
+        if not spec.optional:
+            summary = run_to_end(_command(spec.name, tiny_crawl, out), _env(workspace, delay=False), workspace)
+            assert not summary["skipped"]
     return out
 
 
@@ -220,7 +207,6 @@ def rerun_in_process_is_skipped(stage: str, out: Path, crawl: str) -> None:
     assert stamps(files(out / STAGE_DIRS[stage]).values()) == before
 
 
-@pytest.mark.slow
 def fold0_steps(tiny_crawl: str) -> int:
     """Optimizer steps of fold 0's captioner (2 epochs of batch 32 over the captioned samples outside fold 0):
     with two folds it trains after fold 1's, whose export a resumed stage keeps."""
@@ -230,6 +216,7 @@ def fold0_steps(tiny_crawl: str) -> int:
     return 2 * (index.total // 32)
 
 
+@pytest.mark.slow
 def test_train_captioner_resumes_from_its_last_deepspeed_checkpoint(tiny_crawl, reference, workspace, tmp_path):
     """Killed inside the second fold's training (fold 0, after fold 1's export): the rerun keeps fold 1's export
     and resumes fold 0 from its checkpoint."""
@@ -272,6 +259,7 @@ def test_train_captioner_survives_a_kill_inside_the_latest_file_write(tiny_crawl
     ckpt = Path(train_captioner.checkpoint_dir(io.captioner_dir))
     ckpt.mkdir(parents=True)
     (ckpt / "latest").write_text("")
+    torch.set_num_threads(1)  # the reference's (OMP_NUM_THREADS=1); conftest gives this process's count back
     result = train_captioner.run(load_config(None, OVERRIDES), io)
     assert result.metrics["steps_resumed"] == 0 and result.metrics["steps"] == fold0_steps(tiny_crawl)
     # the stage alone (no executor): the same export, without the executor's params record

@@ -185,6 +185,29 @@ def test_openmp_waits_passively_only_where_stages_share_the_cores(monkeypatch, m
         runner.thread_defaults()
 
 
+@pytest.mark.parametrize("entry", ["execute_stage", "compress"])
+def test_a_run_in_this_process_gives_the_callers_thread_settings_back(tiny_crawl, tmp_path, monkeypatch, entry):
+    """Its stages run under OpenMP's defaults; the process that goes on (a later evaluation sizes torch's threads
+    from OMP_NUM_THREADS) keeps its own, a refused run's too."""
+    from tldr_tasks import preflight, runner
+
+    for name in runner.THREAD_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("TLDR_CPUS", raising=False)
+    seen = {}
+
+    def refuse(*args, **kwargs):
+        seen.update({name: os.environ.get(name) for name in runner.THREAD_VARS})
+        raise ConfigError("refused")
+
+    monkeypatch.setattr(preflight, "check", refuse)
+    io = StageIO(input=f"{tiny_crawl}/train", out=str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match="refused"):
+        getattr(runner, entry)(load_config(), io, *(["sample"] if entry == "execute_stage" else []))
+    assert seen == {"OMP_NUM_THREADS": str(runner.cpu_limit()), "OMP_WAIT_POLICY": "PASSIVE"}
+    assert [name for name in runner.THREAD_VARS if name in os.environ] == []
+
+
 def test_parquet_helpers_round_trip_atomically(tmp_path):
     from tldr_tasks import storage
 

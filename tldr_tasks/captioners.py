@@ -22,8 +22,7 @@ import re
 
 from tldr_tasks import storage
 from tldr_tasks.config import Config
-from tldr_tasks.pipeline import get_stage, stage_params
-from tldr_tasks.runner import PARAMS_RECORD
+from tldr_tasks.pipeline import PARAMS_RECORD, get_stage, stage_params
 
 FOLDER = "captioners"
 

@@ -205,10 +205,51 @@ def benchmark_main(argv: list[str]) -> int:
     return 0
 
 
-def make_real_crawl_main(argv: list[str]) -> int:
-    from tldr_tasks.data.real_crawl import main
+REAL_CRAWLS = ("emoji", "mixed")  # make-real-crawl --source: data/real_crawl.py (the default), data/real_mixed.py
 
-    return main(argv)
+
+def make_real_crawl_main(argv: list[str]) -> int:
+    import argparse
+
+    from tldr_tasks import storage
+    from tldr_tasks.data.real_crawl import DEFAULT_CACHE_DIR, DEFAULT_MAX_EVAL, make_real_crawl
+
+    parser = argparse.ArgumentParser(prog="tldr-vlp make-real-crawl",
+                                     description="Write a real-image benchmark crawl: `emoji` (default; four vendors, "
+                                                 "one held out for eval) or `mixed` (3D emoji and furniture, "
+                                                 "held-out names for eval; data/real_mixed.py).")
+    parser.add_argument("--out", required=True, help="output folder URL")
+    parser.add_argument("--source", choices=REAL_CRAWLS, default="emoji", help="which real crawl (default emoji)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--noise", type=float, default=0.3, help="share of noisy train captions")
+    parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--max-train", type=int, default=None, help="cap on train samples (default: all)")
+    parser.add_argument("--max-eval", type=int, default=None, help=f"cap on eval samples (default {DEFAULT_MAX_EVAL})")
+    parser.add_argument("--eval-share", type=float, default=None,
+                        help="mixed only: held-out share of the images (default real_mixed.EVAL_SHARE)")
+    parser.add_argument("--cache-dir", default=None,
+                        help=f"where the downloaded archives are kept (default {DEFAULT_CACHE_DIR})")
+    args = parser.parse_args(argv)
+    common = {"seed": args.seed, "noise": args.noise, "image_size": args.image_size, "shard_size": args.shard_size,
+              "cache_dir": args.cache_dir, "max_train": args.max_train, "max_eval": args.max_eval}
+    try:
+        if args.source == "mixed":
+            from tldr_tasks.data.real_mixed import EVAL_SHARE, make_mixed_crawl
+
+            stats = make_mixed_crawl(args.out, eval_share=EVAL_SHARE if args.eval_share is None else args.eval_share,
+                                     **common)
+        elif args.eval_share is not None:
+            raise ConfigError("--eval-share is for --source mixed: the emoji crawl holds out a vendor")
+        else:
+            stats = make_real_crawl(args.out, **common)
+    except ConfigError as err:
+        parser.error(str(err))
+    print(json.dumps({"out": args.out, "train_input": storage.join(args.out, stats["train_input"]),
+                      "eval_input": storage.join(args.out, stats["eval_input"]),
+                      "train_samples": stats["train"]["samples"], "eval_samples": stats["eval"]["samples"],
+                      "noise": stats["train"]["noise"]}))
+    return 0
 
 
 def stages_main(argv: list[str]) -> int:

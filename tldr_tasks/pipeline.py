@@ -79,6 +79,7 @@ STAGES: tuple[StageSpec, ...] = (
 )
 
 STAGE_NAMES = tuple(s.name for s in STAGES)
+PARAMS_RECORD = "params.json"  # in a stage's output folder: the parameters its parts were made with
 
 
 def get_stage(name: str) -> StageSpec:

@@ -21,16 +21,16 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 from tldr_tasks import preflight, storage, tracking
 from tldr_tasks.config import Config, ConfigError
 from tldr_tasks.contract import TIMINGS_DIR, StageIO, StageResult, cpu_limit
-from tldr_tasks.pipeline import STAGES, get_stage, stage_params
+from tldr_tasks.pipeline import PARAMS_RECORD, STAGES, get_stage, stage_params
 from tldr_tasks.report import write_report
 from tldr_tasks.runs import load_run, summary_metrics
-
-PARAMS_RECORD = "params.json"  # in a stage's output folder: the parameters its parts were made with
 
 
 def check_run_config(cfg: Config, io: StageIO) -> None:
@@ -62,6 +62,7 @@ def check_run_config(cfg: Config, io: StageIO) -> None:
 
 
 CPU_MODES = ("owned", "shared")
+THREAD_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")  # what thread_defaults sets
 
 
 def thread_defaults() -> None:
@@ -82,6 +83,24 @@ def thread_defaults() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(cpu_limit()))
     if mode == "shared":
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+@contextmanager
+def stage_threads() -> Iterator[None]:
+    """`thread_defaults` for one run in this process (a stage, a compress; `@stage_threads()` on the function),
+    then the caller's environment as it was: a process that goes on to other work (a notebook, a test
+    session) keeps its own settings, and a later evaluation, which sizes torch's threads from
+    OMP_NUM_THREADS, is not sized by this run's."""
+    saved = {name: os.environ.get(name) for name in THREAD_VARS}
+    thread_defaults()
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def input_fingerprint(input_url: str, version: str | None = None) -> dict:
@@ -142,13 +161,13 @@ def load_stage_module(name: str):
     return importlib.import_module(f"tldr_tasks.stages.{get_stage(name).module}")
 
 
+@stage_threads()
 def execute_stage(cfg: Config, io: StageIO, name: str, **kwargs) -> tuple[StageResult, float, str | None]:
     """Run one stage: preflight, params record, the stage inside its MLflow stage run, and (for
     train-captioner) the captioner's registration. Returns (result, seconds, parent run id).
 
     Under the DeepSpeed launcher every rank calls this; only rank 0 checks, records and tracks.
     """
-    thread_defaults()
     first_rank = int(os.environ.get("RANK", "0")) == 0
     if first_rank:  # before the stage's heavy imports (torch): a refused run ends in well under a second
         preflight.check(cfg, io, stage=name, with_eval=name == "evaluate")
@@ -251,6 +270,7 @@ def retrain_choice(io: StageIO, retrain: bool) -> tuple[StageIO, dict | None]:
     return replace(io, captioner=choice["url"]), choice
 
 
+@stage_threads()
 def compress(cfg: Config, io: StageIO, with_eval: bool = False, retrain_captioner: bool = False,
              label: str = "") -> dict:
     """Run every stage (and the evaluation when asked) and return a summary dict:
@@ -260,7 +280,6 @@ def compress(cfg: Config, io: StageIO, with_eval: bool = False, retrain_captione
         retrain_captioner: train a new captioner even where `--captioner` names a finished one (retrain_choice).
         label: a word or two for the MLflow parent run's name beside ratio, strategy and time (the demo's crawl).
     """
-    thread_defaults()
     preflight.check(cfg, io, with_eval=with_eval)
     check_run_config(cfg, io)
     io, choice = retrain_choice(io, retrain_captioner)

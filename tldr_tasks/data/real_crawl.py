@@ -1,6 +1,6 @@
 """A real-image benchmark crawl: emoji drawings from the npm `emoji-datasource-<vendor>` packages.
 
-    python -m tldr_tasks.data.real_crawl --out crawl [--seed 0 --noise 0.3 --max-train N --max-eval 2000]
+    tldr-vlp make-real-crawl --out crawl [--seed 0 --noise 0.3 --max-train N --max-eval 2000]
 
 Every concept (one emoji incl. its skin tone, e.g. "waving hand sign with medium skin tone") is drawn
 by four vendors (Apple, Google, Twitter, Facebook): near-duplicates of one concept, as in a web crawl,
@@ -31,7 +31,6 @@ Layout (what synthetic.make_crawl writes, plus `truth` in every KEY.json):
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import io
@@ -492,49 +491,3 @@ def make_real_crawl(out_url: str, seed: int, noise: float = 0.3, image_size: int
     }
     write_crawl_records(out_url, eval_task(), stats)
     return stats
-
-
-SOURCE_NAMES = ("emoji", "mixed")  # --source: this module's crawl (the default), real_mixed's
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tldr-vlp make-real-crawl",
-                                     description="Write a real-image benchmark crawl: `emoji` (default; four vendors, "
-                                                 "one held out for eval) or `mixed` (3D emoji and furniture, "
-                                                 "held-out names for eval; data/real_mixed.py).")
-    parser.add_argument("--out", required=True, help="output folder URL")
-    parser.add_argument("--source", choices=SOURCE_NAMES, default="emoji", help="which real crawl (default emoji)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--noise", type=float, default=0.3, help="share of noisy train captions")
-    parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    parser.add_argument("--max-train", type=int, default=None, help="cap on train samples (default: all)")
-    parser.add_argument("--max-eval", type=int, default=None, help=f"cap on eval samples (default {DEFAULT_MAX_EVAL})")
-    parser.add_argument("--eval-share", type=float, default=None,
-                        help="mixed only: held-out share of the images (default real_mixed.EVAL_SHARE)")
-    parser.add_argument("--cache-dir", default=None,
-                        help=f"where the downloaded archives are kept (default {DEFAULT_CACHE_DIR})")
-    args = parser.parse_args(argv)
-    common = {"seed": args.seed, "noise": args.noise, "image_size": args.image_size, "shard_size": args.shard_size,
-              "cache_dir": args.cache_dir, "max_train": args.max_train, "max_eval": args.max_eval}
-    try:
-        if args.source == "mixed":
-            from tldr_tasks.data.real_mixed import EVAL_SHARE, make_mixed_crawl
-
-            stats = make_mixed_crawl(args.out, eval_share=EVAL_SHARE if args.eval_share is None else args.eval_share,
-                                     **common)
-        elif args.eval_share is not None:
-            raise ConfigError("--eval-share is for --source mixed: the emoji crawl holds out a vendor")
-        else:
-            stats = make_real_crawl(args.out, **common)
-    except ConfigError as err:
-        parser.error(str(err))
-    print(json.dumps({"out": args.out, "train_input": storage.join(args.out, stats["train_input"]),
-                      "eval_input": storage.join(args.out, stats["eval_input"]),
-                      "train_samples": stats["train"]["samples"], "eval_samples": stats["eval"]["samples"],
-                      "noise": stats["train"]["noise"]}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

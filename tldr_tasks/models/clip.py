@@ -18,7 +18,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -43,6 +44,19 @@ def available_cpus() -> int:
     if configured.isdigit() and int(configured) > 0:
         return int(configured)
     return cpu_limit()
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads at `count` inside the block and the caller's count after it: the count is
+    process-wide state, and a stage run in a process that goes on (compress, a test) must not change what
+    the next one computes (trained weights depend on it: docs/pipeline.md#threads-and-devices)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def load_preset(preset: str) -> dict:

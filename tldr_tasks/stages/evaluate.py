@@ -443,16 +443,13 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     if not io.eval_input:
         raise ConfigError("evaluate needs the clean held-out split (pass --eval-input, e.g. crawl/eval, "
                           "which `tldr-vlp make-crawl` writes beside crawl/train)")
-    import torch
-
     from tldr_tasks.models import clip
 
-    torch.set_num_threads(clip.available_cpus())
     tldr_urls = storage.listdir(io.shards_dir, ".tar")
     if not tldr_urls:
         raise ConfigError(f"no compressed shards in {io.shards_dir} (run `tldr-vlp run materialize` first)")
     # The decoded inputs go to local scratch files ($TMPDIR; an emptyDir in a pod), not to memory.
-    with tempfile.TemporaryDirectory(prefix="tldr-evaluate-") as scratch:
+    with clip.torch_threads(clip.available_cpus()), tempfile.TemporaryDirectory(prefix="tldr-evaluate-") as scratch:
         report = evaluate_spooled(cfg, io, tldr_urls, scratch)
     plot(report, plot_url)
     # the report is the completion marker: written last
