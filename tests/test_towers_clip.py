@@ -39,7 +39,8 @@ def features(tiny_crawl, tmp_path_factory):
     """(keys, features, captions) of the tiny crawl's train shards at the locked preset."""
     cache = str(tmp_path_factory.mktemp("tower_cache"))
     preset = clip.load_preset("towers-locked")
-    keys, rows = towers_clip.cached_features(storage.expand_shards(f"{tiny_crawl}/train"), preset, cache, "train")
+    keys, rows, _, _ = towers_clip.cached_features(storage.expand_shards(f"{tiny_crawl}/train"), preset, cache,
+                                                   "train")
     captions = {s.key: s.caption for url in storage.expand_shards(f"{tiny_crawl}/train") for s in iter_shard(url)
                 if isinstance(s, Sample)}
     return keys, rows, [captions[k] for k in keys]
@@ -48,21 +49,22 @@ def features(tiny_crawl, tmp_path_factory):
 def test_features_are_computed_once_per_shard_content_and_reused(tiny_crawl, tmp_path, counted):
     preset = clip.load_preset("towers-locked")
     urls = storage.expand_shards(f"{tiny_crawl}/train")
-    keys, first = towers_clip.cached_features(urls, preset, str(tmp_path), "train")
+    keys, first, captions, _ = towers_clip.cached_features(urls, preset, str(tmp_path), "train")
     assert sum(counted) == len(keys) == 200 and first.shape == (200, 1280)
     parts = storage.listdir(towers_clip.features_dir(str(tmp_path), preset), ".npz")
     assert sorted(p.rsplit("/", 1)[-1] for p in parts) == sorted(content.shard_id(u) + ".npz" for u in urls)
 
     counted.clear()
     towers_clip._BY_DIGEST.clear()  # a new process: only the parts on disk remain
-    again_keys, again = towers_clip.cached_features(urls, preset, str(tmp_path), "train")
-    assert counted == [] and again_keys == keys and np.array_equal(again, first)
+    again_keys, again, again_captions, _ = towers_clip.cached_features(urls, preset, str(tmp_path), "train")
+    assert counted == [] and again_keys == keys and np.array_equal(again, first) and again_captions == captions
 
     # a compressed shard repeats crawl images byte for byte: a new part, but no image runs through the tower again
     samples = [s for s in iter_shard(urls[0]) if isinstance(s, Sample)][:10]
     write_tar(str(tmp_path / "kept" / "00000.tar"),
               [(s.key, {"png": s.image_bytes, "txt": b"another caption"}) for s in samples])
-    kept_keys, kept = towers_clip.cached_features([str(tmp_path / "kept" / "00000.tar")], preset, str(tmp_path), "kept")
+    kept_keys, kept, _, _ = towers_clip.cached_features([str(tmp_path / "kept" / "00000.tar")], preset,
+                                                        str(tmp_path), "kept")
     assert sum(counted) == 0 and np.array_equal(kept, first[[keys.index(k) for k in kept_keys]])
 
 

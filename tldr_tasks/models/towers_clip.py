@@ -4,8 +4,9 @@ Presets (`model_configs/clip-towers-*.json`, chosen by `evaluate.preset` like th
     towers-locked   both towers locked, only two linear heads (to `embed_dim`) and the temperature learn:
                     LiT's cheapest form; with features cached a training is seconds on a CPU.
     towers-lit      locked image, tuned text (LiT, Zhai et al. 2022): the top `text_tuned_layers` of the
-                    text tower learn too, at `text_lr`; on a CPU the top 2 of 6 (the lower 4 are locked and
-                    their output is memoised per caption), on a GPU set it to 6 for LiT's full recipe.
+                    text tower learn too, at `text_lr`; the preset tunes the top 1 of 6, what a shared 2-core
+                    CPU affords (the lower 5 are locked and their output is memoised per caption; ~2 s a step
+                    with 2 layers there); on a GPU set it to 6 for LiT's full recipe.
 The image tower never learns, so its features are computed once per crawl and cached on disk by shard
 content (`cached_features`): arms, seeds and reruns read them. A TowersCLIP takes either those features
 (float [N, 1280]) or uint8 images [N, S, S, 3] (then it runs the tower: `scoring.py`'s clip_score).
@@ -224,9 +225,11 @@ def features_dir(cache: str, preset: dict) -> str:
                                          f"{preset['text_tower']}-{preset['max_text_tokens']}tok")
 
 
-def cached_features(urls: list[str], preset: dict, cache: str, desc: str, device=None) -> tuple[list[str], np.ndarray]:
-    """(keys, image features float32 [N, C]) of every accepted sample of `urls`, in shard order (the order a
-    spool of the same shards has); the locked text tower's vectors of their captions go to the text memo.
+def cached_features(urls: list[str], preset: dict, cache: str, desc: str,
+                    device=None) -> tuple[list[str], np.ndarray, list[str], list[str]]:
+    """(keys, image features float32 [N, C], captions, image sha256) of every accepted sample of `urls`, in
+    shard order (the order a spool of the same shards has); the locked text tower's vectors of the captions
+    go to the text memo.
 
     One part per shard, `{features_dir}/{stem}-{md5}.npz` (keys, image sha256, image features, caption
     vectors; float16), named by the shard's content like embed's parts: computed once per crawl, read by
@@ -241,14 +244,14 @@ def cached_features(urls: list[str], preset: dict, cache: str, desc: str, device
     folder = features_dir(cache, preset)
     by_digest = _BY_DIGEST.setdefault((preset["image_tower"], preset["image_size"]), {})
     size, text_spec, max_tokens = preset["image_size"], preset["text_tower"], preset["max_text_tokens"]
-    keys, parts = [], []
+    keys, parts, captions, digests = [], [], [], []
     with tqdm(total=len(urls), desc=f"tower features {desc}", unit="shard", leave=False) as bar:
         for url in urls:
             part_url = storage.join(folder, content.shard_id(url) + ".npz")
             if not storage.exists(part_url):
                 samples = [s for s in iter_shard(url) if isinstance(s, Sample)]
-                digests = [hashlib.sha256(s.image_bytes).hexdigest() for s in samples]
-                todo = [i for i, d in enumerate(digests) if d not in by_digest]
+                shard_digests = [hashlib.sha256(s.image_bytes).hexdigest() for s in samples]
+                todo = [i for i, d in enumerate(shard_digests) if d not in by_digest]
                 with tqdm(total=len(todo), desc=f"image tower {storage.shard_stem(url)}", unit="img",
                           leave=False) as progress:
                     pixels = np.zeros((len(todo), size, size, 3), np.uint8)
@@ -257,16 +260,17 @@ def cached_features(urls: list[str], preset: dict, cache: str, desc: str, device
                         pixels[row] = image if image.size == (size, size) else image.resize((size, size), Image.BICUBIC)
                     computed = image_features(preset["image_tower"], pixels, size, device, progress=progress).cpu()
                 for i, vector in zip(todo, computed.numpy().astype(np.float16)):
-                    by_digest[digests[i]] = vector
-                captions = [s.caption for s in samples]
-                texts = (_locked_text(text_spec, max_tokens, len(text_tower(text_spec).bert.encoder.layer),
-                                      captions, "cpu").numpy() if samples else np.zeros((0, TOWERS[text_spec].width)))
+                    by_digest[shard_digests[i]] = vector
+                texts = [s.caption for s in samples]
+                vectors = (_locked_text(text_spec, max_tokens, len(text_tower(text_spec).bert.encoder.layer),
+                                        texts, "cpu").numpy() if samples else np.zeros((0, TOWERS[text_spec].width)))
                 width = TOWERS[preset["image_tower"]].width
                 write_npz(part_url, {
-                    "keys": np.asarray([s.key for s in samples], dtype=str), "digests": np.asarray(digests, dtype=str),
-                    "image": (np.stack([by_digest[d] for d in digests]) if samples else np.zeros((0, width)))
+                    "keys": np.asarray([s.key for s in samples], dtype=str),
+                    "digests": np.asarray(shard_digests, dtype=str),
+                    "image": (np.stack([by_digest[d] for d in shard_digests]) if samples else np.zeros((0, width)))
                     .astype(np.float16),
-                    "captions": np.asarray(captions, dtype=str), "text": texts.astype(np.float16)})
+                    "captions": np.asarray(texts, dtype=str), "text": vectors.astype(np.float16)})
             fs, path = storage.filesystem(part_url)
             with fs.open(path, "rb") as f, np.load(f, allow_pickle=False) as data:
                 part = {name: data[name] for name in ("keys", "digests", "image", "captions", "text")}
@@ -274,7 +278,9 @@ def cached_features(urls: list[str], preset: dict, cache: str, desc: str, device
                 by_digest.update(zip(part["digests"], part["image"]))
             remember_texts(text_spec, max_tokens, part["captions"], part["text"])
             keys += [str(k) for k in part["keys"]]
+            captions += [str(c) for c in part["captions"]]
+            digests += [str(d) for d in part["digests"]]
             parts.append(part["image"].astype(np.float32))
             bar.update()
     width = TOWERS[preset["image_tower"]].width
-    return keys, (np.concatenate(parts) if parts else np.zeros((0, width), np.float32))
+    return keys, (np.concatenate(parts) if parts else np.zeros((0, width), np.float32)), captions, digests

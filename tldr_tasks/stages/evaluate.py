@@ -474,7 +474,7 @@ def spool(urls: list[str], cfg: Config, io: StageIO, folder: str, desc: str) -> 
     from tldr_tasks.models.towers_clip import Rows, cached_features
 
     split = write_spool(urls, 16, folder, desc)
-    keys, features = cached_features(urls, preset, io.embed_dir, desc)
+    keys, features, _, _ = cached_features(urls, preset, io.embed_dir, desc)
     if keys != list(split.keys):
         raise ValueError(f"the tower features of {desc} do not match its samples: a shard changed while being read")
     return dataclasses.replace(split, images=Rows(features))
