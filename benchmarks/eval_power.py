@@ -35,6 +35,7 @@ from tldr_tasks.config import _merge, from_dict
 
 RESULTS = Path(__file__).parent / "results"
 ARMS = ("oracle_clean", "random")
+FIRST_ROUND = 3  # seeds every crawl gets before any crawl gets more (a slow model still covers every crawl)
 
 
 def crawl_config(model: str, seed: int):
@@ -153,9 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     out, crawls = Path(args.out), args.crawls.split(",")
     models = {m: int(n) for m, n in (item.split(":") for item in args.models.split(","))}
     if not args.summary_only:
-        for model in models:  # one model at a time over every crawl: the cheapest finishes first
-            for crawl in crawls:
-                run_crawl(out, crawl, {model: models[model]}, args.crawl_seed)
+        for model, seeds in models.items():  # one model at a time over every crawl: the cheapest finishes first
+            for upto in sorted({min(FIRST_ROUND, seeds), seeds}):  # a few seeds on every crawl first, then the rest
+                for crawl in crawls:
+                    run_crawl(out, crawl, {model: upto}, args.crawl_seed)
     summary = summarise(out, crawls, models)
     (RESULTS / "eval_power.json").write_text(json.dumps(summary, indent=1))
     (RESULTS / "eval_power.md").write_text(markdown(summary))
