@@ -111,9 +111,11 @@ class TowersCLIP(nn.Module):
         hidden, mask = locked
         bert = text_tower(spec).bert
         attention = bert._create_attention_masks(mask, None, hidden, None, None, None)[0]
-        for layer in self.text_layers:
-            hidden = layer(hidden, attention)
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            for layer in self.text_layers:
+                hidden = layer(hidden, attention)
+                hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        hidden = hidden.float()
         weights = mask[..., None].to(hidden.dtype)
         return self.text_head((hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0))
 
@@ -137,22 +139,23 @@ def _locked_text(spec: str, max_tokens: int, layers: int, texts: list[str], devi
         for start in range(0, len(missing), 256):
             chunk = missing[start:start + 256]
             batch = tower.tokenize(chunk, max_tokens)
+            # kept on the CPU: a memo seeded from disk parts and one filled on a GPU mix in one batch
             if layers == len(tower.bert.encoder.layer):
-                for text, vector in zip(chunk, tower(**batch).float()):
+                for text, vector in zip(chunk, tower(**batch).float().cpu()):
                     memo[text] = vector
             else:
-                states = tower.bert(**batch, output_hidden_states=True).hidden_states[layers].float()
-                for text, state, mask in zip(chunk, states, batch["attention_mask"]):
+                states = tower.bert(**batch, output_hidden_states=True).hidden_states[layers].float().cpu()
+                for text, state, mask in zip(chunk, states, batch["attention_mask"].cpu()):
                     memo[text] = state[: int(mask.sum())]
     rows = [memo[t] for t in texts]
-    if rows[0].ndim == 1:
-        return torch.stack(rows).to(device)
-    longest = max(len(r) for r in rows)
-    hidden = torch.zeros(len(rows), longest, rows[0].shape[-1], device=device)
-    mask = torch.zeros(len(rows), longest, dtype=torch.long, device=device)
+    if layers == len(tower.bert.encoder.layer):
+        return torch.stack(rows).to(device) if rows else torch.zeros(0, tower.width, device=device)
+    longest = max((len(r) for r in rows), default=1)
+    hidden = torch.zeros(len(rows), longest, tower.width)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
     for i, r in enumerate(rows):
         hidden[i, : len(r)], mask[i, : len(r)] = r, 1
-    return hidden, mask
+    return hidden.to(device), mask.to(device)
 
 
 def remember_texts(spec: str, max_tokens: int, texts, vectors: np.ndarray) -> None:
@@ -241,6 +244,7 @@ def cached_features(urls: list[str], preset: dict, cache: str, desc: str,
     from tldr_tasks.data.shards import Sample, iter_shard
     from tldr_tasks.stages.embed import write_npz
 
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # the towers run there
     folder = features_dir(cache, preset)
     by_digest = _BY_DIGEST.setdefault((preset["image_tower"], preset["image_size"]), {})
     size, text_spec, max_tokens = preset["image_size"], preset["text_tower"], preset["max_text_tokens"]
@@ -262,8 +266,9 @@ def cached_features(urls: list[str], preset: dict, cache: str, desc: str,
                 for i, vector in zip(todo, computed.numpy().astype(np.float16)):
                     by_digest[shard_digests[i]] = vector
                 texts = [s.caption for s in samples]
-                vectors = (_locked_text(text_spec, max_tokens, len(text_tower(text_spec).bert.encoder.layer),
-                                        texts, "cpu").numpy() if samples else np.zeros((0, TOWERS[text_spec].width)))
+                layers = len(text_tower(text_spec).bert.encoder.layer)
+                vectors = (_locked_text(text_spec, max_tokens, layers, texts, device).cpu().numpy() if samples
+                           else np.zeros((0, TOWERS[text_spec].width)))
                 width = TOWERS[preset["image_tower"]].width
                 write_npz(part_url, {
                     "keys": np.asarray([s.key for s in samples], dtype=str),
