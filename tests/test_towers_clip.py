@@ -141,7 +141,20 @@ def test_the_evaluation_runs_its_arms_on_a_towers_preset_and_reuses_features(pre
     cfg = Config()
     cfg.evaluate.preset, cfg.evaluate.epochs, cfg.evaluate.batch_size = preset, 1, 64
     cfg.evaluate.arms, cfg.evaluate.curve_points = ["full", "tldr", "random", "oracle_clean"], [0.5]
+    cfg.caption.max_new_tokens, cfg.caption.num_beams = 6, 1
     cfg.validate()
+    from tldr_tasks.stages import caption
+
+    seen = []  # what the captioner is shown: pictures, whatever the evaluation model trains on
+    real_caption_images = caption.caption_images
+
+    def captioning(model, tokenizer, images, *args):
+        images = list(images)
+        seen.extend((image.mode, image.size) for image in images)
+        return real_caption_images(model, tokenizer, iter(images), *args)
+
+    monkeypatch.setattr(caption, "caption_images", captioning)
+    monkeypatch.setattr(evaluate, "_HELD_OUT_CACHE", {})  # captioned again in this test
     io = StageIO(input=f"{tiny_crawl}/train", out=str(tmp_path / "a"), eval_input=f"{tiny_crawl}/eval",
                  embed_cache=shared_cache, captioner=random_captioner)
     _compressed(tiny_crawl, io.out)
@@ -150,6 +163,8 @@ def test_the_evaluation_runs_its_arms_on_a_towers_preset_and_reuses_features(pre
     assert sorted(report["arms"]) == ["full", "oracle_clean", "random", "tldr"]
     assert all(0 <= report["arms"][a][s]["mean_r1"] <= 100 for a in report["arms"] for s in ("validation", "test"))
     assert report["arms"]["tldr"]["samples"] == 50 and report["arms"]["random"]["samples"] == 50
+    size = cfg.captioner.image_size
+    assert seen and set(seen) == {("RGB", (size, size))} and 0 <= report["caption_accuracy"] <= 1
     # train + held-out images, once; the compressed shard's are the crawl's
     assert sum(counted) == (260 if fresh else 0)
 

@@ -191,10 +191,12 @@ def image_features(spec: str, images: torch.Tensor | np.ndarray, size: int, devi
 
 class Rows:
     """Feature rows [N, C] standing where a spool's Pixels stand (take, index, chunks): what a towers preset's
-    arms train on, so the evaluation's arms and splits are built the same way for every preset."""
+    arms train on, so the evaluation's arms and splits are built the same way for every preset. `pixels`
+    (optional) are the same samples' images, taken along, for what needs the picture (the captioner)."""
 
-    def __init__(self, array: np.ndarray):
+    def __init__(self, array: np.ndarray, pixels=None):
         self.array = np.asarray(array)
+        self.pixels = pixels
 
     def __len__(self) -> int:
         return len(self.array)
@@ -204,7 +206,8 @@ class Rows:
         return self.array.shape
 
     def take(self, index) -> Rows:
-        return Rows(self.array[np.asarray(index, dtype=np.int64)])
+        index = np.asarray(index, dtype=np.int64)
+        return Rows(self.array[index], None if self.pixels is None else self.pixels.take(index))
 
     def __getitem__(self, key) -> np.ndarray:
         return self.array[key]

@@ -117,6 +117,7 @@ def generate(io: StageIO, cfg: Config, images, desc: str,
     from tldr_tasks.stages.caption import caption_images
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    images = getattr(images, "pixels", None) or images  # a towers preset's feature rows carry their pixels
     captioners = _loaded_captioners(io.captioner_dir, captioner_version(io.captioner_dir), device)
     folds = np.array([fold_of(k, len(captioners)) for k in keys] if keys is not None else [0] * len(images))
     captions, confidence, grounding = [""] * len(images), [float("nan")] * len(images), [float("nan")] * len(images)
@@ -465,7 +466,8 @@ def run(cfg: Config, io: StageIO) -> StageResult:
 def spool(urls: list[str], cfg: Config, io: StageIO, folder: str, desc: str) -> Split:
     """The shards `urls` decoded once to `folder` at the preset's image size. For a pretrained-towers preset
     its `images` are the image tower's features instead (cached per shard content below io.embed_dir and
-    reused by every arm, seed and rerun; towers_clip.cached_features), and the pixels are spooled small."""
+    reused by every arm, seed and rerun; towers_clip.cached_features), with the pixels (at the captioner's
+    size) taken along for the captioner (`generate`)."""
     from tldr_tasks.models import clip
 
     preset = clip.load_preset(cfg.evaluate.preset)
@@ -473,11 +475,11 @@ def spool(urls: list[str], cfg: Config, io: StageIO, folder: str, desc: str) -> 
         return write_spool(urls, preset["image_size"], folder, desc)
     from tldr_tasks.models.towers_clip import Rows, cached_features
 
-    split = write_spool(urls, 16, folder, desc)
+    split = write_spool(urls, cfg.captioner.image_size, folder, desc)  # the pixels the captioner reads
     keys, features, _, _ = cached_features(urls, preset, io.embed_dir, desc)
     if keys != list(split.keys):
         raise ValueError(f"the tower features of {desc} do not match its samples: a shard changed while being read")
-    return dataclasses.replace(split, images=Rows(features))
+    return dataclasses.replace(split, images=Rows(features, split.images))
 
 
 def evaluate_spooled(cfg: Config, io: StageIO, tldr_urls: list[str], scratch: str) -> dict:
