@@ -99,3 +99,24 @@ def test_a_usable_scorer_passes_the_check(crawls, clip_model):
     cfg = Config()
     cfg.sample.strategy, cfg.sample.clip_model = "clip_score", clip_model
     check_clip_scorer(cfg, storage.expand_shards(crawls["laion"]))
+
+
+def test_a_saved_towers_folder_scores_from_cached_features_like_from_pixels(tiny_crawl, tmp_path):
+    """The benchmark's reference (a towers model in a folder) scores from the cached features; the same
+    folder read as any CLIP folder (pixels through the tower) gives the same scores."""
+    from tldr_tasks.models import clip
+
+    samples = _crawl(tiny_crawl)[:40]
+    keys = np.array([s.key for s in samples])
+    cfg = Config()
+    io = StageIO(input=f"{tiny_crawl}/train", out=str(tmp_path / "run"))
+    rows = np.random.default_rng(0).standard_normal((8, 1280)).astype(np.float32)
+    model = scoring.train_reference(rows, [s.caption or "x" for s in samples[:8]], cfg)
+    clip.save_clip(model, clip.make_tokenizer(scoring.REFERENCE_PRESET, []), scoring.REFERENCE_PRESET,
+                   str(tmp_path / "ref"))
+    cfg.sample.clip_model = str(tmp_path / "ref")
+    cached, _ = scoring.pair_scores(cfg, io, keys)
+    captioned = [i for i, s in enumerate(samples) if s.caption.strip()]
+    direct = scoring._Scorer(str(tmp_path / "ref"))([samples[i].image for i in captioned],
+                                                    [samples[i].caption for i in captioned])
+    assert np.allclose(cached[captioned], direct, atol=2e-2) and np.isnan(np.delete(cached, captioned)).all()

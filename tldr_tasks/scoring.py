@@ -62,16 +62,16 @@ def crossfit_plan(keys: list[str], has_text: np.ndarray, folds: int) -> list[tup
     return [(np.flatnonzero((fold != k) & has_text), np.flatnonzero((fold == k) & has_text)) for k in range(folds)]
 
 
-def builtin_scores(cfg: Config, io: StageIO, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """pair_scores with the built-in reference, cross-fitted: the tower features of the input (cached per shard
-    content below io.embed_dir), then per fold k heads trained on the pairs outside fold k (non-empty captions)
-    that score the pairs of fold k."""
+def towers_scores(cfg: Config, io: StageIO, keys: np.ndarray, model=None) -> tuple[np.ndarray, np.ndarray]:
+    """pair_scores from tower features (cached per shard content below io.embed_dir, as the evaluation's): with
+    `model` (a saved pretrained-towers CLIP) it scores every pair; without, the built-in reference, cross-fitted:
+    per fold k heads trained on the captioned pairs outside fold k score the pairs of fold k."""
     import torch
 
     from tldr_tasks.models import clip
     from tldr_tasks.models.towers_clip import cached_features
 
-    preset = clip.load_preset(REFERENCE_PRESET)
+    preset = model.preset if model is not None else clip.load_preset(REFERENCE_PRESET)
     crawl_keys, features, captions, digests = cached_features(io.input_shards(), preset, io.embed_dir, "input")
     first: dict[str, int] = {}
     for i, key in enumerate(crawl_keys):  # a key's first occurrence in input order counts, as in cluster
@@ -82,20 +82,36 @@ def builtin_scores(cfg: Config, io: StageIO, keys: np.ndarray) -> tuple[np.ndarr
                          "shards any more: the crawl changed since cluster ran; use a new --out")
     rows = np.array([first[str(k)] for k in keys], dtype=np.int64)
     has_text = np.array([bool(captions[r].strip()) for r in rows])
-    score = np.full(len(keys), np.nan)
-    for fold, (train, scored) in enumerate(crossfit_plan([str(k) for k in keys], has_text, reference_folds(cfg))):
+    plan = ([(np.array([], np.int64), np.flatnonzero(has_text))] if model is not None
+            else crossfit_plan([str(k) for k in keys], has_text, reference_folds(cfg)))
+    score, given = np.full(len(keys), np.nan), model
+    for fold, (train, scored) in enumerate(plan):
         if not len(scored):
             continue
-        if len(train) < 2:
-            raise ValueError(f"the built-in clip_score reference needs at least 2 captioned pairs outside fold "
-                             f"{fold}; the crawl has {len(train)}: give sample.clip_model a CLIP folder")
-        train = rows[train]
-        model = train_reference(features[train], [captions[r] for r in train], cfg, f"reference heads {fold}")
+        if given is None:
+            if len(train) < 2:
+                raise ValueError(f"the built-in clip_score reference needs at least 2 captioned pairs outside fold "
+                                 f"{fold}; the crawl has {len(train)}: give sample.clip_model a CLIP folder")
+            train = rows[train]
+            model = train_reference(features[train], [captions[r] for r in train], cfg, f"reference heads {fold}")
         with torch.no_grad():
             image = clip.embed_images(model, features[rows[scored]])
             text = clip.embed_texts(model, None, [captions[r] for r in rows[scored]])
         score[scored] = (image * text).sum(-1).double().numpy()
     return score, np.array([digests[r] for r in rows], dtype=str)
+
+
+def _towers_folder(folder: str) -> bool:
+    """Whether a CLIP folder holds a pretrained-towers model (save_clip of a towers preset): it scores from the
+    cached tower features."""
+    import json
+
+    from tldr_tasks.config import load_preset
+    from tldr_tasks.models.clip import CLIP_RECORD
+
+    record = storage.join(folder, CLIP_RECORD)
+    return storage.exists(record) and load_preset("clip", json.loads(storage.read_text(record))["preset"]).get(
+        "kind") == "towers"
 
 
 class _Scorer:
@@ -145,7 +161,14 @@ def pair_scores(cfg: Config, io: StageIO, keys: np.ndarray) -> tuple[np.ndarray,
     from tldr_tasks.data.shards import Sample, iter_shard
 
     if not cfg.sample.clip_model:
-        return builtin_scores(cfg, io, keys)
+        return towers_scores(cfg, io, keys)
+    if cfg.sample.clip_model != SIMILARITY and _towers_folder(cfg.sample.clip_model):
+        import torch
+
+        from tldr_tasks.models import clip
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return towers_scores(cfg, io, keys, clip.load_clip(cfg.sample.clip_model, device)[0])
     row = {str(k): i for i, k in enumerate(keys)}
     score = np.full(len(keys), np.nan)
     digest = np.full(len(keys), "", dtype=object)

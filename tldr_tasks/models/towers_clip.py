@@ -64,8 +64,9 @@ class TowerTokenizer:
 
 
 class TowersCLIP(nn.Module):
-    """Heads over pretrained towers. The text tower's top `text_tuned_layers` are a trainable copy; below
-    them (all of it when locked) it is the shared locked tower, whose output is memoised per caption."""
+    """Heads over pretrained towers. The text tower's top `text_tuned_layers` are a trainable copy (the only
+    tower part in train mode, with its dropout); below them (all of it when locked) it is the shared locked
+    tower, not a submodule (never saved, never trained, always in eval mode), its output memoised per caption."""
 
     def __init__(self, preset: dict):
         super().__init__()
@@ -118,10 +119,6 @@ class TowersCLIP(nn.Module):
         hidden = hidden.float()
         weights = mask[..., None].to(hidden.dtype)
         return self.text_head((hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0))
-
-    def train(self, mode: bool = True):  # the locked towers stay in eval mode (no dropout): they are features
-        super().train(mode)
-        return self
 
 
 def _locked_text(spec: str, max_tokens: int, layers: int, texts: list[str], device):
