@@ -119,7 +119,8 @@ def summarise(out: Path, crawls: list[str], models: dict[str, int]) -> dict:
             row["train_seconds"] = float(np.mean([r["arms"][a]["train_seconds"] for r in runs for a in ARMS]))
             row["feature_seconds"] = max(r["setup_seconds"] for r in runs)
             table[crawl][model] = row
-    candidates = [m for m in models if all(m in table[c] and table[c][m]["power"] is not None for c in crawls)]
+    rows = list(dict.fromkeys(m for c in crawls for m in table[c]))
+    candidates = [m for m in rows if all(m in table[c] and table[c][m]["power"] is not None for c in crawls)]
     mean_power = {m: float(np.mean([table[c][m]["power"] for c in crawls])) for m in candidates}
     return {"machine": machine(), "rule": "winner = the model with the highest power averaged over the crawls "
             "(validation mean R@1; power = (oracle_clean - random) / pooled seed-to-seed SD)",
@@ -128,18 +129,31 @@ def summarise(out: Path, crawls: list[str], models: dict[str, int]) -> dict:
 
 
 def markdown(summary: dict) -> str:
-    lines = ["| crawl | model | seeds | oracle_clean | random | pooled SD | power | test oracle / random |",
-             "|---|---|---|---|---|---|---|---|"]
+    """The table of docs/benchmarks.md: validation mean R@1, mean ± SD over the seeds; power; test means; the
+    seconds one arm trained (the shared 2-core machine, other jobs running)."""
+    lines = ["| crawl | model | seeds | oracle_clean | random | pooled SD | power | test oracle / random "
+             "| s per arm |", "|---|---|---|---|---|---|---|---|---|"]
     for crawl, rows in summary["table"].items():
         for model, r in rows.items():
             test = f"{r['test']['oracle_clean']:.1f} / {r['test']['random']:.1f}" if "test" in r else "–"
+            seconds = f"{r['train_seconds']:.0f}" if "train_seconds" in r else "–"
             lines.append(f"| {crawl} | {model} | {r['seeds']} | {r['oracle_clean']:.1f} ± {r['sd_oracle_clean']:.1f} "
                          f"| {r['random']:.1f} ± {r['sd_random']:.1f} | {r['pooled_sd']:.2f} "
-                         f"| {r['power']:.1f} | {test} |")
+                         f"| {r['power']:.1f} | {test} | {seconds} |")
     lines += ["", "Mean power over the crawls: " + ", ".join(f"`{m}` {p:.1f}" for m, p in
                                                               summary["mean_power"].items())
               + f"; winner: `{summary['winner']}`."]
     return "\n".join(lines) + "\n"
+
+
+DOCS_START, DOCS_END = "<!-- eval_power:start -->", "<!-- eval_power:end -->"
+
+
+def update_docs(path: str, table: str) -> None:
+    """Replace the block between DOCS_START and DOCS_END of a markdown file with `table`."""
+    text = Path(path).read_text()
+    head, rest = text.split(DOCS_START, 1)
+    Path(path).write_text(f"{head}{DOCS_START}\n{table}{DOCS_END}{rest.split(DOCS_END, 1)[1]}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated evaluate.preset:seeds")
     parser.add_argument("--crawl-seed", type=int, default=0)
     parser.add_argument("--summary-only", action="store_true", help="write the summary from the results present")
+    parser.add_argument("--docs", help="a markdown file whose eval_power block gets the table (docs/benchmarks.md)")
     args = parser.parse_args(argv)
     out, crawls = Path(args.out), args.crawls.split(",")
     models = {m: int(n) for m, n in (item.split(":") for item in args.models.split(","))}
@@ -161,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(out, crawls, models)
     (RESULTS / "eval_power.json").write_text(json.dumps(summary, indent=1))
     (RESULTS / "eval_power.md").write_text(markdown(summary))
+    if args.docs:
+        update_docs(args.docs, markdown(summary))
     print(markdown(summary))
     return 0
 

@@ -1,5 +1,9 @@
-"""evaluate: train the same tiny CLIP on the full crawl, the TL;DR subset and baselines, and score
+"""evaluate: train the same evaluation model on the full crawl, the TL;DR subset and baselines, and score
 each on a clean held-out validation split (every default is chosen there) and test split (reported).
+The model is `evaluate.preset`: a from-scratch CLIP size (models/clip.py) or one on pretrained towers
+(models/towers_clip.py: towers-locked, towers-lit), whose locked image tower's features stand in for the
+pixels (`spool`: computed once per shard content, kept in the embed cache); arms, budgets and scores are the
+same for every preset.
 
 Arms (evaluate.arms):
     full              every accepted input sample, original captions.
