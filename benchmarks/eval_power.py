@@ -118,6 +118,8 @@ def summarise(out: Path, crawls: list[str], models: dict[str, int]) -> dict:
             row["test"] = {a: float(np.mean([r["arms"][a]["test"]["mean_r1"] for r in runs])) for a in ARMS}
             row["train_seconds"] = float(np.mean([r["arms"][a]["train_seconds"] for r in runs for a in ARMS]))
             row["feature_seconds"] = max(r["setup_seconds"] for r in runs)
+            row["steps"] = runs[0]["steps"]
+            row["samples_per_arm"] = {a: runs[0]["arms"][a]["samples"] for a in ARMS}
             table[crawl][model] = row
     rows = list(dict.fromkeys(m for c in crawls for m in table[c]))
     candidates = [m for m in rows if all(m in table[c] and table[c][m]["power"] is not None for c in crawls)]

@@ -5,8 +5,8 @@ Presets (`model_configs/clip-towers-*.json`, chosen by `evaluate.preset` like th
                     LiT's cheapest form; with features cached a training is seconds on a CPU.
     towers-lit      locked image, tuned text (LiT, Zhai et al. 2022): the top `text_tuned_layers` of the
                     text tower learn too, at `text_lr`; the preset tunes the top 1 of 6, what a shared 2-core
-                    CPU affords (the lower 5 are locked and their output is memoised per caption; ~2 s a step
-                    with 2 layers there); on a GPU set it to 6 for LiT's full recipe.
+                    CPU affords (the lower 5 are locked and their output is memoised per caption); on a GPU
+                    set it to 6 for LiT's full recipe.
 The image tower never learns, so its features are computed once per crawl and cached on disk by shard
 content (`cached_features`): arms, seeds and reruns read them. A TowersCLIP takes either those features
 (float [N, 1280]) or uint8 images [N, S, S, 3] (then it runs the tower: `scoring.py`'s clip_score).
