@@ -172,3 +172,10 @@ def test_readme_gate_rows_are_copied_from_the_gate_file():
     text = README.read_text()
     assert (f"{gate['validation_mean_r1'][gate['chosen_on_validation']]:.2f} vs "
             f"{captions['chosen_on_validation']['validation_mean_r1']['tldr_original']:.2f}") in text
+
+
+def test_the_eval_power_table_is_the_results_file():
+    """docs/benchmarks.md's discriminative-power table is what benchmarks/eval_power.py wrote from its results."""
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    block = text.split("<!-- eval_power:start -->\n", 1)[1].split("<!-- eval_power:end -->", 1)[0]
+    assert block == (ROOT / "benchmarks" / "results" / "eval_power.md").read_text()

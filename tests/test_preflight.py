@@ -51,9 +51,10 @@ BAD = [
     ("compress", ["--strategy", "best"], "sample.strategy='best' is not known"),
     ("compress", ["--clusters", "100000"], "is more than the 200 samples"),
     ("compress", ["--set", "sample.dedup_images=maybe"], "give true or false"),
-    # no `similarity` in the tiny crawl's KEY.json and no sample.clip_model: refused before train-captioner
-    ("compress", ["--strategy", "clip_score"], "sample.strategy=clip_score has no scorer"),
-    ("run", ["sample", "--set", "sample.strategy=clip_score"], "sample.strategy=clip_score has no scorer"),
+    # the crawl's own score chosen, but no `similarity` in the tiny crawl's KEY.json: refused before train-captioner
+    ("compress", ["--strategy", "clip_score", "--set", "sample.clip_model=similarity"], "no numeric `similarity`"),
+    ("run", ["sample", "--set", "sample.strategy=clip_score", "--set", "sample.clip_model=similarity"],
+     "no numeric `similarity`"),
     ("compress", ["--set", "nosuch.key=1"], "unknown params section 'nosuch'"),
     ("compress", ["--set", "captioner.nope=1"], "unknown parameter captioner.nope"),
     ("compress", ["--set", "caption.min_new_tokens=40"], "caption.min_new_tokens=40 is above"),
@@ -167,25 +168,3 @@ def test_a_rerun_with_other_parameters_is_refused_the_same_way(places, tmp_path,
     err = capsys.readouterr().err
     assert ONE_LINE.match(err.strip()) and "sections changed: sample" in err, err
     assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == recorded
-
-
-def test_clip_score_scorer_is_the_crawls_similarity_or_a_clip_folder(tmp_path, tiny_crawl):
-    import io
-
-    from PIL import Image
-
-    from tldr_tasks.data.shards import ShardWriter, encode_json
-    from tldr_tasks.storage import expand_shards
-
-    png = io.BytesIO()
-    Image.new("RGB", (8, 8), (200, 0, 0)).save(png, format="PNG")
-
-    with ShardWriter(str(tmp_path / "scored"), shard_size=5) as writer:
-        for i in range(3):
-            writer.write(f"k{i}", {"png": png.getvalue(), "txt": b"a red square",
-                                   "json": encode_json({"similarity": 0.31})})
-    cfg = load_config(None, ["sample.strategy=clip_score"])
-    assert preflight.clip_score_scorer(cfg, expand_shards(str(tmp_path / "scored"))) == "similarity"
-    assert preflight.clip_score_scorer(cfg, expand_shards(f"{tiny_crawl}/train")) is None
-    cfg.sample.clip_model = str(tmp_path)
-    assert preflight.clip_score_scorer(cfg, expand_shards(f"{tiny_crawl}/train")) == "sample.clip_model"

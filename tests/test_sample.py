@@ -319,8 +319,8 @@ def _png(seed: int) -> bytes:
 
 
 def test_clip_score_stage_ranks_by_the_crawls_own_similarity(tmp_path):
-    """Without sample.clip_model, img2dataset's `similarity` in KEY.json ranks the pairs: the kept ones are
-    a seeded subset of the top score_share, and identical image bytes count once."""
+    """With sample.clip_model=similarity, img2dataset's `similarity` in KEY.json ranks the pairs: the kept ones
+    are a seeded subset of the top score_share, and identical image bytes count once."""
     from tldr_tasks.data.shards import encode_json, write_tar
 
     rows, samples = [], []
@@ -334,7 +334,9 @@ def test_clip_score_stage_ranks_by_the_crawls_own_similarity(tmp_path):
     shard = tmp_path / "crawl" / "00000.tar"
     write_tar(str(shard), samples)
     io = StageIO(input=str(shard), out=io.out)
-    result = sample.run(_cfg("clip_score", 0.25), io)
+    cfg = _cfg("clip_score", 0.25)
+    cfg.sample.clip_model = "similarity"
+    result = sample.run(cfg, io)
     kept = sorted(int(r["key"]) for r in _selected(io))
     assert len(kept) == result.metrics["kept"] == 10
     assert min(kept) >= 26 and 38 not in kept and 39 not in kept  # top 12 of the 38 distinct images: 26..37
@@ -351,8 +353,10 @@ def test_clip_score_without_a_score_says_what_to_set(tmp_path):
     shard = tmp_path / "crawl" / "00000.tar"
     write_tar(str(shard), [(r["key"], {"png": _png(j), "txt": b"a", "json": encode_json({})})
                            for j, r in enumerate(rows)])
+    cfg = _cfg("clip_score", 0.5)
+    cfg.sample.clip_model = "similarity"
     with pytest.raises(ConfigError, match="sample.clip_model"):
-        sample.run(_cfg("clip_score", 0.5), StageIO(input=str(shard), out=io.out))
+        sample.run(cfg, StageIO(input=str(shard), out=io.out))
 
 
 def test_semdedup_with_the_cluster_pool_takes_the_better_aligned_first():

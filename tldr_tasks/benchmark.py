@@ -6,9 +6,9 @@ Three crawls (CRAWLS): the synthetic crawl with i.i.d. noise, the synthetic craw
 (whole scenes share one wrong caption) and real emoji drawings of four vendors with their Unicode
 names as captions and web-like noise planted (data/real_crawl.py; one vendor held out for evaluation).
 For every crawl and seed: the crawl of that seed, split by key hash into a reference part (REFERENCE_SHARE:
-it trains the CLIP that `clip_score` ranks with, standing in for a pretrained one that never saw the
-crawl) and the crawl every arm draws from; one captioner and one set of embeddings; then every
-selection variant of VARIANTS compressed (`compress`, the product's path) and evaluated with one
+it aligns the heads of the pretrained-towers model that `clip_score` ranks with, the product's built-in
+reference, on pairs no arm draws from) and the crawl every arm draws from; one captioner and one set of
+embeddings; then every selection variant of VARIANTS compressed (`compress`, the product's path) and evaluated with one
 tokenizer and one initialisation for every arm, under both budgets (compute-matched: every arm trains
 as many steps as the full crawl's epochs; epoch-matched: the paper's protocol), plus full, random and
 (where ground truth says which pairs are clean) the oracle_clean ceiling.
@@ -69,14 +69,17 @@ TLDR_FAMILY = ("paper_uniform", "balanced_none", "uniform_cluster_pool", "balanc
                "semdedup_cluster_pool")
 
 # The benchmark's size on 2 CPU cores (`tldr-vlp benchmark` defaults; a params file or --set wins).
-# The evaluation's CLIP is the `small` preset (32 px, a conv stem), far cheaper per step than `tiny`.
+# The evaluation model is the one with the most discriminative power on validation, (oracle_clean - random) /
+# pooled seed-to-seed SD averaged over the three crawls (benchmarks/eval_power.py, results/eval_power.json):
+# `towers-locked` (pretrained towers, heads only). The published benchmark_<crawl>.json tables were measured
+# with the from-scratch `small` CLIP (32 px) before that choice; `make benchmark` regenerates them.
 PROFILE = {
     "crawl": {"samples": 6000, "eval_samples": 2000, "prototypes": 1100},
     # one captioner (no cross-fitting): what the published variant tables and the demo were measured with;
     # cross-fitting's effect is measured by benchmarks/captions.py (benchmark_captions_<crawl>.json)
     "captioner": {"epochs": 4, "folds": 1},
     "caption": {"num_beams": 1},  # fusion `original` ships no generated text: greedy captions suffice
-    "evaluate": {"preset": "small", "epochs": 5, "budgets": list(BUDGETS)},
+    "evaluate": {"preset": "towers-locked", "epochs": 5, "budgets": list(BUDGETS)},
 }
 
 
@@ -143,27 +146,22 @@ def make_benchmark_crawl(root: Path, crawl: str, cfg: Config, seed: int) -> tupl
     return str(main), str(reference), str(held_out)
 
 
-def train_reference_clip(reference: str, cfg: Config, folder: Path) -> str:
-    """The CLIP clip_score ranks with: the evaluation's preset trained on the reference part, saved once."""
-    import tempfile
-
+def train_reference_clip(reference: str, cfg: Config, folder: Path, cache: str | None = None) -> str:
+    """The CLIP clip_score ranks with: the product's built-in reference model (scoring.REFERENCE_PRESET: locked
+    pretrained towers, heads aligned the same way) trained on the reference part, which no arm draws from,
+    instead of cross-fitted on the crawl; saved once. Tower features cached below `cache`."""
     from tldr_tasks import storage
-    from tldr_tasks.data.spool import write_spool
     from tldr_tasks.models import clip
-    from tldr_tasks.stages.evaluate import training_steps
+    from tldr_tasks.models.towers_clip import cached_features
+    from tldr_tasks.scoring import REFERENCE_PRESET, train_reference
 
     if (folder / clip.CLIP_RECORD).exists():
         return str(folder)
-    ev = cfg.evaluate
-    preset = clip.load_preset(ev.preset)
-    with tempfile.TemporaryDirectory(prefix="tldr-reference-") as scratch:
-        split = write_spool(storage.expand_shards(reference), preset["image_size"], scratch, "reference")
-        tokenizer = clip.CaptionTokenizer.train(iter(split.captions), max_tokens=preset["max_text_tokens"])
-        # four times the arms' epochs: a stand-in for a CLIP pretrained at scale should not be undertrained
-        model, _ = clip.train_clip(split.images, split.captions, tokenizer, batch_size=ev.batch_size, lr=ev.lr,
-                                   steps=training_steps(len(split), 4 * ev.epochs, ev.batch_size), seed=cfg.seed + 1,
-                                   preset=ev.preset, desc="reference clip")
-    clip.save_clip(model, tokenizer, ev.preset, str(folder))
+    _, features, captions, _ = cached_features(storage.expand_shards(reference), clip.load_preset(REFERENCE_PRESET),
+                                               cache or str(folder.parent / "embed"), "reference")
+    captioned = [i for i, caption in enumerate(captions) if caption.strip()]
+    model = train_reference(features[captioned], [captions[i] for i in captioned], cfg, "reference clip")
+    clip.save_clip(model, clip.make_tokenizer(REFERENCE_PRESET, []), REFERENCE_PRESET, str(folder))
     return str(folder)
 
 
@@ -199,7 +197,7 @@ def run_seed(out: Path, crawl: str, cfg: Config, seed: int, variants=VARIANTS) -
     print(f"benchmark: {crawl} seed {seed}: crawl", file=sys.stderr, flush=True)
     main, reference, held_out = make_benchmark_crawl(root, crawl, seed_cfg, seed)
     print(f"benchmark: {crawl} seed {seed}: reference CLIP", file=sys.stderr, flush=True)
-    clip_model = train_reference_clip(reference, seed_cfg, root / "reference_clip")
+    clip_model = train_reference_clip(reference, seed_cfg, root / "reference_clip", str(root / "embed"))
     base = StageIO(input=main, out=str(root / "captioner-run"), eval_input=held_out)
     print(f"benchmark: {crawl} seed {seed}: captioner", file=sys.stderr, flush=True)
     load_stage_module("train-captioner").run(seed_cfg, base)

@@ -233,8 +233,9 @@ class SampleConfig:
     # outside the pool with their generated caption where it passes the gate (tldr_tasks/fusion.py).
     misaligned: str = "drop"
     # clip_score (DataComp's baseline): the pool is the top `score_share` of the pairs by CLIP image-text
-    # cosine, from `clip_model` (a CLIP folder: Hugging Face CLIPModel or tldr-vlp's own) or, when
-    # empty, from the crawl's own `similarity` (img2dataset --save_additional_columns, KEY.json)
+    # cosine (scoring.py), from `clip_model`: empty = the built-in reference (pretrained towers, heads aligned
+    # on the crawl, cross-fitted: nothing to bring); a CLIP folder (Hugging Face CLIPModel or tldr-vlp's own);
+    # or `similarity` = the crawl's own LAION score (img2dataset --save_additional_columns, KEY.json)
     clip_model: str = ""
     score_share: float = 0.3
     dedup_images: bool = True  # clip_score: identical image bytes keep only their first key

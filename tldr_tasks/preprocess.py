@@ -43,3 +43,11 @@ def tokenize_captions(tokenizer, captions: list[str], max_tokens: int) -> tuple[
         input_ids[i, : len(row)] = torch.tensor(row)
         attention_mask[i, : len(row)] = 1
     return input_ids, attention_mask
+
+
+def to_pixels(images: torch.Tensor | np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 [N, S, S, 3] (HWC, as PIL gives) -> float [N, 3, S, S] scaled to [-1, 1] on `device` (the CLIPs' input)."""
+    x = torch.as_tensor(images)
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"images must be uint8 [N, S, S, 3]; got {x.dtype} {tuple(x.shape)}")
+    return x.to(device).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)

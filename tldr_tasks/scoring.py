@@ -1,9 +1,15 @@
 """CLIP image-text scores for the `clip_score` selection (DataComp's standard baseline).
 
-The score of a pair is the cosine between its image's and its caption's CLIP embeddings. It comes from
-`sample.clip_model`, a CLIP folder (Hugging Face `CLIPModel` with its processor files, or a folder
-`models.clip.save_clip` wrote), or, when that is empty, from the crawl itself: img2dataset's
-`--save_additional_columns '["similarity"]'` carries LAION's score into every KEY.json.
+The score of a pair is the cosine between its image's and its caption's CLIP embeddings. `sample.clip_model`
+says where they come from:
+    "" (default)   the built-in reference: the pretrained-towers model with its heads aligned on the crawl
+                   itself, cross-fitted (REFERENCE_PRESET; heads k train on the samples outside fold k of
+                   folds.py and score fold k, so no pair is scored by heads that saw it). Nothing to bring.
+    a folder       a CLIP folder (Hugging Face `CLIPModel` with its processor files, or a folder
+                   `models.clip.save_clip` wrote, e.g. the benchmark's reference)
+    "similarity"   the crawl's own score: img2dataset's `--save_additional_columns '["similarity"]'` carries
+                   LAION's score into every KEY.json
+`preflight.check_clip_scorer` refuses a choice that cannot score before any stage runs.
 
     scores, digests = pair_scores(cfg, io, keys)   # float64 [n] (NaN: empty caption), sha256 hex [n]
 
@@ -22,6 +28,90 @@ from tldr_tasks.config import Config, ConfigError
 from tldr_tasks.contract import StageIO
 
 BATCH = 256
+SIMILARITY = "similarity"  # sample.clip_model: the crawl's own LAION score
+REFERENCE_PRESET = "towers-locked"  # the built-in reference: locked pretrained towers, heads aligned on the crawl
+REFERENCE_EPOCHS = 20  # of the heads' training data: a reference should not be undertrained (~seconds on a CPU)
+REFERENCE_FOLDS = 2  # at least two, so every pair is scored by heads that never saw it
+
+
+def reference_folds(cfg: Config) -> int:
+    """The built-in reference's cross-fitting folds: the captioner's (folds.py), at least REFERENCE_FOLDS."""
+    return max(REFERENCE_FOLDS, cfg.captioner.folds)
+
+
+def train_reference(features, captions, cfg: Config, desc: str = "reference heads"):
+    """The built-in reference's heads (REFERENCE_PRESET) trained on tower features [N, C] and their captions:
+    REFERENCE_EPOCHS epochs at evaluate.batch_size and evaluate.lr; returns the model in eval mode."""
+    from tldr_tasks.models import clip
+    from tldr_tasks.models.towers_clip import Rows
+
+    ev = cfg.evaluate
+    steps = REFERENCE_EPOCHS * clip.epoch_batches(len(captions), ev.batch_size)
+    model, _ = clip.train_clip(Rows(features), list(captions), clip.make_tokenizer(REFERENCE_PRESET, []), steps=steps,
+                               batch_size=ev.batch_size, lr=ev.lr, seed=cfg.seed + 1, preset=REFERENCE_PRESET,
+                               desc=desc)
+    return model
+
+
+def crossfit_plan(keys: list[str], has_text: np.ndarray, folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per fold k: (the captioned pairs outside fold k, which train heads k; the captioned pairs of fold k, which
+    heads k score), as indices into `keys`. An empty caption is neither trained on nor scored (NaN)."""
+    from tldr_tasks.folds import fold_of
+
+    fold = np.array([fold_of(k, folds) for k in keys], dtype=np.int64)
+    return [(np.flatnonzero((fold != k) & has_text), np.flatnonzero((fold == k) & has_text)) for k in range(folds)]
+
+
+def towers_scores(cfg: Config, io: StageIO, keys: np.ndarray, model=None) -> tuple[np.ndarray, np.ndarray]:
+    """pair_scores from tower features (cached per shard content below io.embed_dir, as the evaluation's): with
+    `model` (a saved pretrained-towers CLIP) it scores every pair; without, the built-in reference, cross-fitted:
+    per fold k heads trained on the captioned pairs outside fold k score the pairs of fold k."""
+    import torch
+
+    from tldr_tasks.models import clip
+    from tldr_tasks.models.towers_clip import cached_features
+
+    preset = model.preset if model is not None else clip.load_preset(REFERENCE_PRESET)
+    crawl_keys, features, captions, digests = cached_features(io.input_shards(), preset, io.embed_dir, "input")
+    first: dict[str, int] = {}
+    for i, key in enumerate(crawl_keys):  # a key's first occurrence in input order counts, as in cluster
+        first.setdefault(key, i)
+    missing = [str(k) for k in keys if str(k) not in first]
+    if missing:
+        raise ValueError(f"{len(missing)} assigned samples (e.g. {', '.join(missing[:5])}) are not in the input "
+                         "shards any more: the crawl changed since cluster ran; use a new --out")
+    rows = np.array([first[str(k)] for k in keys], dtype=np.int64)
+    has_text = np.array([bool(captions[r].strip()) for r in rows])
+    plan = ([(np.array([], np.int64), np.flatnonzero(has_text))] if model is not None
+            else crossfit_plan([str(k) for k in keys], has_text, reference_folds(cfg)))
+    score, given = np.full(len(keys), np.nan), model
+    for fold, (train, scored) in enumerate(plan):
+        if not len(scored):
+            continue
+        if given is None:
+            if len(train) < 2:
+                raise ValueError(f"the built-in clip_score reference needs at least 2 captioned pairs outside fold "
+                                 f"{fold}; the crawl has {len(train)}: give sample.clip_model a CLIP folder")
+            train = rows[train]
+            model = train_reference(features[train], [captions[r] for r in train], cfg, f"reference heads {fold}")
+        with torch.no_grad():
+            image = clip.embed_images(model, features[rows[scored]])
+            text = clip.embed_texts(model, None, [captions[r] for r in rows[scored]])
+        score[scored] = (image * text).sum(-1).double().numpy()
+    return score, np.array([digests[r] for r in rows], dtype=str)
+
+
+def _towers_folder(folder: str) -> bool:
+    """Whether a CLIP folder holds a pretrained-towers model (save_clip of a towers preset): it scores from the
+    cached tower features."""
+    import json
+
+    from tldr_tasks.config import load_preset
+    from tldr_tasks.models.clip import CLIP_RECORD
+
+    record = storage.join(folder, CLIP_RECORD)
+    return storage.exists(record) and load_preset("clip", json.loads(storage.read_text(record))["preset"]).get(
+        "kind") == "towers"
 
 
 class _Scorer:
@@ -70,11 +160,20 @@ def pair_scores(cfg: Config, io: StageIO, keys: np.ndarray) -> tuple[np.ndarray,
     first occurrence in input order counts, as in the cluster stage. An empty caption scores NaN."""
     from tldr_tasks.data.shards import Sample, iter_shard
 
+    if not cfg.sample.clip_model:
+        return towers_scores(cfg, io, keys)
+    if cfg.sample.clip_model != SIMILARITY and _towers_folder(cfg.sample.clip_model):
+        import torch
+
+        from tldr_tasks.models import clip
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return towers_scores(cfg, io, keys, clip.load_clip(cfg.sample.clip_model, device)[0])
     row = {str(k): i for i, k in enumerate(keys)}
     score = np.full(len(keys), np.nan)
     digest = np.full(len(keys), "", dtype=object)
     seen = np.zeros(len(keys), dtype=bool)
-    scorer = _Scorer(cfg.sample.clip_model) if cfg.sample.clip_model else None
+    scorer = None if cfg.sample.clip_model == SIMILARITY else _Scorer(cfg.sample.clip_model)
     pending: list[tuple[int, object, str]] = []
 
     def flush():
@@ -92,9 +191,10 @@ def pair_scores(cfg: Config, io: StageIO, keys: np.ndarray) -> tuple[np.ndarray,
             digest[i] = hashlib.sha256(item.image_bytes).hexdigest()
             if scorer is None:
                 if not isinstance(item.meta.get("similarity"), (int, float)):
-                    raise ConfigError(f"sample {item.key} ({url}) has no numeric `similarity` in its KEY.json: set "
-                                      "sample.clip_model to a CLIP folder, or download the crawl with img2dataset "
-                                      "--save_additional_columns '[\"similarity\"]'")
+                    raise ConfigError(f"sample {item.key} ({url}) has no numeric `similarity` in its KEY.json: leave "
+                                      "sample.clip_model empty (the built-in reference), set it to a CLIP folder, or "
+                                      "download the crawl with img2dataset --save_additional_columns "
+                                      "'[\"similarity\"]'")
                 score[i] = float(item.meta["similarity"]) if item.caption.strip() else np.nan
             else:
                 pending.append((i, item.image, item.caption))

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tldr_tasks.config import load_preset as _load_preset
+from tldr_tasks.preprocess import to_pixels
 
 SPECIALS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3  # EOS must not be 2 in HF's CLIP (legacy argmax pooling)
@@ -117,9 +118,21 @@ class CaptionTokenizer:
         return cls(Tokenizer.from_str(text), max_tokens)
 
 
+def make_tokenizer(preset: str, captions: Iterable[str]):
+    """The tokenizer every arm of an evaluation shares: learnt from `captions` for a from-scratch preset;
+    for a pretrained-towers preset the text tower's own (the captions are not read)."""
+    p = load_preset(preset)
+    if p.get("kind") == "towers":
+        from tldr_tasks.models.towers_clip import TowerTokenizer
+
+        return TowerTokenizer(p)
+    return CaptionTokenizer.train(captions, max_tokens=p["max_text_tokens"])
+
+
 def build_clip(preset: str, vocab_size: int, bos_token_id: int = BOS_ID, eos_token_id: int = EOS_ID,
                pad_token_id: int = PAD_ID, max_text_tokens: int | None = None):
-    """A randomly initialised transformers CLIPModel of the given size preset.
+    """A randomly initialised transformers CLIPModel of the given size preset, or for a pretrained-towers
+    preset (`"kind": "towers"`) a TowersCLIP with fresh heads (towers_clip.py; the token arguments unused).
 
     Args:
         preset: name of `model_configs/clip-<preset>.json`.
@@ -130,9 +143,13 @@ def build_clip(preset: str, vocab_size: int, bos_token_id: int = BOS_ID, eos_tok
     """
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
+    p = load_preset(preset)
+    if p.get("kind") == "towers":  # pretrained towers with heads (towers_clip.py): no vocabulary of its own
+        from tldr_tasks.models.towers_clip import TowersCLIP
+
+        return TowersCLIP(p)
     if eos_token_id == 2:
         raise ValueError("eos_token_id 2 makes transformers' CLIP pool at argmax(input_ids); use another id")
-    p = load_preset(preset)
     text = CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=p["text_width"], intermediate_size=p["text_width"] * p["mlp_ratio"],
         num_hidden_layers=p["text_layers"], num_attention_heads=p["text_heads"],
@@ -174,14 +191,6 @@ class ConvStem(torch.nn.Module):
         return self.layers(pixels)
 
 
-def to_pixels(images: torch.Tensor | np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 [N, S, S, 3] (HWC, as PIL gives) -> float [N, 3, S, S] scaled to [-1, 1]."""
-    x = torch.as_tensor(images)
-    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"images must be uint8 [N, S, S, 3]; got {x.dtype} {tuple(x.shape)}")
-    return x.to(device).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-
-
 def epoch_batches(n: int, batch_size: int) -> int:
     """Optimizer steps per epoch over n samples: ceil(n / batch_size)."""
     return math.ceil(n / batch_size)
@@ -214,6 +223,23 @@ def _features(output) -> torch.Tensor:
     return output.pooler_output if hasattr(output, "pooler_output") else output
 
 
+def encode_images(model, rows, device) -> torch.Tensor:
+    """Normalised image embeddings of a batch: uint8 images [B, S, S, 3] for a from-scratch CLIP; tower
+    features (or uint8 images) for a TowersCLIP."""
+    if hasattr(model, "encode_images"):
+        return F.normalize(model.encode_images(rows), dim=-1)
+    return F.normalize(_features(model.get_image_features(pixel_values=to_pixels(rows, device))), dim=-1)
+
+
+def encode_texts(model, tokenizer, texts: Sequence[str], device) -> torch.Tensor:
+    """Normalised text embeddings of a batch of captions (a TowersCLIP tokenizes with its own text tower)."""
+    if hasattr(model, "encode_texts"):
+        return F.normalize(model.encode_texts(texts), dim=-1)
+    input_ids, mask = tokenizer(texts)
+    return F.normalize(_features(model.get_text_features(input_ids=input_ids.to(device),
+                                                         attention_mask=mask.to(device))), dim=-1)
+
+
 def train_clip(images: torch.Tensor | np.ndarray | Sequence, captions: Sequence[str], tokenizer: CaptionTokenizer, *,
                steps: int, batch_size: int = 128, lr: float = 5e-4, seed: int = 0, preset: str = "tiny",
                weight_decay: float = 0.1, warmup_steps: int | None = None, device: str | None = None,
@@ -244,11 +270,13 @@ def train_clip(images: torch.Tensor | np.ndarray | Sequence, captions: Sequence[
     torch.manual_seed(seed)
     model = build_clip(preset, tokenizer.vocab_size, max_text_tokens=tokenizer.max_tokens).to(device)
     model.train()
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]  # biases, norms, logit scale
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    if hasattr(model, "optimizer_groups"):  # a TowersCLIP: heads, temperature and tuned text layers only
+        groups = model.optimizer_groups(lr, weight_decay)
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in model.parameters() if p.ndim < 2],  # biases, norms, logit scale
+                   "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
     warmup = min(200, max(1, steps // 10)) if warmup_steps is None else max(0, warmup_steps)
 
     def lr_factor(step: int) -> float:
@@ -257,7 +285,8 @@ def train_clip(images: torch.Tensor | np.ndarray | Sequence, captions: Sequence[
         return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    to_pixels(images[:1])  # refuses anything but uint8 [N, S, S, 3] before training starts
+    if not hasattr(model, "encode_images"):
+        to_pixels(images[:1])  # refuses anything but uint8 [N, S, S, 3] before training starts
     if len(captions) != n:
         raise ValueError(f"{n} images but {len(captions)} captions")
     pending = sorted(set(checkpoints))
@@ -266,11 +295,8 @@ def train_clip(images: torch.Tensor | np.ndarray | Sequence, captions: Sequence[
     bar = tqdm(batch_schedule(n, batch_size, steps, seed), total=steps, desc=desc, unit="step",
                mininterval=2.0, leave=False)
     for batch in bar:
-        pixels = to_pixels(images[batch], device)
-        input_ids, mask = tokenizer([captions[int(i)] for i in batch])
-        image_emb = F.normalize(_features(model.get_image_features(pixel_values=pixels)), dim=-1)
-        text_emb = F.normalize(_features(model.get_text_features(input_ids=input_ids.to(device),
-                                                                 attention_mask=mask.to(device))), dim=-1)
+        image_emb = encode_images(model, images[batch], device)
+        text_emb = encode_texts(model, tokenizer, [captions[int(i)] for i in batch], device)
         loss = contrastive_loss(image_emb, text_emb, model.logit_scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -297,8 +323,8 @@ def train_clip(images: torch.Tensor | np.ndarray | Sequence, captions: Sequence[
 def embed_images(model, images: torch.Tensor | np.ndarray | Sequence, batch_size: int = 256) -> torch.Tensor:
     """L2-normalised image embeddings [N, D] (float32, CPU) of uint8 images [N, S, S, 3]."""
     device = next(model.parameters()).device
-    out = [F.normalize(_features(model.get_image_features(pixel_values=to_pixels(images[i:i + batch_size], device))),
-                       dim=-1).float().cpu() for i in range(0, len(images), batch_size)]
+    out = [encode_images(model, images[i:i + batch_size], device).float().cpu()
+           for i in range(0, len(images), batch_size)]
     return torch.cat(out)
 
 
@@ -306,12 +332,8 @@ def embed_images(model, images: torch.Tensor | np.ndarray | Sequence, batch_size
 def embed_texts(model, tokenizer: CaptionTokenizer, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
     """L2-normalised text embeddings [N, D] (float32, CPU)."""
     device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(texts), batch_size):
-        ids, mask = tokenizer(list(texts[i:i + batch_size]))
-        feats = _features(model.get_text_features(input_ids=ids.to(device), attention_mask=mask.to(device)))
-        out.append(F.normalize(feats, dim=-1).float().cpu())
-    return torch.cat(out)
+    return torch.cat([encode_texts(model, tokenizer, list(texts[i:i + batch_size]), device).float().cpu()
+                      for i in range(0, len(texts), batch_size)])
 
 
 def _group_ids(image_groups: Sequence | None, text_groups: Sequence | None, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -393,7 +415,8 @@ CLIP_RECORD = "tldr_clip.json"  # marks a folder written by save_clip
 
 
 def save_clip(model, tokenizer: CaptionTokenizer, preset: str, folder: str) -> None:
-    """A trained CLIP as a folder: weights, tokenizer and the preset it was built from (load_clip)."""
+    """A trained CLIP as a folder: weights, tokenizer and the preset it was built from (load_clip). A TowersCLIP
+    saves its heads (and tuned text layers) only: the towers come from their packages."""
     from safetensors.torch import save
 
     from tldr_tasks import storage
@@ -412,8 +435,11 @@ def load_clip(folder: str, device: str = "cpu"):
     from tldr_tasks import storage
 
     record = json.loads(storage.read_text(storage.join(folder, CLIP_RECORD)))
-    tokenizer = CaptionTokenizer.from_json(storage.read_text(storage.join(folder, "tokenizer.json")),
-                                           record["max_text_tokens"])
+    if load_preset(record["preset"]).get("kind") == "towers":  # the text tower's own WordPiece
+        tokenizer = make_tokenizer(record["preset"], [])
+    else:
+        tokenizer = CaptionTokenizer.from_json(storage.read_text(storage.join(folder, "tokenizer.json")),
+                                               record["max_text_tokens"])
     model = build_clip(record["preset"], record["vocab_size"], max_text_tokens=record["max_text_tokens"])
     model.load_state_dict(load(storage.read_bytes(storage.join(folder, "model.safetensors"))))
     return model.to(device).eval(), tokenizer, load_preset(record["preset"])["image_size"]

@@ -118,11 +118,16 @@ def save_part(url: str, part: EmbedPart) -> None:
     """Write one part atomically: an npz (no pickles) whose zip entries carry a fixed timestamp, so
     the same inputs give a byte-identical file (np.savez stamps the current time; DVC would see a
     changed output on every rerun)."""
-    arrays = {"keys": np.asarray(part.keys, dtype=str), "features": part.features,
-              "loss": np.asarray(part.loss, dtype=np.float32),
-              "reject_keys": np.asarray(part.reject_keys, dtype=str),
-              "reject_reasons": np.asarray(part.reject_reasons, dtype=str),
-              "meta": np.asarray(json.dumps(part.meta, sort_keys=True))}
+    write_npz(url, {"keys": np.asarray(part.keys, dtype=str), "features": part.features,
+                    "loss": np.asarray(part.loss, dtype=np.float32),
+                    "reject_keys": np.asarray(part.reject_keys, dtype=str),
+                    "reject_reasons": np.asarray(part.reject_reasons, dtype=str),
+                    "meta": np.asarray(json.dumps(part.meta, sort_keys=True))})
+
+
+def write_npz(url: str, arrays: dict[str, np.ndarray]) -> None:
+    """An npz (no pickles) written atomically, its zip entries with a fixed timestamp: byte-identical for
+    the same arrays."""
     buffer = _io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
         for name, array in arrays.items():

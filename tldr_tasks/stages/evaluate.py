@@ -1,5 +1,9 @@
-"""evaluate: train the same tiny CLIP on the full crawl, the TL;DR subset and baselines, and score
+"""evaluate: train the same evaluation model on the full crawl, the TL;DR subset and baselines, and score
 each on a clean held-out validation split (every default is chosen there) and test split (reported).
+The model is `evaluate.preset`: a from-scratch CLIP size (models/clip.py) or one on pretrained towers
+(models/towers_clip.py: towers-locked, towers-lit), whose locked image tower's features stand in for the
+pixels (`spool`: computed once per shard content, kept in the embed cache); arms, budgets and scores are the
+same for every preset.
 
 Arms (evaluate.arms):
     full              every accepted input sample, original captions.
@@ -33,6 +37,7 @@ from there by index: memory does not hold the decoded crawl, and the batches are
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import io as _io
@@ -116,6 +121,7 @@ def generate(io: StageIO, cfg: Config, images, desc: str,
     from tldr_tasks.stages.caption import caption_images
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    images = getattr(images, "pixels", None) or images  # a towers preset's feature rows carry their pixels
     captioners = _loaded_captioners(io.captioner_dir, captioner_version(io.captioner_dir), device)
     folds = np.array([fold_of(k, len(captioners)) for k in keys] if keys is not None else [0] * len(images))
     captions, confidence, grounding = [""] * len(images), [float("nan")] * len(images), [float("nan")] * len(images)
@@ -151,7 +157,7 @@ class Arm:
 
 def build_arms(names: list[str], full: Split, tldr: Split, cfg: Config, io: StageIO) -> dict[str, Arm]:
     """The training sets of `names` (see the module doc)."""
-    fields = compressed_fields(tldr)
+    fields = functools.cache(lambda: compressed_fields(tldr))  # what the tldr_<fusion> arms re-decide
     idx = random_subset(len(full), len(tldr), cfg.seed)
     arms: dict[str, Arm] = {}
     for name in names:
@@ -160,13 +166,14 @@ def build_arms(names: list[str], full: Split, tldr: Split, cfg: Config, io: Stag
         elif name == "tldr":
             arms[name] = Arm(name, tldr.images, tldr.captions, tldr.truths())
         elif name == "tldr_original":
-            arms[name] = Arm(name, tldr.images, fields["original"], tldr.truths())
+            arms[name] = Arm(name, tldr.images, fields()["original"], tldr.truths())
         elif name.startswith("tldr_"):
             mode = name.removeprefix("tldr_")
             if mode not in FUSIONS:
                 raise ValueError(f"evaluate.arms: {name!r} names no fusion mode; use tldr_<{'|'.join(FUSIONS)}>")
-            captions = shipped_captions(tldr.keys, fields["original"], fields["generated"], fields["confidence"],
-                                        fields["grounding"], cfg, mode, fields["repair"])
+            f = fields()
+            captions = shipped_captions(tldr.keys, f["original"], f["generated"], f["confidence"], f["grounding"],
+                                        cfg, mode, f["repair"])
             arms[name] = Arm(name, tldr.images, captions, tldr.truths())
         elif name == "oracle_clean":
             truths = full.truths()
@@ -457,15 +464,33 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     return StageResult(metrics=flatten(report), outputs=[report_url, plot_url])
 
 
+def spool(urls: list[str], cfg: Config, io: StageIO, folder: str, desc: str) -> Split:
+    """The shards `urls` decoded once to `folder` at the preset's image size. For a pretrained-towers preset
+    its `images` are the image tower's features instead (cached per shard content below io.embed_dir and
+    reused by every arm, seed and rerun; towers_clip.cached_features), with the pixels (at the captioner's
+    size) taken along for the captioner (`generate`)."""
+    from tldr_tasks.models import clip
+
+    preset = clip.load_preset(cfg.evaluate.preset)
+    if preset.get("kind") != "towers":
+        return write_spool(urls, preset["image_size"], folder, desc)
+    from tldr_tasks.models.towers_clip import Rows, cached_features
+
+    split = write_spool(urls, cfg.captioner.image_size, folder, desc)  # the pixels the captioner reads
+    keys, features, _, _ = cached_features(urls, preset, io.embed_dir, desc)
+    if keys != list(split.keys):
+        raise ValueError(f"the tower features of {desc} do not match its samples: a shard changed while being read")
+    return dataclasses.replace(split, images=Rows(features, split.images))
+
+
 def evaluate_spooled(cfg: Config, io: StageIO, tldr_urls: list[str], scratch: str) -> dict:
     """The report: every input spooled once to `scratch`, every arm trained and scored."""
     from tldr_tasks.models import clip
 
     ev = cfg.evaluate
-    size = clip.load_preset(ev.preset)["image_size"]
-    full = write_spool(io.input_shards(), size, f"{scratch}/input", "input")
-    tldr = write_spool(tldr_urls, size, f"{scratch}/compressed", "compressed")
-    held_out = write_spool(storage.expand_shards(io.eval_input), size, f"{scratch}/eval", "eval")
+    full = spool(io.input_shards(), cfg, io, f"{scratch}/input", "input")
+    tldr = spool(tldr_urls, cfg, io, f"{scratch}/compressed", "compressed")
+    held_out = spool(storage.expand_shards(io.eval_input), cfg, io, f"{scratch}/eval", "eval")
     task = load_task(io.eval_input)
     splits = split_eval(held_out)
     if len(full) < 2 or len(tldr) < 2 or min(len(s) for s in splits.values()) < 2:
@@ -477,8 +502,7 @@ def evaluate_spooled(cfg: Config, io: StageIO, tldr_urls: list[str], scratch: st
     # learnt from the input's captions alone, so the arms share vocabulary, text embedding and
     # initialisation and differ only in their data (held-out words, and new words of generated
     # captions, stay unknown).
-    tokenizer = clip.CaptionTokenizer.train(iter(full.captions),
-                                            max_tokens=clip.load_preset(ev.preset)["max_text_tokens"])
+    tokenizer = clip.make_tokenizer(ev.preset, iter(full.captions))
     steps = training_steps(len(full), ev.epochs, ev.batch_size)
     results: dict[str, dict] = {}
     for budget in ev.budgets:

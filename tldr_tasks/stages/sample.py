@@ -11,8 +11,10 @@ Strategies (`sample.strategy`) set each cluster's quota, all keeping exactly rou
     far_centroid   within every cluster, the largest distance
     random         uniformly at random over all samples, ignoring clusters (the paper's baseline)
     clip_score     DataComp's baseline: optional exact image dedup (`dedup_images`), then the top
-                   `score_share` of the pairs by CLIP image-text cosine (scoring.py: a CLIP folder in
-                   `clip_model`, or the crawl's own `similarity`), then a seeded subset down to the ratio
+                   `score_share` of the pairs by CLIP image-text cosine (scoring.py: by default the
+                   built-in pretrained-towers reference, cross-fitted on the crawl; or a CLIP folder in
+                   `clip_model`; or `clip_model: similarity`, the crawl's own), then a seeded subset down
+                   to the ratio
     semdedup       SemDeDup: a pair's redundancy is the highest cosine between its embedding and that of
                    a higher-ranked pair of its cluster (`dedup_keep`: the better aligned, or the nearer
                    the centroid); the least redundant are kept, which is SemDeDup with its threshold
