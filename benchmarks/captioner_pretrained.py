@@ -60,14 +60,16 @@ def summary(runs: list[dict]) -> dict:
 
 
 def markdown(table: dict) -> str:
-    """The summary as the table docs/benchmarks.md shows: mean ± 95% CI over seeds, accuracies in %."""
+    """The summary as the table docs/benchmarks.md shows: mean ± 95% CI over seeds (the mean alone for one seed),
+    accuracies in %."""
     lines = ["| crawl | start | seeds | held-out accuracy | head scenes | tail scenes | out-of-fold accuracy | "
              "collapsed (seeds) | caption entropy / originals' | train s |", "|---" * 10 + "|"]
     for crawl, arms in table.items():
         for arm, row in arms.items():
             def cell(metric, scale=100.0, digits=1, row=row):
                 stat = row[metric]
-                return f"{stat['mean'] * scale:.{digits}f} ± {stat['ci95'] * scale:.{digits}f}"
+                mean = f"{stat['mean'] * scale:.{digits}f}"
+                return mean if len(stat["values"]) < 2 else f"{mean} ± {stat['ci95'] * scale:.{digits}f}"
             lines.append(f"| {crawl} | {arm} | {len(row['seeds'])} | {cell('heldout_accuracy')} | "
                          f"{cell('heldout_accuracy_head')} | {cell('heldout_accuracy_tail')} | "
                          f"{cell('out_of_fold_accuracy')} | {row['collapsed_seeds']} of {len(row['seeds'])} | "

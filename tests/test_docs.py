@@ -174,8 +174,19 @@ def test_readme_gate_rows_are_copied_from_the_gate_file():
             f"{captions['chosen_on_validation']['validation_mean_r1']['tldr_original']:.2f}") in text
 
 
-def test_the_eval_power_table_is_the_results_file():
-    """docs/benchmarks.md's discriminative-power table is what benchmarks/eval_power.py wrote from its results."""
+def test_the_eval_power_and_pretrained_captioner_tables_are_written_from_their_results(monkeypatch):
+    """docs/benchmarks.md's discriminative-power and pretrained-captioner tables are what benchmarks/eval_power.py
+    and benchmarks/captioner_pretrained.py write from their JSON files (and their `.md` copies the same)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import captioner_pretrained
+    import eval_power
+
+    results = ROOT / "benchmarks" / "results"
+    power = eval_power.markdown(json.loads((results / "eval_power.json").read_text()))
+    summary = json.loads((results / "captioner_pretrained.json").read_text())["summary"]
+    captioners = captioner_pretrained.markdown(summary)
     text = (ROOT / "docs" / "benchmarks.md").read_text()
-    block = text.split("<!-- eval_power:start -->\n", 1)[1].split("<!-- eval_power:end -->", 1)[0]
-    assert block == (ROOT / "benchmarks" / "results" / "eval_power.md").read_text()
+    assert text.split("<!-- eval_power:start -->\n", 1)[1].split("<!-- eval_power:end -->", 1)[0] == power
+    assert captioners in text, "docs/benchmarks.md lacks captioner_pretrained's table: copy it into 'Pretrained towers'"
+    assert (results / "eval_power.md").read_text() == power
+    assert (results / "captioner_pretrained.md").read_text() == captioners
