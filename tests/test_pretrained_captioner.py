@@ -128,3 +128,14 @@ def test_a_users_weights_file_gets_a_cache_of_its_own(tmp_path):
     second = towers.TokenCache(f"efficientnet-lite0:{weights}", 128, str(tmp_path)).folder
     packaged = towers.TokenCache("efficientnet-lite0", 128, str(tmp_path)).folder
     assert len({first, second, packaged}) == 3
+
+
+def test_wordpiece_captions_come_back_spaced_as_the_crawl_writes_them():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(towers.text_folder("minilm-l6"))
+    for caption in ("kiss: woman, man with medium-dark skin tone, a family emoji from the people & body set",
+                    "t-shirt (it's blue) on a 3/4 view", "a large purple star at the top and a small yellow cross"):
+        ids = tokenizer(caption, add_special_tokens=False)["input_ids"]
+        decoded = tokenizer.decode(ids, skip_special_tokens=True)
+        assert cap.join_wordpiece_punctuation(decoded) == caption.lower()

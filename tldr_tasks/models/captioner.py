@@ -269,8 +269,24 @@ class Captioner(nn.Module):
             num_beams=num_beams, do_sample=False, min_new_tokens=min(min_new_tokens, max_new_tokens),
             max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, use_cache=True)
-        texts = tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
-        return [" ".join(t.split()) for t in texts]
+        texts = [" ".join(t.split()) for t in tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)]
+        if self.arch.get("text_config", {}).get("model_type") == "bert":
+            texts = [join_wordpiece_punctuation(t) for t in texts]
+        return texts
+
+
+# A BERT (WordPiece) tokenizer splits punctuation into tokens of its own and its decoder joins every token
+# with a space: "medium-dark" comes back "medium - dark", "kiss: woman" "kiss : woman". Web captions write them
+# without those spaces.
+_WORDPIECE_SPACING = ((re.compile(r" ?([-/']) ?"), r"\1"), (re.compile(r" ([:;!?%)\]])"), r"\1"),
+                      (re.compile(r"([(\[]) "), r"\1"))
+
+
+def join_wordpiece_punctuation(text: str) -> str:
+    """`text` as decoded by a WordPiece tokenizer, with punctuation spaced as written text has it."""
+    for pattern, replacement in _WORDPIECE_SPACING:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
