@@ -9,8 +9,9 @@ cross-fitted captioners (captioner.folds=2, the benchmark's PROFILE: 4 epochs, b
     pretrained  the `pretrained` preset: frozen EfficientNet-Lite0 grid (128 px, cached once) -> codebook ->
                 the first 3 layers of MiniLM-L6 as a BERT decoder with new cross-attention
 and measures them as benchmarks/captioner_quality.py does (held-out accuracy head/tail, out-of-fold accuracy,
-the collapse check). One file per (crawl, seed, arm) under `--out`, skipped when present (resumable);
-the summary, mean and per seed, goes to `benchmarks/results/captioner_pretrained.json`.
+the collapse check). One file per (crawl, seed, arm) under `--out`, skipped when present, and a run already in
+the committed results file is not measured again (resumable across sessions); the summary, mean and per seed,
+goes to `benchmarks/results/captioner_pretrained.json`.
 """
 
 from __future__ import annotations
@@ -31,12 +32,17 @@ METRICS = ("heldout_accuracy", "heldout_accuracy_head", "heldout_accuracy_tail",
            "entropy_ratio", "train_seconds")
 
 
-def run_one(out: Path, crawl: str, seed: int, arm: str) -> dict:
+def run_one(out: Path, crawl: str, seed: int, arm: str, committed: list[dict]) -> dict:
+    """One (crawl, seed, arm): from its file under `out`, else from the committed results (a later session's
+    checkout has no runs/ folder), else measured now."""
     from captioner_quality import measure
 
     path = out / "results" / f"{crawl}-seed{seed}-{arm}.json"
     if path.exists():
         return json.loads(path.read_text())
+    done = [r for r in committed if (r["crawl"], r["seed"], r["arm"]) == (crawl, seed, arm)]
+    if done:
+        return done[0]
     root = out / crawl / f"seed{seed}"
     make_benchmark_crawl(root, crawl, from_dict(_merge(PROFILE, {"seed": seed})).validate(), seed)
     result = {"crawl": crawl, "seed": seed, "arm": arm, **measure(root, arm, ARMS[arm], seed)}
@@ -84,11 +90,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="runs/captioner_pretrained")
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args(argv)
+    results_file = Path(args.results) / "captioner_pretrained.json"
+    committed = json.loads(results_file.read_text())["runs"] if results_file.exists() else []
     runs = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for arm in ARMS:
             for crawl in args.crawls.split(","):
-                runs.append(run_one(Path(args.out), crawl, seed, arm))
+                runs.append(run_one(Path(args.out), crawl, seed, arm, committed))
                 print(json.dumps({k: runs[-1][k] for k in ("crawl", "seed", "arm", *METRICS, "collapsed")}),
                       flush=True)
                 result = {"machine": machine(), "arms": ARMS, "profile": PROFILE, "summary": summary(runs),
