@@ -74,7 +74,7 @@ def test_deterministic_strategies_keep_hand_computed_keys(tmp_path, strategy, ex
     assert {k: v for k, v in stats.items() if not k.startswith("alignment_")} == {
         "input": 12, "kept": 3, "dropped": 9, "ratio": 0.25, "ratio_achieved": 0.25, "clusters": 3,
         "clusters_kept": 2, "strategy": strategy, "alignment": "none", "aligned_share": 0.5, "seed": 0,
-            "misaligned": "drop", "repair": 0}
+            "misaligned": "drop", "repair": 0, "filter": "none"}
     assert result.metrics["kept"] == 3 and not result.skipped
 
 

@@ -171,7 +171,7 @@ def variant_config(cfg: Config, variant: Variant, samples: int, arms: list[str],
     vcfg = from_dict(cfg.to_dict()).validate()
     for key, value in variant.sample.items():
         setattr(vcfg.sample, key, value)
-    if vcfg.sample.strategy == "clip_score":
+    if "clip_score" in (vcfg.sample.strategy, vcfg.sample.filter):
         vcfg.sample.clip_model = clip_model
     if variant.cluster_scale != 1:
         vcfg.cluster.clusters = round(variant.cluster_scale * cluster_count(vcfg, samples))

@@ -19,6 +19,8 @@ FEATURES = ("quantized_mean", "code_histogram", "cls", "code_index_pca", "tower"
 KMEANS_INITS = ("kmeans++", "afk_mc2")
 STRATEGIES = ("uniform", "balanced", "hard", "near_centroid", "far_centroid", "random", "clip_score", "semdedup")
 ALIGNMENTS = ("cluster_pool", "global_pool", "rank", "none")
+FILTERS = ("none", "clip_score")
+FILTERED_STRATEGIES = ("uniform", "balanced", "semdedup")  # the coverage rules that run inside a filter
 FUSIONS = ("mix", "generated", "concat", "original")
 NOISE_MODES = ("iid", "correlated", "incomplete")
 DEDUP_KEEPS = ("aligned", "central")
@@ -94,6 +96,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "sample.ratio": (0, 1, True),
     "sample.aligned_share": (0, 1, True),
     "sample.score_share": (0, 1, True),
+    "sample.filter_share": (0, 1, True),
     "caption.num_beams": (1, math.inf, False),
     "caption.min_new_tokens": (1, math.inf, False),
     "caption.max_new_tokens": (1, math.inf, False),
@@ -241,10 +244,22 @@ class SampleConfig:
     dedup_images: bool = True  # clip_score: identical image bytes keep only their first key
     # semdedup: which of two near-duplicates ranks higher and stays (stages/sample.py)
     dedup_keep: str = "central"
+    # An alignment filter ahead of the coverage rule: `clip_score` passes exact image dedup (`dedup_images`) and
+    # then the top `filter_share` of the pairs by clip_score's cosine; uniform, balanced or semdedup then keep
+    # only pairs that pass (stages/sample.py: keep_mask)
+    filter: str = "none"
+    filter_share: float = 0.5
 
     def validate(self):
         _choice("sample.strategy", self.strategy, STRATEGIES)
         _choice("sample.alignment", self.alignment, ALIGNMENTS)
+        _choice("sample.filter", self.filter, FILTERS)
+        _check(self.filter == "none" or self.strategy in FILTERED_STRATEGIES,
+               f"sample.filter={self.filter} runs ahead of a coverage rule: set sample.strategy to one of "
+               f"{', '.join(FILTERED_STRATEGIES)} (it is {self.strategy!r}), or sample.filter=none")
+        _check(self.filter == "none" or self.alignment == "none",
+               f"sample.filter={self.filter} and sample.alignment={self.alignment} are two alignment filters: set one "
+               "of them to none")
         _choice("sample.dedup_keep", self.dedup_keep, DEDUP_KEEPS)
         _choice("sample.misaligned", self.misaligned, MISALIGNED)
         _check(self.misaligned == "drop" or self.alignment in ("cluster_pool", "global_pool"),

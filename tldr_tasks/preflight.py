@@ -126,7 +126,7 @@ def check_clip_scorer(cfg: Config, shards: list[str]) -> None:
     from tldr_tasks.scoring import SIMILARITY
 
     s = cfg.sample
-    if s.strategy != "clip_score":
+    if "clip_score" not in (s.strategy, s.filter):
         return
     if not s.clip_model:
         import importlib.util

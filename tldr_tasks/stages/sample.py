@@ -52,12 +52,17 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tldr_tasks import storage
 from tldr_tasks.config import Config, ConfigError
 from tldr_tasks.contract import StageIO, StageResult, numeric
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 # A pair whose caption loss lies this many robust standard deviations above its cluster's median is
 # counted as likely misaligned (the noise estimate in stats.json and MLflow).
@@ -163,7 +168,7 @@ def eligible_pairs(cluster: np.ndarray, loss: np.ndarray, alignment: np.ndarray,
 
 
 def choose(cluster: np.ndarray, score: np.ndarray | None, ratio: float, seed: int, strategy: str,
-           eligible: np.ndarray | None = None) -> np.ndarray:
+           eligible: np.ndarray | None = None, total: int | None = None) -> np.ndarray:
     """Boolean mask of the rows to keep. Rows must already be in key order.
 
     Args:
@@ -174,9 +179,10 @@ def choose(cluster: np.ndarray, score: np.ndarray | None, ratio: float, seed: in
         strategy: one of config.STRATEGIES.
         eligible: rows each cluster's quota takes before any other (None: all); a cluster with too few
             eligible rows tops its quota up from the rest in score order, so the ratio holds exactly.
+        total: rows to keep (None: target_count(ratio, n)).
     """
     n = len(cluster)
-    total = target_count(ratio, n)
+    total = target_count(ratio, n) if total is None else total
     keep = np.zeros(n, dtype=bool)
     rng = np.random.default_rng(seed)
     if strategy == "random":
@@ -195,21 +201,28 @@ def choose(cluster: np.ndarray, score: np.ndarray | None, ratio: float, seed: in
     return keep
 
 
-def clip_score_keep(score: np.ndarray, digest: np.ndarray | None, ratio: float, share: float,
-                    seed: int) -> np.ndarray:
-    """clip_score's mask: rows are ranked first-copy-of-an-image first (when `digest` is given; later
-    copies of identical bytes last), then by score (highest first; NaN last), then by key position; the
-    pool is the first max(total, ceil(share * n)) of them, of which a seeded `total` are kept."""
+def filter_order(score: np.ndarray, digest: np.ndarray | None) -> np.ndarray:
+    """Row positions best first for an alignment filter: first copies of an image first (when `digest` is given;
+    later copies of identical bytes last), then by score (highest first; NaN last), then by key position."""
     n = len(score)
-    total = target_count(ratio, n)
     copy = np.zeros(n, dtype=bool)
     if digest is not None:
         _, first = np.unique(digest, return_index=True)
         copy[:] = True
         copy[first] = False
-    order = np.lexsort((np.arange(n), -np.nan_to_num(score, nan=-np.inf), copy))
-    pool = order[: max(total, int(math.ceil(share * n)))]
-    keep = np.zeros(n, dtype=bool)
+    return np.lexsort((np.arange(n), -np.nan_to_num(score, nan=-np.inf), copy))
+
+
+def clip_score_keep(score: np.ndarray, digest: np.ndarray | None, ratio: float, share: float,
+                    seed: int) -> np.ndarray:
+    """clip_score's mask: `pool_keep` of `filter_order`."""
+    return pool_keep(filter_order(score, digest), target_count(ratio, len(score)), share, seed)
+
+
+def pool_keep(order: np.ndarray, total: int, share: float, seed: int) -> np.ndarray:
+    """A seeded `total` of the first max(total, ceil(share * n)) rows of `order` (clip_score's pool)."""
+    keep = np.zeros(len(order), dtype=bool)
+    pool = order[: max(total, int(math.ceil(share * len(order))))]
     keep[np.random.default_rng(seed).choice(pool, total, replace=False)] = True
     return keep
 
@@ -284,14 +297,15 @@ def redundancy(cluster: np.ndarray, features: np.ndarray, priority: np.ndarray, 
     return result
 
 
-def semdedup_keep(redundancy: np.ndarray, ratio: float, seed: int, eligible: np.ndarray | None = None) -> np.ndarray:
-    """semdedup's mask: the target_count least redundant rows (ties in a seeded order), the `eligible`
-    ones (sample.alignment's pool; None: all) before any other."""
+def semdedup_keep(redundancy: np.ndarray, ratio: float, seed: int, eligible: np.ndarray | None = None,
+                  total: int | None = None) -> np.ndarray:
+    """semdedup's mask: the `total` (None: target_count) least redundant rows (ties in a seeded order), the
+    `eligible` ones (sample.alignment's pool; None: all) before any other."""
     n = len(redundancy)
     first = np.zeros(n, dtype=bool) if eligible is None else ~eligible
     order = np.lexsort((np.random.default_rng(seed).random(n), redundancy, first))
     keep = np.zeros(n, dtype=bool)
-    keep[order[: target_count(ratio, n)]] = True
+    keep[order[: target_count(ratio, n) if total is None else total]] = True
     return keep
 
 
@@ -330,10 +344,109 @@ def scoring_folds(io: StageIO) -> int:
     return captioner_folds(io.captioner_dir) if is_complete(io.captioner_dir) else 1
 
 
+@dataclass
+class Evidence:
+    """What the selection rules read, per sample in key order, computed once: nothing here depends on the ratio,
+    so a selection at several ratios (a ratio curve) reuses it."""
+
+    table: pa.Table  # the assignments: key, shard, cluster, distance, loss
+    cluster: np.ndarray
+    loss: np.ndarray  # calibrated across cross-fitting folds
+    alignment: np.ndarray
+    score: np.ndarray | None  # order within a cluster (`scores`)
+    pool: np.ndarray | None  # sample.alignment's pool of better-aligned pairs
+    filter_rank: np.ndarray | None  # sample.filter's rows, best first (`filter_order`)
+    extra: dict = field(default_factory=dict)  # the rules' own evidence (clip_score, redundancy), for alignment.parquet
+
+    def passing(self, share: float) -> np.ndarray:
+        """The rows sample.filter passes: the first ceil(share * n) of its order, in key order."""
+        return np.sort(self.filter_rank[: int(math.ceil(share * len(self.cluster)))])
+
+
+def load_assignments(io: StageIO) -> pa.Table:
+    """The cluster stage's assignments (key, shard, cluster, distance, loss), sorted by key."""
+    import pyarrow.compute as pc
+
+    assignments = storage.join(io.cluster_dir, "assignments.parquet")
+    if not storage.exists(assignments):
+        raise ConfigError(f"{assignments} not found (run `tldr-vlp run cluster` with the same --out first)")
+    table = storage.read_parquet(assignments, columns=["key", "shard", "cluster", "distance", "loss"])
+    if table.num_rows == 0:
+        raise ValueError(f"{assignments} holds no samples: every input was rejected (see "
+                         f"{io.cluster_dir}/rejects.parquet)")
+    return table.take(pc.sort_indices(table, sort_keys=[("key", "ascending")]))
+
+
+def evidence(cfg: Config, io: StageIO, table: pa.Table) -> Evidence:
+    """Every per-sample score the configured rule needs: alignment, the pool, clip scores, SemDeDup's
+    redundancy (among the pairs the filter passes, when there is a filter)."""
+    import pyarrow as pa
+
+    s = cfg.sample
+    cluster = table["cluster"].to_numpy().astype(np.int64)
+    keys = table["key"].to_numpy(zero_copy_only=False).astype(str)
+    loss = calibrated_loss(table["loss"].to_numpy().astype(np.float64), keys, scoring_folds(io))
+    alignment = alignment_scores(cluster, loss)
+    distance = table["distance"].to_numpy().astype(np.float64)
+    pool = (eligible_pairs(cluster, loss, alignment, s.alignment, s.aligned_share)
+            if s.alignment in ("cluster_pool", "global_pool") else None)
+    ev = Evidence(table, cluster, loss, alignment, scores(s.strategy, s.alignment, loss, distance, alignment), pool,
+                  None)
+    digest = None
+    if "clip_score" in (s.strategy, s.filter):
+        from tldr_tasks.scoring import pair_scores
+
+        ev.extra["clip_score"], digest = pair_scores(cfg, io, keys)
+        ev.filter_rank = filter_order(ev.extra["clip_score"], digest if s.dedup_images else None)
+    if s.strategy == "semdedup":
+        priority = alignment if s.dedup_keep == "aligned" else -distance
+        rows = ev.passing(s.filter_share) if s.filter != "none" else np.arange(len(cluster))
+        stems = table["shard"].cast(pa.string()).to_numpy(zero_copy_only=False).astype(str)
+        ev.extra["redundancy"] = np.full(len(cluster), np.nan)
+        ev.extra["redundancy"][rows] = semdedup_redundancy(cfg, io, keys[rows], stems[rows], cluster[rows],
+                                                           priority[rows])
+    return ev
+
+
+def coverage_keep(cfg: Config, ev: Evidence, rows: np.ndarray, total: int, seed: int) -> np.ndarray:
+    """The coverage rule (sample.strategy) over the rows `rows` only, keeping `total` of them: a mask over `rows`."""
+    s = cfg.sample
+    # repair: coverage alone fills the quotas, and the kept pairs outside the pool are recaptioned
+    eligible = ev.pool[rows] if ev.pool is not None and s.misaligned != "repair" else None
+    if s.strategy == "semdedup":
+        first = eligible if s.alignment == "cluster_pool" else None
+        return semdedup_keep(ev.extra["redundancy"][rows], total / len(rows), seed, first, total)
+    # hard, near_centroid and far_centroid order each cluster by their own score; random has no clusters
+    score = ev.score[rows] if ev.score is not None else None
+    return choose(ev.cluster[rows], score, total / len(rows), seed, s.strategy,
+                  eligible if s.strategy in ("uniform", "balanced") else None, total)
+
+
+def keep_mask(cfg: Config, ev: Evidence, ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """(keep, repair) masks of the rule at `ratio`, keeping exactly target_count(ratio, n) rows. With
+    sample.filter, coverage runs inside the pairs the filter passes; when the ratio asks for more than pass,
+    all of them are kept and the rest come next in the filter's order."""
+    s = cfg.sample
+    n = len(ev.cluster)
+    total = target_count(ratio, n)
+    keep = np.zeros(n, dtype=bool)
+    if s.strategy == "clip_score":
+        keep = pool_keep(ev.filter_rank, total, s.score_share, cfg.seed)
+    elif s.filter != "none":
+        rows = ev.passing(s.filter_share)
+        if total >= len(rows):
+            keep[ev.filter_rank[:total]] = True
+        else:
+            keep[rows[coverage_keep(cfg, ev, rows, total, cfg.seed)]] = True
+    else:
+        keep = coverage_keep(cfg, ev, np.arange(n), total, cfg.seed)
+    repair = keep & ~ev.pool if s.misaligned == "repair" and ev.pool is not None else np.zeros(n, dtype=bool)
+    return keep, repair
+
+
 def run(cfg: Config, io: StageIO) -> StageResult:
     """Select the samples to keep; skipped when stats.json exists."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     out = io.sample_dir
     stats_url = storage.join(out, "stats.json")
@@ -342,62 +455,35 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     if storage.exists(stats_url):
         return StageResult(metrics=numeric(json.loads(storage.read_text(stats_url))),
                            outputs=[selected_url, scores_url, stats_url], skipped=True)
-    assignments = storage.join(io.cluster_dir, "assignments.parquet")
-    if not storage.exists(assignments):
-        raise ConfigError(f"{assignments} not found (run `tldr-vlp run cluster` with the same --out first)")
-    table = storage.read_parquet(assignments, columns=["key", "shard", "cluster", "distance", "loss"])
-    table = table.take(pc.sort_indices(table, sort_keys=[("key", "ascending")]))
+    table = load_assignments(io)
     n = table.num_rows
-    if n == 0:
-        raise ValueError(f"{assignments} holds no samples: every input was rejected (see "
-                         f"{io.cluster_dir}/rejects.parquet)")
     s = cfg.sample
     if target_count(s.ratio, n) == 0:
         raise ConfigError(f"sample.ratio={s.ratio} keeps 0 of {n} samples; raise it to at least {1.0 / max(n, 1):.4g} "
                           "(e.g. --set sample.ratio=0.25)")
-    cluster = table["cluster"].to_numpy().astype(np.int64)
-    keys = table["key"].to_numpy(zero_copy_only=False).astype(str)
-    loss = calibrated_loss(table["loss"].to_numpy().astype(np.float64), keys, scoring_folds(io))
-    alignment = alignment_scores(cluster, loss)
-    score = scores(s.strategy, s.alignment, loss, table["distance"].to_numpy().astype(np.float64), alignment)
-    extra: dict[str, np.ndarray] = {}  # the baselines' own per-sample evidence, kept in alignment.parquet
-    pool = (eligible_pairs(cluster, loss, alignment, s.alignment, s.aligned_share)
-            if s.alignment in ("cluster_pool", "global_pool") else None)
-    # repair: coverage alone fills the quotas, and the kept pairs outside the pool are recaptioned
-    first = None if s.misaligned == "repair" else pool
-    if s.strategy == "clip_score":
-        from tldr_tasks.scoring import pair_scores
-
-        extra["clip_score"], digest = pair_scores(cfg, io, keys)
-        keep = clip_score_keep(extra["clip_score"], digest if s.dedup_images else None, s.ratio, s.score_share,
-                               cfg.seed)
-    elif s.strategy == "semdedup":
-        priority = alignment if s.dedup_keep == "aligned" else -table["distance"].to_numpy().astype(np.float64)
-        stems = table["shard"].cast(pa.string()).to_numpy(zero_copy_only=False).astype(str)
-        extra["redundancy"] = semdedup_redundancy(cfg, io, keys, stems, cluster, priority)
-        keep = semdedup_keep(extra["redundancy"], s.ratio, cfg.seed, first if s.alignment == "cluster_pool" else None)
-    else:
-        # hard, near_centroid and far_centroid order each cluster by their own score; random has no clusters
-        keep = choose(cluster, score, s.ratio, cfg.seed, s.strategy,
-                      first if s.strategy in ("uniform", "balanced") else None)
-    repair = keep & ~pool if s.misaligned == "repair" and pool is not None else np.zeros(len(keep), dtype=bool)
+    ev = evidence(cfg, io, table)
+    keep, repair = keep_mask(cfg, ev, s.ratio)
     scored = table.select(["key", "shard", "cluster", "loss"]).append_column(
-        "alignment", pa.array(alignment, pa.float64())).append_column("repair", pa.array(repair)).append_column(
+        "alignment", pa.array(ev.alignment, pa.float64())).append_column("repair", pa.array(repair)).append_column(
         "kept", pa.array(keep))
-    for name, values in extra.items():
+    for name, values in ev.extra.items():
         scored = scored.append_column(name, pa.array(values))
     storage.write_parquet(scores_url, scored)
-    storage.write_parquet(selected_url, scored.filter(pa.array(keep)).drop_columns(["kept", *extra]))
+    storage.write_parquet(selected_url, scored.filter(pa.array(keep)).drop_columns(["kept", *ev.extra]))
     kept = int(keep.sum())
+    cluster, alignment = ev.cluster, ev.alignment
     stats = {"input": n, "kept": kept, "dropped": n - kept, "ratio": s.ratio, "ratio_achieved": kept / n,
              "clusters": int(len(np.unique(cluster))), "clusters_kept": int(len(np.unique(cluster[keep]))),
              "strategy": s.strategy, "alignment": s.alignment, "aligned_share": s.aligned_share, "seed": cfg.seed,
-             "misaligned": s.misaligned, "repair": int(repair.sum()),
+             "misaligned": s.misaligned, "repair": int(repair.sum()), "filter": s.filter,
              **distribution(alignment, "alignment_input"), **distribution(alignment[keep], "alignment_kept")}
-    if "redundancy" in extra:  # the cosine above which SemDeDup dropped a pair at this ratio
-        stats["semdedup_threshold"] = float(extra["redundancy"][keep].max())
-    if "clip_score" in extra:
-        stats.update(distribution(extra["clip_score"], "clip_score_input", misaligned=False),
-                     **distribution(extra["clip_score"][keep], "clip_score_kept", misaligned=False))
+    if s.filter != "none":
+        stats.update(filter_share=s.filter_share, filter_passed=len(ev.passing(s.filter_share)))
+    if "redundancy" in ev.extra:  # the cosine above which SemDeDup dropped a pair at this ratio
+        stats["semdedup_threshold"] = float(np.nanmax(ev.extra["redundancy"][keep]))
+    if "clip_score" in ev.extra:
+        clip_score = ev.extra["clip_score"]
+        stats.update(distribution(clip_score, "clip_score_input", misaligned=False),
+                     **distribution(clip_score[keep], "clip_score_kept", misaligned=False))
     storage.write_text_atomic(stats_url, json.dumps(stats, indent=2, sort_keys=True))
     return StageResult(metrics=numeric(stats), outputs=[selected_url, scores_url, stats_url])
