@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,10 @@ BUDGETS = ("compute", "epochs")
 # oracle_clean needs the synthetic crawl's ground truth: the ceiling of a benchmark, not a product arm
 ARMS = ("full", "tldr", "random", "random_generated", "oracle_clean")
 PRECISIONS = ("fp32", "bf16", "bf16-autocast")  # bf16: bf16 weights; bf16-autocast: fp32 weights, bf16 math
+AUTO = "auto"  # sample.ratio: the smallest ratio of the ratio curve that holds the full crawl's proxy score
+# A carved validation split smaller than this ranks too few candidates for the curve's retrieval to tell
+# ratios apart (R@10 among 100 pairs: 10% by chance); `auto` is refused below it.
+MIN_HOLDOUT = 100
 
 
 MODEL_CONFIGS = Path(__file__).parent / "models" / "model_configs"  # <kind>-<preset>.json size presets
@@ -97,6 +102,10 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "sample.aligned_share": (0, 1, True),
     "sample.score_share": (0, 1, True),
     "sample.filter_share": (0, 1, True),
+    "sample.curve_seeds": (1, math.inf, False),
+    "sample.auto_tolerance": (0, 1, True),
+    "sample.holdout_share": (0, 0.5, True),  # at least half the crawl stays to select from
+    "sample.holdout_max": (1, math.inf, False),
     "caption.num_beams": (1, math.inf, False),
     "caption.min_new_tokens": (1, math.inf, False),
     "caption.max_new_tokens": (1, math.inf, False),
@@ -224,7 +233,8 @@ class ClusterConfig:
 
 @dataclass
 class SampleConfig:
-    ratio: float = 0.25
+    # A share in (0, 1], or `auto`: the ratio curve's choice (tldr_tasks/curve.py)
+    ratio: float | str = 0.25
     # Mean validation R@1 over the three benchmark crawls (benchmarks/results/benchmark_<crawl>.json,
     # chosen_on_validation): semdedup 7.20, clip_score 7.13, balanced + cluster_pool 7.07, a tie within the
     # seeds' spread. The benchmark's rule, stated before the run, makes the winner the default.
@@ -249,8 +259,36 @@ class SampleConfig:
     # only pairs that pass (stages/sample.py: keep_mask)
     filter: str = "none"
     filter_share: float = 0.5
+    # The ratio curve (tldr_tasks/curve.py), always on with ratio `auto`: a validation split carved from the crawl
+    # by key hash (`holdout_share` of it, at most `holdout_max` pairs; never selected from, never trained on),
+    # and the selection at every `curve_ratios` (shares of the rest; 1.0, the whole rest, is auto's reference)
+    # scored by the locked pretrained-towers heads trained on it, `curve_seeds` seeds each. Off by default:
+    # docs/pipeline.md gives its cost next to the pipeline's.
+    curve: bool = False
+    curve_ratios: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.5, 1.0])
+    curve_seeds: int = 3
+    # auto keeps the smallest curve ratio whose score's 95% interval lower bound is at least (1 - auto_tolerance)
+    # times the whole rest's mean score. A stated choice, not yet measured on the benchmark crawls
+    # (benchmarks/auto_ratio.py measures it).
+    auto_tolerance: float = 0.05
+    holdout_share: float = 0.05
+    holdout_max: int = 5000
+
+    @property
+    def curve_on(self) -> bool:
+        """Whether the run carves a validation split and scores the ratio curve."""
+        return self.curve or self.ratio == AUTO
 
     def validate(self):
+        _check(self.ratio == AUTO or not isinstance(self.ratio, str),
+               f"sample.ratio={self.ratio!r} is not valid (give a share in (0, 1], e.g. 0.25, or {AUTO})")
+        ratios = self.curve_ratios
+        _check(bool(ratios) and all(0 < r <= 1 for r in ratios) and len(set(ratios)) == len(ratios) and 1.0 in ratios,
+               f"sample.curve_ratios={ratios} is not a curve (give distinct shares in (0, 1] that include 1.0, the "
+               "whole crawl auto compares with, e.g. 0.05,0.1,0.2,0.3,0.5,1.0)")
+        _check(self.ratio != AUTO or self.curve_seeds >= 2,
+               f"sample.ratio=auto reads an interval over seeds: sample.curve_seeds={self.curve_seeds} gives none "
+               "(use 2 or more, e.g. 3)")
         _choice("sample.strategy", self.strategy, STRATEGIES)
         _choice("sample.alignment", self.alignment, ALIGNMENTS)
         _choice("sample.filter", self.filter, FILTERS)
@@ -398,6 +436,14 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
         items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v]
         (item_kind,) = typing.get_args(kind) or (str,)
         return [_coerce(name, item, item_kind) for item in items]
+    if isinstance(kind, types.UnionType):  # `float | str` (sample.ratio): the first type that takes the value
+        *first, last = typing.get_args(kind)
+        for option in first:
+            try:
+                return _coerce(name, value, option)
+            except ConfigError:
+                pass
+        return _coerce(name, value, last)
     try:
         if kind is bool:
             return value if isinstance(value, bool) else _BOOLS[str(value).lower()]

@@ -62,6 +62,19 @@ def crossfit_plan(keys: list[str], has_text: np.ndarray, folds: int) -> list[tup
     return [(np.flatnonzero((fold != k) & has_text), np.flatnonzero((fold == k) & has_text)) for k in range(folds)]
 
 
+def feature_rows(crawl_keys: list[str], keys) -> np.ndarray:
+    """The row of each of `keys` among `cached_features`' keys (`crawl_keys`, input order): a key's first
+    occurrence counts, as in cluster. ValueError when a key is not there (the crawl changed since cluster ran)."""
+    first: dict[str, int] = {}
+    for i, key in enumerate(crawl_keys):
+        first.setdefault(key, i)
+    missing = [str(k) for k in keys if str(k) not in first]
+    if missing:
+        raise ValueError(f"{len(missing)} assigned samples (e.g. {', '.join(missing[:5])}) are not in the input "
+                         "shards any more: the crawl changed since cluster ran; use a new --out")
+    return np.array([first[str(k)] for k in keys], dtype=np.int64)
+
+
 def towers_scores(cfg: Config, io: StageIO, keys: np.ndarray, model=None) -> tuple[np.ndarray, np.ndarray]:
     """pair_scores from tower features (cached per shard content below io.embed_dir, as the evaluation's): with
     `model` (a saved pretrained-towers CLIP) it scores every pair; without, the built-in reference, cross-fitted:
@@ -73,14 +86,7 @@ def towers_scores(cfg: Config, io: StageIO, keys: np.ndarray, model=None) -> tup
 
     preset = model.preset if model is not None else clip.load_preset(REFERENCE_PRESET)
     crawl_keys, features, captions, digests = cached_features(io.input_shards(), preset, io.embed_dir, "input")
-    first: dict[str, int] = {}
-    for i, key in enumerate(crawl_keys):  # a key's first occurrence in input order counts, as in cluster
-        first.setdefault(key, i)
-    missing = [str(k) for k in keys if str(k) not in first]
-    if missing:
-        raise ValueError(f"{len(missing)} assigned samples (e.g. {', '.join(missing[:5])}) are not in the input "
-                         "shards any more: the crawl changed since cluster ran; use a new --out")
-    rows = np.array([first[str(k)] for k in keys], dtype=np.int64)
+    rows = feature_rows(crawl_keys, keys)
     has_text = np.array([bool(captions[r].strip()) for r in rows])
     plan = ([(np.array([], np.int64), np.flatnonzero(has_text))] if model is not None
             else crossfit_plan([str(k) for k in keys], has_text, reference_folds(cfg)))

@@ -157,11 +157,13 @@ def _locked_text(spec: str, max_tokens: int, layers: int, texts: list[str], devi
 
 
 def remember_texts(spec: str, max_tokens: int, texts, vectors: np.ndarray) -> None:
-    """Seed the locked text memo with vectors read from a features part (the same tower and token limit)."""
+    """Seed the locked text memo with vectors read from a features part (the same tower and token limit). They
+    replace what the memo holds: a caption's vector is the part's float16 one whether the part was just written or
+    read from the cache, so a first run and a rerun train on the same numbers."""
     memo = _MEMO.setdefault((spec, max_tokens, len(text_tower(spec).bert.encoder.layer)), {})
     if len(memo) + len(vectors) <= MEMO_LIMIT:
         for text, vector in zip(texts, torch.from_numpy(np.asarray(vectors, dtype=np.float32))):
-            memo.setdefault(str(text), vector)
+            memo[str(text)] = vector
 
 
 @torch.no_grad()

@@ -40,9 +40,14 @@ Misaligned pairs (`sample.misaligned`), those outside the pool of cluster_pool o
 
 Rows are put in key order first and ties are broken by key, so the choice depends only on the
 assignments and cfg.seed. Outputs in `{out}/sample/`: selected.parquet (key, shard, cluster, loss,
-alignment, repair; sorted by key), alignment.parquet (the same for every sample, plus `kept`, and clip_score's
-`clip_score` or semdedup's `redundancy`) and stats.json
-(counts, alignment distribution of the input and of the kept set), written last as the done-marker.
+alignment, repair; sorted by key), alignment.parquet (the same for every selectable sample, plus `kept`, and
+clip_score's `clip_score` or semdedup's `redundancy`) and stats.json (counts: input = kept + dropped + carved;
+alignment distribution of the input and of the kept set), written last as the done-marker.
+
+The ratio curve (`sample.curve`, always on with `sample.ratio: auto`; tldr_tasks/curve.py) first carves a
+validation split from the assignments (holdout.parquet: key, shard), which no score, selection or training
+sees, and scores the rule at every `sample.curve_ratios` (curve.json, curve.png); with `auto` the stage then
+keeps its chosen ratio (stats.json: `ratio_chosen`). Every ratio is a share of the samples outside the split.
 
 Memory: the assignments (keys and clusters, no features); semdedup holds the features of whole
 clusters, at most SEMDEDUP_ROWS rows at a time (one pass over the embed parts per group of clusters).
@@ -58,7 +63,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tldr_tasks import storage
-from tldr_tasks.config import Config, ConfigError
+from tldr_tasks.config import AUTO, Config, ConfigError
 from tldr_tasks.contract import StageIO, StageResult, numeric
 
 if TYPE_CHECKING:
@@ -444,8 +449,38 @@ def keep_mask(cfg: Config, ev: Evidence, ratio: float) -> tuple[np.ndarray, np.n
     return keep, repair
 
 
+def carve_holdout(cfg: Config, io: StageIO, table: pa.Table) -> tuple[pa.Table, pa.Table | None]:
+    """(the rows the selection chooses from, the carved validation split or None): with the ratio curve on
+    (curve.py), the carved keys leave the table before any score is computed, and holdout.parquet lists them."""
+    import pyarrow as pa
+
+    if not cfg.sample.curve_on:
+        return table, None
+    from tldr_tasks import curve
+
+    curve.check_holdout(table.num_rows, cfg.sample)
+    carved = curve.carve(table["key"].to_numpy(zero_copy_only=False).astype(str), cfg.sample)
+    holdout = table.filter(pa.array(carved))
+    storage.write_parquet(storage.join(io.sample_dir, "holdout.parquet"), holdout.select(["key", "shard"]))
+    return table.filter(pa.array(~carved)), holdout
+
+
+def run_curve(cfg: Config, io: StageIO, ev: Evidence, holdout: pa.Table) -> dict:
+    """The ratio curve over the selectable rows (curve.py), written to curve.json and curve.png."""
+    from tldr_tasks import curve
+
+    keys = ev.table["key"].to_numpy(zero_copy_only=False).astype(str)
+    result = curve.ratio_curve(cfg, io, keys, holdout["key"].to_numpy(zero_copy_only=False).astype(str),
+                               lambda ratio: keep_mask(cfg, ev, ratio)[0])
+    storage.write_text_atomic(storage.join(io.sample_dir, "curve.json"), json.dumps(result, indent=1, sort_keys=True))
+    curve.plot(result, storage.join(io.sample_dir, "curve.png"))
+    return result
+
+
 def run(cfg: Config, io: StageIO) -> StageResult:
     """Select the samples to keep; skipped when stats.json exists."""
+    import time
+
     import pyarrow as pa
 
     out = io.sample_dir
@@ -455,14 +490,25 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     if storage.exists(stats_url):
         return StageResult(metrics=numeric(json.loads(storage.read_text(stats_url))),
                            outputs=[selected_url, scores_url, stats_url], skipped=True)
-    table = load_assignments(io)
-    n = table.num_rows
+    everything = load_assignments(io)
+    table, holdout = carve_holdout(cfg, io, everything)
+    n, carved = table.num_rows, everything.num_rows - table.num_rows
     s = cfg.sample
-    if target_count(s.ratio, n) == 0:
-        raise ConfigError(f"sample.ratio={s.ratio} keeps 0 of {n} samples; raise it to at least {1.0 / max(n, 1):.4g} "
-                          "(e.g. --set sample.ratio=0.25)")
+    for ratio in ([] if s.ratio == AUTO else [s.ratio]) + (s.curve_ratios if s.curve_on else []):
+        if target_count(ratio, n) == 0:
+            name = "sample.ratio" if ratio == s.ratio else "sample.curve_ratios"
+            raise ConfigError(f"{name}: {ratio} keeps 0 of {n} samples; raise it to at least {1.0 / max(n, 1):.4g} "
+                              "(e.g. --set sample.ratio=0.25)")
     ev = evidence(cfg, io, table)
-    keep, repair = keep_mask(cfg, ev, s.ratio)
+    curve_metrics, ratio = {}, s.ratio
+    if holdout is not None:
+        started = time.time()
+        result = run_curve(cfg, io, ev, holdout)
+        ratio = result.get("chosen_ratio", s.ratio)
+        from tldr_tasks.curve import metrics
+
+        curve_metrics = {**metrics(result), "curve_seconds": time.time() - started}  # MLflow only: stats stay stable
+    keep, repair = keep_mask(cfg, ev, ratio)
     scored = table.select(["key", "shard", "cluster", "loss"]).append_column(
         "alignment", pa.array(ev.alignment, pa.float64())).append_column("repair", pa.array(repair)).append_column(
         "kept", pa.array(keep))
@@ -472,7 +518,9 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     storage.write_parquet(selected_url, scored.filter(pa.array(keep)).drop_columns(["kept", *ev.extra]))
     kept = int(keep.sum())
     cluster, alignment = ev.cluster, ev.alignment
-    stats = {"input": n, "kept": kept, "dropped": n - kept, "ratio": s.ratio, "ratio_achieved": kept / n,
+    # input = kept + dropped + carved (the validation split; 0 without the curve)
+    stats = {"input": n + carved, "kept": kept, "dropped": n - kept, "carved": carved, "ratio": s.ratio,
+             "ratio_chosen": ratio, "ratio_achieved": kept / n,
              "clusters": int(len(np.unique(cluster))), "clusters_kept": int(len(np.unique(cluster[keep]))),
              "strategy": s.strategy, "alignment": s.alignment, "aligned_share": s.aligned_share, "seed": cfg.seed,
              "misaligned": s.misaligned, "repair": int(repair.sum()), "filter": s.filter,
@@ -486,4 +534,4 @@ def run(cfg: Config, io: StageIO) -> StageResult:
         stats.update(distribution(clip_score, "clip_score_input", misaligned=False),
                      **distribution(clip_score[keep], "clip_score_kept", misaligned=False))
     storage.write_text_atomic(stats_url, json.dumps(stats, indent=2, sort_keys=True))
-    return StageResult(metrics=numeric(stats), outputs=[selected_url, scores_url, stats_url])
+    return StageResult(metrics={**numeric(stats), **curve_metrics}, outputs=[selected_url, scores_url, stats_url])
