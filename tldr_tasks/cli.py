@@ -97,7 +97,8 @@ def _common_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _add_shortcuts(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ratio", type=float, help="share of samples to keep, in (0, 1] (default 0.25)")
+    parser.add_argument("--ratio", help="share of samples to keep, in (0, 1] (default 0.25), or auto: the smallest "
+                        "share whose ratio curve stays within sample.auto_tolerance of the whole crawl's")
     parser.add_argument("--clusters", type=int, help="k-means clusters (default 0: round(8 * sqrt(ratio * samples)))")
     parser.add_argument("--feature", help="clustering feature: " + ", ".join(FEATURES))
     parser.add_argument("--strategy", help="sampling: " + ", ".join(STRATEGIES))
@@ -132,6 +133,10 @@ def compress_main(argv: list[str]) -> int:
           f"({manifest['dropped']} dropped by selection, {manifest['rejected']} rejected: see "
           f"{args.out}/shards/rejects.jsonl); shards in {args.out}/shards; MLflow run {summary['mlflow_run_id']}")
     print(caption_summary(manifest))
+    if manifest.get("curve"):
+        from tldr_tasks.curve import summary
+
+        print(summary(manifest["curve"]))
     return 0
 
 

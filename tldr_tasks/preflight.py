@@ -14,7 +14,7 @@ import tarfile
 from pathlib import Path
 
 from tldr_tasks import storage
-from tldr_tasks.config import Config, ConfigError, load_preset
+from tldr_tasks.config import AUTO, Config, ConfigError, load_preset
 from tldr_tasks.contract import StageIO
 from tldr_tasks.pipeline import STAGE_NAMES, get_stage
 
@@ -54,8 +54,17 @@ def check(cfg: Config, io: StageIO, stage: str | None = None, with_eval: bool = 
         _check(cfg.cluster.clusters <= samples,
                f"cluster.clusters={cfg.cluster.clusters} is more than the {samples} samples in {io.input} "
                f"(use --clusters {max(1, samples // 25)}, about 25 samples per cluster, or 0 for the size rule)")
-        _check(round(cfg.sample.ratio * samples) >= 1,
-               f"sample.ratio={cfg.sample.ratio} keeps no sample of {samples} (raise --ratio)")
+        s = cfg.sample
+        if s.curve_on:
+            from tldr_tasks.curve import check_holdout, holdout_count
+
+            check_holdout(samples, s)
+            samples -= holdout_count(samples, s)  # every ratio is a share of the rest
+            _check(round(min(s.curve_ratios) * samples) >= 1,
+                   f"sample.curve_ratios: {min(s.curve_ratios)} keeps no sample of the {samples} outside the "
+                   "validation split (raise it or drop it)")
+        _check(s.ratio == AUTO or round(s.ratio * samples) >= 1,
+               f"sample.ratio={s.ratio} keeps no sample of {samples} (raise --ratio)")
 
 
 def _check(ok: bool, message: str) -> None:

@@ -4,8 +4,9 @@
     tldr-vlp report data/run --out data/report   (the dvc.yaml `report` stage)
 
 The page (every image inlined as a data URI, so it opens anywhere and can be an MLflow artifact):
-the run's parameters and summary metrics; a banner when the generated captions collapsed; the trust
-summary (trust.py: input vs kept vs a random subset of the same size, and a verdict); the shipped
+the run's parameters and summary metrics; the ratio curve (curve.py) and auto's choice when the run
+scored one; a banner when the generated captions collapsed; the trust summary (trust.py: input vs kept
+vs a random subset of the same size, and a verdict); the shipped
 captions per reason and, for a crawl with ground truth, how many of them and of their originals the
 strict judge finds noisy; each shard's embed outcome (embedded, reused, replaced); the cluster-size
 histogram; the caption loss of the input, the kept set and the random subset; retrieval bars and
@@ -30,6 +31,7 @@ import jinja2
 import numpy as np
 
 from tldr_tasks import storage
+from tldr_tasks.curve import summary as curve_summary
 from tldr_tasks.runs import (
     alignment_scores,
     caption_losses,
@@ -65,6 +67,14 @@ def _data_uri(fig) -> str:
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def ratio_curve_chart(run: dict) -> str | None:
+    """The ratio curve's plot as the sample stage drew it (sample/curve.png; curve.py), when the run scored one."""
+    url = storage.join(run["run_dir"], "sample", "curve.png")
+    if not storage.exists(url):
+        return None
+    return "data:image/png;base64," + base64.b64encode(storage.read_bytes(url)).decode()
 
 
 def cluster_sizes_chart(run: dict) -> str | None:
@@ -296,14 +306,17 @@ def render_report(run_dir: str) -> str:
 
 def _render(run: dict) -> str:
     metrics = summary_metrics(run)
-    charts = [("cluster sizes", cluster_sizes_chart(run)), ("alignment, input vs kept", alignment_chart(run)),
-              ("retrieval", retrieval_chart(run)), ("learning curves", learning_chart(run))]
+    charts = [("ratio curve", ratio_curve_chart(run)), ("cluster sizes", cluster_sizes_chart(run)),
+              ("alignment, input vs kept", alignment_chart(run)), ("retrieval", retrieval_chart(run)),
+              ("learning curves", learning_chart(run))]
     evaluation = [(k.removeprefix("eval."), v) for k, v in metrics.items() if k.startswith("eval.")]
     return _TEMPLATES.get_template("report.html.j2").render(
         run_dir=run["run_dir"], manifest=run["manifest"], params=params_of(run),
         trust=run["manifest"].get("trust"), trust_rows=trust_rows(run["manifest"].get("trust")),
         collapse=(run["manifest"].get("collapse_check") or {}),
         charts=[(title, uri) for title, uri in charts if uri], grid=sample_cards(run),
+        curve=run["manifest"].get("curve"), curve_line=curve_summary(run["manifest"]["curve"]) if run["manifest"].get(
+            "curve") else "",
         shipped=shipped_caption_rows(run["manifest"]), caption_noise=run["manifest"].get("caption_noise"),
         metrics=[(k, v) for k, v in metrics.items() if not k.startswith("eval.")],
         embed_status=sorted(run["embed_status"].items()), evaluation=evaluation if run["evaluation"] else None)

@@ -207,7 +207,9 @@ def record_run(parent: str, out: str) -> dict[str, float]:
     run = load_run(out)
     metrics = summary_metrics(run)
     manifest = run["manifest"]
-    tracking.log_to_parent(parent, metrics, artifacts=[storage.join(out, "shards", "manifest.json")])
+    # the ratio curve's plot, when the run scored one (curve.py)
+    tracking.log_to_parent(parent, metrics, artifacts=[storage.join(out, "shards", "manifest.json"),
+                                                       storage.join(out, "sample", "curve.png")])
     try:
         tracking.log_to_parent(parent, {}, artifacts=write_report(out), artifact_path="report")
     except Exception as err:  # noqa: BLE001 - the shards are done and recorded; a page that failed to

@@ -135,16 +135,20 @@ def learning_curves(run: dict) -> dict[str, list[list[float]]]:
 
 
 def summary_metrics(run: dict) -> dict[str, float]:
-    """Flat numeric metrics of a run: counts, cluster spread, alignment before/after, caption counts per
-    reason, collapse flag and confidence, the shipped and original captions' noise (ground truth only),
+    """Flat numeric metrics of a run: counts, the ratio curve, cluster spread, alignment before/after, caption
+    counts per reason, collapse flag and confidence, the shipped and original captions' noise (ground truth only),
     embed outcomes, per-stage seconds and samples/s and, when evaluated, the evaluation's own metrics
     (prefixed `eval.`). The parent MLflow run of every path carries exactly these names
     (runner.record_run), so `compare` lines up folders and run ids."""
     manifest = run["manifest"]
     metrics: dict[str, float] = {}
-    for name in ("input_samples", "kept", "dropped", "rejected", "ratio"):
+    for name in ("input_samples", "kept", "dropped", "carved", "rejected", "ratio"):
         if isinstance(manifest.get(name), (int, float)):
             metrics[name] = float(manifest[name])
+    # The ratio curve per ratio and auto's choice (curve.py), when the run scored one.
+    from tldr_tasks.curve import metrics as curve_metrics
+
+    metrics.update(curve_metrics(manifest.get("curve")))
     for name, value in (manifest.get("metrics") or {}).items():
         if name.startswith("caption") and isinstance(value, (int, float)):
             metrics[name] = float(value)

@@ -147,7 +147,8 @@ def run_name(cfg: Config, label: str = "", when: float | None = None) -> str:
     strategy, an optional `label` (the demo's crawl) and the local time it started, to the minute:
     "r0.30 semdedup 2026-12-06 16:38"."""
     stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(when))
-    return " ".join(part for part in (f"r{cfg.sample.ratio:.2f}", cfg.sample.strategy, label, stamp) if part)
+    ratio = cfg.sample.ratio if isinstance(cfg.sample.ratio, str) else f"{cfg.sample.ratio:.2f}"  # `auto`
+    return " ".join(part for part in (f"r{ratio}", cfg.sample.strategy, label, stamp) if part)
 
 
 def key_tags(cfg: Config, io: StageIO) -> dict[str, str]:

@@ -32,7 +32,7 @@ from kubernetes.client import models as k8s
 
 from tldr_dagkit import settings
 from tldr_dagkit.plan import build_plan, check_conf, check_params, task_id
-from tldr_tasks.config import FEATURES, FUSIONS, STRATEGIES, Config, ConfigError, presets
+from tldr_tasks.config import AUTO, FEATURES, FUSIONS, STRATEGIES, Config, ConfigError, presets
 from tldr_tasks.contract import Resources
 from tldr_tasks.pipeline import STAGES, StageSpec
 
@@ -76,8 +76,11 @@ def compress_params() -> dict[str, Param]:
         "output_url": Param(settings.output_root(), type="string", minLength=1, title="Output root URL",
                             description="Runs write to <root>/runs/<run_id>; the captioner and embeddings "
                                         "under <root> are shared, so a rerun only embeds new shards."),
-        "ratio": Param(d.sample.ratio, type="number", exclusiveMinimum=0, maximum=1, title="Keep ratio",
-                       description="Share of the crawl to keep, in (0, 1]; the paper keeps 0.25."),
+        "ratio": Param(d.sample.ratio, type=["number", "string"],
+                       oneOf=[{"type": "number", "exclusiveMinimum": 0, "maximum": 1}, {"const": AUTO}],
+                       title="Keep ratio", description="Share of the crawl to keep, in (0, 1]; the paper keeps 0.25. "
+                       "auto: the smallest share of the ratio curve within sample.auto_tolerance of the whole "
+                       "crawl's score on a carved validation split (docs/pipeline.md)."),
         "clusters": Param(d.cluster.clusters, type="integer", minimum=0, title="Clusters",
                           description="k-means clusters over the codebook features (paper: 3000 for CC3M); "
                                       "0 = round(8 * sqrt(ratio * samples))."),

@@ -64,43 +64,60 @@ def input_version(shard_urls: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def account(assignments: Iterable[pa.RecordBatch], rejects: list[dict], selected: pa.Table) -> dict:
-    """Per-shard and total counts: input = kept + dropped + rejected.
+def account(assignments: Iterable[pa.RecordBatch], rejects: list[dict], selected: pa.Table,
+            carved: pa.Table | None = None) -> dict:
+    """Per-shard and total counts: input = kept + dropped + carved + rejected.
 
     Args:
         assignments: record batches with `key` and `shard` columns, one row per input sample; counted a
             batch at a time, so memory does not grow with the crawl.
         rejects: rows of cluster/rejects.parquet.
         selected: the kept samples' `key` and `shard` columns.
+        carved: the ratio curve's validation split (`key`, `shard`; sample/holdout.parquet), or None (no
+            `carved` count then).
     """
-    # A batch's keys are looked up among the selected keys of the batch's own shards: a hash set of
+    # A batch's keys are looked up among the selected (carved) keys of the batch's own shards: a hash set of
     # those per batch, not of every selected key, keeps the cost linear in the crawl.
-    lists = selected.group_by("shard").aggregate([("key", "list")])
-    keys_by_shard = dict(zip(lists["shard"].to_pylist(), (keys.values for keys in lists["key_list"])))
-    none = pa.array([], pa.string())
+    kept_keys = _keys_by_shard(selected)
+    carved_keys = _keys_by_shard(carved if carved is not None else selected.slice(0, 0))
     per_shard: dict[str, Counter] = defaultdict(Counter)
     for batch in assignments:
-        value_set = pa.concat_arrays([keys_by_shard.get(s, none) for s in pc.unique(batch["shard"]).to_pylist()])
-        kept = pc.is_in(batch["key"], value_set=value_set)
-        counts = pa.table({"shard": batch["shard"], "kept": kept}).group_by("shard").aggregate(
-            [("kept", "sum"), ("kept", "count")])
-        for shard, n_kept, n in zip(*(counts[c].to_pylist() for c in ("shard", "kept_sum", "kept_count"))):
+        kept = _member(batch, kept_keys)
+        held = _member(batch, carved_keys)
+        counts = pa.table({"shard": batch["shard"], "kept": kept, "carved": held}).group_by("shard").aggregate(
+            [("kept", "sum"), ("carved", "sum"), ("kept", "count")])
+        for shard, n_kept, n_carved, n in zip(*(counts[c].to_pylist()
+                                                for c in ("shard", "kept_sum", "carved_sum", "kept_count"))):
             per_shard[shard]["kept"] += n_kept
-            per_shard[shard]["dropped"] += n - n_kept
+            per_shard[shard]["carved"] += n_carved
+            per_shard[shard]["dropped"] += n - n_kept - n_carved
     by_reason: Counter = Counter()
     for row in rejects:
         if row.get("key") is None:
             continue  # an unreadable shard: no samples could be counted; listed as a shard error
         per_shard[row["shard"]]["rejected"] += 1
         by_reason[row["reason"].split(":")[0]] += 1
+    kinds = ("kept", "dropped", "rejected") if carved is None else ("kept", "dropped", "carved", "rejected")
     shards = {}
     for shard, counts in sorted(per_shard.items()):
-        shards[shard] = {k: counts[k] for k in ("kept", "dropped", "rejected")}
+        shards[shard] = {k: counts[k] for k in kinds}
         shards[shard]["input"] = sum(shards[shard].values())
-    total = {k: sum(s[k] for s in shards.values()) for k in ("input", "kept", "dropped", "rejected")}
+    total = {k: sum(s[k] for s in shards.values()) for k in ("input", *kinds)}
     return {**{f"{k}_samples" if k == "input" else k: v for k, v in total.items()},
             "rejected_by_reason": dict(sorted(by_reason.items())), "per_shard": shards,
             "shard_errors": [r for r in rejects if r.get("key") is None]}
+
+
+def _keys_by_shard(table: pa.Table) -> dict[str, pa.Array]:
+    lists = table.group_by("shard").aggregate([("key", "list")])
+    return dict(zip(lists["shard"].to_pylist(), (keys.values for keys in lists["key_list"])))
+
+
+def _member(batch: pa.RecordBatch, keys_by_shard: dict[str, pa.Array]) -> pa.Array:
+    """Whether each row's key is among `keys_by_shard` of its batch's shards."""
+    none = pa.array([], pa.string())
+    value_set = pa.concat_arrays([keys_by_shard.get(s, none) for s in pc.unique(batch["shard"]).to_pylist()])
+    return pc.is_in(batch["key"], value_set=value_set)
 
 
 def run(cfg: Config, io: StageIO) -> StageResult:
@@ -150,10 +167,19 @@ def run(cfg: Config, io: StageIO) -> StageResult:
 
     assignments = storage.iter_parquet(storage.join(io.cluster_dir, "assignments.parquet"), ["key", "shard"],
                                        BATCH_ROWS)
-    accounting = account(assignments, rejects, selected.select(["key", "shard"]))
+    holdout_url = storage.join(io.sample_dir, "holdout.parquet")
+    carved = storage.read_parquet(holdout_url) if storage.exists(holdout_url) else None
+    if carved is not None:
+        carved = carved.set_column(carved.schema.get_field_index("shard"), "shard", carved["shard"].cast(pa.string()))
+    accounting = account(assignments, rejects, selected.select(["key", "shard"]), carved)
+    curve_url = storage.join(io.sample_dir, "curve.json")
+    curve = json.loads(storage.read_text(curve_url)) if storage.exists(curve_url) else None
+    # the ratio is a share of what could be selected: the validation split is not
+    selectable = accounting["input_samples"] - accounting["rejected"] - accounting.get("carved", 0)
     metrics = {"input_samples": accounting["input_samples"], "kept": accounting["kept"],
-               "dropped": accounting["dropped"], "rejected": accounting["rejected"],
-               "ratio": accounting["kept"] / max(1, accounting["input_samples"] - accounting["rejected"]),
+               "dropped": accounting["dropped"], "carved": accounting.get("carved", 0),
+               "rejected": accounting["rejected"],
+               "ratio": accounting["kept"] / max(1, selectable),
                "output_shards": len(outputs), **gate["metrics"]}
     caption_noise = noise.report()
     if caption_noise is not None:
@@ -162,6 +188,8 @@ def run(cfg: Config, io: StageIO) -> StageResult:
                 "captions": gate["captions"], "collapse_check": gate["collapse_check"],
                 "caption_noise": caption_noise, **({} if caption_noise else {"caption_noise_note": noise.note()}),
                 "alignment": sample_alignment_stats(io),
+                # the ratio curve on the carved validation split and, with ratio auto, its choice (curve.py)
+                "curve": curve,
                 # input vs kept vs a random subset of the same size on label-free signals (trust.py)
                 "trust": trust.measure(cfg, io),
                 "strategy": cfg.sample.strategy, "config_hash": cfg.hash(), "config": cfg.to_dict(),

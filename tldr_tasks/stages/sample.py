@@ -518,13 +518,13 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     storage.write_parquet(selected_url, scored.filter(pa.array(keep)).drop_columns(["kept", *ev.extra]))
     kept = int(keep.sum())
     cluster, alignment = ev.cluster, ev.alignment
-    # input = kept + dropped + carved (the validation split; 0 without the curve)
-    stats = {"input": n + carved, "kept": kept, "dropped": n - kept, "carved": carved, "ratio": s.ratio,
-             "ratio_chosen": ratio, "ratio_achieved": kept / n,
+    stats = {"input": n + carved, "kept": kept, "dropped": n - kept, "ratio": s.ratio, "ratio_achieved": kept / n,
              "clusters": int(len(np.unique(cluster))), "clusters_kept": int(len(np.unique(cluster[keep]))),
              "strategy": s.strategy, "alignment": s.alignment, "aligned_share": s.aligned_share, "seed": cfg.seed,
              "misaligned": s.misaligned, "repair": int(repair.sum()), "filter": s.filter,
              **distribution(alignment, "alignment_input"), **distribution(alignment[keep], "alignment_kept")}
+    if holdout is not None:  # input = kept + dropped + carved (the validation split)
+        stats.update(carved=carved, ratio_chosen=ratio)
     if s.filter != "none":
         stats.update(filter_share=s.filter_share, filter_passed=len(ev.passing(s.filter_share)))
     if "redundancy" in ev.extra:  # the cosine above which SemDeDup dropped a pair at this ratio
