@@ -120,7 +120,7 @@ def validated(dag, conf: dict) -> dict:
 
 
 @pytest.mark.parametrize("conf", [
-    {"ratio": 1.5}, {"ratio": 0}, {"ratio": -0.1}, {"clusters": -1}, {"clusters": 2.5},
+    {"ratio": 1.5}, {"ratio": 0}, {"ratio": -0.1}, {"ratio": "half"}, {"clusters": -1}, {"clusters": 2.5},
     {"feature": "pixels"}, {"strategy": "best"}, {"fusion": "merge"}, {"captioner_preset": "huge"},
     {"runner": "slurm"}, {"shard_groups": 0}, {"run_evaluation": "yes"}, {"input_url": ""},
     {"overrides": ["not an override"]},
@@ -147,6 +147,7 @@ def test_valid_params_accepted(compress):
             "fusion": "generated", "captioner_preset": "base", "runner": "kubernetes", "run_evaluation": True,
             "eval_input_url": "s3://b/eval", "overrides": ["captioner.epochs=1", "seed=2"]}
     assert {k: validated(compress, conf)[k] for k in conf} == conf
+    assert validated(compress, {"ratio": "auto"})["ratio"] == "auto"  # the ratio curve's choice (curve.py)
     # The form's defaults are the pipeline's defaults.
     cfg = Config()
     assert (defaults["feature"], defaults["fusion"], defaults["clusters"]) == (
