@@ -129,8 +129,9 @@ def compress_main(argv: list[str]) -> int:
     cfg = load_config(args.params, _common_overrides(args))
     summary = compress(cfg, io_from_args(args), with_eval=args.eval, retrain_captioner=args.retrain_captioner)
     manifest = summary["manifest"]
+    carved = f"{manifest['carved']} carved for the ratio curve, " if manifest.get("carved") else ""
     print(f"kept {manifest['kept']} of {manifest['input_samples']} samples "
-          f"({manifest['dropped']} dropped by selection, {manifest['rejected']} rejected: see "
+          f"({manifest['dropped']} dropped by selection, {carved}{manifest['rejected']} rejected: see "
           f"{args.out}/shards/rejects.jsonl); shards in {args.out}/shards; MLflow run {summary['mlflow_run_id']}")
     print(caption_summary(manifest))
     if manifest.get("curve"):

@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tldr_tasks import storage
+from tldr_tasks import curve, storage
 from tldr_tasks.config import AUTO, Config, ConfigError
 from tldr_tasks.contract import StageIO, StageResult, numeric
 
@@ -456,8 +456,6 @@ def carve_holdout(cfg: Config, io: StageIO, table: pa.Table) -> tuple[pa.Table, 
 
     if not cfg.sample.curve_on:
         return table, None
-    from tldr_tasks import curve
-
     curve.check_holdout(table.num_rows, cfg.sample)
     carved = curve.carve(table["key"].to_numpy(zero_copy_only=False).astype(str), cfg.sample)
     holdout = table.filter(pa.array(carved))
@@ -467,8 +465,6 @@ def carve_holdout(cfg: Config, io: StageIO, table: pa.Table) -> tuple[pa.Table, 
 
 def run_curve(cfg: Config, io: StageIO, ev: Evidence, holdout: pa.Table) -> dict:
     """The ratio curve over the selectable rows (curve.py), written to curve.json and curve.png."""
-    from tldr_tasks import curve
-
     keys = ev.table["key"].to_numpy(zero_copy_only=False).astype(str)
     result = curve.ratio_curve(cfg, io, keys, holdout["key"].to_numpy(zero_copy_only=False).astype(str),
                                lambda ratio: keep_mask(cfg, ev, ratio)[0])
@@ -494,20 +490,20 @@ def run(cfg: Config, io: StageIO) -> StageResult:
     table, holdout = carve_holdout(cfg, io, everything)
     n, carved = table.num_rows, everything.num_rows - table.num_rows
     s = cfg.sample
-    for ratio in ([] if s.ratio == AUTO else [s.ratio]) + (s.curve_ratios if s.curve_on else []):
-        if target_count(ratio, n) == 0:
-            name = "sample.ratio" if ratio == s.ratio else "sample.curve_ratios"
-            raise ConfigError(f"{name}: {ratio} keeps 0 of {n} samples; raise it to at least {1.0 / max(n, 1):.4g} "
-                              "(e.g. --set sample.ratio=0.25)")
+    if s.ratio != AUTO and target_count(s.ratio, n) == 0:
+        raise ConfigError(f"sample.ratio={s.ratio} keeps 0 of {n} samples; raise it to at least {1.0 / max(n, 1):.4g} "
+                          "(e.g. --set sample.ratio=0.25)")
+    if holdout is not None and target_count(min(s.curve_ratios), n) == 0:
+        raise ConfigError(f"sample.curve_ratios: {min(s.curve_ratios)} keeps 0 of the {n} samples outside the "
+                          "validation split (raise it or drop it)")
     ev = evidence(cfg, io, table)
     curve_metrics, ratio = {}, s.ratio
     if holdout is not None:
         started = time.time()
         result = run_curve(cfg, io, ev, holdout)
         ratio = result.get("chosen_ratio", s.ratio)
-        from tldr_tasks.curve import metrics
-
-        curve_metrics = {**metrics(result), "curve_seconds": time.time() - started}  # MLflow only: stats stay stable
+        # in MLflow only: stats.json stays the same bytes on every run
+        curve_metrics = {**curve.metrics(result), "curve_seconds": time.time() - started}
     keep, repair = keep_mask(cfg, ev, ratio)
     scored = table.select(["key", "shard", "cluster", "loss"]).append_column(
         "alignment", pa.array(ev.alignment, pa.float64())).append_column("repair", pa.array(repair)).append_column(
