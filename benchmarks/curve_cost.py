@@ -6,13 +6,13 @@
 Makes the synthetic crawl of the demo's profile (tldr_tasks.demo.PROFILE's crawl section, `--samples` pairs,
 seed 0) and cluster assignments for it (random clusters and losses: the curve's cost does not depend on which
 pairs the rule keeps, only on how many), then runs the sample stage twice in fresh run folders under the
-product's thread settings (runner.stage_threads): without the curve (`sample.strategy=uniform`), and with
-`sample.ratio=auto` and the default curve (every curve ratio, sample.curve_seeds seeds). The tower features
-are computed once before, timed on their own (the first run's cost; a rerun or an evaluation with the towers
-reads them from the cache). Records the wall and CPU seconds of each part (CPU seconds are what other work on
-the machine inflates least), the peak RSS of this process, the size of the
-crawl's cached features and of the largest subset the curve copies, the load average (other work on the
-machine inflates wall time) and the machine, beside the demo's own time (results/demo_time.json).
+product's thread settings (runner.thread_defaults, set before torch loads): without the curve
+(`sample.strategy=uniform`), and with `sample.ratio=auto` and the default curve (every curve ratio,
+sample.curve_seeds seeds). The tower features are computed once before, timed on their own (the first run's
+cost; a rerun or an evaluation with the towers reads them from the cache). Records the wall and CPU seconds of
+each part (CPU seconds are what other work on the machine inflates least), the peak RSS of this process, the
+size of the crawl's cached features and of the largest subset the curve copies, the load average and the
+machine, beside the demo's own time (results/demo_time.json).
 """
 
 from __future__ import annotations
@@ -58,16 +58,16 @@ def cpu_seconds() -> float:
 
 
 def timed(work) -> dict[str, float]:
-    """{"wall", "cpu"} seconds of `work()` under the product's thread settings."""
-    from tldr_tasks.runner import stage_threads
-
+    """{"wall", "cpu"} seconds of `work()`."""
     wall, cpu = time.perf_counter(), cpu_seconds()
-    with stage_threads():
-        work()
+    work()
     return {"wall": round(time.perf_counter() - wall, 1), "cpu": round(cpu_seconds() - cpu, 1)}
 
 
 def main(argv: list[str] | None = None) -> None:
+    from tldr_tasks.runner import thread_defaults
+
+    thread_defaults()  # the product's thread settings, before torch reads them at its import (runner.py)
     from tldr_tasks import storage
     from tldr_tasks.benchmark import machine
     from tldr_tasks.config import CrawlConfig, load_config
