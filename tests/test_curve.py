@@ -19,6 +19,7 @@ from tldr_tasks import cli, curve, storage
 from tldr_tasks.config import MIN_HOLDOUT, ConfigError, load_config
 from tldr_tasks.contract import StageIO
 from tldr_tasks.data.shards import Sample, iter_shard
+from tldr_tasks.models import towers_clip
 from tldr_tasks.report import render_report
 from tldr_tasks.runner import check_stage_params
 from tldr_tasks.stages import kmeans, materialize, sample
@@ -63,9 +64,15 @@ def _auto_run(tiny_crawl: str, root: Path, cache: Path) -> tuple[StageIO, dict[f
 
 @pytest.fixture(scope="module")
 def auto_runs(tiny_crawl, tmp_path_factory):
-    """Two runs of the same inputs in two folders, sharing the tower-feature cache (the first computes it)."""
+    """Two runs of the same inputs in two folders, sharing the tower-feature cache: the first computes it, the second
+    reads it with the per-process memos empty, as a rerun in a new process does."""
     root = tmp_path_factory.mktemp("auto")
-    return [_auto_run(tiny_crawl, root / f"run{i}", root / "cache") for i in range(2)]
+    runs = []
+    for i in range(2):
+        towers_clip._MEMO.clear()
+        towers_clip._BY_DIGEST.clear()
+        runs.append(_auto_run(tiny_crawl, root / f"run{i}", root / "cache"))
+    return runs
 
 
 def _keys(url: str) -> set[str]:

@@ -68,6 +68,23 @@ def test_features_are_computed_once_per_shard_content_and_reused(tiny_crawl, tmp
     assert sum(counted) == 0 and np.array_equal(kept, first[[keys.index(k) for k in kept_keys]])
 
 
+def test_a_first_run_and_a_rerun_read_the_same_caption_vectors(tiny_crawl, tmp_path, monkeypatch):
+    """The text memo holds what a part stores (float16), whether the part was just written or read back: a first
+    run and a rerun in a new process train on the same numbers."""
+    preset = clip.load_preset("towers-locked")
+    urls = storage.expand_shards(f"{tiny_crawl}/train")
+    locked_layers = len(towers_clip.text_tower(preset["text_tower"]).bert.encoder.layer)
+    vectors = []
+    for _ in range(2):  # computed, then read from the cache with the per-process memos empty (a new process)
+        monkeypatch.setattr(towers_clip, "_MEMO", {})
+        monkeypatch.setattr(towers_clip, "_BY_DIGEST", {})
+        _, _, captions, _ = towers_clip.cached_features(urls, preset, str(tmp_path), "train")
+        vectors.append(towers_clip._locked_text(preset["text_tower"], preset["max_text_tokens"], locked_layers,
+                                                captions, "cpu"))
+    assert torch.equal(vectors[0], vectors[1])
+    assert torch.equal(vectors[0], vectors[0].half().float())  # float16 values: what the part stores
+
+
 def test_locked_towers_stay_unchanged_and_only_the_heads_learn(features):
     keys, rows, captions = features
     image_tower = load_image_tower("efficientnet-lite0")
