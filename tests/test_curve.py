@@ -170,6 +170,7 @@ def test_auto_clusters_by_the_papers_ratio_and_a_changed_ratio_is_never_reused(t
     (["--ratio", "auto"], f"sample.ratio=auto needs a validation split of at least {MIN_HOLDOUT} pairs, and "
                           "sample.holdout_share=0.05 of 200 samples carves 10 (raise sample.holdout_share to 0.5"),
     (["--ratio", "auto", "--set", "sample.holdout_max=50"], "(raise sample.holdout_max to 100"),
+    (["--set", "sample.curve=true"], "sample.curve=true needs a validation split of at least 100 pairs"),
     (["--ratio", "auto", "--set", "sample.auto_tolerance=0"], "sample.auto_tolerance=0.0 is out of range"),
     (["--ratio", "auto", "--set", "sample.auto_tolerance=1.5"], "sample.auto_tolerance=1.5 is out of range"),
     (["--set", "sample.curve=true", "--set", "sample.curve_ratios=0.1,0.5"],

@@ -23,8 +23,8 @@ from tldr_tasks.runs import PARAMS, load_run, summary_metrics
 # The rows shown without --all (the trust summary first: input vs kept vs a random subset of the same
 # size, and the strict judge's noise on a crawl with ground truth); a pattern matches a run folder's metric
 # ("kept") and the stage-prefixed name an MLflow parent run carries ("materialize.kept") alike.
-KEY_METRICS = ("trust.*", "*shipped_noise", "*original_noise", "*input_samples", "*kept", "*dropped", "*rejected",
-               "ratio", "*.ratio", "clusters", "*cluster_size_*",
+KEY_METRICS = ("trust.*", "*shipped_noise", "*original_noise", "*input_samples", "*kept", "*dropped", "*carved",
+               "*rejected", "ratio", "*.ratio", "curve.chosen_ratio", "clusters", "*cluster_size_*",
                "alignment_input_mean", "alignment_kept_mean", "alignment_*_misaligned_share",
                "*confidence_mean", "captions_*", "caption_collapsed", "*shards_embedded", "*shards_reused",
                "*shards_replaced", "*test.*.mean_r1", "*noise_rate_*", "*time_to_accuracy.*", "seconds.*",

@@ -44,9 +44,10 @@ def holdout_count(samples: int, s: SampleConfig) -> int:
 
 
 def check_holdout(samples: int, s: SampleConfig) -> None:
-    """Refuse `auto` on a crawl whose carved split would hold fewer than MIN_HOLDOUT pairs, naming what to change."""
+    """Refuse the curve (and so `auto`) on a crawl whose carved split would hold fewer than MIN_HOLDOUT pairs,
+    naming what to change."""
     carved = holdout_count(samples, s)
-    if s.ratio != AUTO or carved >= MIN_HOLDOUT:
+    if not s.curve_on or carved >= MIN_HOLDOUT:
         return
     if s.holdout_max < MIN_HOLDOUT:
         change = f"raise sample.holdout_max to {MIN_HOLDOUT}"
@@ -54,9 +55,11 @@ def check_holdout(samples: int, s: SampleConfig) -> None:
         change = f"raise sample.holdout_share to {math.ceil(1000 * MIN_HOLDOUT / samples) / 1000:g}"
     else:
         change = f"use a crawl of at least {2 * MIN_HOLDOUT} samples"
-    raise ConfigError(f"sample.ratio=auto needs a validation split of at least {MIN_HOLDOUT} pairs, and "
+    asked, instead = (("sample.ratio=auto", "set a ratio, e.g. --ratio 0.25") if s.ratio == AUTO
+                      else ("sample.curve=true", "set sample.curve=false"))
+    raise ConfigError(f"{asked} needs a validation split of at least {MIN_HOLDOUT} pairs, and "
                       f"sample.holdout_share={s.holdout_share} of {samples} samples carves {carved} ({change}, or "
-                      "set a ratio, e.g. --ratio 0.25)")
+                      f"{instead})")
 
 
 def holdout_rank(key: str) -> int:
