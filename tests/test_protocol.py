@@ -1,0 +1,79 @@
+"""docs/protocol.md's default rule, as tldr_tasks/protocol.py applies it: eligibility by shipped noise, the
+score as a share of full, ties by a paired interval, the order of simplicity, Holm."""
+
+import pytest
+
+from tldr_tasks import protocol
+
+CANDIDATES = ("simple", "middle", "fancy")
+
+
+def _record(crawl, seed, noise_input, arms):
+    """arms: name -> (validation score, shipped noise)."""
+    return {"crawl": crawl, "seed": seed, "noise_input": noise_input,
+            "arms": {name: {"validation": v, "noise": noise} for name, (v, noise) in arms.items()}}
+
+
+def _records(per_seed_arms, crawls=("a", "b")):
+    return {c: [_record(c, s, 0.3, arms) for s, arms in enumerate(per_seed_arms)] for c in crawls}
+
+
+BASE = {"full": (10.0, 0.3), "random": (8.0, 0.3)}
+
+
+def test_a_candidate_that_ships_more_noise_than_its_input_is_never_the_default():
+    seeds = [{**BASE, "simple": (9.0, 0.35), "middle": (9.5, 0.20), "fancy": (9.9, 0.29)},
+             {**BASE, "simple": (9.1, 0.33), "middle": (9.4, 0.21), "fancy": (9.8, 0.31)},
+             {**BASE, "simple": (9.2, 0.36), "middle": (9.6, 0.22), "fancy": (9.9, 0.28)}]
+    result = protocol.default_rule(_records(seeds), None, CANDIDATES)
+    # simple: above the input; fancy: above the input on seed 1 and not 5 points below random
+    assert result["eligible"] == ["middle"] and result["default"] == "middle" and result["passes_rule"]
+    terms = result["candidates"]["middle"]
+    assert terms["V"] == pytest.approx((0.95 + 0.94 + 0.96) / 3)
+    assert terms["crawls"]["a"]["advantage_over_random"] == pytest.approx(0.09)
+
+
+def test_a_tie_within_the_paired_interval_goes_to_the_simpler_candidate():
+    seeds = [{**BASE, "simple": (9.0, 0.20), "middle": (9.3, 0.20), "fancy": (9.9, 0.1)},
+             {**BASE, "simple": (9.1, 0.20), "middle": (9.35, 0.20), "fancy": (9.9, 0.1)},
+             {**BASE, "simple": (9.05, 0.20), "middle": (9.32, 0.20), "fancy": (9.9, 0.1)}]
+    result = protocol.default_rule(_records(seeds), None, CANDIDATES)
+    assert result["best"] == "fancy" and result["ties"] == [] and result["default"] == "fancy"
+    # fancy's lead made noisy: now the interval of fancy - simple holds 0, and simple comes first in the order
+    seeds[1]["fancy"] = (9.0, 0.1)
+    result = protocol.default_rule(_records(seeds), None, CANDIDATES)
+    assert result["best"] == "fancy" and "simple" in result["ties"] and result["default"] == "simple"
+    # the shipped default wins a tie before the order
+    assert protocol.default_rule(_records(seeds), "middle", CANDIDATES)["default"] == "middle"
+
+
+def test_with_no_eligible_candidate_the_least_bad_is_kept_and_said_to_fail():
+    seeds = [{**BASE, "simple": (9.0, 0.40), "middle": (9.5, 0.32), "fancy": (9.9, 0.5)}] * 2
+    result = protocol.default_rule(_records(seeds), None, CANDIDATES)
+    assert result["eligible"] == [] and result["default"] == "middle" and not result["passes_rule"]
+
+
+def test_the_rule_refuses_crawls_with_different_seeds():
+    records = _records([{**BASE, "simple": (9.0, 0.2), "middle": (9, 0.2), "fancy": (9, 0.2)}] * 2)
+    records["b"] = records["b"][:1]
+    with pytest.raises(ValueError, match="needs every crawl's seeds"):
+        protocol.default_rule(records, None, CANDIDATES)
+
+
+def test_holm_steps_down_and_stops_at_the_first_kept_null():
+    # alpha 0.025 over 3: 0.001 <= 0.025/3, 0.01 <= 0.025/2, 0.03 > 0.025
+    assert protocol.holm({"x": 0.01, "y": 0.001, "z": 0.03}) == {"x": True, "y": True, "z": False}
+    # the smallest fails its bound (0.013 > 0.025/2): nothing is rejected, although 0.02 <= 0.025 alone
+    assert protocol.holm({"x": 0.02, "y": 0.013}) == {"x": False, "y": False}
+    assert protocol.holm({"x": 0.02, "y": 0.012}) == {"x": True, "y": True}
+
+
+def test_primary_metric_and_the_shipped_candidate():
+    metrics = {"i2t_r10": 30.0, "t2i_r10": 20.0, "mean_r1": 5.0}
+    assert protocol.primary_value(metrics, "real_emoji") == 25.0
+    assert protocol.primary_value(metrics, "synthetic") == 5.0
+    sample = {"strategy": "semdedup", "alignment": "none", "dedup_keep": "central", "filter": "none"}
+    assert protocol.shipped(sample) == "semdedup"
+    assert protocol.shipped({**sample, "filter": "clip_score", "filter_share": 0.5, "dedup_images": True}) \
+        == "clip_semdedup"
+    assert protocol.shipped({**sample, "strategy": "hard"}) is None
