@@ -8,7 +8,8 @@ stopped. The work folder (`--out`, default runs/protocol) only holds what a seed
 `--phase selection` runs seeds 0-4 (section 5) and, once every crawl has them all, writes
 `benchmarks/results/protocol_choices.json` (section 4's rule, tldr_tasks.protocol.default_rule). Until then it
 writes `protocol_interim.json`: the same terms over the seeds every crawl has so far, which choose nothing.
-`--phase confirmation` runs seeds 100-109, and only once protocol_choices.json is committed.
+`--phase confirmation` runs seeds 100-109, and only once protocol_choices.json is committed; with every crawl's ten
+seeds it writes `protocol_confirmation.json` and `.md` (section 6: paired tests, Holm per family).
 """
 
 from __future__ import annotations
@@ -79,7 +80,15 @@ def main() -> None:
         result = {"phase": "selection", "complete": complete, **protocol.default_rule(done, shipped)}
         if not complete:
             result = {"note": "interim: fewer than the protocol's selection seeds; this chooses nothing", **result}
+        result.update(evaluation_model=protocol.PROFILE["evaluate"]["preset"],
+                      features=protocol.PROFILE["embed"]["feature"])
         (CHOICES if complete else RESULTS / "protocol_interim.json").write_text(json.dumps(result, indent=1) + "\n")
+    else:
+        done = records(list(protocol.CRAWLS), list(protocol.CONFIRMATION_SEEDS))
+        if len(next(iter(done.values()))) == len(protocol.CONFIRMATION_SEEDS):
+            result = protocol.confirmation(done, json.loads(CHOICES.read_text()))
+            (RESULTS / "protocol_confirmation.json").write_text(json.dumps(result, indent=1) + "\n")
+            (RESULTS / "protocol_confirmation.md").write_text(protocol.confirmation_markdown(result))
 
 
 if __name__ == "__main__":

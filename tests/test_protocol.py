@@ -77,3 +77,40 @@ def test_primary_metric_and_the_shipped_candidate():
     assert protocol.shipped({**sample, "filter": "clip_score", "filter_share": 0.5, "dedup_images": True}) \
         == "clip_semdedup"
     assert protocol.shipped({**sample, "strategy": "hard"}) is None
+
+
+def _confirm_records(default_minus_full, seeds=10, crawls=("a",)):
+    """Test-split scores per seed: full 10 + seed noise, random 2 below full, the others as given."""
+    records = {}
+    for crawl in crawls:
+        records[crawl] = []
+        for s in range(seeds):
+            jitter = 0.1 * ((s * 7) % 5 - 2)  # the same crawl difficulty shift for every arm of a seed
+            full = 10.0 + 3 * jitter
+            arms = {"full": full, "random": full - 2.0, "balanced_cluster_pool": full - 0.3 + jitter / 10,
+                    "clip_score": full - 1.9 + jitter / 10, "semdedup": full + default_minus_full + jitter / 10}
+            records[crawl].append({"seed": s, "arms": {k: {"test": v} for k, v in arms.items()}})
+    return records
+
+
+def test_confirmation_tests_non_inferiority_against_the_margin_and_applies_holm():
+    choices = {"default": "semdedup", "margin": {"a": 0.5}}
+    result = protocol.confirmation(_confirm_records(-0.2), choices)
+    family1 = result["families"]["family 1"]
+    assert family1["a: semdedup non-inferior to full"]["confirmed"]  # -0.2 is well inside the 0.5 margin
+    assert family1["a: semdedup above random"]["confirmed"]
+    # 0.7 below full is outside the margin: not confirmed, although it is far above random
+    family1 = protocol.confirmation(_confirm_records(-0.7), choices)["families"]["family 1"]
+    assert not family1["a: semdedup non-inferior to full"]["confirmed"]
+    family2 = result["families"]["family 2"]
+    assert not family2["a: clip_score non-inferior to full"]["confirmed"]  # 1.9 below full
+    assert family2["a: balanced_cluster_pool non-inferior to full"]["confirmed"]
+    assert family2["a: semdedup above clip_score"]["confirmed"]
+    assert "| family 1 | a: semdedup non-inferior to full |" in protocol.confirmation_markdown(result)
+
+
+def test_family_two_leaves_out_repeats_when_the_default_is_a_baseline_row():
+    family1, family2 = protocol.hypotheses("clip_score")
+    assert ("clip_score", "full", "ni") in family1 and ("clip_score", "full", "ni") not in family2
+    assert ("clip_score", "clip_score", "sup") not in family2 and len(family2) == 3
+    assert len(protocol.hypotheses("semdedup")[1]) == 6

@@ -123,7 +123,9 @@ def default_rule(records: dict[str, list[dict]], shipped_name: str | None, candi
         terms[k] = {"eligible": eligible, "V": float(np.mean(v_seed)), "V_per_seed": v_seed, "crawls": per_crawl,
                     "worst_excess_over_input": max(c["excess_over_input"] for c in per_crawl.values())}
     eligible = [k for k in candidates if terms[k]["eligible"]]
-    result = {"crawls": crawls, "seeds": seeds, "shipped": shipped_name, "candidates": terms, "eligible": eligible}
+    full = {c: float(np.mean([r["arms"]["full"]["validation"] for r in records[c]])) for c in crawls}
+    result = {"crawls": crawls, "seeds": seeds, "shipped": shipped_name, "candidates": terms, "eligible": eligible,
+              "full_validation": full, "margin": {c: round(NON_INFERIORITY * f, 1) for c, f in full.items()}}
     if not eligible:
         least = min(candidates, key=lambda k: (terms[k]["worst_excess_over_input"], candidates.index(k)))
         return {**result, "default": least, "passes_rule": False, "ties": [],
@@ -153,3 +155,61 @@ def holm(pvalues: dict[str, float], alpha: float = FAMILY_ERROR) -> dict[str, bo
             break
         rejected[name] = True
     return rejected
+
+
+TLDR = "balanced_cluster_pool"  # section 2: the TL;DR row
+
+
+def paired_test(d: list[float], shift: float, m: int) -> dict:
+    """One-sided paired t test of H0: mean d <= -shift (shift 0: superiority; the margin: non-inferiority), with
+    the lower bound of mean d at the Bonferroni level 1 - FAMILY_ERROR / m."""
+    from scipy import stats
+
+    d_arr = np.asarray(d, dtype=np.float64)
+    n = len(d_arr)
+    se = d_arr.std(ddof=1) / math.sqrt(n)
+    t = (d_arr.mean() + shift) / se if se > 0 else (math.inf if d_arr.mean() + shift > 0 else -math.inf)
+    return {"mean": float(d_arr.mean()), "values": d_arr.tolist(), "p": float(stats.t.sf(t, n - 1)),
+            "lower": float(d_arr.mean() - stats.t.ppf(1 - FAMILY_ERROR / m, n - 1) * se), "null": -shift}
+
+
+def hypotheses(default: str) -> tuple[list[tuple], list[tuple]]:
+    """Section 6's families as (crawl-independent) (arm, comparator, kind) triples: kind `ni` (non-inferior) or
+    `sup` (superior). Family 2 leaves out what repeats family 1 or compares an arm with itself."""
+    family1 = [(default, "full", "ni"), (default, "random", "sup")]
+    family2 = [(a, "full", "ni") for a in (TLDR, "clip_score")] + [(a, "random", "sup") for a in (TLDR, "clip_score")]
+    family2 += [(default, b, "sup") for b in (TLDR, "clip_score")]
+    family2 = [h for h in family2 if h not in family1 and h[0] != h[1]]
+    return family1, family2
+
+
+def confirmation(records: dict[str, list[dict]], choices: dict) -> dict:
+    """Section 6 on the confirmation seeds' test split: every hypothesis per crawl, Holm per family."""
+    default = choices["default"]
+    out: dict = {"default": default, "crawls": sorted(records), "families": {}}
+    for number, family in enumerate(hypotheses(default), 1):
+        tests = {}
+        for crawl in sorted(records):
+            recs = sorted(records[crawl], key=lambda r: r["seed"])
+            for arm, comparator, kind in family:
+                d = [r["arms"][arm]["test"] - r["arms"][comparator]["test"] for r in recs]
+                shift = choices["margin"][crawl] if kind == "ni" else 0.0
+                tests[f"{crawl}: {arm} {'non-inferior to' if kind == 'ni' else 'above'} {comparator}"] = \
+                    paired_test(d, shift, len(family) * len(records))
+        rejected = holm({name: t["p"] for name, t in tests.items()})
+        out["families"][f"family {number}"] = {name: {**t, "confirmed": rejected[name]} for name, t in tests.items()}
+    return out
+
+
+def confirmation_markdown(result: dict) -> str:
+    """The README's results table: every hypothesis, its mean paired difference and lower bound, and whether
+    Holm confirms it."""
+    lines = [f"Default: `{result['default']}`. Paired differences on the test split (confirmation seeds); lower "
+             "bound at the Bonferroni level; decision by Holm at family-wise 0.025 (docs/protocol.md).", "",
+             "| family | hypothesis | mean difference | lower bound | null | p | confirmed |",
+             "|---|---|---|---|---|---|---|"]
+    for family, tests in result["families"].items():
+        for name, t in tests.items():
+            lines.append(f"| {family} | {name} | {t['mean']:+.2f} | {t['lower']:+.2f} | {t['null']:+.1f} "
+                         f"| {t['p']:.4f} | {'yes' if t['confirmed'] else 'no'} |")
+    return "\n".join(lines) + "\n"
