@@ -22,15 +22,10 @@ from pathlib import Path
 
 from tldr_tasks import protocol
 from tldr_tasks.benchmark import machine, run_seed
-from tldr_tasks.config import Config, _merge, from_dict
 
 RESULTS = Path(__file__).parent / "results"
 SEED_DIR = RESULTS / "protocol"
 CHOICES = RESULTS / "protocol_choices.json"
-
-
-def profile() -> Config:
-    return from_dict(_merge(Config().to_dict(), protocol.PROFILE)).validate()
 
 
 def run_one(out: Path, crawl: str, seed: int) -> dict:
@@ -38,7 +33,7 @@ def run_one(out: Path, crawl: str, seed: int) -> dict:
     if path.exists():
         return json.loads(path.read_text())
     started = time.time()
-    reports = run_seed(out, crawl, profile(), seed, protocol.CANDIDATES)
+    reports = run_seed(out, crawl, protocol.config(), seed, protocol.CANDIDATES)
     record = {**protocol.seed_record(crawl, seed, reports), "seconds": round(time.time() - started),
               "machine": machine()}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,15 @@ PROFILE = {
     "evaluate": {"preset": "towers-locked", "epochs": 5, "budgets": ["compute", "epochs"]},
 }
 
+
+
+def config():
+    """The parameters every protocol run starts from: the built-in defaults (= params.yaml) under PROFILE."""
+    from tldr_tasks.config import Config, _merge, from_dict
+
+    return from_dict(_merge(Config().to_dict(), PROFILE)).validate()
+
+
 _CLIP_FILTER = {"filter": "clip_score", "filter_share": 0.5, "dedup_images": True, "alignment": "none"}
 # Section 2's candidates (the `shipped` row is whichever of these params.yaml selects), and section 4's order:
 # simpler and cheaper first, the order ties are broken in.
