@@ -54,13 +54,15 @@ def main() -> None:
     parser.add_argument("--crawls", default=",".join(protocol.CRAWLS))
     parser.add_argument("--seeds", default="", help="default: the phase's seeds")
     parser.add_argument("--out", default="runs/protocol")
+    parser.add_argument("--summarise-only", action="store_true", help="run nothing: only the rule's files")
     args = parser.parse_args()
     if args.phase == "confirmation" and not CHOICES.exists():
         parser.error(f"{CHOICES} is not there: the confirmation runs only after the choices are committed")
     phase_seeds = protocol.SELECTION_SEEDS if args.phase == "selection" else protocol.CONFIRMATION_SEEDS
     seeds = [int(s) for s in args.seeds.split(",") if s] or list(phase_seeds)
     crawls = [c for c in args.crawls.split(",") if c]
-    for seed in seeds:  # seed-major: every crawl gets a seed before any crawl gets the next
+    # seed-major: every crawl gets a seed before any crawl gets the next
+    for seed in [] if args.summarise_only else seeds:
         for crawl in crawls:
             print(f"protocol: {crawl} seed {seed}", file=sys.stderr, flush=True)
             run_one(Path(args.out), crawl, seed)
