@@ -72,13 +72,17 @@ def main() -> None:
         shipped = protocol.shipped(load_config("params.yaml").to_dict()["sample"])
         done = records(list(protocol.CRAWLS), list(protocol.SELECTION_SEEDS))
         complete = all(len(v) == len(protocol.SELECTION_SEEDS) for v in done.values())
+        if not complete:  # the crawls begun so far, over the seeds they all have
+            begun = [c for c in protocol.CRAWLS if any(SEED_DIR.glob(f"{c}-seed*.json"))]
+            done = records(begun, list(protocol.SELECTION_SEEDS)) if begun else {}
         if not any(done.values()):
             return
-        result = {"phase": "selection", "complete": complete, **protocol.default_rule(done, shipped)}
+        result = {"phase": "selection", "complete": complete, **protocol.default_rule(done, shipped),
+                  "evaluation_model": protocol.PROFILE["evaluate"]["preset"],
+                  "features": protocol.PROFILE["embed"]["feature"]}
         if not complete:
-            result = {"note": "interim: fewer than the protocol's selection seeds; this chooses nothing", **result}
-        result.update(evaluation_model=protocol.PROFILE["evaluate"]["preset"],
-                      features=protocol.PROFILE["embed"]["feature"])
+            result = {"note": "interim: fewer than the protocol's crawls or selection seeds; this chooses nothing",
+                      **result}
         (CHOICES if complete else RESULTS / "protocol_interim.json").write_text(json.dumps(result, indent=1) + "\n")
     else:
         done = records(list(protocol.CRAWLS), list(protocol.CONFIRMATION_SEEDS))

@@ -222,3 +222,23 @@ def confirmation_markdown(result: dict) -> str:
             lines.append(f"| {family} | {name} | {t['mean']:+.2f} | {t['lower']:+.2f} | {t['null']:+.1f} "
                          f"| {t['p']:.4f} | {'yes' if t['confirmed'] else 'no'} |")
     return "\n".join(lines) + "\n"
+
+
+def choices_markdown(result: dict) -> str:
+    """Section 4's terms as a table (docs/benchmarks.md): per candidate, on each crawl the shipped noise against
+    the input's (means over the seeds) and the advantage over random; eligibility and V(k)."""
+    crawls = result["crawls"]
+    head = " | ".join(f"{c}: shipped / input, vs random" for c in crawls)
+    lines = [f"| candidate | {head} | eligible | V (share of full) |", "|---" * (len(crawls) + 3) + "|"]
+    for name, terms in result["candidates"].items():
+        cells = []
+        for c in crawls:
+            t = terms["crawls"][c]
+            cells.append(f"{100 * np.mean(t['shipped_noise']):.1f}% / {100 * np.mean(t['input_noise']):.1f}%, "
+                         f"{100 * t['advantage_over_random']:+.1f}")
+        lines.append(f"| {name} | {' | '.join(cells)} | {'yes' if terms['eligible'] else 'no'} | {terms['V']:.3f} |")
+    seeds = ", ".join(map(str, result["seeds"]))
+    verdict = (f"Chosen: `{result['default']}` ({result['why']})." if result.get("complete")
+               else f"Interim ({', '.join(crawls)}; seeds {seeds}): fewer crawls or seeds than the protocol's, so "
+                    "this chooses nothing.")
+    return "\n".join(lines) + f"\n\n{verdict}\n"
