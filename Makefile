@@ -9,7 +9,7 @@ FULL_STAMP := $(VENV)/.full-$(HASH)
 # torch first and pinned: a bare `torch` would resolve a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test test-fast lint airflow bench benchmark clean install browser helm
+.PHONY: demo test test-fast lint airflow bench benchmark protocol clean install browser helm
 
 $(CORE_STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ browser:
 benchmark: $(CORE_STAMP)
 	$(VENV)/bin/tldr-vlp benchmark --seeds 0,1,2 --out runs/benchmark --readme docs/benchmarks.md
 	$(PY) benchmarks/default_paired.py runs/benchmark
+
+## docs/protocol.md's runs: selection seeds 0-4 on four crawls, the default rule (results/protocol_choices.json),
+## then confirmation seeds 100-109; resumable, one file per crawl and seed in benchmarks/results/protocol/
+protocol: $(CORE_STAMP)
+	$(PY) benchmarks/protocol.py --phase selection
+	$(PY) benchmarks/protocol.py --phase confirmation
 
 ## the quick tests only
 test-fast: $(FULL_STAMP) browser helm

@@ -190,3 +190,16 @@ def test_the_eval_power_and_pretrained_captioner_tables_are_written_from_their_r
     assert captioners in text, "docs/benchmarks.md lacks captioner_pretrained's table: copy it into 'Pretrained towers'"
     assert (results / "eval_power.md").read_text() == power
     assert (results / "captioner_pretrained.md").read_text() == captioners
+
+
+def test_the_protocol_table_is_written_from_its_results():
+    """docs/benchmarks.md's protocol table is tldr_tasks.protocol.choices_markdown of the committed choices (or,
+    before the selection seeds are all done, the interim file)."""
+    from tldr_tasks import protocol
+
+    results = ROOT / "benchmarks" / "results"
+    source = results / "protocol_choices.json"
+    source = source if source.exists() else results / "protocol_interim.json"
+    table = protocol.choices_markdown(json.loads(source.read_text()))
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert text.split("<!-- protocol:start -->\n", 1)[1].split("<!-- protocol:end -->", 1)[0] == table

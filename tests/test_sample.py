@@ -415,3 +415,60 @@ def test_cross_fitted_losses_are_calibrated_per_fold_before_they_are_compared():
         rows = fold == f
         assert (np.argsort(calibrated[rows]) == np.argsort(loss[rows])).all()
     np.testing.assert_array_equal(sample.calibrated_loss(loss, keys, 1), loss)
+
+
+def test_clip_filter_then_balanced_keeps_only_passing_pairs_spread_over_clusters(tmp_path):
+    """sample.filter=clip_score (here by the crawl's own similarity): only the top filter_share pass, identical
+    image bytes count once, and balanced quotas are computed over the passing pairs' clusters."""
+    from tldr_tasks.data.shards import encode_json, write_tar
+
+    rows, samples = [], []
+    for i in range(40):
+        key = f"{i:04d}"
+        cluster = 0 if i < 34 else 1 + i % 2  # two small clusters, among the best scored
+        rows.append({"key": key, "shard": "00000", "cluster": cluster, "distance": 0.0, "loss": 1.0})
+        image = _png(0 if i == 39 else i)  # the best-scored pair is a copy of pair 0
+        samples.append((key, {"png": image, "txt": f"caption {i}".encode(),
+                              "json": encode_json({"similarity": i / 40})}))
+    io = _io(tmp_path, rows)
+    write_tar(str(tmp_path / "crawl" / "00000.tar"), samples)
+    io = StageIO(input=str(tmp_path / "crawl" / "00000.tar"), out=io.out)
+    cfg = _cfg("balanced", 0.25)
+    cfg.sample.filter, cfg.sample.filter_share, cfg.sample.clip_model = "clip_score", 0.5, "similarity"
+    result = sample.run(cfg, io)
+    kept = sorted(int(r["key"]) for r in _selected(io))
+    assert len(kept) == result.metrics["kept"] == 10 and result.metrics["filter_passed"] == 20
+    assert min(kept) >= 19 and 39 not in kept  # the top 20 distinct images: 19..38
+    # balanced over the passing clusters: 34..38 hold clusters 1 and 2 (2 and 3 pairs), all kept; 5 of cluster 0
+    assert {k for k in kept if k >= 34} == {34, 35, 36, 37, 38}
+
+
+def test_filtered_semdedup_ranks_only_the_passing_pairs_and_tops_up_in_filter_order():
+    """Inside a filter, SemDeDup keeps the least redundant passing pairs; a ratio above the filter's share keeps
+    every passing pair, then the next ones in the filter's order."""
+    n = 12
+    cfg = _cfg("semdedup", 0.25)
+    cfg.sample.filter, cfg.sample.filter_share = "clip_score", 0.5
+    rank = np.array([11, 3, 7, 0, 5, 9, 1, 2, 4, 6, 8, 10])  # best first: the passing six are 0, 3, 5, 7, 9, 11
+    redundancy = np.full(n, np.nan)
+    redundancy[[0, 3, 5, 7, 9, 11]] = [0.9, 0.1, 0.8, 0.2, 0.95, 0.3]
+    ev = sample.Evidence(table=None, cluster=np.zeros(n, dtype=np.int64), loss=np.ones(n), alignment=np.zeros(n),
+                         score=None, pool=None, filter_rank=rank, extra={"redundancy": redundancy})
+    keep, repair = sample.keep_mask(cfg, ev, 0.25)
+    assert np.flatnonzero(keep).tolist() == [3, 7, 11] and not repair.any()
+    keep, _ = sample.keep_mask(cfg, ev, 0.75)
+    assert sorted(np.flatnonzero(keep).tolist()) == sorted(rank[:9].tolist())
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"strategy": "hard"}, "sample.filter=clip_score runs ahead of a coverage rule"),
+    ({"alignment": "cluster_pool"}, "are two alignment filters"),
+    ({"filter": "agreement"}, "sample.filter"),
+])
+def test_filter_settings_that_cannot_work_are_refused(change, message):
+    cfg = _cfg("balanced", 0.25)
+    cfg.sample.filter = "clip_score"
+    for key, value in change.items():
+        setattr(cfg.sample, key, value)
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate()
