@@ -26,6 +26,15 @@ from tldr_tasks.benchmark import machine, run_seed
 RESULTS = Path(__file__).parent / "results"
 SEED_DIR = RESULTS / "protocol"
 CHOICES = RESULTS / "protocol_choices.json"
+DOCS = Path(__file__).parent.parent / "docs" / "benchmarks.md"
+
+
+def write_block(path: Path, name: str, body: str) -> None:
+    """Replace what lies between `<!-- name:start -->` and `<!-- name:end -->` in `path` with `body`."""
+    start, end = f"<!-- {name}:start -->\n", f"<!-- {name}:end -->"
+    text = path.read_text()
+    head, rest = text.split(start, 1)
+    path.write_text(head + start + body + end + rest.split(end, 1)[1])
 
 
 def run_one(out: Path, crawl: str, seed: int) -> dict:
@@ -84,6 +93,7 @@ def main() -> None:
             result = {"note": "interim: fewer than the protocol's crawls or selection seeds; this chooses nothing",
                       **result}
         (CHOICES if complete else RESULTS / "protocol_interim.json").write_text(json.dumps(result, indent=1) + "\n")
+        write_block(DOCS, "protocol", protocol.choices_markdown(result))
     else:
         done = records(list(protocol.CRAWLS), list(protocol.CONFIRMATION_SEEDS))
         if len(next(iter(done.values()))) == len(protocol.CONFIRMATION_SEEDS):
