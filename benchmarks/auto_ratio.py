@@ -1,30 +1,36 @@
 """Is the ratio curve's proxy right? Its curve against the benchmark's evaluation model at the same ratios (issue 27).
 
-    .venv/bin/python benchmarks/auto_ratio.py [--seeds 0,1,2] [--crawls synthetic,synthetic_correlated,real_emoji]
+    .venv/bin/python benchmarks/auto_ratio.py [--seeds 0,1,2] [--crawls synthetic,...] [--work runs/protocol]
 
-For every crawl and seed: the benchmark's crawl (tldr_tasks.benchmark.make_benchmark_crawl, its PROFILE) and one
-captioner, then with the default selection rule
+The selection is what ships: params.yaml's `sample` rule, which must be one of docs/protocol.md's candidates
+(tldr_tasks.protocol.shipped), run as the protocol runs it (tldr_tasks.protocol.config: the product's
+captioners, `embed.feature: tower`, the `towers-locked` evaluation under both budgets). Each crawl and seed
+starts from the protocol's work folder (`--work`): its crawl, reference CLIP, captioner and embed cache are
+reused when that seed ran there and built the same way when not. Then
     auto      `compress` with sample.ratio=auto: the proxy's curve (tldr_tasks/curve.py: locked-tower heads on each
               subset's cached features, R@10 on the validation split carved from the crawl, curve_seeds head
               seeds) and the ratio auto chooses;
     r<ratio>  at every curve ratio, `compress` with that ratio and the same carved split (sample.curve on, a
-              one-point curve), evaluated by the benchmark's evaluation model (PROFILE's evaluate section: both
-              budgets) on the crawl's clean held-out validation and test splits.
+              one-point curve), evaluated by the protocol's evaluation model on the crawl's held-out validation
+              and test splits, in the crawl's primary metric (protocol.PRIMARY).
 Every run clusters into the number of clusters auto uses (kmeans.AUTO_CLUSTER_RATIO), so the subset a run keeps
-at a ratio is the one the curve scored there. One file per (crawl, seed) under `--out`/results, skipped when
-present (resumable); the summary goes to `benchmarks/results/auto_ratio.json`: per crawl, the proxy's and the
-evaluation model's curves (mean and 95% CI over seeds, validation mean R@1 for the model), the Spearman rank
-correlation of their means over the ratios per budget, and the ratio auto's rule chooses on each curve.
+at a ratio is the one the curve scored there. One committed file per crawl and seed,
+`benchmarks/results/auto_ratio/<crawl>-seed<seed>.json`, skipped when present (resumable across sessions); the
+summary goes to `benchmarks/results/auto_ratio.json`: per crawl, the proxy's and the evaluation model's curves
+(mean and 95% CI over seeds), the Spearman rank correlation of their means over the ratios per budget, and the
+ratio auto's rule chooses on each.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+SEED_DIR = RESULTS / "auto_ratio"
 BUDGET_ARMS = {"compute": "tldr", "epochs": "tldr_epochs"}  # evaluate's arm name per budget
 
 
@@ -37,47 +43,66 @@ def compressed(cfg, io, with_eval: bool) -> float:
     return round(time.perf_counter() - start, 1)
 
 
-def run_one(out: Path, crawl: str, seed: int) -> dict:
-    """One (crawl, seed): from its file under `out`, else measured now."""
-    from tldr_tasks import storage
-    from tldr_tasks.benchmark import PROFILE, make_benchmark_crawl
+def shipped_variant():
+    """The protocol candidate params.yaml ships; refused when it ships none of them."""
+    from tldr_tasks import protocol
+    from tldr_tasks.config import load_config
+
+    name = protocol.shipped(load_config("params.yaml").to_dict()["sample"])
+    if name is None:
+        sys.exit("auto_ratio: params.yaml's sample section is none of docs/protocol.md's candidates; "
+                 "this benchmark measures the shipped rule")
+    return next(v for v in protocol.CANDIDATES if v.name == name)
+
+
+def run_one(work: Path, crawl: str, seed: int) -> dict:
+    """One (crawl, seed): from its committed file, else measured now."""
+    from tldr_tasks import protocol, storage
+    from tldr_tasks.benchmark import machine, make_benchmark_crawl, train_reference_clip, variant_config
     from tldr_tasks.config import _merge, from_dict
     from tldr_tasks.contract import StageIO
     from tldr_tasks.preflight import count_input_samples
     from tldr_tasks.runner import load_stage_module
     from tldr_tasks.stages.kmeans import cluster_count
 
-    path = out / "results" / f"{crawl}-seed{seed}.json"
+    path = SEED_DIR / f"{crawl}-seed{seed}.json"
     if path.exists():
         return json.loads(path.read_text())
-    root = out / crawl / f"seed{seed}"
-    cfg = from_dict(_merge(PROFILE, {"seed": seed})).validate()
+    selection = shipped_variant()
+    root = work / crawl / f"seed{seed}"
+    cfg = from_dict({**protocol.config().to_dict(), "seed": seed}).validate()
     started = time.perf_counter()
-    main, _, held_out = make_benchmark_crawl(root, crawl, cfg, seed)
+    main, reference, held_out = make_benchmark_crawl(root, crawl, cfg, seed)
+    clip_model = train_reference_clip(reference, cfg, root / "reference_clip", str(root / "embed"))
     base = StageIO(input=main, out=str(root / "captioner-run"), eval_input=held_out)
     load_stage_module("train-captioner").run(cfg, base)
     seconds = {"crawl_and_captioner": round(time.perf_counter() - started, 1)}
+    samples = count_input_samples(storage.expand_shards(main))
+    clusters = cluster_count(from_dict(_merge(cfg.to_dict(), {"sample": {"ratio": "auto"}})), samples)
 
     def variant(name: str, **sample) -> tuple:
-        clusters = cluster_count(from_dict(_merge(cfg.to_dict(), {"sample": {"ratio": "auto"}})),
-                                 count_input_samples(storage.expand_shards(main)))
-        vcfg = from_dict(_merge(cfg.to_dict(), {"sample": sample, "cluster": {"clusters": clusters},
-                                                "evaluate": {"arms": ["tldr"]}})).validate()
-        return vcfg, StageIO(input=main, out=str(root / name), eval_input=held_out, captioner=base.captioner_dir,
-                             embed_cache=str(root / "embed"))
+        vcfg = variant_config(cfg, selection, samples, ["tldr"], clip_model)
+        vcfg = from_dict(_merge(vcfg.to_dict(), {"sample": sample, "cluster": {"clusters": clusters}})).validate()
+        return vcfg, StageIO(input=main, out=str(root / f"auto_ratio-{name}"), eval_input=held_out,
+                             captioner=base.captioner_dir, embed_cache=str(root / "embed"))
 
+    print(f"auto_ratio: {crawl} seed {seed}: auto", file=sys.stderr, flush=True)
     auto_cfg, auto_io = variant("auto", ratio="auto")
     seconds["auto"] = compressed(auto_cfg, auto_io, with_eval=False)
     proxy = json.loads(Path(auto_io.sample_dir, "curve.json").read_text())
     model = {}
     for ratio in auto_cfg.sample.curve_ratios:
         name = f"r{ratio:g}"
+        print(f"auto_ratio: {crawl} seed {seed}: {name}", file=sys.stderr, flush=True)
         vcfg, io = variant(name, ratio=ratio, curve=True, curve_ratios=[1.0], curve_seeds=1)
         seconds[name] = compressed(vcfg, io, with_eval=True)
         report = json.loads(Path(io.evaluate_dir, "report.json").read_text())
-        model[str(ratio)] = {budget: {split: report["arms"][arm][split]["mean_r1"] for split in ("validation", "test")}
+        model[str(ratio)] = {budget: {split: protocol.primary_value(report["arms"][arm][split], crawl)
+                                      for split in ("validation", "test")}
                              for budget, arm in BUDGET_ARMS.items() if arm in report["arms"]}
-    result = {"crawl": crawl, "seed": seed, "proxy": proxy, "model": model, "seconds": seconds}
+    result = {"crawl": crawl, "seed": seed, "selection": selection.name, "model_metric": protocol.PRIMARY[crawl],
+              "machine": machine(),
+              "proxy": proxy, "model": model, "seconds": seconds}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -119,23 +144,26 @@ def summary(runs: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tldr_tasks.benchmark import CRAWLS, machine
+    from tldr_tasks import protocol
+    from tldr_tasks.benchmark import machine
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--crawls", default=",".join(CRAWLS))
-    parser.add_argument("--out", default="runs/auto_ratio")
-    parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--crawls", default=",".join(protocol.CRAWLS))
+    parser.add_argument("--work", default="runs/protocol", help="the protocol's work folder, shared")
+    parser.add_argument("--summarise-only", action="store_true", help="run nothing: only auto_ratio.json")
     args = parser.parse_args(argv)
-    runs = []
-    for seed in (int(s) for s in args.seeds.split(",")):
+    for seed in [] if args.summarise_only else [int(s) for s in args.seeds.split(",")]:
         for crawl in args.crawls.split(","):
-            runs.append(run_one(Path(args.out), crawl, seed))
-            print(json.dumps({"crawl": crawl, "seed": seed, "proxy_chosen": runs[-1]["proxy"]["chosen_ratio"],
-                              "seconds": runs[-1]["seconds"]}), flush=True)
-            result = {"machine": machine(), "summary": summary(runs), "runs": runs}
-            (Path(args.results) / "auto_ratio.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(summary(runs), indent=1))
+            run = run_one(Path(args.work), crawl, seed)
+            print(json.dumps({"crawl": crawl, "seed": seed, "proxy_chosen": run["proxy"]["chosen_ratio"],
+                              "seconds": run["seconds"]}), flush=True)
+    runs = [json.loads(p.read_text()) for p in sorted(SEED_DIR.glob("*-seed*.json"))]
+    if runs:
+        result = {"machine": machine(), "selection": sorted({r["selection"] for r in runs}),
+                  "summary": summary(runs)}
+        (RESULTS / "auto_ratio.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result["summary"], indent=1))
 
 
 if __name__ == "__main__":

@@ -297,15 +297,18 @@ def test_clip_score_keeps_the_exact_ratio_prefers_clean_pairs_and_dedups_images(
     bad = rng.random(n) < 0.3
     score = np.where(bad, rng.normal(0.1, 0.05, n), rng.normal(0.3, 0.05, n))
     score[::97] = np.nan  # empty captions: never preferred
-    keep = sample.clip_score_keep(score, None, 0.25, 0.3, seed=0)
+    def clip_score_keep(digest):  # clip_score's mask at ratio 0.25, score_share 0.3
+        return sample.pool_keep(sample.filter_order(score, digest), sample.target_count(0.25, n), 0.3, seed=0)
+
+    keep = clip_score_keep(None)
     assert keep.sum() == 250 and bad[keep].mean() < 0.02 and not np.isnan(score[keep]).any()
     # exact image dedup: 100 byte-identical copies of row 0, all scored best, keep one of them at most
     digest = np.array([f"d{i}" for i in range(n)])
     digest[1:101] = "d0"
     score[:101] = 0.9
-    keep = sample.clip_score_keep(score, digest, 0.25, 0.3, seed=0)
+    keep = clip_score_keep(digest)
     assert keep.sum() == 250 and keep[:101].sum() <= 1
-    assert sample.clip_score_keep(score, None, 0.25, 0.3, seed=0)[:101].sum() > 50  # without dedup they stay
+    assert clip_score_keep(None)[:101].sum() > 50  # without dedup they stay
 
 
 def _png(seed: int) -> bytes:

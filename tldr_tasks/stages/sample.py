@@ -218,12 +218,6 @@ def filter_order(score: np.ndarray, digest: np.ndarray | None) -> np.ndarray:
     return np.lexsort((np.arange(n), -np.nan_to_num(score, nan=-np.inf), copy))
 
 
-def clip_score_keep(score: np.ndarray, digest: np.ndarray | None, ratio: float, share: float,
-                    seed: int) -> np.ndarray:
-    """clip_score's mask: `pool_keep` of `filter_order`."""
-    return pool_keep(filter_order(score, digest), target_count(ratio, len(score)), share, seed)
-
-
 def pool_keep(order: np.ndarray, total: int, share: float, seed: int) -> np.ndarray:
     """A seeded `total` of the first max(total, ceil(share * n)) rows of `order` (clip_score's pool)."""
     keep = np.zeros(len(order), dtype=bool)
