@@ -120,7 +120,7 @@ def main(argv=None) -> int:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="cluster_scale_"))
     overrides = [f"cluster.clusters={args.clusters}", f"cluster.niter={args.niter}", f"sample.ratio={args.ratio}",
-                 f"sample.strategy={args.strategy}", "seed=0"]
+                 f"sample.strategy={args.strategy}", "sample.filter=none", "seed=0"]
     record = {"n": args.n, "dim": args.dim, "clusters": args.clusters, "blobs": args.blobs or args.clusters,
               "niter": args.niter, "shard_size": args.shard_size, "ratio": args.ratio, "strategy": args.strategy,
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),

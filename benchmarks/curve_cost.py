@@ -7,8 +7,8 @@ Makes the synthetic crawl of the demo's profile (tldr_tasks.demo.PROFILE's crawl
 seed 0) and cluster assignments for it (random clusters and losses: the curve's cost does not depend on which
 pairs the rule keeps, only on how many), then runs the sample stage twice in fresh run folders under the
 product's thread settings (runner.thread_defaults, set before torch loads): without the curve
-(`sample.strategy=uniform`), and with `sample.ratio=auto` and the default curve (every curve ratio,
-sample.curve_seeds seeds). The tower features are computed once before, timed on their own (the first run's
+(`sample.strategy=uniform`, `sample.filter=none`), and with `sample.ratio=auto` and the default curve (every
+curve ratio, sample.curve_seeds seeds). The tower features are computed once before, timed on their own (the first run's
 cost; a rerun or an evaluation with the towers reads them from the cache). Records the wall and CPU seconds of
 each part (CPU seconds are what other work on the machine inflates least), the peak RSS of this process, the
 size of the crawl's cached features and of the largest subset the curve copies, the load average and the
@@ -89,14 +89,14 @@ def main(argv: list[str] | None = None) -> None:
     if not (crawl / "crawl.json").exists():
         make_crawl(str(crawl), CrawlConfig(**{**PROFILE["crawl"], "samples": args.samples}), seed=0)
     load = [os.getloadavg()[0]]
-    auto = load_config(None, ["sample.ratio=auto", "sample.strategy=uniform"])
+    rule = ["sample.strategy=uniform", "sample.filter=none"]  # the curve's cost does not depend on the rule
+    auto = load_config(None, ["sample.ratio=auto", *rule])
     cache = out / "embed"
     loaded = {}
     seconds = {"tower_features_first_run": timed(lambda: loaded.update(features=cached_features(
         storage.expand_shards(str(crawl / "train")), clip.load_preset(REFERENCE_PRESET), str(cache), "input")[1]))}
     features = loaded["features"]
-    for name, overrides in (("sample_without_curve", ["sample.strategy=uniform"]),
-                            ("sample_with_curve", ["sample.ratio=auto", "sample.strategy=uniform"])):
+    for name, overrides in (("sample_without_curve", rule), ("sample_with_curve", ["sample.ratio=auto", *rule])):
         run = out / name
         if run.exists():  # a fresh run folder each time: the stage skips a finished one
             shutil.rmtree(run)

@@ -5,7 +5,8 @@
 Clones the repository's committed HEAD into a temporary folder (a fresh checkout: no run folder, no
 caches), runs `tldr-vlp demo` there with this virtual environment (what `make demo` runs once the
 install is done), and records the wall time, the seconds of every stage from the demo's report, the
-headline numbers it printed, and the machine.
+headline numbers it printed (test mean R@1 per arm, the misaligned share of the input and of what ships), and
+the machine.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def main() -> None:
         "stages": report["seconds"],
         "mean_r1_test": {arm: round(r["test"]["mean_r1"], 2) for arm, r in report["arms"].items()},
         "input_samples": report["input_samples"], "output_samples": report["output_samples"],
+        "noise_rate": {"input": report.get("noise_rate_input"), "shipped": report.get("noise_rate_output")},
         "machine": f"{platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
     }
     (ROOT / "benchmarks" / "results" / "demo_time.json").write_text(json.dumps(result, indent=1) + "\n")

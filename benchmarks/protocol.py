@@ -7,7 +7,8 @@ One results file per crawl and seed, `benchmarks/results/protocol/<crawl>-seed<s
 stopped. The work folder (`--out`, default runs/protocol) only holds what a seed in progress has made.
 `--phase selection` runs seeds 0-4 (section 5) and, once every crawl has them all, writes
 `benchmarks/results/protocol_choices.json` (section 4's rule, tldr_tasks.protocol.default_rule). Until then it
-writes `protocol_interim.json`: the same terms over the seeds every crawl has so far, which choose nothing.
+writes `protocol_interim.json`: the same terms over the seeds every crawl has so far, which choose nothing. Either way
+it rewrites docs/benchmarks.md's table (choices_markdown) and the README's (readme_markdown).
 `--phase confirmation` runs seeds 100-109, and only once protocol_choices.json is committed; with every crawl's ten
 seeds it writes `protocol_confirmation.json` and `.md` (section 6: paired tests, Holm per family).
 """
@@ -27,6 +28,7 @@ RESULTS = Path(__file__).parent / "results"
 SEED_DIR = RESULTS / "protocol"
 CHOICES = RESULTS / "protocol_choices.json"
 DOCS = Path(__file__).parent.parent / "docs" / "benchmarks.md"
+README = Path(__file__).parent.parent / "README.md"
 
 
 def write_block(path: Path, name: str, body: str) -> None:
@@ -78,7 +80,9 @@ def main() -> None:
     if args.phase == "selection":
         from tldr_tasks.config import load_config
 
-        shipped = protocol.shipped(load_config("params.yaml").to_dict()["sample"])
+        # the default when the choice was made: a committed choice is not remade against the default it chose
+        shipped = (json.loads(CHOICES.read_text())["shipped"] if CHOICES.exists()
+                   else protocol.shipped(load_config("params.yaml").to_dict()["sample"]))
         done = records(list(protocol.CRAWLS), list(protocol.SELECTION_SEEDS))
         complete = all(len(v) == len(protocol.SELECTION_SEEDS) for v in done.values())
         if not complete:  # the crawls begun so far, over the seeds they all have
@@ -94,6 +98,7 @@ def main() -> None:
                       **result}
         (CHOICES if complete else RESULTS / "protocol_interim.json").write_text(json.dumps(result, indent=1) + "\n")
         write_block(DOCS, "protocol", protocol.choices_markdown(result))
+        write_block(README, "results", protocol.readme_markdown(result, done))
     else:
         done = records(list(protocol.CRAWLS), list(protocol.CONFIRMATION_SEEDS))
         if len(next(iter(done.values()))) == len(protocol.CONFIRMATION_SEEDS):

@@ -44,6 +44,7 @@ from tldr_tasks.runner import thread_defaults  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 GOAL = 0.8  # a stage under this share of its model's throughput gets a measured reason
+FROZEN_TOWER = ("efficientnet-lite0", 128)  # the `pretrained` captioner's frozen tower and its pixels
 
 
 def train_captioner_model(cfg, io, device):
@@ -142,17 +143,16 @@ def caption_model(cfg, io, device):
 
 
 def tower_tokens_model(cfg, io, device):
-    """The frozen image tower alone (EfficientNet-Lite0 at 128 px, `embed.TOWER_FEATURE`) on the same batches the
+    """The frozen image tower alone (EfficientNet-Lite0 at 128 px, FROZEN_TOWER) on the same batches the
     token cache computes (TokenCache's batch size), decoded and resized beforehand."""
     import torch
 
     from tldr_tasks.data.shards import Sample, iter_shard
     from tldr_tasks.models.towers import TokenCache, image_tokens, load_image_tower
     from tldr_tasks.preprocess import image_to_tensor
-    from tldr_tasks.stages.embed import TOWER_FEATURE
 
-    tower, size = load_image_tower(TOWER_FEATURE[0], device), TOWER_FEATURE[1]
-    step = TokenCache(*TOWER_FEATURE, io.embed_dir).batch_size
+    tower, size = load_image_tower(FROZEN_TOWER[0], device), FROZEN_TOWER[1]
+    step = TokenCache(*FROZEN_TOWER, io.embed_dir).batch_size
     batches = []
     for url in io.input_shards():
         images = [s.image for s in iter_shard(url) if isinstance(s, Sample)]
@@ -177,10 +177,9 @@ class TowerTokensStage:
         from tldr_tasks.contract import StageResult
         from tldr_tasks.data.shards import Sample, iter_shard
         from tldr_tasks.models.towers import TokenCache
-        from tldr_tasks.stages.embed import TOWER_FEATURE
 
         shards = io.input_shards()
-        TokenCache(*TOWER_FEATURE, io.embed_dir).ensure(shards)
+        TokenCache(*FROZEN_TOWER, io.embed_dir).ensure(shards)
         samples = sum(isinstance(s, Sample) for url in shards for s in iter_shard(url))
         return StageResult(metrics={"samples": float(samples)}, outputs=[])
 

@@ -94,6 +94,10 @@ def mlflow_store(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     # the process-wide URI too: an earlier test's in-process tracking (tracking._mlflow) may have set it
     mlflow.set_tracking_uri(uri)
+    # and forget an earlier test's active experiment (mlflow's process-wide one, and the id its in-process
+    # run exported): it names nothing in this new store
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     monkeypatch.setenv("TLDR_MLFLOW_EXPERIMENT", "tests")
     monkeypatch.delenv("TLDR_RUN_KEY", raising=False)
     return tmp_path

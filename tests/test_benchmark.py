@@ -118,7 +118,8 @@ def test_the_demo_runs_at_the_benchmarks_size_unless_given_params(tmp_path):
     from tldr_tasks.demo import demo_config
 
     cfg = demo_config(None, ["seed=3"])
-    assert (cfg.crawl.samples, cfg.captioner.epochs, cfg.evaluate.preset) == (6000, 4, "small")
+    assert (cfg.crawl.samples, cfg.captioner.epochs, cfg.evaluate.preset) == (6000, 4, "towers-locked")
+    assert cfg.embed.feature == "tower"  # what the protocol clustered on
     assert cfg.evaluate.budgets == ["compute"] and cfg.seed == 3
     assert cfg.sample == load_config(None).sample  # the shipped selection, not a demo one
     params = tmp_path / "params.yaml"

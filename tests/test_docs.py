@@ -51,24 +51,24 @@ def cell(stat: dict, sign: str = "") -> str:
     return f"{stat['mean']:{sign}.1f} ± {stat['ci95']:.1f}"
 
 
-def test_readme_results_table_is_copied_from_the_benchmark_files():
+def protocol_source() -> dict:
+    """The committed choices, or before the selection seeds are all done, the interim file."""
     results = ROOT / "benchmarks" / "results"
-    crawls = ["synthetic", "synthetic_correlated", "real_emoji"]
-    files = {c: json.loads((results / f"benchmark_{c}.json").read_text()) for c in crawls}
-    default = json.loads((results / "default_paired.json").read_text())
-    rows = {line.split(" | ")[0].lstrip("| "): line.rstrip(" |").split(" | ")[1:]
-            for line in README.read_text().splitlines() if line.startswith("| ")}
-    arms = {"full": "full", "random": "random", "oracle_clean (the clean ceiling)": "oracle_clean",
-            "clip_score (DataComp's baseline)": "clip_score", "semdedup (the default selection)": "semdedup",
-            "tldr (`balanced_cluster_pool`)": "tldr"}
-    for row, arm in arms.items():
-        assert rows[row] == [cell(files[c]["arms"][arm]["mean_r1"]) for c in crawls], row
-    for other in ("random", "full", "clip_score", "semdedup"):
-        assert rows[f"paired: tldr - {other}"] == [
-            cell(files[c]["paired_differences"][f"tldr - {other}"], "+") for c in crawls], other
-    for other in ("random", "full"):
-        assert rows[f"paired: semdedup - {other}"] == [
-            cell(default[c]["paired_differences"][f"semdedup - {other}"], "+") for c in crawls], other
+    source = results / "protocol_choices.json"
+    return json.loads((source if source.exists() else results / "protocol_interim.json").read_text())
+
+
+def test_readme_results_table_is_written_from_the_protocol_files(monkeypatch):
+    """The README's table is tldr_tasks.protocol.readme_markdown of the committed choices and seed records."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import importlib
+
+    from tldr_tasks import protocol
+
+    runner = importlib.import_module("protocol")  # benchmarks/protocol.py
+    result = protocol_source()
+    table = protocol.readme_markdown(result, runner.records(result["crawls"], result["seeds"]))
+    assert README.read_text().split("<!-- results:start -->\n", 1)[1].split("<!-- results:end -->", 1)[0] == table
 
 
 def test_benchmark_page_holds_what_make_benchmark_writes_from_the_results_files(tmp_path):
@@ -197,9 +197,6 @@ def test_the_protocol_table_is_written_from_its_results():
     before the selection seeds are all done, the interim file)."""
     from tldr_tasks import protocol
 
-    results = ROOT / "benchmarks" / "results"
-    source = results / "protocol_choices.json"
-    source = source if source.exists() else results / "protocol_interim.json"
-    table = protocol.choices_markdown(json.loads(source.read_text()))
+    table = protocol.choices_markdown(protocol_source())
     text = (ROOT / "docs" / "benchmarks.md").read_text()
     assert text.split("<!-- protocol:start -->\n", 1)[1].split("<!-- protocol:end -->", 1)[0] == table

@@ -96,6 +96,42 @@ def test_quantized_mean_matches_the_model(crawl):
     assert np.isfinite(np.delete(part.loss, part.keys.tolist().index("0003"))).all()
 
 
+def test_the_tower_feature_and_the_builtin_reference_share_one_sharded_tower_pass(crawl, monkeypatch):
+    """With the defaults (the `tower` feature, the clip_score filter's built-in reference) each embed worker
+    writes the towers' cached features of its own shards; the `tower` feature is their pooled image vector, and
+    the stages after embed read them without running a tower."""
+    from tldr_tasks.models import clip, towers_clip
+    from tldr_tasks.scoring import REFERENCE_PRESET
+
+    cfg = _cfg("tower")
+    assert cfg.sample.filter == "clip_score" and not cfg.sample.clip_model  # the defaults this test is about
+    io = _io(crawl, out="run-one-tower-pass", cache="one-tower-pass")
+    preset = clip.load_preset(REFERENCE_PRESET)
+    first = embed.run(cfg, io, shard_index=0, num_shards=2)
+    shards = io.input_shards()
+    assert first.metrics["tower_feature_shards"] == 2
+    assert [storage.exists(towers_clip.part_url(u, preset, io.embed_dir)) for u in shards] == [True, False, True]
+    second = embed.run(cfg, io, shard_index=1, num_shards=2)
+    assert second.metrics["tower_feature_shards"] == 1
+    for url, output in zip(shards, sorted(first.outputs + second.outputs)):
+        tower, part = towers_clip.read_part(url, preset, io.embed_dir), embed.load_part(output)
+        assert part.keys.tolist() == tower["keys"].tolist()
+        np.testing.assert_array_equal(part.features, tower["image"])
+
+    def no_tower(*args, **kwargs):
+        raise AssertionError("a tower ran after the embed stage")
+
+    monkeypatch.setattr(towers_clip, "image_features", no_tower)
+    keys, features, _, _ = towers_clip.cached_features(shards, preset, io.embed_dir, "input")
+    assert len(keys) == 17 and features.shape == (17, 1280)
+    # a run whose later stages read no tower features writes none
+    plain = _cfg("quantized_mean")
+    plain.sample.filter = "none"
+    assert not embed.tower_features_needed(plain, {})
+    embed.run(plain, _io(crawl, out="run-no-towers", cache="no-towers"))
+    assert not storage.exists(towers_clip.features_dir(str(crawl / "no-towers"), preset))
+
+
 def test_rejects_counted_and_rerun_reuses_parts(crawl):
     io = _io(crawl, out="run-reuse")
     first = embed.run(_cfg(), io)

@@ -241,7 +241,7 @@ def test_non_default_params_and_config(monkeypatch):
     monkeypatch.setenv("AIRFLOW_VAR_TLDR_KUBERNETES", json.dumps(config))
     dag = build_compress_dag("tldr_compress", None)
     conf = {"input_url": "s3://bucket/crawl/{00000..00009}.tar", "output_url": "s3://bucket/out", "ratio": 0.1,
-            "clusters": 7, "feature": "code_histogram", "strategy": "hard", "fusion": "concat",
+            "clusters": 7, "feature": "code_histogram", "strategy": "hard", "filter": "none", "fusion": "concat",
             "captioner_preset": "base", "run_evaluation": True, "eval_input_url": "s3://bucket/eval",
             "shard_groups": 5, "overrides": ["captioner.epochs=1", "seed=3"]}
     pods = render_pods(dag, conf)
@@ -264,6 +264,7 @@ def test_non_default_params_and_config(monkeypatch):
     assert container["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
     args = main_container(pods["sample"][0])["args"]
     for item in ("sample.ratio=0.1", "cluster.clusters=7", "embed.feature=code_histogram", "sample.strategy=hard",
+                 "sample.filter=none",
                  "caption.fusion=concat", "captioner.preset=base", "captioner.epochs=1", "seed=3"):
         assert item in args
     assert args[args.index("--input") + 1] == "s3://bucket/crawl/{00000..00009}.tar"

@@ -52,8 +52,10 @@ BAD = [
     ("compress", ["--clusters", "100000"], "is more than the 200 samples"),
     ("compress", ["--set", "sample.dedup_images=maybe"], "give true or false"),
     # the crawl's own score chosen, but no `similarity` in the tiny crawl's KEY.json: refused before train-captioner
-    ("compress", ["--strategy", "clip_score", "--set", "sample.clip_model=similarity"], "no numeric `similarity`"),
-    ("run", ["sample", "--set", "sample.strategy=clip_score", "--set", "sample.clip_model=similarity"],
+    ("compress", ["--strategy", "clip_score", "--filter", "none", "--set", "sample.clip_model=similarity"],
+     "no numeric `similarity`"),
+    ("run", ["sample", "--set", "sample.strategy=clip_score", "--set", "sample.filter=none", "--set",
+             "sample.clip_model=similarity"],
      "no numeric `similarity`"),
     ("compress", ["--set", "nosuch.key=1"], "unknown params section 'nosuch'"),
     ("compress", ["--set", "captioner.nope=1"], "unknown parameter captioner.nope"),

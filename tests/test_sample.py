@@ -21,8 +21,9 @@ def _io(tmp_path, rows):
 
 
 def _cfg(strategy, ratio, seed=0):
+    """One strategy alone: no alignment filter ahead of it (the filter's own tests set it)."""
     cfg = Config(seed=seed)
-    cfg.sample.strategy, cfg.sample.ratio = strategy, ratio
+    cfg.sample.strategy, cfg.sample.ratio, cfg.sample.filter = strategy, ratio, "none"
     return cfg
 
 

@@ -84,7 +84,7 @@ def test_clip_score_without_a_usable_scorer_is_refused_before_any_stage(crawls, 
     places = {**crawls, "missing": str(tmp_path / "missing")}
     out = tmp_path / "out"
     argv = ["compress", "--input", crawls["crawl"], "--out", str(out), "--clusters", "4", "--strategy", "clip_score",
-            "--set", f"sample.clip_model={clip_model.format(**places)}"]
+            "--filter", "none", "--set", f"sample.clip_model={clip_model.format(**places)}"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1 and message.format(**places) in err

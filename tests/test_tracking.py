@@ -75,21 +75,23 @@ def test_parent_run_is_named_and_tagged_for_what_differs(mlflow_store, monkeypat
 
     monkeypatch.delenv("TLDR_RUN_NAME", raising=False)
     cfg = load_config(None, ["sample.ratio=0.3", "sample.strategy=balanced", "sample.alignment=cluster_pool",
-                             "caption.fusion=mix", "cluster.clusters=5"])
+                             "sample.filter=none", "caption.fusion=mix", "cluster.clusters=5"])
     io = StageIO(input="s3://AKIAKEY:secret@bucket/crawl", out="runs/a")
     client = mlflow.MlflowClient()
     run = client.get_run(tracking.parent_run_id(cfg, io))
     assert re.fullmatch(r"r0\.30 balanced \d{4}-\d\d-\d\d \d\d:\d\d", run.info.run_name), run.info.run_name
-    assert {k: run.data.tags.get(k) for k in ("ratio", "strategy", "alignment", "fusion", "captioner_preset",
-                                               "clusters", "input")} == {
-        "ratio": "0.3", "strategy": "balanced", "alignment": "cluster_pool", "fusion": "mix",
+    assert {k: run.data.tags.get(k) for k in ("ratio", "strategy", "filter", "alignment", "fusion",
+                                               "captioner_preset", "clusters", "input")} == {
+        "ratio": "0.3", "strategy": "balanced", "filter": "none", "alignment": "cluster_pool", "fusion": "mix",
         "captioner_preset": cfg.captioner.preset, "clusters": "5", "input": "s3://***@bucket/crawl"}
     # the time is the local one, to the minute; a label (the demo's crawl) goes before it
     when = time.mktime((2026, 12, 6, 16, 38, 59, 0, 0, -1))
     assert tracking.run_name(cfg, when=when) == "r0.30 balanced 2026-12-06 16:38"
-    assert tracking.run_name(Config(), "demo noise=0.3", when) == "r0.25 semdedup demo noise=0.3 2026-12-06 16:38"
+    assert tracking.run_name(Config(), "demo noise=0.3", when) == (
+        "r0.25 clip_score+balanced demo noise=0.3 2026-12-06 16:38")  # the default: the filter, then the strategy
     other = client.get_run(tracking.parent_run_id(Config(), StageIO(input="in", out="runs/b"), label="demo"))
-    assert other.info.run_name.startswith("r0.25 semdedup demo ") and other.info.run_name != run.info.run_name
+    assert other.info.run_name.startswith("r0.25 clip_score+balanced demo ")
+    assert other.info.run_name != run.info.run_name
     monkeypatch.setenv("TLDR_RUN_NAME", "my name")  # a person's own name wins
     assert client.get_run(tracking.parent_run_id(cfg, StageIO(input="in", out="runs/c"))).info.run_name == "my name"
 
@@ -191,5 +193,5 @@ def test_local_compress_parent_carries_summary_lineage_and_report(tiny_crawl, ra
     assert manifest["captioner_version"] == parent.data.tags["tldr.captioner_weights"]
     assert parent.data.tags["tldr.captioner_version"] == "1"
     # named and tagged for what differs; the clusters tag is the number the run used
-    assert parent.info.run_name.startswith("r0.30 semdedup ")
+    assert parent.info.run_name.startswith("r0.30 clip_score+balanced ")
     assert parent.data.tags["ratio"] == "0.3" and parent.data.tags["clusters"] == str(int(metrics["clusters"]))

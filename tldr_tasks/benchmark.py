@@ -169,6 +169,7 @@ def variant_config(cfg: Config, variant: Variant, samples: int, arms: list[str],
     from tldr_tasks.stages.kmeans import cluster_count
 
     vcfg = from_dict(cfg.to_dict()).validate()
+    vcfg.sample.filter = "none"  # a variant names its filter: the default's filter is a variant of its own
     for key, value in variant.sample.items():
         setattr(vcfg.sample, key, value)
     if "clip_score" in (vcfg.sample.strategy, vcfg.sample.filter):

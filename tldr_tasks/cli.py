@@ -27,7 +27,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from tldr_tasks.config import FEATURES, STRATEGIES, ConfigError, load_config, shortcut_overrides
+from tldr_tasks.config import FEATURES, FILTERS, STRATEGIES, ConfigError, load_config, shortcut_overrides
 from tldr_tasks.contract import StageIO
 
 COMMANDS = ("demo", "compress", "run", "make-crawl", "make-real-crawl", "import", "stages", "report", "compare",
@@ -102,6 +102,8 @@ def _add_shortcuts(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clusters", type=int, help="k-means clusters (default 0: round(8 * sqrt(ratio * samples)))")
     parser.add_argument("--feature", help="clustering feature: " + ", ".join(FEATURES))
     parser.add_argument("--strategy", help="sampling: " + ", ".join(STRATEGIES))
+    parser.add_argument("--filter", help="alignment filter ahead of uniform, balanced or semdedup: "
+                        + ", ".join(FILTERS) + " (default clip_score)")
     parser.add_argument("--fusion", help="caption fusion: mix, generated, concat, original")
     parser.add_argument("--alignment", help="which pairs fill a quota: cluster_pool, global_pool, rank, none")
     parser.add_argument("--seed", type=int)

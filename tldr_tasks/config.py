@@ -207,7 +207,9 @@ def image_stride(preset: dict) -> int:
 
 @dataclass
 class EmbedConfig:
-    feature: str = "quantized_mean"
+    # `tower`: what the protocol's runs clustered on (tldr_tasks/protocol.py PROFILE), so what ships is what
+    # was evaluated; the codebook features (the paper's `quantized_mean`, ...) stay a choice
+    feature: str = "tower"
     batch_size: int = 256
 
     def validate(self):
@@ -235,10 +237,12 @@ class ClusterConfig:
 class SampleConfig:
     # A share in (0, 1], or `auto`: the ratio curve's choice (tldr_tasks/curve.py)
     ratio: float | str = 0.25
-    # Mean validation R@1 over the three benchmark crawls (benchmarks/results/benchmark_<crawl>.json,
-    # chosen_on_validation): semdedup 7.20, clip_score 7.13, balanced + cluster_pool 7.07, a tie within the
-    # seeds' spread. The benchmark's rule, stated before the run, makes the winner the default.
-    strategy: str = "semdedup"
+    # The default is docs/protocol.md's rule on its selection seeds (benchmarks/results/protocol_choices.json):
+    # no candidate was eligible (on the correlated crawl none ships 5 points less noise than random), so
+    # section 4 step 6 keeps the least worst-crawl excess over the input's noise: `balanced` behind the
+    # clip_score filter, below its input on every crawl and seed (worst crawl 26.8% against 29.9%), 0.895 of
+    # full's validation score. The previous default, semdedup, shipped more noise than its input on 3 of 4.
+    strategy: str = "balanced"
     alignment: str = "none"  # which pairs fill a cluster's quota (see stages/sample.py)
     aligned_share: float = 0.5  # the pool: this share of the better-aligned pairs (released code: half)
     # What happens to the pairs outside the pool (stages/sample.py): `drop` fills each cluster's quota from
@@ -257,7 +261,7 @@ class SampleConfig:
     # An alignment filter ahead of the coverage rule: `clip_score` passes exact image dedup (`dedup_images`) and
     # then the top `filter_share` of the pairs by clip_score's cosine; uniform, balanced or semdedup then keep
     # only pairs that pass (stages/sample.py: keep_mask)
-    filter: str = "none"
+    filter: str = "clip_score"
     filter_share: float = 0.5
     # The ratio curve (tldr_tasks/curve.py), always on with ratio `auto`: a validation split carved from the crawl
     # by key hash (`holdout_share` of it, at most `holdout_max` pairs; never selected from, never trained on),
@@ -294,10 +298,10 @@ class SampleConfig:
         _choice("sample.filter", self.filter, FILTERS)
         _check(self.filter == "none" or self.strategy in FILTERED_STRATEGIES,
                f"sample.filter={self.filter} runs ahead of a coverage rule: set sample.strategy to one of "
-               f"{', '.join(FILTERED_STRATEGIES)} (it is {self.strategy!r}), or sample.filter=none")
+               f"{', '.join(FILTERED_STRATEGIES)} (it is {self.strategy!r}), or sample.filter=none (--filter none)")
         _check(self.filter == "none" or self.alignment == "none",
                f"sample.filter={self.filter} and sample.alignment={self.alignment} are two alignment filters: set one "
-               "of them to none")
+               "of them to none (--filter none keeps the alignment)")
         _choice("sample.dedup_keep", self.dedup_keep, DEDUP_KEEPS)
         _choice("sample.misaligned", self.misaligned, MISALIGNED)
         _check(self.misaligned == "drop" or self.alignment in ("cluster_pool", "global_pool"),
@@ -461,7 +465,8 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
 # A shortcut -> the parameter it sets: the CLI's flags (--ratio ...) and the Airflow trigger form's
 # params (captioner_preset ...) both go through `shortcut_overrides`.
 SHORTCUTS = {"ratio": "sample.ratio", "clusters": "cluster.clusters", "feature": "embed.feature",
-             "strategy": "sample.strategy", "alignment": "sample.alignment", "fusion": "caption.fusion",
+             "strategy": "sample.strategy", "filter": "sample.filter", "alignment": "sample.alignment",
+             "fusion": "caption.fusion",
              "seed": "seed", "samples": "crawl.samples", "noise": "crawl.noise", "captioner_preset": "captioner.preset"}
 
 

@@ -242,3 +242,42 @@ def choices_markdown(result: dict) -> str:
                else f"Interim ({', '.join(crawls)}; seeds {seeds}): fewer crawls or seeds than the protocol's, so "
                     "this chooses nothing.")
     return "\n".join(lines) + f"\n\n{verdict}\n"
+
+
+def readme_markdown(result: dict, records: dict[str, list[dict]]) -> str:
+    """The README's results table from the selection seeds: per crawl, the validation primary metric (compute-
+    matched budget, mean ± 95% CI over the seeds) of the baselines, TL;DR, clip_score and the rule's default,
+    the default's paired differences, and the misaligned share of the input, the default and the previous
+    default (semdedup) ship."""
+    from tldr_tasks.benchmark import summarise
+
+    crawls, default = result["crawls"], result["default"]
+
+    def cell(values: list[float], sign: str = "") -> str:
+        stat = summarise(values)
+        return f"{stat['mean']:{sign}.1f} ± {stat['ci95']:.1f}"
+
+    def row(label: str, cells: list[str]) -> str:
+        return f"| {label} | {' | '.join(cells)} |"
+
+    def values(crawl: str, arm: str) -> list[float]:
+        return [r["arms"][arm]["validation"] for r in sorted(records[crawl], key=lambda r: r["seed"])]
+
+    metric = {"mean_r1": "mean R@1", "mean_r10": "mean R@10"}
+    lines = [row("arm", crawls), "|---" * (len(crawls) + 1) + "|",
+             row("metric (validation)", [metric[PRIMARY[c]] for c in crawls])]
+    arms = {"full": "full", "random": "random", "oracle_clean": "oracle_clean (the clean ceiling)",
+            "clip_score": "clip_score (DataComp's baseline)", TLDR: f"tldr (`{TLDR}`)",
+            default: f"**{default}** ({'the rule' if result.get('complete') else 'the rule so far'})"}
+    lines += [row(label, [cell(values(c, arm)) for c in crawls]) for arm, label in arms.items()]
+    for other in ("random", "full"):
+        lines.append(row(f"paired: {default} - {other}", [
+            cell([a - b for a, b in zip(values(c, default), values(c, other))], "+") for c in crawls]))
+    for arm, label in (("random", "input"), (default, default), ("semdedup", "semdedup (the previous default)")):
+        if arm == "random":
+            shares = [[r["noise_input"] for r in records[c]] for c in crawls]
+        else:
+            shares = [result["candidates"][arm]["crawls"][c]["shipped_noise"] for c in crawls]
+        lines.append(row(f"misaligned captions: {label}", [f"{100 * np.mean(s):.1f}%" for s in shares]))
+    seeds = ", ".join(map(str, result["seeds"]))
+    return "\n".join(lines) + f"\n\nValidation split, selection seeds {seeds}, ratio 0.25.\n"

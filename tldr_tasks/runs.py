@@ -22,8 +22,8 @@ from tldr_tasks import storage
 from tldr_tasks.contract import TIMINGS_DIR, StageIO
 
 # The key parameters: the report's headline and `compare`'s rows.
-PARAMS = ("seed", "embed.feature", "cluster.clusters", "sample.ratio", "sample.strategy", "sample.alignment",
-          "caption.fusion", "captioner.preset", "captioner.epochs", "evaluate.epochs")
+PARAMS = ("seed", "embed.feature", "cluster.clusters", "sample.ratio", "sample.strategy", "sample.filter",
+          "sample.alignment", "caption.fusion", "captioner.preset", "captioner.epochs", "evaluate.epochs")
 
 
 def _read_json(url: str) -> dict | None:

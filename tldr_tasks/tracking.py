@@ -145,17 +145,24 @@ def log_params(run_id: str, params: dict) -> None:
 def run_name(cfg: Config, label: str = "", when: float | None = None) -> str:
     """A parent run's name, for what tells runs apart in the MLflow runs table: the ratio, the sampling
     strategy, an optional `label` (the demo's crawl) and the local time it started, to the minute:
-    "r0.30 semdedup 2026-12-06 16:38"."""
+    "r0.25 clip_score+balanced 2026-12-06 16:38"."""
     stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(when))
     ratio = cfg.sample.ratio if isinstance(cfg.sample.ratio, str) else f"{cfg.sample.ratio:.2f}"  # `auto`
-    return " ".join(part for part in (f"r{ratio}", cfg.sample.strategy, label, stamp) if part)
+    return " ".join(part for part in (f"r{ratio}", selection_name(cfg), label, stamp) if part)
+
+
+def selection_name(cfg: Config) -> str:
+    """The strategy, behind its filter when there is one: `clip_score+balanced`."""
+    s = cfg.sample
+    return s.strategy if s.filter == "none" else f"{s.filter}+{s.strategy}"
 
 
 def key_tags(cfg: Config, io: StageIO) -> dict[str, str]:
     """The key parameters as plain tags (the runs table lists tags beside the name; params need a column
-    chosen): ratio, strategy, alignment, fusion, captioner preset, clusters (the configured number; 0 =
+    chosen): ratio, strategy, filter, alignment, fusion, captioner preset, clusters (the configured number; 0 =
     the size rule, replaced by the number used once the run is recorded: record_run) and the input."""
-    return {"ratio": str(cfg.sample.ratio), "strategy": cfg.sample.strategy, "alignment": cfg.sample.alignment,
+    return {"ratio": str(cfg.sample.ratio), "strategy": cfg.sample.strategy, "filter": cfg.sample.filter,
+            "alignment": cfg.sample.alignment,
             "fusion": cfg.caption.fusion, "captioner_preset": cfg.captioner.preset,
             "clusters": str(cfg.cluster.clusters), "input": redact(io.input)}
 

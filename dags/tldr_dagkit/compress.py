@@ -32,7 +32,7 @@ from kubernetes.client import models as k8s
 
 from tldr_dagkit import settings
 from tldr_dagkit.plan import build_plan, check_conf, check_params, task_id
-from tldr_tasks.config import AUTO, FEATURES, FUSIONS, STRATEGIES, Config, ConfigError, presets
+from tldr_tasks.config import AUTO, FEATURES, FILTERS, FUSIONS, STRATEGIES, Config, ConfigError, presets
 from tldr_tasks.contract import Resources
 from tldr_tasks.pipeline import STAGES, StageSpec
 
@@ -85,9 +85,13 @@ def compress_params() -> dict[str, Param]:
                           description="k-means clusters over the codebook features (paper: 3000 for CC3M); "
                                       "0 = round(8 * sqrt(ratio * samples))."),
         "feature": Param(d.embed.feature, type="string", enum=list(FEATURES), title="Clustering feature",
-                         description="How an image's codebook codes become a vector."),
+                         description="What k-means clusters: tower (the pretrained image tower's pooled feature) "
+                                     "or one of the captioner's codebook features (the paper's: quantized_mean)."),
         "strategy": Param(d.sample.strategy, type="string", enum=list(STRATEGIES), title="Sampling strategy",
                           description="How samples are picked inside each cluster (paper: uniform)."),
+        "filter": Param(d.sample.filter, type="string", enum=list(FILTERS), title="Alignment filter",
+                        description="clip_score: only the better-aligned half by the built-in CLIP reference can be "
+                                    "kept (needs strategy uniform, balanced or semdedup); none: no filter."),
         "fusion": Param(d.caption.fusion, type="string", enum=list(FUSIONS), title="Caption fusion",
                         description="How the original and the generated caption make the training caption."),
         "captioner_preset": Param(d.captioner.preset, type="string", enum=list(presets("captioner")),

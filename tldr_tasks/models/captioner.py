@@ -693,6 +693,13 @@ def captioner_version(url: str) -> str:
     return json.loads(storage.read_text(storage.join(url, MARKER)))["version"]
 
 
+def captioner_arch(url: str) -> dict:
+    """The saved architecture of fold 0 of the captioner folder `url`, without loading its weights."""
+    first = fold_url(url, 0)
+    _require_complete(first)
+    return json.loads(storage.read_text(storage.join(first, CONFIG)))["arch"]
+
+
 def load_captioner(url: str, device: str = "cpu") -> tuple[Captioner, object]:
     """(model in eval mode on `device`, tokenizer) from a folder written by save_captioner."""
     from safetensors.torch import load

@@ -229,60 +229,93 @@ def features_dir(cache: str, preset: dict) -> str:
                                          f"{preset['text_tower']}-{preset['max_text_tokens']}tok")
 
 
+def part_url(url: str, preset: dict, cache: str) -> str:
+    """The part `cached_features` keeps for one crawl shard: named by the shard's content."""
+    from tldr_tasks import content, storage
+
+    return storage.join(features_dir(cache, preset), content.shard_id(url) + ".npz")
+
+
+def _write_part(url: str, preset: dict, cache: str, device: torch.device) -> None:
+    """Run the towers over one shard and write its part (keys, image sha256, image features, caption vectors;
+    float16). An image whose bytes this process has seen is not run again (the compressed shards repeat the
+    crawl's images)."""
+    from PIL import Image
+
+    from tldr_tasks import storage
+    from tldr_tasks.data.shards import Sample, iter_shard
+    by_digest = _BY_DIGEST.setdefault((preset["image_tower"], preset["image_size"]), {})
+    size, text_spec, max_tokens = preset["image_size"], preset["text_tower"], preset["max_text_tokens"]
+    samples = [s for s in iter_shard(url) if isinstance(s, Sample)]
+    shard_digests = [hashlib.sha256(s.image_bytes).hexdigest() for s in samples]
+    todo = [i for i, d in enumerate(shard_digests) if d not in by_digest]
+    with tqdm(total=len(todo), desc=f"image tower {storage.shard_stem(url)}", unit="img", leave=False) as progress:
+        pixels = np.zeros((len(todo), size, size, 3), np.uint8)
+        for row, i in enumerate(todo):  # as the spool resizes (bicubic)
+            image = samples[i].image
+            pixels[row] = image if image.size == (size, size) else image.resize((size, size), Image.BICUBIC)
+        computed = image_features(preset["image_tower"], pixels, size, device, progress=progress).cpu()
+    for i, vector in zip(todo, computed.numpy().astype(np.float16)):
+        by_digest[shard_digests[i]] = vector
+    texts = [s.caption for s in samples]
+    layers = len(text_tower(text_spec).bert.encoder.layer)
+    vectors = (_locked_text(text_spec, max_tokens, layers, texts, device).cpu().numpy() if samples
+               else np.zeros((0, TOWERS[text_spec].width)))
+    width = TOWERS[preset["image_tower"]].width
+    storage.write_npz(part_url(url, preset, cache), {
+        "keys": np.asarray([s.key for s in samples], dtype=str),
+        "digests": np.asarray(shard_digests, dtype=str),
+        "image": (np.stack([by_digest[d] for d in shard_digests]) if samples else np.zeros((0, width)))
+        .astype(np.float16),
+        "captions": np.asarray(texts, dtype=str), "text": vectors.astype(np.float16)})
+
+
+def _device(device) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # the towers run there
+
+
+def ensure_features(urls: list[str], preset: dict, cache: str, device=None) -> int:
+    """Write the parts `cached_features` reads for the shards that have none, without reading any: the embed
+    stage's workers call it on their shard group (and their GPU), so the stages that read the features later
+    (sample's built-in clip reference, the ratio curve) never run a tower. Returns the shards computed."""
+    from tldr_tasks import storage
+
+    todo = [u for u in urls if not storage.exists(part_url(u, preset, cache))]
+    for url in tqdm(todo, desc="tower features", unit="shard", leave=False, disable=not todo):
+        _write_part(url, preset, cache, _device(device))
+    return len(todo)
+
+
+def read_part(url: str, preset: dict, cache: str) -> dict[str, np.ndarray]:
+    """One shard's part as written (float16 image and text vectors)."""
+    from tldr_tasks import storage
+
+    fs, path = storage.filesystem(part_url(url, preset, cache))
+    with fs.open(path, "rb") as f, np.load(f, allow_pickle=False) as data:
+        return {name: data[name] for name in ("keys", "digests", "image", "captions", "text")}
+
+
 def cached_features(urls: list[str], preset: dict, cache: str, desc: str,
                     device=None) -> tuple[list[str], np.ndarray, list[str], list[str]]:
     """(keys, image features float32 [N, C], captions, image sha256) of every accepted sample of `urls`, in
     shard order (the order a spool of the same shards has); the locked text tower's vectors of the captions
     go to the text memo.
 
-    One part per shard, `{features_dir}/{stem}-{md5}.npz` (keys, image sha256, image features, caption
-    vectors; float16), named by the shard's content like embed's parts: computed once per crawl, read by
-    every arm, seed and rerun. An image whose bytes another part already holds is not run again (the
-    compressed shards repeat the crawl's images)."""
-    from PIL import Image
+    One part per shard, `{features_dir}/{stem}-{md5}.npz` (`_write_part`), named by the shard's content like
+    embed's parts: computed once per crawl (by the embed stage where the run needs them: ensure_features), read
+    by every arm, seed and rerun."""
+    from tldr_tasks import storage
 
-    from tldr_tasks import content, storage
-    from tldr_tasks.data.shards import Sample, iter_shard
-    from tldr_tasks.stages.embed import write_npz
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # the towers run there
-    folder = features_dir(cache, preset)
     by_digest = _BY_DIGEST.setdefault((preset["image_tower"], preset["image_size"]), {})
-    size, text_spec, max_tokens = preset["image_size"], preset["text_tower"], preset["max_text_tokens"]
     keys, parts, captions, digests = [], [], [], []
     with tqdm(total=len(urls), desc=f"tower features {desc}", unit="shard", leave=False) as bar:
         for url in urls:
-            part_url = storage.join(folder, content.shard_id(url) + ".npz")
-            if not storage.exists(part_url):
-                samples = [s for s in iter_shard(url) if isinstance(s, Sample)]
-                shard_digests = [hashlib.sha256(s.image_bytes).hexdigest() for s in samples]
-                todo = [i for i, d in enumerate(shard_digests) if d not in by_digest]
-                with tqdm(total=len(todo), desc=f"image tower {storage.shard_stem(url)}", unit="img",
-                          leave=False) as progress:
-                    pixels = np.zeros((len(todo), size, size, 3), np.uint8)
-                    for row, i in enumerate(todo):  # as the spool resizes (bicubic)
-                        image = samples[i].image
-                        pixels[row] = image if image.size == (size, size) else image.resize((size, size), Image.BICUBIC)
-                    computed = image_features(preset["image_tower"], pixels, size, device, progress=progress).cpu()
-                for i, vector in zip(todo, computed.numpy().astype(np.float16)):
-                    by_digest[shard_digests[i]] = vector
-                texts = [s.caption for s in samples]
-                layers = len(text_tower(text_spec).bert.encoder.layer)
-                vectors = (_locked_text(text_spec, max_tokens, layers, texts, device).cpu().numpy() if samples
-                           else np.zeros((0, TOWERS[text_spec].width)))
-                width = TOWERS[preset["image_tower"]].width
-                write_npz(part_url, {
-                    "keys": np.asarray([s.key for s in samples], dtype=str),
-                    "digests": np.asarray(shard_digests, dtype=str),
-                    "image": (np.stack([by_digest[d] for d in shard_digests]) if samples else np.zeros((0, width)))
-                    .astype(np.float16),
-                    "captions": np.asarray(texts, dtype=str), "text": vectors.astype(np.float16)})
-            fs, path = storage.filesystem(part_url)
-            with fs.open(path, "rb") as f, np.load(f, allow_pickle=False) as data:
-                part = {name: data[name] for name in ("keys", "digests", "image", "captions", "text")}
+            if not storage.exists(part_url(url, preset, cache)):
+                _write_part(url, preset, cache, _device(device))
+            part = read_part(url, preset, cache)
             if len(by_digest) + len(part["digests"]) <= MEMO_LIMIT:
                 by_digest.update(zip(part["digests"], part["image"]))
-            remember_texts(text_spec, max_tokens, part["captions"], part["text"])
+            remember_texts(preset["text_tower"], preset["max_text_tokens"], part["captions"], part["text"])
             keys += [str(k) for k in part["keys"]]
             captions += [str(c) for c in part["captions"]]
             digests += [str(d) for d in part["digests"]]
@@ -290,3 +323,33 @@ def cached_features(urls: list[str], preset: dict, cache: str, desc: str,
             bar.update()
     width = TOWERS[preset["image_tower"]].width
     return keys, (np.concatenate(parts) if parts else np.zeros((0, width), np.float32)), captions, digests
+
+
+class PooledFeatures:
+    """The `tower` clustering feature read from the parts `cached_features` keeps (the same pooled image
+    vectors the built-in clip reference and the ratio curve read), with TokenCache's interface for the embed
+    stage: `lookup` gives a one-token grid [B, 1, C] whose token 0 (the grid's mean) is the feature."""
+
+    def __init__(self, preset: dict, cache: str, device=None):
+        self.preset, self.cache, self.device = preset, cache, device
+        self._rows: dict[str, tuple[dict[str, int], np.ndarray]] = {}  # stem -> (row of key, image vectors)
+
+    def register(self, shard_urls: list[str]) -> None:
+        """Make `lookup` know these shards, and only these (computing what is missing): the embed stage holds
+        one shard's vectors at a time."""
+        from tldr_tasks import storage
+
+        ensure_features(shard_urls, self.preset, self.cache, self.device)
+        self._rows = {}
+        for url in shard_urls:
+            part = read_part(url, self.preset, self.cache)
+            self._rows[storage.shard_stem(url)] = ({str(k): i for i, k in enumerate(part["keys"])}, part["image"])
+
+    def lookup(self, keys: list[str]) -> torch.Tensor:
+        """Features [B, 1, C] (float32) of "stem/key" names of registered shards, in order."""
+        rows = []
+        for name in keys:
+            stem, key = name.split("/", 1)
+            index, image = self._rows[stem]
+            rows.append(image[index[key]].astype(np.float32))
+        return torch.from_numpy(np.stack(rows))[:, None, :]

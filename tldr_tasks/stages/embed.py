@@ -18,19 +18,20 @@ Features (`embed.feature`):
                      (`cluster` PCA-whitens it, it needs all data)
     tower            the pretrained image tower's pooled feature    float16 [N, 1280]
                      (ImageNet EfficientNet-Lite, as SemDeDup uses pretrained image embeddings: the captioner's
-                     own tower when it has one, else TOWER_FEATURE; tldr_tasks/models/towers.py)
+                     own tower when it has one, else the built-in clip reference's, scoring.REFERENCE_PRESET)
 
-A captioner with a frozen image tower, and the `tower` feature, read the tower's tokens from their per-shard
-cache (`{embed_dir}/towers/`, written by train-captioner or here): the tower runs once per image.
+A captioner with a frozen image tower reads the tower's tokens from their per-shard cache
+(`{embed_dir}/towers/`, written by train-captioner or here). Where a later stage reads the towers' cached
+features (models/towers_clip.cached_features: the `tower` feature without a captioner tower, the built-in
+clip_score reference, the ratio curve), this stage's workers compute them for their shards
+(`tower_features_needed`): the towers run once per image, sharded, on the workers' GPUs.
 """
 
 from __future__ import annotations
 
-import io as _io
 import json
 import posixpath
 import time
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -40,8 +41,6 @@ from tldr_tasks import content, storage
 from tldr_tasks.config import Config
 from tldr_tasks.contract import StageIO, StageResult, my_parts
 from tldr_tasks.data.shards import Rejected, Sample, iter_shard
-
-TOWER_FEATURE = ("efficientnet-lite0", 128)  # (tower, pixels) of the `tower` feature when the captioner has none
 
 
 @dataclass
@@ -118,23 +117,11 @@ def save_part(url: str, part: EmbedPart) -> None:
     """Write one part atomically: an npz (no pickles) whose zip entries carry a fixed timestamp, so
     the same inputs give a byte-identical file (np.savez stamps the current time; DVC would see a
     changed output on every rerun)."""
-    write_npz(url, {"keys": np.asarray(part.keys, dtype=str), "features": part.features,
+    storage.write_npz(url, {"keys": np.asarray(part.keys, dtype=str), "features": part.features,
                     "loss": np.asarray(part.loss, dtype=np.float32),
                     "reject_keys": np.asarray(part.reject_keys, dtype=str),
                     "reject_reasons": np.asarray(part.reject_reasons, dtype=str),
                     "meta": np.asarray(json.dumps(part.meta, sort_keys=True))})
-
-
-def write_npz(url: str, arrays: dict[str, np.ndarray]) -> None:
-    """An npz (no pickles) written atomically, its zip entries with a fixed timestamp: byte-identical for
-    the same arrays."""
-    buffer = _io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
-        for name, array in arrays.items():
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            with archive.open(info, "w", force_zip64=True) as member:
-                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
-    storage.write_bytes_atomic(url, buffer.getvalue())
 
 
 def load_part(url: str, features: bool = True) -> EmbedPart:
@@ -216,9 +203,21 @@ def embed_batch(model, pixels, with_caption: list[int], ids, mask, feature: str,
     return features, loss
 
 
+def tower_features_needed(cfg: Config, arch: dict) -> bool:
+    """Whether a later stage reads the towers' cached features of the built-in reference's preset: the `tower`
+    feature of a captioner (architecture `arch`) without a tower, the built-in clip_score reference, the curve."""
+    s = cfg.sample
+    builtin_reference = "clip_score" in (s.strategy, s.filter) and not s.clip_model
+    return builtin_reference or s.curve_on or (cfg.embed.feature == "tower" and not arch.get("image_tower"))
+
+
 def token_caches(model, cfg: Config, io: StageIO, device: str) -> tuple:
-    """(the captioner's tower token cache or None, the `tower` feature's or None): one object when they agree."""
+    """(the captioner's tower token cache or None, the `tower` feature's or None): one object when they agree;
+    without a captioner tower the `tower` feature is the built-in reference's pooled feature."""
+    from tldr_tasks.models import clip
     from tldr_tasks.models.towers import TokenCache
+    from tldr_tasks.models.towers_clip import PooledFeatures
+    from tldr_tasks.scoring import REFERENCE_PRESET
 
     own = (model.arch["image_tower"], model.arch["image_size"]) if model.arch.get("image_tower") else None
     captioner_cache = TokenCache(*own, io.embed_dir, device) if own else None
@@ -226,7 +225,7 @@ def token_caches(model, cfg: Config, io: StageIO, device: str) -> tuple:
         return captioner_cache, None
     if captioner_cache is not None:
         return captioner_cache, captioner_cache
-    return None, TokenCache(*TOWER_FEATURE, io.embed_dir, device)
+    return None, PooledFeatures(clip.load_preset(REFERENCE_PRESET), io.embed_dir, device)
 
 
 def _tokens(cache, stem: str, batch: list[Sample], device: str):
@@ -296,7 +295,7 @@ def run(cfg: Config, io: StageIO, shard_index: int = 0, num_shards: int = 1) -> 
     """Embed this worker's input shards; shards whose part already exists are reused."""
     import torch
 
-    from tldr_tasks.models.captioner import captioner_version, load_fold_captioners
+    from tldr_tasks.models.captioner import captioner_arch, captioner_version, load_fold_captioners
 
     shards = io.input_shards()
     check_unique_stems(shards)
@@ -320,9 +319,16 @@ def run(cfg: Config, io: StageIO, shard_index: int = 0, num_shards: int = 1) -> 
                "shards_reused": float(len(mine) - len(todo)), "shards_replaced": float(replaced),
                "images_per_s": 0.0}
     outputs = [part_url(directory, s) for s in mine]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if tower_features_needed(cfg, captioner_arch(io.captioner_dir)):
+        from tldr_tasks.models import clip
+        from tldr_tasks.models.towers_clip import ensure_features
+        from tldr_tasks.scoring import REFERENCE_PRESET
+
+        metrics["tower_feature_shards"] = float(ensure_features(mine, clip.load_preset(REFERENCE_PRESET),
+                                                                io.embed_dir, device))
     if not todo:
         return StageResult(metrics=metrics, outputs=outputs, skipped=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     captioners = load_fold_captioners(io.captioner_dir, device=device)
     caches = token_caches(captioners[0][0], cfg, io, device)
     started = time.time()
