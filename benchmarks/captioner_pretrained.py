@@ -58,7 +58,7 @@ def summary(runs: list[dict]) -> dict:
             mine = [r for r in runs if r["crawl"] == crawl and r["arm"] == arm]
             if not mine:
                 continue
-            row = {m: summarise([r[m] for r in mine]) for m in METRICS}
+            row = {m: summarise([r[m] for r in mine if r[m] is not None]) for m in METRICS}  # None: not timed
             row["collapsed_seeds"] = sum(bool(r["collapsed"]) for r in mine)
             row["seeds"] = [r["seed"] for r in mine]
             table.setdefault(crawl, {})[arm] = row

@@ -13,7 +13,8 @@ captioners (captioner.folds=2, the benchmark's PROFILE otherwise) under each lev
                           trained on it, judged against the image's true scene (not its noisy caption)
     collapsed             the caption stage's collapse check on those out-of-fold captions (entropy_ratio:
                           their entropy over their originals'; collapsed below caption.min_entropy_ratio)
-    train_seconds         wall time of the captioners' training (2 CPU cores, nothing else running)
+    train_seconds         wall time of the captioners' training (2 CPU cores, nothing else running; null when
+                          an interrupted earlier run had finished it)
 Writes `benchmarks/results/captioner_quality.json`.
 """
 
@@ -68,8 +69,9 @@ def measure(root: Path, lever: str, overrides: dict, seed: int) -> dict:
     main, held_out = str(root / "crawl" / "main"), str(root / "crawl" / "eval")
     io = StageIO(input=main, out=str(root / "quality" / lever), eval_input=held_out)
     started = time.time()
-    load_stage_module("train-captioner").run(cfg, io)
-    seconds = time.time() - started
+    trained = load_stage_module("train-captioner").run(cfg, io)
+    # a captioner an interrupted earlier run finished is not timed again: no time rather than 0
+    seconds = None if trained.skipped else round(time.time() - started, 1)
     crawl = samples_of(main)
     scenes = Counter(s.meta["truth"]["scene"] for s in crawl)
     head, covered = set(), 0
@@ -92,7 +94,7 @@ def measure(root: Path, lever: str, overrides: dict, seed: int) -> dict:
             "heldout_accuracy": float(np.mean(right)),
             "heldout_accuracy_head": float(np.mean([r for r, h in zip(right, in_head) if h] or [np.nan])),
             "heldout_accuracy_tail": float(np.mean([r for r, h in zip(right, in_head) if not h] or [np.nan])),
-            "out_of_fold_accuracy": float(np.mean(oof)), "train_seconds": round(seconds, 1),
+            "out_of_fold_accuracy": float(np.mean(oof)), "train_seconds": seconds,
             "validation_items": len(validation)}
 
 

@@ -150,8 +150,9 @@ def test_valid_params_accepted(compress):
     assert validated(compress, {"ratio": "auto"})["ratio"] == "auto"  # the ratio curve's choice (curve.py)
     # The form's defaults are the pipeline's defaults.
     cfg = Config()
-    assert (defaults["feature"], defaults["fusion"], defaults["clusters"]) == (
-        cfg.embed.feature, cfg.caption.fusion, cfg.cluster.clusters)
+    form = ("feature", "strategy", "filter", "fusion", "clusters")
+    assert tuple(defaults[k] for k in form) == (
+        cfg.embed.feature, cfg.sample.strategy, cfg.sample.filter, cfg.caption.fusion, cfg.cluster.clusters)
 
 
 def test_local_commands_use_the_venv(compress):
@@ -249,10 +250,10 @@ def test_asset_triggered_run_compresses_the_landed_crawl(compress, tiny_crawl, m
     assert parent.info.status == "RUNNING" and parent.data.tags["tldr.run_key"] == "tldr_compress/asset_triggered__1"
     assert parent.data.tags["airflow.run_id"] == "asset_triggered__1"
     assert parent.data.tags["tldr.input_version"] == "bbb"
-    # named and tagged as a local compress's parent run: ratio, strategy, start time; the key parameters
-    assert parent.info.run_name.startswith(f"r{params['ratio']:.2f} {params['strategy']} ")
-    assert (parent.data.tags["ratio"], parent.data.tags["strategy"], parent.data.tags["input"]) == (
-        str(params["ratio"]), params["strategy"], landed)
+    # named and tagged as a local compress's parent run: ratio, filter and strategy, start time; the key parameters
+    assert parent.info.run_name.startswith(f"r{params['ratio']:.2f} {params['filter']}+{params['strategy']} ")
+    assert (parent.data.tags["ratio"], parent.data.tags["strategy"], parent.data.tags["filter"],
+            parent.data.tags["input"]) == (str(params["ratio"]), params["strategy"], params["filter"], landed)
     manual = compress.task_dict["plan"].python_callable(params={**params, "input_url": old}, run_id="manual__1", ti=ti,
                                                         triggering_asset_events=None)
     assert manual["input"] == old and manual["input_version"] is None

@@ -97,7 +97,8 @@ def test_sample_is_a_function_of_assignments_and_seed(tmp_path, strategy):
     def selection(name: str, seed: int) -> bytes:
         out = tmp_path / name
         _assignments(out / "cluster" / "assignments.parquet")
-        cfg = load_config(None, [f"seed={seed}", f"sample.strategy={strategy}", "sample.ratio=0.25"])
+        cfg = load_config(None, [f"seed={seed}", f"sample.strategy={strategy}", "sample.filter=none",
+                                 "sample.ratio=0.25"])
         sample.run(cfg, StageIO(input="unused", out=str(out)))
         return (out / "sample" / "selected.parquet").read_bytes()
 

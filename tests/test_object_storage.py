@@ -66,8 +66,10 @@ def test_compress_with_everything_on_s3(tiny_crawl, random_captioner, s3, mlflow
     assert manifest["kept"] == pytest.approx(0.3 * (200 - manifest["rejected"]), abs=4)
     shards = s3.glob(f"{BUCKET}/runs/r1/shards/*.tar")
     assert len(shards) == manifest["metrics"]["output_shards"] >= 1
-    embeddings = s3.glob(f"{BUCKET}/embed/**/*.npz")
+    embeddings = s3.glob(f"{BUCKET}/embed/*/*.npz")
     assert len(embeddings) == 2  # one per input shard, in the shared cache
+    # and the towers' features the default filter's reference read, one part per shard, on S3 too
+    assert len(s3.glob(f"{BUCKET}/embed/towers/*/*.npz")) == 2
     assert list(workdir.iterdir()) == []  # nothing staged in the working folder
 
     parent = next(r for r in client.search_runs([client.get_experiment_by_name("tests").experiment_id])

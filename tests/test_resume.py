@@ -193,6 +193,7 @@ def plant_partial_write(final: Path, reference_file: Path) -> Path:
     """What a worker killed inside a write leaves: half the bytes under a temporary name."""
     data = reference_file.read_bytes()
     leftover = final.with_name(final.name + ".tmp-0123456789abcdef")
+    leftover.parent.mkdir(parents=True, exist_ok=True)
     leftover.write_bytes(data[: len(data) // 2])
     return leftover
 
@@ -279,7 +280,8 @@ class Case:
 
 # train-captioner (DeepSpeed checkpoints) and evaluate (cached arms) have tests of their own below.
 CASES = (
-    Case("embed", "*.npz", True, {"shards_reused": 1, "shards_embedded": 1}),
+    # the defaults' filter: the tower features' parts come first (one per shard), then embed's
+    Case("embed", "*.npz", True, {"tower_feature_shards": 1, "shards_reused": 0, "shards_embedded": 2}),
     Case("kmeans", "*.parquet", False, {"samples": 200}, ("stats.json",)),
     Case("assign", "*.parquet", True, {"shards_skipped": 1, "shards_done": 1}),
     Case("cluster", "*.parquet", False, {"samples": 200}, ("stats.json",)),

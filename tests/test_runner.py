@@ -36,8 +36,8 @@ def fake_cluster_output(out: Path, crawl: str) -> None:
 
 
 def run_cli(stage: str, crawl: str, out: Path, mlflow_store: Path, *extra: str) -> subprocess.CompletedProcess:
-    # fake_cluster_output leaves no embed parts: a strategy that reads only the assignments
-    extra = ("--set", "sample.strategy=balanced", *extra) if stage == "sample" else extra
+    # fake_cluster_output leaves no embed parts: a strategy that reads only the assignments, and no filter
+    extra = ("--set", "sample.strategy=balanced", "--set", "sample.filter=none", *extra) if stage == "sample" else extra
     env = {"PATH": str(Path(sys.executable).parent), "MLFLOW_TRACKING_URI": f"sqlite:///{mlflow_store}/mlflow.db",
            "TLDR_MLFLOW_EXPERIMENT": "tests", "OMP_NUM_THREADS": "1", "HOME": str(mlflow_store),
            "PYTHONPATH": os.environ.get("PYTHONPATH", "")}  # a checkout on PYTHONPATH is the code under test

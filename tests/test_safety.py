@@ -231,7 +231,7 @@ def test_credentials_in_the_environment_are_never_logged(tmp_path):
                TLDR_MLFLOW_EXPERIMENT="safety", AIRFLOW_CTX_DAG_ID="h6-visible-dag-id")
     command = [str(Path(sys.executable).with_name("tldr-vlp")), "run", "sample", "--input", str(tmp_path / "crawl"),
                "--out", str(out), "--set", "sample.ratio=0.25",
-               "--set", "sample.strategy=balanced"]  # a selection from the assignments alone (no embed parts)
+               "--set", "sample.strategy=balanced", "--set", "sample.filter=none"]  # from the assignments alone
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["metrics"]["kept"] == 30
