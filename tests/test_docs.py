@@ -190,6 +190,9 @@ def test_the_eval_power_and_pretrained_captioner_tables_are_written_from_their_r
     assert captioners in text, "docs/benchmarks.md lacks captioner_pretrained's table: copy it into 'Pretrained towers'"
     assert (results / "eval_power.md").read_text() == power
     assert (results / "captioner_pretrained.md").read_text() == captioners
+    paired = captioner_pretrained.paired_markdown(
+        json.loads((results / "captioner_pretrained.json").read_text())["pretrained_minus_scratch"])
+    assert paired in text and (results / "captioner_pretrained_paired.md").read_text() == paired
 
 
 def test_the_protocol_table_is_written_from_its_results():
