@@ -172,7 +172,7 @@ def variant_config(cfg: Config, variant: Variant, samples: int, arms: list[str],
     vcfg.sample.filter = "none"  # a variant names its filter: the default's filter is a variant of its own
     for key, value in variant.sample.items():
         setattr(vcfg.sample, key, value)
-    if "clip_score" in (vcfg.sample.strategy, vcfg.sample.filter):
+    if vcfg.sample.clip_scored:
         vcfg.sample.clip_model = clip_model
     if variant.cluster_scale != 1:
         vcfg.cluster.clusters = round(variant.cluster_scale * cluster_count(vcfg, samples))

@@ -279,6 +279,11 @@ class SampleConfig:
     holdout_max: int = 5000
 
     @property
+    def clip_scored(self) -> bool:
+        """Whether the selection reads clip_score's cosines: the strategy itself or the filter ahead of it."""
+        return "clip_score" in (self.strategy, self.filter)
+
+    @property
     def curve_on(self) -> bool:
         """Whether the run carves a validation split and scores the ratio curve."""
         return self.curve or self.ratio == AUTO

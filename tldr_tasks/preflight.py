@@ -135,7 +135,7 @@ def check_clip_scorer(cfg: Config, shards: list[str]) -> None:
     from tldr_tasks.scoring import SIMILARITY
 
     s = cfg.sample
-    if "clip_score" not in (s.strategy, s.filter):
+    if not s.clip_scored:
         return
     if not s.clip_model:
         import importlib.util

@@ -270,14 +270,12 @@ def readme_markdown(result: dict, records: dict[str, list[dict]]) -> str:
             "clip_score": "clip_score (DataComp's baseline)", TLDR: f"tldr (`{TLDR}`)",
             default: f"**{default}** ({'the rule' if result.get('complete') else 'the rule so far'})"}
     lines += [row(label, [cell(values(c, arm)) for c in crawls]) for arm, label in arms.items()]
-    for other in ("random", "full"):
+    for other in ("random", "full", "clip_score", TLDR):
         lines.append(row(f"paired: {default} - {other}", [
             cell([a - b for a, b in zip(values(c, default), values(c, other))], "+") for c in crawls]))
-    for arm, label in (("random", "input"), (default, default), ("semdedup", "semdedup (the previous default)")):
-        if arm == "random":
-            shares = [[r["noise_input"] for r in records[c]] for c in crawls]
-        else:
-            shares = [result["candidates"][arm]["crawls"][c]["shipped_noise"] for c in crawls]
+    shipped = {label: [result["candidates"][arm]["crawls"][c]["shipped_noise"] for c in crawls]
+               for arm, label in ((default, default), ("semdedup", "semdedup (the previous default)"))}
+    for label, shares in {"input": [[r["noise_input"] for r in records[c]] for c in crawls], **shipped}.items():
         lines.append(row(f"misaligned captions: {label}", [f"{100 * np.mean(s):.1f}%" for s in shares]))
     seeds = ", ".join(map(str, result["seeds"]))
     return "\n".join(lines) + f"\n\nValidation split, selection seeds {seeds}, ratio 0.25.\n"

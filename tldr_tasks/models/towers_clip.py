@@ -255,8 +255,9 @@ def _write_part(url: str, preset: dict, cache: str, device: torch.device) -> Non
             image = samples[i].image
             pixels[row] = image if image.size == (size, size) else image.resize((size, size), Image.BICUBIC)
         computed = image_features(preset["image_tower"], pixels, size, device, progress=progress).cpu()
-    for i, vector in zip(todo, computed.numpy().astype(np.float16)):
-        by_digest[shard_digests[i]] = vector
+    vector_of = {d: by_digest[d] for d in shard_digests if d in by_digest}
+    vector_of.update(zip((shard_digests[i] for i in todo), computed.numpy().astype(np.float16)))
+    _remember_images(by_digest, vector_of)
     texts = [s.caption for s in samples]
     layers = len(text_tower(text_spec).bert.encoder.layer)
     vectors = (_locked_text(text_spec, max_tokens, layers, texts, device).cpu().numpy() if samples
@@ -265,9 +266,16 @@ def _write_part(url: str, preset: dict, cache: str, device: torch.device) -> Non
     storage.write_npz(part_url(url, preset, cache), {
         "keys": np.asarray([s.key for s in samples], dtype=str),
         "digests": np.asarray(shard_digests, dtype=str),
-        "image": (np.stack([by_digest[d] for d in shard_digests]) if samples else np.zeros((0, width)))
+        "image": (np.stack([vector_of[d] for d in shard_digests]) if samples else np.zeros((0, width)))
         .astype(np.float16),
         "captions": np.asarray(texts, dtype=str), "text": vectors.astype(np.float16)})
+
+
+def _remember_images(by_digest: dict, vectors: dict) -> None:
+    """Memoise image vectors by sha256 while the memo stays under MEMO_LIMIT: an embed worker runs the towers
+    over its whole shard group, so the memo must not grow with the crawl."""
+    if len(by_digest) + len(vectors) <= MEMO_LIMIT:
+        by_digest.update(vectors)
 
 
 def _device(device) -> torch.device:
@@ -313,8 +321,7 @@ def cached_features(urls: list[str], preset: dict, cache: str, desc: str,
             if not storage.exists(part_url(url, preset, cache)):
                 _write_part(url, preset, cache, _device(device))
             part = read_part(url, preset, cache)
-            if len(by_digest) + len(part["digests"]) <= MEMO_LIMIT:
-                by_digest.update(zip(part["digests"], part["image"]))
+            _remember_images(by_digest, dict(zip(part["digests"], part["image"])))
             remember_texts(preset["text_tower"], preset["max_text_tokens"], part["captions"], part["text"])
             keys += [str(k) for k in part["keys"]]
             captions += [str(c) for c in part["captions"]]

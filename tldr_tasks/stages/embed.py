@@ -207,8 +207,8 @@ def tower_features_needed(cfg: Config, arch: dict) -> bool:
     """Whether a later stage reads the towers' cached features of the built-in reference's preset: the `tower`
     feature of a captioner (architecture `arch`) without a tower, the built-in clip_score reference, the curve."""
     s = cfg.sample
-    builtin_reference = "clip_score" in (s.strategy, s.filter) and not s.clip_model
-    return builtin_reference or s.curve_on or (cfg.embed.feature == "tower" and not arch.get("image_tower"))
+    return (s.clip_scored and not s.clip_model) or s.curve_on or (cfg.embed.feature == "tower"
+                                                                   and not arch.get("image_tower"))
 
 
 def token_caches(model, cfg: Config, io: StageIO, device: str) -> tuple:

@@ -392,7 +392,7 @@ def evidence(cfg: Config, io: StageIO, table: pa.Table) -> Evidence:
     ev = Evidence(table, cluster, loss, alignment, scores(s.strategy, s.alignment, loss, distance, alignment), pool,
                   None)
     digest = None
-    if "clip_score" in (s.strategy, s.filter):
+    if s.clip_scored:
         from tldr_tasks.scoring import pair_scores
 
         ev.extra["clip_score"], digest = pair_scores(cfg, io, keys)
