@@ -8,9 +8,11 @@ stopped. The work folder (`--out`, default runs/protocol) only holds what a seed
 `--phase selection` runs seeds 0-4 (section 5) and, once every crawl has them all, writes
 `benchmarks/results/protocol_choices.json` (section 4's rule, tldr_tasks.protocol.default_rule). Until then it
 writes `protocol_interim.json`: the same terms over the seeds every crawl has so far, which choose nothing. Either way
-it rewrites docs/benchmarks.md's table (choices_markdown) and the README's (readme_markdown).
+it rewrites docs/benchmarks.md's table (choices_markdown).
 `--phase confirmation` runs seeds 100-109, and only once protocol_choices.json is committed; with every crawl's ten
-seeds it writes `protocol_confirmation.json` and `.md` (section 6: paired tests, Holm per family).
+seeds it writes `protocol_confirmation.json` and `.md` (section 6: paired tests, Holm per family). Either phase then
+rewrites the README's table (readme_block): the confirmation's once it is complete, until then the selection seeds'
+with the number of confirmation runs committed.
 """
 
 from __future__ import annotations
@@ -59,6 +61,19 @@ def records(crawls: list[str], seeds: list[int]) -> dict[str, list[dict]]:
     return {c: [json.loads((SEED_DIR / f"{c}-seed{s}.json").read_text()) for s in common] for c in crawls}
 
 
+def readme_block() -> str:
+    """The README's results table from the committed files: the confirmation's once it is complete, else the
+    selection seeds' with the confirmation's progress."""
+    confirmation = RESULTS / "protocol_confirmation.json"
+    if confirmation.exists():
+        return protocol.confirmation_readme(json.loads(confirmation.read_text()),
+                                            records(list(protocol.CRAWLS), list(protocol.CONFIRMATION_SEEDS)))
+    choices = json.loads(CHOICES.read_text())
+    runs = sum(1 for seed in protocol.CONFIRMATION_SEEDS for crawl in protocol.CRAWLS
+               if (SEED_DIR / f"{crawl}-seed{seed}.json").exists())
+    return protocol.readme_markdown(choices, records(choices["crawls"], choices["seeds"]), runs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--phase", choices=("selection", "confirmation"), default="selection")
@@ -98,13 +113,16 @@ def main() -> None:
                       **result}
         (CHOICES if complete else RESULTS / "protocol_interim.json").write_text(json.dumps(result, indent=1) + "\n")
         write_block(DOCS, "protocol", protocol.choices_markdown(result))
-        write_block(README, "results", protocol.readme_markdown(result, done))
+        if not complete:
+            write_block(README, "results", protocol.readme_markdown(result, done))
+            return
     else:
         done = records(list(protocol.CRAWLS), list(protocol.CONFIRMATION_SEEDS))
         if len(next(iter(done.values()))) == len(protocol.CONFIRMATION_SEEDS):
             result = protocol.confirmation(done, json.loads(CHOICES.read_text()))
             (RESULTS / "protocol_confirmation.json").write_text(json.dumps(result, indent=1) + "\n")
             (RESULTS / "protocol_confirmation.md").write_text(protocol.confirmation_markdown(result))
+    write_block(README, "results", readme_block())
 
 
 if __name__ == "__main__":

@@ -51,24 +51,15 @@ def cell(stat: dict, sign: str = "") -> str:
     return f"{stat['mean']:{sign}.1f} ± {stat['ci95']:.1f}"
 
 
-def protocol_source() -> dict:
-    """The committed choices, or before the selection seeds are all done, the interim file."""
-    results = ROOT / "benchmarks" / "results"
-    source = results / "protocol_choices.json"
-    return json.loads((source if source.exists() else results / "protocol_interim.json").read_text())
-
-
 def test_readme_results_table_is_written_from_the_protocol_files(monkeypatch):
-    """The README's table is tldr_tasks.protocol.readme_markdown of the committed choices and seed records."""
+    """The README's table is benchmarks/protocol.py's readme_block of the committed choices, seed records and,
+    once it is complete, the confirmation."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import importlib
 
-    from tldr_tasks import protocol
-
     runner = importlib.import_module("protocol")  # benchmarks/protocol.py
-    result = protocol_source()
-    table = protocol.readme_markdown(result, runner.records(result["crawls"], result["seeds"]))
-    assert README.read_text().split("<!-- results:start -->\n", 1)[1].split("<!-- results:end -->", 1)[0] == table
+    table = README.read_text().split("<!-- results:start -->\n", 1)[1].split("<!-- results:end -->", 1)[0]
+    assert table == runner.readme_block()
 
 
 def test_benchmark_page_holds_what_make_benchmark_writes_from_the_results_files(tmp_path):
@@ -196,10 +187,10 @@ def test_the_eval_power_and_pretrained_captioner_tables_are_written_from_their_r
 
 
 def test_the_protocol_table_is_written_from_its_results():
-    """docs/benchmarks.md's protocol table is tldr_tasks.protocol.choices_markdown of the committed choices (or,
-    before the selection seeds are all done, the interim file)."""
+    """docs/benchmarks.md's protocol table is tldr_tasks.protocol.choices_markdown of the committed choices."""
     from tldr_tasks import protocol
 
-    table = protocol.choices_markdown(protocol_source())
+    choices = json.loads((ROOT / "benchmarks" / "results" / "protocol_choices.json").read_text())
+    table = protocol.choices_markdown(choices)
     text = (ROOT / "docs" / "benchmarks.md").read_text()
     assert text.split("<!-- protocol:start -->\n", 1)[1].split("<!-- protocol:end -->", 1)[0] == table

@@ -114,3 +114,20 @@ def test_family_two_leaves_out_repeats_when_the_default_is_a_baseline_row():
     assert ("clip_score", "full", "ni") in family1 and ("clip_score", "full", "ni") not in family2
     assert ("clip_score", "clip_score", "sup") not in family2 and len(family2) == 3
     assert len(protocol.hypotheses("semdedup")[1]) == 6
+
+
+def test_the_readme_table_of_the_confirmation_says_which_claims_holm_confirmed():
+    records = _confirm_records(-0.7, crawls=("synthetic",))
+    for r in records["synthetic"]:
+        r["noise_input"] = 0.3
+        r["arms"]["oracle_clean"] = {"test": r["arms"]["full"]["test"] + 1}
+        for arm in r["arms"].values():
+            arm["noise"] = 0.1
+    result = protocol.confirmation(records, {"default": "semdedup", "margin": {"synthetic": 0.5}})
+    table = protocol.confirmation_readme(result, records)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert rows["family 1: semdedup above random"].endswith(": **confirmed** |")
+    assert rows["family 1: semdedup non-inferior to full"].endswith(": not confirmed |")  # 0.7 below, margin 0.5
+    assert "| **semdedup** (the default) | 9.3 ± " in table
+    assert rows["misaligned captions: input"] == "| misaligned captions: input | 30.0% |"
+    assert "confirmation seeds 0-9 (10)" in table

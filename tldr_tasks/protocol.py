@@ -244,11 +244,12 @@ def choices_markdown(result: dict) -> str:
     return "\n".join(lines) + f"\n\n{verdict}\n"
 
 
-def readme_markdown(result: dict, records: dict[str, list[dict]]) -> str:
-    """The README's results table from the selection seeds: per crawl, the validation primary metric (compute-
-    matched budget, mean ± 95% CI over the seeds) of the baselines, TL;DR, clip_score and the rule's default,
-    the default's paired differences, and the misaligned share of the input, the default and the previous
-    default (semdedup) ship."""
+def readme_markdown(result: dict, records: dict[str, list[dict]], confirmation_runs: int = 0) -> str:
+    """The README's results table from the selection seeds, until the confirmation is complete: per crawl, the
+    validation primary metric (compute-matched budget, mean ± 95% CI over the seeds) of the baselines, TL;DR,
+    clip_score and the rule's default, the default's paired differences, and the misaligned share of the input,
+    the default and the previous default (semdedup) ship; then how many of the confirmation's crawl-seeds have
+    run (`confirmation_runs`)."""
     from tldr_tasks.benchmark import summarise
 
     crawls, default = result["crawls"], result["default"]
@@ -278,4 +279,53 @@ def readme_markdown(result: dict, records: dict[str, list[dict]]) -> str:
     for label, shares in {"input": [[r["noise_input"] for r in records[c]] for c in crawls], **shipped}.items():
         lines.append(row(f"misaligned captions: {label}", [f"{100 * np.mean(s):.1f}%" for s in shares]))
     seeds = ", ".join(map(str, result["seeds"]))
-    return "\n".join(lines) + f"\n\nValidation split, selection seeds {seeds}, ratio 0.25.\n"
+    planned = len(CRAWLS) * len(CONFIRMATION_SEEDS)
+    return "\n".join(lines) + (
+        f"\n\nValidation split, selection seeds {seeds}, ratio 0.25. The confirmation on fresh seeds "
+        f"({CONFIRMATION_SEEDS[0]}-{CONFIRMATION_SEEDS[-1]}, test split, docs/protocol.md section 6) has run "
+        f"{confirmation_runs} of its {planned} crawl-seeds: nothing in this table is confirmed yet.\n")
+
+
+def confirmation_readme(result: dict, records: dict[str, list[dict]]) -> str:
+    """The README's results table from the confirmation (section 6): per crawl, the test split's primary metric
+    (compute-matched, mean ± 95% CI over the confirmation seeds) of the baselines, TL;DR, clip_score and the
+    default; every hypothesis as its mean paired difference, its Bonferroni lower bound and Holm's decision; and
+    the misaligned share of the input, the default's and random's shipped captions."""
+    from tldr_tasks.benchmark import summarise
+
+    crawls, default = result["crawls"], result["default"]
+
+    def row(label: str, cells: list[str]) -> str:
+        return f"| {label} | {' | '.join(cells)} |"
+
+    def cell(values: list[float]) -> str:
+        stat = summarise(values)
+        return f"{stat['mean']:.1f} ± {stat['ci95']:.1f}"
+
+    metric = {"mean_r1": "mean R@1", "mean_r10": "mean R@10"}
+    lines = [row("arm", crawls), "|---" * (len(crawls) + 1) + "|",
+             row("metric (test)", [metric[PRIMARY[c]] for c in crawls])]
+    arms = {"full": "full", "random": "random", "oracle_clean": "oracle_clean (the clean ceiling)",
+            "clip_score": "clip_score (DataComp's baseline)", TLDR: f"tldr (`{TLDR}`)",
+            default: f"**{default}** (the default)"}
+    lines += [row(label, [cell([r["arms"][arm]["test"] for r in records[c]]) for c in crawls])
+              for arm, label in arms.items()]
+    for family, tests in result["families"].items():
+        names = list(dict.fromkeys(name.split(": ", 1)[1] for name in tests))
+        for claim in names:
+            cells = []
+            for c in crawls:
+                t = tests[f"{c}: {claim}"]
+                cells.append(f"{t['mean']:+.1f} (bound {t['lower']:+.1f}, null {t['null']:+.1f}): "
+                             f"{'**confirmed**' if t['confirmed'] else 'not confirmed'}")
+            lines.append(row(f"{family}: {claim}", cells))
+    for label, arm in (("input", None), (default, default), ("random", "random")):
+        shares = [[r["noise_input"] if arm is None else r["arms"][arm]["noise"] for r in records[c]] for c in crawls]
+        lines.append(row(f"misaligned captions: {label}", [f"{100 * np.mean(s):.1f}%" for s in shares]))
+    seeds = sorted({r["seed"] for recs in records.values() for r in recs})
+    return "\n".join(lines) + (
+        f"\n\nTest split, confirmation seeds {seeds[0]}-{seeds[-1]} ({len(seeds)}), ratio 0.25, compute-matched "
+        "budget. "
+        "A difference is the arm minus its comparator per seed; its bound is the one-sided lower bound at the "
+        "Bonferroni level, the null is minus the non-inferiority margin (5% of full's validation score) or 0; "
+        "a claim is confirmed only where Holm rejects its null at family-wise 0.025 (docs/protocol.md, section 6).\n")
