@@ -244,40 +244,51 @@ def choices_markdown(result: dict) -> str:
     return "\n".join(lines) + f"\n\n{verdict}\n"
 
 
+def _row(label: str, cells: list[str]) -> str:
+    return f"| {label} | {' | '.join(cells)} |"
+
+
+def _cell(values: list[float], sign: str = "") -> str:
+    """mean ± 95% CI half-width."""
+    from tldr_tasks.benchmark import summarise
+
+    stat = summarise(values)
+    return f"{stat['mean']:{sign}.1f} ± {stat['ci95']:.1f}"
+
+
+def _arm_rows(records: dict[str, list[dict]], split: str, default: str, default_label: str) -> list[str]:
+    """A results table's head and one row per headline arm: the split's primary metric, mean ± 95% CI over seeds."""
+    crawls = list(records)
+    metric = {"mean_r1": "mean R@1", "mean_r10": "mean R@10"}
+    arms = {"full": "full", "random": "random", "oracle_clean": "oracle_clean (the clean ceiling)",
+            "clip_score": "clip_score (DataComp's baseline)", TLDR: f"tldr (`{TLDR}`)",
+            default: f"**{default}** ({default_label})"}
+    lines = [_row("arm", crawls), "|---" * (len(crawls) + 1) + "|",
+             _row(f"metric ({split})", [metric[PRIMARY[c]] for c in crawls])]
+    return lines + [_row(label, [_cell([r["arms"][arm][split] for r in sorted(records[c], key=lambda r: r["seed"])])
+                                 for c in crawls]) for arm, label in arms.items()]
+
+
 def readme_markdown(result: dict, records: dict[str, list[dict]], confirmation_runs: int = 0) -> str:
     """The README's results table from the selection seeds, until the confirmation is complete: per crawl, the
     validation primary metric (compute-matched budget, mean ± 95% CI over the seeds) of the baselines, TL;DR,
     clip_score and the rule's default, the default's paired differences, and the misaligned share of the input,
     the default and the previous default (semdedup) ship; then how many of the confirmation's crawl-seeds have
     run (`confirmation_runs`)."""
-    from tldr_tasks.benchmark import summarise
-
     crawls, default = result["crawls"], result["default"]
-
-    def cell(values: list[float], sign: str = "") -> str:
-        stat = summarise(values)
-        return f"{stat['mean']:{sign}.1f} ± {stat['ci95']:.1f}"
-
-    def row(label: str, cells: list[str]) -> str:
-        return f"| {label} | {' | '.join(cells)} |"
 
     def values(crawl: str, arm: str) -> list[float]:
         return [r["arms"][arm]["validation"] for r in sorted(records[crawl], key=lambda r: r["seed"])]
 
-    metric = {"mean_r1": "mean R@1", "mean_r10": "mean R@10"}
-    lines = [row("arm", crawls), "|---" * (len(crawls) + 1) + "|",
-             row("metric (validation)", [metric[PRIMARY[c]] for c in crawls])]
-    arms = {"full": "full", "random": "random", "oracle_clean": "oracle_clean (the clean ceiling)",
-            "clip_score": "clip_score (DataComp's baseline)", TLDR: f"tldr (`{TLDR}`)",
-            default: f"**{default}** ({'the rule' if result.get('complete') else 'the rule so far'})"}
-    lines += [row(label, [cell(values(c, arm)) for c in crawls]) for arm, label in arms.items()]
+    lines = _arm_rows({c: records[c] for c in crawls}, "validation", default,
+                      "the rule" if result.get("complete") else "the rule so far")
     for other in ("random", "full", "clip_score", TLDR):
-        lines.append(row(f"paired: {default} - {other}", [
-            cell([a - b for a, b in zip(values(c, default), values(c, other))], "+") for c in crawls]))
+        lines.append(_row(f"paired: {default} - {other}", [
+            _cell([a - b for a, b in zip(values(c, default), values(c, other))], "+") for c in crawls]))
     shipped = {label: [result["candidates"][arm]["crawls"][c]["shipped_noise"] for c in crawls]
                for arm, label in ((default, default), ("semdedup", "semdedup (the previous default)"))}
     for label, shares in {"input": [[r["noise_input"] for r in records[c]] for c in crawls], **shipped}.items():
-        lines.append(row(f"misaligned captions: {label}", [f"{100 * np.mean(s):.1f}%" for s in shares]))
+        lines.append(_row(f"misaligned captions: {label}", [f"{100 * np.mean(s):.1f}%" for s in shares]))
     seeds = ", ".join(map(str, result["seeds"]))
     planned = len(CRAWLS) * len(CONFIRMATION_SEEDS)
     return "\n".join(lines) + (
@@ -291,25 +302,8 @@ def confirmation_readme(result: dict, records: dict[str, list[dict]]) -> str:
     (compute-matched, mean ± 95% CI over the confirmation seeds) of the baselines, TL;DR, clip_score and the
     default; every hypothesis as its mean paired difference, its Bonferroni lower bound and Holm's decision; and
     the misaligned share of the input, the default's and random's shipped captions."""
-    from tldr_tasks.benchmark import summarise
-
     crawls, default = result["crawls"], result["default"]
-
-    def row(label: str, cells: list[str]) -> str:
-        return f"| {label} | {' | '.join(cells)} |"
-
-    def cell(values: list[float]) -> str:
-        stat = summarise(values)
-        return f"{stat['mean']:.1f} ± {stat['ci95']:.1f}"
-
-    metric = {"mean_r1": "mean R@1", "mean_r10": "mean R@10"}
-    lines = [row("arm", crawls), "|---" * (len(crawls) + 1) + "|",
-             row("metric (test)", [metric[PRIMARY[c]] for c in crawls])]
-    arms = {"full": "full", "random": "random", "oracle_clean": "oracle_clean (the clean ceiling)",
-            "clip_score": "clip_score (DataComp's baseline)", TLDR: f"tldr (`{TLDR}`)",
-            default: f"**{default}** (the default)"}
-    lines += [row(label, [cell([r["arms"][arm]["test"] for r in records[c]]) for c in crawls])
-              for arm, label in arms.items()]
+    lines = _arm_rows({c: records[c] for c in crawls}, "test", default, "the default")
     for family, tests in result["families"].items():
         names = list(dict.fromkeys(name.split(": ", 1)[1] for name in tests))
         for claim in names:
@@ -318,10 +312,10 @@ def confirmation_readme(result: dict, records: dict[str, list[dict]]) -> str:
                 t = tests[f"{c}: {claim}"]
                 cells.append(f"{t['mean']:+.1f} (bound {t['lower']:+.1f}, null {t['null']:+.1f}): "
                              f"{'**confirmed**' if t['confirmed'] else 'not confirmed'}")
-            lines.append(row(f"{family}: {claim}", cells))
+            lines.append(_row(f"{family}: {claim}", cells))
     for label, arm in (("input", None), (default, default), ("random", "random")):
         shares = [[r["noise_input"] if arm is None else r["arms"][arm]["noise"] for r in records[c]] for c in crawls]
-        lines.append(row(f"misaligned captions: {label}", [f"{100 * np.mean(s):.1f}%" for s in shares]))
+        lines.append(_row(f"misaligned captions: {label}", [f"{100 * np.mean(s):.1f}%" for s in shares]))
     seeds = sorted({r["seed"] for recs in records.values() for r in recs})
     return "\n".join(lines) + (
         f"\n\nTest split, confirmation seeds {seeds[0]}-{seeds[-1]} ({len(seeds)}), ratio 0.25, compute-matched "
