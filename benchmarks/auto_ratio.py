@@ -32,6 +32,7 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 SEED_DIR = RESULTS / "auto_ratio"
 BUDGET_ARMS = {"compute": "tldr", "epochs": "tldr_epochs"}  # evaluate's arm name per budget
+TOLERANCES = (0.02, 0.05, 0.1, 0.2)  # sample.auto_tolerance values whose promise is checked (tolerance_check)
 
 
 def compressed(cfg, io, with_eval: bool) -> float:
@@ -139,8 +140,27 @@ def summary(runs: list[dict]) -> dict:
             row["spearman"][budget] = float(stats.spearmanr([proxy[str(r)]["mean"] for r in ratios],
                                                             [curve["validation"][str(r)]["mean"] for r in ratios])[0])
             row["model_chosen"][budget] = chosen(curve["validation"], tolerance)
+        row["tolerances"] = tolerance_check(mine, ratios)
         table[crawl] = row
     return table
+
+
+def tolerance_check(runs: list[dict], ratios: list[float]) -> dict:
+    """auto's promise at each of TOLERANCES, held against the evaluation model: per seed, the ratio the proxy's
+    curve chooses (curve.choose_ratio, the seed's own intervals) and the evaluation model's validation loss there
+    against its score on the whole rest, 1 - model(chosen) / model(1.0), per budget. The promise holds on a seed
+    when that loss is at most the tolerance."""
+    from tldr_tasks.curve import choose_ratio
+
+    out = {}
+    for tolerance in TOLERANCES:
+        chosen = [choose_ratio(r["proxy"]["points"], tolerance) for r in runs]
+        loss = {budget: [1 - r["model"][str(c)][budget]["validation"] / r["model"]["1.0"][budget]["validation"]
+                         for r, c in zip(runs, chosen)]
+                for budget in BUDGET_ARMS if all(budget in r["model"][str(x)] for r in runs for x in ratios)}
+        holds = {budget: all(v <= tolerance for v in values) for budget, values in loss.items()}
+        out[str(tolerance)] = {"proxy_chosen_per_seed": chosen, "model_loss_per_seed": loss, "holds_every_seed": holds}
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
