@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+DOCS = Path(__file__).parent.parent / "docs" / "benchmarks.md"
 SEED_DIR = RESULTS / "auto_ratio"
 BUDGET_ARMS = {"compute": "tldr", "epochs": "tldr_epochs"}  # evaluate's arm name per budget
 TOLERANCES = (0.02, 0.05, 0.1, 0.2)  # sample.auto_tolerance values whose promise is checked (tolerance_check)
@@ -128,6 +129,7 @@ def summary(runs: list[dict]) -> dict:
         proxy = {str(ratio): summarise([next(p["mean"] for p in r["proxy"]["points"] if p["ratio"] == ratio)
                                         for r in mine]) for ratio in ratios}
         row = {"seeds": [r["seed"] for r in mine], "tolerance": tolerance, "proxy": proxy,
+               "model_metric": mine[0]["model_metric"],
                "proxy_metric": mine[0]["proxy"]["metric"],
                "proxy_chosen_per_seed": [r["proxy"]["chosen_ratio"] for r in mine],
                "proxy_chosen": chosen(proxy, tolerance), "model": {}, "spearman": {}, "model_chosen": {}}
@@ -163,6 +165,43 @@ def tolerance_check(runs: list[dict], ratios: list[float]) -> dict:
     return out
 
 
+def markdown(table: dict) -> str:
+    """docs/benchmarks.md's tables from the summary: per crawl and ratio both curves (mean ± 95% CI over the seeds),
+    their rank correlation and choices; then auto's promise per tolerance."""
+    crawls = sorted(table)
+
+    def cell(stat: dict) -> str:
+        return f"{stat['mean']:.1f} ± {stat['ci95']:.1f}"
+
+    lines = ["| crawl | ratio | proxy: R@10, carved split | evaluation model, compute-matched: validation "
+             "| evaluation model, epoch-matched: validation |", "|---|---|---|---|---|"]
+    for crawl in crawls:
+        row = table[crawl]
+        for ratio, stat in row["proxy"].items():
+            model = [cell(row["model"][b]["validation"][ratio]) if b in row["model"] else "-" for b in BUDGET_ARMS]
+            lines.append(f"| {crawl} | {float(ratio):g} | {cell(stat)} | {' | '.join(model)} |")
+    lines += ["", "| crawl | evaluation metric | seeds | Spearman, proxy vs model (compute / epochs) "
+              "| ratio chosen at tolerance 0.05 by the proxy's mean curve / the model's (compute / epochs) "
+              "| the proxy's choice per seed |", "|---|---|---|---|---|---|"]
+    for crawl in crawls:
+        row = table[crawl]
+        rho = " / ".join(f"{row['spearman'][b]:+.2f}" for b in BUDGET_ARMS if b in row["spearman"])
+        model = " / ".join(f"{row['model_chosen'][b]:g}" for b in BUDGET_ARMS if b in row["model_chosen"])
+        per_seed = ", ".join(f"{c:g}" for c in row["proxy_chosen_per_seed"])
+        lines.append(f"| {crawl} | {row['model_metric']} | {len(row['seeds'])} | {rho} "
+                     f"| {row['proxy_chosen']:g} / {model} | {per_seed} |")
+    lines += ["", "| tolerance | " + " | ".join(crawls) + " |", "|---" * (len(crawls) + 1) + "|"]
+    for tolerance in map(str, TOLERANCES):
+        cells = []
+        for crawl in crawls:
+            check = table[crawl]["tolerances"][tolerance]
+            losses = check["model_loss_per_seed"]["compute"]
+            cells.append(", ".join(f"{c:g}: {100 * v:+.1f}%" for c, v in zip(check["proxy_chosen_per_seed"], losses))
+                         + (" (holds)" if check["holds_every_seed"]["compute"] else " (**broken**)"))
+        lines.append(f"| {tolerance} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     from tldr_tasks import protocol
     from tldr_tasks.benchmark import machine
@@ -183,6 +222,9 @@ def main(argv: list[str] | None = None) -> None:
         result = {"machine": machine(), "selection": sorted({r["selection"] for r in runs}),
                   "summary": summary(runs)}
         (RESULTS / "auto_ratio.json").write_text(json.dumps(result, indent=1) + "\n")
+        from protocol import write_block  # benchmarks/protocol.py
+
+        write_block(DOCS, "auto_ratio", markdown(result["summary"]))
         print(json.dumps(result["summary"], indent=1))
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).parent / "results"
+DOCS = Path(__file__).parent.parent / "docs" / "benchmarks.md"
 
 
 def assignments(crawl: str, run: Path, clusters: int) -> None:
@@ -124,6 +125,24 @@ def main(argv: list[str] | None = None) -> None:
     name = "curve_cost.json" if args.samples == PROFILE["crawl"]["samples"] else f"curve_cost_{args.samples}.json"
     (RESULTS / name).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
+    from protocol import write_block  # benchmarks/protocol.py
+
+    write_block(DOCS, "curve_cost", markdown())
+
+
+def markdown() -> str:
+    """docs/benchmarks.md's cost table from every committed curve_cost*.json, smallest crawl first."""
+    files = sorted((json.loads(p.read_text()) for p in RESULTS.glob("curve_cost*.json")), key=lambda r: r["samples"])
+    lines = ["| crawl | carved split | tower features, first run: wall / CPU s | the curve's trainings and scores: "
+             "wall / CPU s | sample stage without the curve: wall s | peak RSS GiB | cached features GiB "
+             "| largest subset's copy GiB | load average (1 min) |", "|---" * 9 + "|"]
+    for r in files:
+        sec, load = r["seconds"], r["load_average_1min"]
+        lines.append(f"| {r['samples']:,} pairs | {r['holdout']:,} | {sec['tower_features_first_run']['wall']} / "
+                     f"{sec['tower_features_first_run']['cpu']} | {sec['curve']['wall']} / {sec['curve']['cpu']} "
+                     f"| {sec['sample_without_curve']['wall']} | {r['peak_rss_gib']} | {r['cached_features_gib']} "
+                     f"| {r['largest_subset_features_gib']} | {min(load)}-{max(load)} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

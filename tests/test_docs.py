@@ -194,3 +194,20 @@ def test_the_protocol_table_is_written_from_its_results():
     table = protocol.choices_markdown(choices)
     text = (ROOT / "docs" / "benchmarks.md").read_text()
     assert text.split("<!-- protocol:start -->\n", 1)[1].split("<!-- protocol:end -->", 1)[0] == table
+
+
+def test_the_ratio_curve_tables_are_written_from_their_results(monkeypatch):
+    """docs/benchmarks.md's auto_ratio, curve_cost and proxy_variants blocks are what those benchmarks/ scripts
+    write from the committed files."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import importlib
+
+    auto_ratio, curve_cost = importlib.import_module("auto_ratio"), importlib.import_module("curve_cost")
+    proxy_variants = importlib.import_module("proxy_variants")
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    results = ROOT / "benchmarks" / "results"
+    summary = json.loads((results / "auto_ratio.json").read_text())["summary"]
+    variants = json.loads((results / "proxy_variants.json").read_text())["summary"]
+    for name, table in (("auto_ratio", auto_ratio.markdown(summary)), ("curve_cost", curve_cost.markdown()),
+                        ("proxy_variants", proxy_variants.markdown(variants))):
+        assert text.split(f"<!-- {name}:start -->\n", 1)[1].split(f"<!-- {name}:end -->", 1)[0] == table
