@@ -14,7 +14,8 @@ proxies, e20-R@10 being the shipped one. Per proxy and crawl it gives the Spearm
 with the evaluation model's (compute-matched, validation, from auto_ratio's files) and, at each tolerance of
 auto_ratio.TOLERANCES, the ratio auto would choose per seed and the evaluation model's loss there
 (auto_ratio.tolerance_check). One file per crawl and seed in `benchmarks/results/proxy_variants/`, skipped when
-present; the summary is `benchmarks/results/proxy_variants.json`.
+present; the summary is `benchmarks/results/proxy_variants.json`, one for the seeds the variants were found on
+(FOUND_ON) and one for the fresh seeds that check them.
 
 The variants were looked at after auto_ratio's results, on the same seeds: a difference between them here chooses
 nothing until fresh seeds confirm it.
@@ -33,6 +34,7 @@ SEED_DIR = RESULTS / "proxy_variants"
 DOCS = Path(__file__).parent.parent / "docs" / "benchmarks.md"
 BUDGETS = {"e20": 20, "cm5": 5}  # epochs: of the subset's own pairs (e20), of the whole rest at every ratio (cm5)
 SHIPPED = "e20-r10"  # the proxy tldr_tasks/curve.py ships
+FOUND_ON = (0, 1, 2)  # the seeds the variants were looked at on, after auto_ratio's results; others check them
 
 
 def run_one(work: Path, crawl: str, seed: int) -> dict:
@@ -136,6 +138,12 @@ def markdown(table: dict) -> str:
     return "\n".join(lines) + f"\n\nSeeds {', '.join(map(str, seeds))}.\n"
 
 
+def page(result: dict) -> str:
+    """The seeds the variants were found on, then the fresh seeds that check them (when they have run)."""
+    text = "Found on:\n\n" + markdown(result["found_on"])
+    return text + ("\nFresh seeds, the check:\n\n" + markdown(result["fresh"]) if "fresh" in result else "")
+
+
 def main(argv: list[str] | None = None) -> None:
     from tldr_tasks import protocol
     from tldr_tasks.benchmark import machine
@@ -150,14 +158,15 @@ def main(argv: list[str] | None = None) -> None:
         for crawl in args.crawls.split(","):
             run_one(Path(args.work), crawl, seed)
     runs = [json.loads(p.read_text()) for p in sorted(SEED_DIR.glob("*-seed*.json"))]
+    groups = {"found_on": [r for r in runs if r["seed"] in FOUND_ON],
+              "fresh": [r for r in runs if r["seed"] not in FOUND_ON]}
     if runs:
-        result = {"machine": machine(), "summary": summary(runs)}
+        result = {"machine": machine(), **{name: summary(group) for name, group in groups.items() if group}}
         (RESULTS / "proxy_variants.json").write_text(json.dumps(result, indent=1) + "\n")
         from protocol import write_block  # benchmarks/protocol.py
 
-        write_block(DOCS, "proxy_variants", markdown(result["summary"]))
-        print(json.dumps({c: {p: v["spearman"] for p, v in row.items() if p != "seeds"}
-                          for c, row in result["summary"].items()}, indent=1))
+        write_block(DOCS, "proxy_variants", page(result))
+        print(page(result))
 
 
 if __name__ == "__main__":
