@@ -8,13 +8,14 @@ captioners, `embed.feature: tower`, the `towers-locked` evaluation under both bu
 starts from the protocol's work folder (`--work`): its crawl, reference CLIP, captioner and embed cache are
 reused when that seed ran there and built the same way when not. Then
     auto      `compress` with sample.ratio=auto: the proxy's curve (tldr_tasks/curve.py: locked-tower heads on each
-              subset's cached features, R@10 on the validation split carved from the crawl, curve_seeds head
+              subset's cached features, R@1 on the validation split carved from the crawl, curve_seeds head
               seeds) and the ratio auto chooses;
     r<ratio>  at every curve ratio, `compress` with that ratio and the same carved split (sample.curve on, a
               one-point curve), evaluated by the protocol's evaluation model on the crawl's held-out validation
               and test splits, in the crawl's primary metric (protocol.PRIMARY).
-Every run clusters into the number of clusters auto uses (kmeans.AUTO_CLUSTER_RATIO), so the subset a run keeps
-at a ratio is the one the curve scored there. One committed file per crawl and seed,
+`--proxy-only`, after the proxy changed, makes the committed files' proxy curves again and keeps their
+evaluation-model curves. Every run clusters into the number of clusters auto uses (kmeans.AUTO_CLUSTER_RATIO), so
+the subset a run keeps at a ratio is the one the curve scored there. One committed file per crawl and seed,
 `benchmarks/results/auto_ratio/<crawl>-seed<seed>.json`, skipped when present (resumable across sessions); the
 summary goes to `benchmarks/results/auto_ratio.json`: per crawl, the proxy's and the evaluation model's curves
 (mean and 95% CI over seeds), the Spearman rank correlation of their means over the ratios per budget, and the
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -57,8 +59,10 @@ def shipped_variant():
     return next(v for v in protocol.CANDIDATES if v.name == name)
 
 
-def run_one(work: Path, crawl: str, seed: int) -> dict:
-    """One (crawl, seed): from its committed file, else measured now."""
+def run_one(work: Path, crawl: str, seed: int, proxy_only: bool = False) -> dict:
+    """One (crawl, seed): from its committed file, else measured now. `proxy_only` (after the proxy changed):
+    the file's proxy curve is made again in a fresh `auto` folder, its evaluation-model curve kept (the subsets
+    it trained on do not depend on the proxy)."""
     from tldr_tasks import protocol, storage
     from tldr_tasks.benchmark import machine, make_benchmark_crawl, train_reference_clip, variant_config
     from tldr_tasks.config import _merge, from_dict
@@ -68,7 +72,7 @@ def run_one(work: Path, crawl: str, seed: int) -> dict:
     from tldr_tasks.stages.kmeans import cluster_count
 
     path = SEED_DIR / f"{crawl}-seed{seed}.json"
-    if path.exists():
+    if path.exists() and not proxy_only:
         return json.loads(path.read_text())
     selection = shipped_variant()
     root = work / crawl / f"seed{seed}"
@@ -90,8 +94,15 @@ def run_one(work: Path, crawl: str, seed: int) -> dict:
 
     print(f"auto_ratio: {crawl} seed {seed}: auto", file=sys.stderr, flush=True)
     auto_cfg, auto_io = variant("auto", ratio="auto")
+    if proxy_only:
+        shutil.rmtree(auto_io.out, ignore_errors=True)
     seconds["auto"] = compressed(auto_cfg, auto_io, with_eval=False)
     proxy = json.loads(Path(auto_io.sample_dir, "curve.json").read_text())
+    if proxy_only:
+        result = {**json.loads(path.read_text()), "proxy": proxy}
+        result["seconds"]["auto"] = seconds["auto"]
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        return result
     model = {}
     for ratio in auto_cfg.sample.curve_ratios:
         name = f"r{ratio:g}"
@@ -173,7 +184,7 @@ def markdown(table: dict) -> str:
     def cell(stat: dict) -> str:
         return f"{stat['mean']:.1f} ± {stat['ci95']:.1f}"
 
-    lines = ["| crawl | ratio | proxy: R@10, carved split | evaluation model, compute-matched: validation "
+    lines = ["| crawl | ratio | proxy: mean R@1, carved split | evaluation model, compute-matched: validation "
              "| evaluation model, epoch-matched: validation |", "|---|---|---|---|---|"]
     for crawl in crawls:
         row = table[crawl]
@@ -211,10 +222,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--crawls", default=",".join(protocol.CRAWLS))
     parser.add_argument("--work", default="runs/protocol", help="the protocol's work folder, shared")
     parser.add_argument("--summarise-only", action="store_true", help="run nothing: only auto_ratio.json")
+    parser.add_argument("--proxy-only", action="store_true",
+                        help="after the proxy changed: make the committed files' proxy curves again, keep the rest")
     args = parser.parse_args(argv)
     for seed in [] if args.summarise_only else [int(s) for s in args.seeds.split(",")]:
         for crawl in args.crawls.split(","):
-            run = run_one(Path(args.work), crawl, seed)
+            run = run_one(Path(args.work), crawl, seed, args.proxy_only)
             print(json.dumps({"crawl": crawl, "seed": seed, "proxy_chosen": run["proxy"]["chosen_ratio"],
                               "seconds": run["seconds"]}), flush=True)
     runs = [json.loads(p.read_text()) for p in sorted(SEED_DIR.glob("*-seed*.json"))]

@@ -32,7 +32,8 @@ ARMS = ("full", "tldr", "random", "random_generated", "oracle_clean")
 PRECISIONS = ("fp32", "bf16", "bf16-autocast")  # bf16: bf16 weights; bf16-autocast: fp32 weights, bf16 math
 AUTO = "auto"  # sample.ratio: the smallest ratio of the ratio curve that holds the full crawl's proxy score
 # A carved validation split smaller than this ranks too few candidates for the curve's retrieval to tell
-# ratios apart (R@10 among 100 pairs: 10% by chance); the curve and `auto` are refused below it.
+# ratios apart (R@1 among 100 pairs: 1% by chance, and one pair moves it by a point); the curve and `auto` are
+# refused below it.
 MIN_HOLDOUT = 100
 
 
