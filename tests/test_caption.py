@@ -93,6 +93,27 @@ def test_grounding_is_zero_for_a_caption_that_ignores_the_image(captioner_dir, c
     assert grounding[0] != grounding[0]  # a lone caption has nothing to compare with: NaN, the gate fails it
 
 
+def test_captions_the_selection_made_are_shipped_as_they_were_scored(tmp_path, tiny_crawl, captioner_dir,
+                                                                     crawl_samples):
+    """A kept sample the selection already captioned (the filter's repair: recaptioned.parquet) keeps that caption
+    and its scores; only the others are captioned."""
+    run_io, by_shard = make_run(tmp_path, tiny_crawl, captioner_dir, crawl_samples, every=4)
+    chosen = sorted(k for keys in by_shard.values() for k in keys)
+    scored = chosen[::3] + [sorted(crawl_samples)[1]]  # and one the selection did not keep: never shipped
+    made = caption.caption_rows(CFG, run_io, scored, [crawl_samples[k].shard for k in scored], "test")
+    assert made.schema == caption.CAPTION_SCHEMA and sorted(made["key"].to_pylist()) == sorted(scored)
+    made = made.set_column(2, "generated", pa.array([f"scored {k}" for k in made["key"].to_pylist()]))
+    pq.write_table(made, os.path.join(run_io.sample_dir, "recaptioned.parquet"))
+    result = caption.run(CFG, run_io)
+    assert result.metrics["captions_reused"] == len(chosen[::3])
+    assert result.metrics["captions_written"] == len(chosen) - len(chosen[::3])
+    for stem, keys in by_shard.items():
+        out = read_output(run_io, stem)
+        assert sorted(out["key"]) == sorted(keys)
+        for key, text in zip(out["key"], out["generated"]):
+            assert (text == f"scored {key}") == (key in scored)
+
+
 def test_rerun_skips_done_shards_and_redoes_only_missing(tmp_path, tiny_crawl, captioner_dir, crawl_samples):
     run_io, by_shard = make_run(tmp_path, tiny_crawl, captioner_dir, crawl_samples, every=5)
     caption.run(CFG, run_io)

@@ -68,6 +68,35 @@ def test_compress_end_to_end(tiny_crawl, tmp_path, mlflow_store, capsys):
 
 
 @pytest.mark.slow
+def test_the_filters_repair_ships_the_captions_it_scored(tiny_crawl, tmp_path, mlflow_store):
+    """compress with sample.misaligned=repair behind the default clip_score filter: the pairs it passed with a
+    generated caption ship exactly that caption, which the reference scored at least as high as the lowest passing
+    original, and the counts add up from the selection to the manifest."""
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "run"
+    argv = ["compress", "--input", str(Path(tiny_crawl) / "train"), "--out", str(out), *TINY,
+            "--set", "sample.misaligned=repair", "--set", "sample.filter_share=0.8", "--ratio", "0.6"]
+    assert cli.main(argv) == 0
+    stats = json.loads((out / "sample" / "stats.json").read_text())
+    scored = pq.read_table(out / "sample" / "alignment.parquet").to_pandas().set_index("key")
+    recaptioned = pq.read_table(out / "sample" / "recaptioned.parquet").to_pandas().set_index("key")
+    # the tiny crawl has no two identical images: the filter passes the best-scored, every other pair is captioned
+    passing = scored["clip_score"].nlargest(stats["filter_passed"] - stats["repaired"])
+    assert set(recaptioned.index) == set(scored.index) - set(passing.index) and stats["recaptioned"] > 0
+    repaired = recaptioned[recaptioned["clip_score_generated"] >= passing.min()]
+    assert stats["repaired"] == len(repaired) > 0
+    manifest = json.loads((out / "shards" / "manifest.json").read_text())
+    urls = sorted(str(p) for p in (out / "shards").glob("*.tar"))
+    pairs = list(wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("__key__", "txt", "json"))
+    shipped_repaired = {key: text for key, text, meta in pairs if meta["caption_reason"] == "repaired"}
+    assert len(shipped_repaired) == stats["repair"] == manifest["captions"]["repaired"] > 0
+    assert set(shipped_repaired) <= set(repaired.index)
+    assert all(text == recaptioned.loc[key, "generated"].strip() for key, text in shipped_repaired.items())
+    assert all(meta["caption_reason"] in ("repaired", "original:fusion") for _, _, meta in pairs)
+
+
+@pytest.mark.slow
 def test_demo_writes_the_report(tmp_path, mlflow_store, monkeypatch):
     monkeypatch.chdir(tmp_path)
     demo_dir = tmp_path / "demo"

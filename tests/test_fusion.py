@@ -77,3 +77,12 @@ def test_a_pair_kept_for_repair_ships_its_generated_caption_whatever_the_fusion(
     assert fusion.ship_caption("k1", "a blue square", "a red circle", -0.5, 1.0, mode="original", min_confidence=-1.0,
                                min_grounding=0.5, seed=0, collapsed=True, repair=True) == (
         "a blue square", fusion.ORIGINAL_COLLAPSE)
+
+
+def test_a_pair_the_filter_passed_with_its_generated_caption_ships_it_whatever_the_gate():
+    """The filter's repair: the reference scored this generated caption as high as a passing original; the
+    captioner's own gate and the collapse check do not send back the original the filter dropped."""
+    for collapsed, confidence, grounding in ((False, -5.0, 0.0), (True, -0.1, 2.0)):
+        assert fusion.ship_caption("k1", "a blue square", "a red circle", confidence, grounding, mode="original",
+                                   min_confidence=-1.0, min_grounding=0.5, seed=0, collapsed=collapsed, repair=True,
+                                   passed_filter=True) == ("a red circle", fusion.REPAIRED)

@@ -393,11 +393,72 @@ def test_repair_keeps_what_coverage_picks_and_marks_the_misaligned_for_recaption
     assert bad[marked].mean() > 0.5 > bad[[int(k) for k, f in selected["repair"].items() if not f]].mean()
 
 
-def test_repair_without_an_aligned_pool_is_refused():
+def test_repair_without_an_aligned_pool_or_a_filter_is_refused():
     cfg = _cfg("balanced", 0.25)
     cfg.sample.misaligned = "repair"
     with pytest.raises(ConfigError, match="sample.alignment to cluster_pool or global_pool"):
         cfg.validate()
+    cfg.sample.filter = "clip_score"
+    cfg.validate()
+    cfg.sample.clip_model = "similarity"  # the crawl's own score cannot score a new caption
+    with pytest.raises(ConfigError, match="cannot score new text"):
+        cfg.validate()
+
+
+class _Reference:
+    """A stand-in for scoring.TowerReference: scores a generated caption by the number it ends with."""
+
+    def __init__(self):
+        self.calls: list[tuple[list[int], list[str]]] = []
+
+    def score(self, positions, texts):
+        self.calls.append((list(positions), list(texts)))
+        return np.array([float(t.rsplit(" ", 1)[1]) for t in texts])
+
+
+def test_the_filters_repair_captions_what_it_drops_and_passes_what_then_scores_as_high(tmp_path, monkeypatch):
+    """sample.misaligned=repair with sample.filter (Nguyen et al., 2023): every pair the filter drops is captioned,
+    but a copy of an image (of a passing pair, or a second copy of a dropped one); the pairs whose image and new
+    caption score at least the lowest passing score pass, best first after the passing ones, and are the only
+    kept pairs marked `repair`."""
+    from tldr_tasks.stages import caption
+
+    n = 12
+    keys = np.array([f"k{i:02d}" for i in range(n)])
+    score = (n - 1 - np.arange(n)) / n  # the filter passes rows 0..5; the lowest passing score is 0.5
+    digest = np.array([f"d{i}" for i in range(n)])
+    digest[9], digest[11] = digest[3], digest[10]  # row 9 copies a passing image; row 11 a dropped one (row 10's)
+    # what each dropped row's new caption scores: 8 above the cutoff, 6 at it, 7 and 10 below
+    new_score = {8: 0.9, 6: 0.5, 7: 0.49, 10: 0.1}
+    captioned: list[list[str]] = []
+
+    def caption_rows(cfg, io, rows_keys, stems, desc):
+        captioned.append(list(rows_keys))
+        generated = [f"new {new_score[int(k[1:])]}" for k in rows_keys]
+        return pa.table({"key": list(rows_keys), "original": ["old"] * len(rows_keys), "generated": generated,
+                         "confidence": [0.0] * len(rows_keys), "grounding": [1.0] * len(rows_keys)},
+                        schema=caption.CAPTION_SCHEMA)
+
+    monkeypatch.setattr(caption, "caption_rows", caption_rows)
+    cfg = _cfg("balanced", 0.5)
+    cfg.sample.filter, cfg.sample.filter_share, cfg.sample.misaligned = "clip_score", 0.5, "repair"
+    table = pa.table({"key": keys, "shard": ["00000"] * n})
+    ev = sample.Evidence(table=table, cluster=np.zeros(n, dtype=np.int64), loss=np.ones(n), alignment=np.zeros(n),
+                         score=None, pool=None, filter_rank=sample.filter_order(score, digest),
+                         extra={"clip_score": score})
+    io = StageIO(input=str(tmp_path / "crawl"), out=str(tmp_path / "run"))
+    sample.repair_filtered(cfg, io, ev, keys, digest, _Reference())
+    assert captioned == [["k06", "k07", "k08", "k10"]]  # not k09 (copies k03) nor k11 (a later copy of k10)
+    assert np.flatnonzero(ev.repaired).tolist() == [6, 8] and ev.recaptioned == 4
+    assert ev.filter_rank[:8].tolist() == [0, 1, 2, 3, 4, 5, 8, 6]  # the passing, then the repaired, best first
+    assert ev.passing(0.5).tolist() == [0, 1, 2, 3, 4, 5, 6, 8]
+    written = pq.read_table(f"{io.out}/sample/recaptioned.parquet").to_pydict()
+    assert written["key"] == ["k06", "k07", "k08", "k10"] and written["clip_score_generated"] == [0.5, 0.49, 0.9, 0.1]
+    keep, repair = sample.keep_mask(cfg, ev, 0.5)  # 6 of the 8 that pass
+    assert keep.sum() == 6 and set(np.flatnonzero(keep)) <= {0, 1, 2, 3, 4, 5, 6, 8}
+    assert np.flatnonzero(repair).tolist() == [r for r in (6, 8) if keep[r]]
+    cfg.sample.misaligned = "drop"  # drop marks nothing
+    assert not sample.keep_mask(cfg, ev, 0.5)[1].any()
 
 
 def test_cross_fitted_losses_are_calibrated_per_fold_before_they_are_compared():

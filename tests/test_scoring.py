@@ -36,15 +36,10 @@ def test_the_builtin_reference_ranks_clean_pairs_above_swapped_ones(tiny_crawl, 
 
 
 def test_cross_fitted_heads_never_train_on_the_fold_they_score(tiny_crawl, tmp_path, monkeypatch):
+    """Heads k train on the captioned pairs outside fold k and score fold k; a new caption of a pair (the filter's
+    repair) is scored by the heads that scored its original, without training again."""
     samples = _crawl(tiny_crawl)
     keys = [s.key for s in samples]
-    has_text = np.array([bool(s.caption.strip()) for s in samples])
-    plan = scoring.crossfit_plan(keys, has_text, 2)
-    for fold, (train, scored) in enumerate(plan):
-        assert all(fold_of(keys[i], 2) != fold for i in train) and all(fold_of(keys[i], 2) == fold for i in scored)
-        assert has_text[train].all() and has_text[scored].all()
-    assert sorted(np.concatenate([scored for _, scored in plan]).tolist()) == np.flatnonzero(has_text).tolist()
-
     trained: list[list[str]] = []  # the captions every reference trains on, in call order
     real = scoring.train_reference
     monkeypatch.setattr(scoring, "train_reference",
@@ -52,9 +47,16 @@ def test_cross_fitted_heads_never_train_on_the_fold_they_score(tiny_crawl, tmp_p
                         or real(features, captions, cfg, desc))
     cfg = Config()
     cfg.captioner.folds = 3  # the reference takes the project's folds when there are more than two
-    scoring.pair_scores(cfg, StageIO(input=f"{tiny_crawl}/train", out=str(tmp_path / "run")), np.array(keys))
-    plan = scoring.crossfit_plan(keys, has_text, 3)
-    assert trained == [[samples[i].caption for i in train] for train, _ in plan]
+    reference = scoring.tower_reference(cfg, StageIO(input=f"{tiny_crawl}/train", out=str(tmp_path / "run")),
+                                        np.array(keys))
+    score = reference.original_scores()
+    assert trained == [[s.caption for s in samples if fold_of(s.key, 3) != fold and s.caption.strip()]
+                       for fold in range(3)]
+    positions = np.flatnonzero(~np.isnan(score))[:6]
+    again = reference.score(positions, [samples[i].caption for i in positions])
+    assert np.allclose(again, score[positions], atol=1e-6) and len(trained) == 3  # the same heads, none retrained
+    other = reference.score(positions, [samples[(i + 1) % len(samples)].caption or "x" for i in positions])
+    assert not np.allclose(other, score[positions]) and np.isnan(reference.score(positions[:1], [" "])).all()
 
 
 @pytest.fixture(scope="module")

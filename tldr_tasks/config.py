@@ -248,7 +248,9 @@ class SampleConfig:
     aligned_share: float = 0.5  # the pool: this share of the better-aligned pairs (released code: half)
     # What happens to the pairs outside the pool (stages/sample.py): `drop` fills each cluster's quota from
     # the pool first; `repair` fills it as if there were no pool (coverage decides) and ships the kept pairs
-    # outside the pool with their generated caption where it passes the gate (tldr_tasks/fusion.py).
+    # outside the pool with their generated caption where it passes the gate (tldr_tasks/fusion.py). With
+    # sample.filter, `repair` captions the pairs the filter drops and passes those whose generated caption
+    # scores as high as a passing original (Nguyen et al., 2023).
     misaligned: str = "drop"
     # clip_score (DataComp's baseline): the pool is the top `score_share` of the pairs by CLIP image-text
     # cosine (scoring.py), from `clip_model`: empty = the built-in reference (pretrained towers, heads aligned
@@ -286,6 +288,11 @@ class SampleConfig:
         return "clip_score" in (self.strategy, self.filter)
 
     @property
+    def repairs_filter(self) -> bool:
+        """Whether the filter's dropped pairs are captioned and scored again (sample.misaligned: repair)."""
+        return self.misaligned == "repair" and self.filter != "none"
+
+    @property
     def curve_on(self) -> bool:
         """Whether the run carves a validation split and scores the ratio curve."""
         return self.curve or self.ratio == AUTO
@@ -311,9 +318,14 @@ class SampleConfig:
                "of them to none (--filter none keeps the alignment)")
         _choice("sample.dedup_keep", self.dedup_keep, DEDUP_KEEPS)
         _choice("sample.misaligned", self.misaligned, MISALIGNED)
-        _check(self.misaligned == "drop" or self.alignment in ("cluster_pool", "global_pool"),
-               f"sample.misaligned=repair needs a pool of aligned pairs to repair the others against: set "
-               f"sample.alignment to cluster_pool or global_pool (it is {self.alignment!r})")
+        _check(self.misaligned == "drop" or self.alignment in ("cluster_pool", "global_pool") or self.filter != "none",
+               f"sample.misaligned=repair needs a pool of aligned pairs or a filter to repair the others against: "
+               f"set sample.alignment to cluster_pool or global_pool (it is {self.alignment!r}), or "
+               "sample.filter=clip_score")
+        _check(not self.repairs_filter or self.clip_model != "similarity",
+               "sample.misaligned=repair scores the generated captions with the filter's CLIP, and "
+               "sample.clip_model=similarity (the crawl's own score) cannot score new text: leave sample.clip_model "
+               "empty (the built-in reference) or set sample.misaligned=drop")
 
 
 @dataclass

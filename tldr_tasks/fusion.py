@@ -21,7 +21,8 @@ chosen text is what KEY.txt holds and what the evaluation trains on.
 
 Repair (`sample.misaligned: repair`): a pair the selection kept for its cluster's coverage although its
 caption is among the misaligned ones ships its generated caption instead, whatever the fusion mode, when
-that passes the gate (reason `repaired`); when it does not, its original, with the gate's reason.
+that passes the gate (reason `repaired`); when it does not, its original, with the gate's reason. A pair
+that sample.filter passed only with its generated caption (the filter's repair) ships it: the filter is its gate.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def mix_coin(key: str, seed: int) -> bool:
 
 def ship_caption(key: str, original: str, generated: str, confidence: float, grounding: float, *, mode: str,
                  min_confidence: float, min_grounding: float, seed: int, collapsed: bool,
-                 repair: bool = False) -> tuple[str, str]:
+                 repair: bool = False, passed_filter: bool = False) -> tuple[str, str]:
     """(the caption KEY.txt holds, the reason) for one kept sample.
 
     Args:
@@ -63,10 +64,13 @@ def ship_caption(key: str, original: str, generated: str, confidence: float, gro
         seed: the run's seed.
         collapsed: the run-level collapse check failed: originals only.
         repair: the selection kept this pair to be repaired (its caption is misaligned).
+        passed_filter: the selection's filter passed this pair with `generated` (sample.filter's repair).
     """
     original, generated = original.strip(), generated.strip()
     if mode not in ("mix", "generated", "concat", "original"):
         raise ValueError(f"unknown fusion mode {mode!r}: use mix, generated, concat or original")
+    if passed_filter and generated:
+        return generated, REPAIRED
     if mode == "original" and not repair:
         return original, ORIGINAL_BY_FUSION
     if collapsed:

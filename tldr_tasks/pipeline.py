@@ -64,9 +64,13 @@ STAGES: tuple[StageSpec, ...] = (
     # streams the assign parts into one table and counts the clusters
     StageSpec("cluster", "cluster", Resources(cpus=2, memory_gb=4),
               deps=("assign",), output="cluster_dir", done_marker="stats.json"),
-    # semdedup (the default) also reads the embed parts, which every cluster output was made from
+    # semdedup also reads the embed parts, which every cluster output was made from; the filter's repair
+    # (sample.misaligned: repair) captions the pairs the filter drops, as the caption stage would
     StageSpec("sample", "sample", Resources(cpus=2, memory_gb=8),
-              deps=("cluster",), params=("seed", "sample"), output="sample_dir", done_marker="stats.json"),
+              deps=("train-captioner", "cluster"),
+              params=("seed", "sample", "caption.num_beams", "caption.min_new_tokens", "caption.max_new_tokens",
+                      "caption.batch_size"),
+              output="sample_dir", done_marker="stats.json"),
     StageSpec("caption", "caption", Resources(cpus=4, memory_gb=16, gpus=1), sharded=True,
               deps=("train-captioner", "sample"), params=("caption",), output="caption_dir"),
     StageSpec("materialize", "materialize", Resources(cpus=2, memory_gb=8),

@@ -163,6 +163,12 @@ def check_clip_scorer(cfg: Config, shards: list[str]) -> None:
         _check(any(storage.exists(storage.join(s.clip_model, name)) for name in (CLIP_RECORD, "config.json")),
                f"sample.clip_model={s.clip_model} holds no CLIP, neither a Hugging Face CLIPModel config.json nor "
                f"{CLIP_RECORD} (give a CLIP folder, or leave it empty for the built-in reference)")
+        from tldr_tasks.scoring import is_towers_folder
+
+        _check(not s.repairs_filter or is_towers_folder(s.clip_model),
+               f"sample.misaligned=repair scores the generated captions from tower features, and sample.clip_model="
+               f"{s.clip_model} is not a pretrained-towers CLIP: leave it empty (the built-in reference) or set "
+               "sample.misaligned=drop")
 
 
 def _first_meta(url: str) -> dict | None:

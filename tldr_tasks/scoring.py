@@ -53,15 +53,6 @@ def train_reference(features, captions, cfg: Config, desc: str = "reference head
     return model
 
 
-def crossfit_plan(keys: list[str], has_text: np.ndarray, folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per fold k: (the captioned pairs outside fold k, which train heads k; the captioned pairs of fold k, which
-    heads k score), as indices into `keys`. An empty caption is neither trained on nor scored (NaN)."""
-    from tldr_tasks.folds import fold_of
-
-    fold = np.array([fold_of(k, folds) for k in keys], dtype=np.int64)
-    return [(np.flatnonzero((fold != k) & has_text), np.flatnonzero((fold == k) & has_text)) for k in range(folds)]
-
-
 def feature_rows(crawl_keys: list[str], keys) -> np.ndarray:
     """The row of each of `keys` among `cached_features`' keys (`crawl_keys`, input order): a key's first
     occurrence counts, as in cluster. ValueError when a key is not there (the crawl changed since cluster ran)."""
@@ -75,39 +66,81 @@ def feature_rows(crawl_keys: list[str], keys) -> np.ndarray:
     return np.array([first[str(k)] for k in keys], dtype=np.int64)
 
 
-def towers_scores(cfg: Config, io: StageIO, keys: np.ndarray, model=None) -> tuple[np.ndarray, np.ndarray]:
-    """pair_scores from tower features (cached per shard content below io.embed_dir, as the evaluation's): with
-    `model` (a saved pretrained-towers CLIP) it scores every pair; without, the built-in reference, cross-fitted:
-    per fold k heads trained on the captioned pairs outside fold k score the pairs of fold k."""
-    import torch
+class TowerReference:
+    """The tower-feature scorer (features cached per shard content below io.embed_dir, as the evaluation's) of the
+    pairs `keys`: with `model` (a saved pretrained-towers CLIP) one model scores every pair; without, the built-in
+    reference, cross-fitted: heads k, trained on the captioned pairs outside fold k, score the pairs of fold k. Heads
+    are trained when first needed and kept, so new captions of the same images (sample.misaligned: repair) are
+    scored by the heads that scored their originals."""
 
-    from tldr_tasks.models import clip
-    from tldr_tasks.models.towers_clip import cached_features
+    def __init__(self, cfg: Config, io: StageIO, keys: np.ndarray, model=None):
+        from tldr_tasks.folds import fold_of
+        from tldr_tasks.models import clip
+        from tldr_tasks.models.towers_clip import cached_features
 
-    preset = model.preset if model is not None else clip.load_preset(REFERENCE_PRESET)
-    crawl_keys, features, captions, digests = cached_features(io.input_shards(), preset, io.embed_dir, "input")
-    rows = feature_rows(crawl_keys, keys)
-    has_text = np.array([bool(captions[r].strip()) for r in rows])
-    plan = ([(np.array([], np.int64), np.flatnonzero(has_text))] if model is not None
-            else crossfit_plan([str(k) for k in keys], has_text, reference_folds(cfg)))
-    score, given = np.full(len(keys), np.nan), model
-    for fold, (train, scored) in enumerate(plan):
-        if not len(scored):
-            continue
-        if given is None:
+        preset = model.preset if model is not None else clip.load_preset(REFERENCE_PRESET)
+        crawl_keys, self.features, captions, digests = cached_features(io.input_shards(), preset, io.embed_dir,
+                                                                       "input")
+        self.rows = feature_rows(crawl_keys, keys)
+        self.captions = [captions[r] for r in self.rows]
+        self.digests = np.array([digests[r] for r in self.rows], dtype=str)
+        self.cfg = cfg
+        self.heads = {0: model} if model is not None else {}
+        folds = 1 if model is not None else reference_folds(cfg)
+        self.fold = np.array([fold_of(str(k), folds) for k in keys], dtype=np.int64)
+        self.has_text = np.array([bool(c.strip()) for c in self.captions])
+
+    def _heads(self, fold: int):
+        if fold not in self.heads:
+            train = np.flatnonzero((self.fold != fold) & self.has_text)
             if len(train) < 2:
                 raise ValueError(f"the built-in clip_score reference needs at least 2 captioned pairs outside fold "
                                  f"{fold}; the crawl has {len(train)}: give sample.clip_model a CLIP folder")
-            train = rows[train]
-            model = train_reference(features[train], [captions[r] for r in train], cfg, f"reference heads {fold}")
-        with torch.no_grad():
-            image = clip.embed_images(model, features[rows[scored]])
-            text = clip.embed_texts(model, None, [captions[r] for r in rows[scored]])
-        score[scored] = (image * text).sum(-1).double().numpy()
-    return score, np.array([digests[r] for r in rows], dtype=str)
+            self.heads[fold] = train_reference(self.features[self.rows[train]], [self.captions[i] for i in train],
+                                               self.cfg, f"reference heads {fold}")
+        return self.heads[fold]
+
+    def score(self, positions: np.ndarray, texts: list[str]) -> np.ndarray:
+        """The cosine of each pair `positions` (indices into `keys`) with its text in `texts` instead of its
+        caption (NaN for an empty text), by the heads that score that pair."""
+        import torch
+
+        from tldr_tasks.models import clip
+
+        positions = np.asarray(positions, dtype=np.int64)
+        texts = np.array(texts, dtype=object)
+        result = np.full(len(positions), np.nan)
+        written = np.array([bool(str(t).strip()) for t in texts], dtype=bool)
+        for fold in np.unique(self.fold[positions[written]]):
+            at = np.flatnonzero(written & (self.fold[positions] == fold))
+            model = self._heads(int(fold))
+            with torch.no_grad():
+                image = clip.embed_images(model, self.features[self.rows[positions[at]]])
+                text = clip.embed_texts(model, None, [str(t) for t in texts[at]])
+            result[at] = (image * text).sum(-1).double().numpy()
+        return result
+
+    def original_scores(self) -> np.ndarray:
+        """pair_scores: every pair with its own caption."""
+        return self.score(np.arange(len(self.rows)), self.captions)
 
 
-def _towers_folder(folder: str) -> bool:
+def tower_reference(cfg: Config, io: StageIO, keys: np.ndarray) -> TowerReference | None:
+    """The tower-feature scorer sample.clip_model names: the built-in reference (empty) or a pretrained-towers CLIP
+    folder; None for a Hugging Face or other CLIP folder or `similarity`, which score from the shards."""
+    if not cfg.sample.clip_model:
+        return TowerReference(cfg, io, keys)
+    if cfg.sample.clip_model != SIMILARITY and is_towers_folder(cfg.sample.clip_model):
+        import torch
+
+        from tldr_tasks.models import clip
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return TowerReference(cfg, io, keys, clip.load_clip(cfg.sample.clip_model, device)[0])
+    return None
+
+
+def is_towers_folder(folder: str) -> bool:
     """Whether a CLIP folder holds a pretrained-towers model (save_clip of a towers preset): it scores from the
     cached tower features."""
     import json
@@ -166,15 +199,9 @@ def pair_scores(cfg: Config, io: StageIO, keys: np.ndarray) -> tuple[np.ndarray,
     first occurrence in input order counts, as in the cluster stage. An empty caption scores NaN."""
     from tldr_tasks.data.shards import Sample, iter_shard
 
-    if not cfg.sample.clip_model:
-        return towers_scores(cfg, io, keys)
-    if cfg.sample.clip_model != SIMILARITY and _towers_folder(cfg.sample.clip_model):
-        import torch
-
-        from tldr_tasks.models import clip
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        return towers_scores(cfg, io, keys, clip.load_clip(cfg.sample.clip_model, device)[0])
+    reference = tower_reference(cfg, io, keys)
+    if reference is not None:
+        return reference.original_scores(), reference.digests
     row = {str(k): i for i, k in enumerate(keys)}
     score = np.full(len(keys), np.nan)
     digest = np.full(len(keys), "", dtype=object)

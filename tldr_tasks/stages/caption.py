@@ -8,6 +8,8 @@ Reads `{sample_dir}/selected.parquet` (key, shard, cluster), takes this worker's
 (every num_shards-th of the sorted shard stems), decodes only the selected samples and writes
 `{caption_dir}/{stem}.parquet` (key, original, generated, confidence, grounding) per source shard,
 atomically. A shard whose parquet exists is skipped, so a restarted worker only does what is left.
+A kept sample the selection already captioned (the filter's repair: `{sample_dir}/recaptioned.parquet`, made
+with the same captioner and caption settings) keeps that caption, the one its selection scored.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import logging
 import sys
 import time
 from collections.abc import Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from tldr_tasks import storage
 from tldr_tasks.config import Config, ConfigError
@@ -47,23 +52,72 @@ def run(cfg: Config, io: StageIO, shard_index: int = 0, num_shards: int = 1) -> 
         return StageResult(metrics={"captions_written": 0.0, "shards_skipped": float(len(mine))},
                            outputs=[output_url(io, s) for s in mine], skipped=True)
 
-    import torch
-
-    from tldr_tasks.models.captioner import load_fold_captioners
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    captioners = load_fold_captioners(io.captioner_dir, device=device)
-    written, seconds = 0, 0.0
+    known = captioned_by_selection(io)
+    captioners = Captioners(io)
+    written, reused, seconds = 0, 0, 0.0
     for stem in todo:
         started = time.time()
-        columns = caption_shard(captioners, urls[stem], keys_by_shard[stem], cfg, device)
+        done = known.filter(pc.is_in(known["key"], pa.array(sorted(keys_by_shard[stem]), pa.string())))
+        left = keys_by_shard[stem] - set(done["key"].to_pylist())
+        columns = caption_shard(captioners.get(), urls[stem], left, cfg, captioners.device) if left else ([],) * 5
         seconds += time.time() - started
-        write_captions(output_url(io, stem), *columns)
-        written += len(columns[0])
+        write_captions(output_url(io, stem), *(list(a) + done[name].to_pylist()
+                                               for a, name in zip(columns, CAPTION_SCHEMA.names)))
+        written, reused = written + len(columns[0]), reused + done.num_rows
     return StageResult(
         metrics={"captions_written": float(written), "captions_per_second": written / seconds if seconds else 0.0,
-                 "shards_done": float(len(todo)), "shards_skipped": float(len(mine) - len(todo))},
+                 "captions_reused": float(reused), "shards_done": float(len(todo)),
+                 "shards_skipped": float(len(mine) - len(todo))},
         outputs=[output_url(io, s) for s in mine])
+
+
+# A caption part's columns, typed so that parts concatenate.
+CAPTION_SCHEMA = pa.schema([("key", pa.string()), ("original", pa.string()), ("generated", pa.string()),
+                            ("confidence", pa.float64()), ("grounding", pa.float64())])
+
+
+class Captioners:
+    """Every cross-fitting fold's captioner (`load_fold_captioners`), loaded when first needed."""
+
+    def __init__(self, io: StageIO):
+        import torch
+
+        self.folder = io.captioner_dir
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.loaded: list | None = None
+
+    def get(self) -> list:
+        from tldr_tasks.models.captioner import load_fold_captioners
+
+        if self.loaded is None:
+            self.loaded = load_fold_captioners(self.folder, device=self.device)
+        return self.loaded
+
+
+def captioned_by_selection(io: StageIO):
+    """The captions the selection made (`{sample_dir}/recaptioned.parquet`: the filter's repair), or an empty
+    table."""
+    url = storage.join(io.sample_dir, "recaptioned.parquet")
+    if storage.exists(url):
+        return storage.read_parquet(url, columns=CAPTION_SCHEMA.names)
+    return CAPTION_SCHEMA.empty_table()
+
+
+def caption_rows(cfg: Config, io: StageIO, keys, stems, desc: str):
+    """The caption part rows (CAPTION_SCHEMA) of the samples `keys` of the source shards `stems` (one per key),
+    each captioned by its own fold's captioner, as the caption stage does."""
+    by_stem: dict[str, set[str]] = {}
+    for key, stem in zip(keys, stems):
+        by_stem.setdefault(str(stem), set()).add(str(key))
+    urls = {storage.shard_stem(u): u for u in io.input_shards()}
+    captioners = Captioners(io)
+    columns: list[list] = [[] for _ in CAPTION_SCHEMA.names]
+    for stem in sorted(by_stem):
+        log.info("%s: %s, %d samples", desc, stem, len(by_stem[stem]))
+        for out, values in zip(columns, caption_shard(captioners.get(), urls[stem], by_stem[stem], cfg,
+                                                      captioners.device)):
+            out.extend(values)
+    return pa.table(dict(zip(CAPTION_SCHEMA.names, columns)), schema=CAPTION_SCHEMA)
 
 
 def output_url(io: StageIO, stem: str) -> str:
@@ -176,9 +230,5 @@ def caption_confidence(model, tokenizer, quantized, captions: list[str]) -> tupl
 
 def write_captions(url: str, keys: list[str], originals: list[str], captions: list[str],
                    confidence: list[float], grounding: list[float]) -> None:
-    import pyarrow as pa
-
-    storage.write_parquet(url, pa.table({
-        "key": pa.array(keys, pa.string()), "original": pa.array(originals, pa.string()),
-        "generated": pa.array(captions, pa.string()), "confidence": pa.array(confidence, pa.float64()),
-        "grounding": pa.array(grounding, pa.float64())}))
+    storage.write_parquet(url, pa.table(dict(zip(CAPTION_SCHEMA.names, (keys, originals, captions, confidence,
+                                                                        grounding))), schema=CAPTION_SCHEMA))

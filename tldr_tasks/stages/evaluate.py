@@ -103,7 +103,8 @@ def shipped_captions(keys: Sequence[str], originals: Sequence[str], generated: S
     repair = repair if repair is not None else [False] * len(keys)
     return [ship_caption(k, o, g, nan if conf is None else conf, nan if ground is None else ground, mode=fusion,
                          min_confidence=c.min_confidence, min_grounding=c.min_grounding, seed=cfg.seed,
-                         collapsed=collapsed, repair=bool(r))[0]
+                         collapsed=collapsed, repair=bool(r),
+                         passed_filter=bool(r) and cfg.sample.filter != "none")[0]
             for k, o, g, conf, ground, r in zip(keys, originals, generated, confidence, grounding, repair)]
 
 

@@ -47,9 +47,6 @@ log = logging.getLogger(__name__)
 CAPTION_REASONS = (fusion.REPLACED, fusion.REPAIRED, fusion.APPENDED, fusion.ORIGINAL_BY_FUSION,
                    fusion.ORIGINAL_LOW_CONFIDENCE, fusion.ORIGINAL_UNGROUNDED, fusion.ORIGINAL_COLLAPSE,
                    fusion.ORIGINAL_NO_GENERATED)
-# A caption part's columns (caption.write_captions), typed so that parts concatenate.
-CAPTION_SCHEMA = pa.schema([("key", pa.string()), ("original", pa.string()), ("generated", pa.string()),
-                            ("confidence", pa.float64()), ("grounding", pa.float64())])
 BATCH_ROWS = 65_536  # rows held as Python objects at a time
 
 
@@ -260,7 +257,7 @@ def _repair(selected: pa.Table) -> pa.Array:
 
 
 def decide_captions(captions: pa.Table, repair: pa.Array, cfg: Config) -> dict:
-    """The gate's report on the captions of every kept sample (`captions`: CAPTION_SCHEMA rows, in
+    """The gate's report on the captions of every kept sample (`captions`: caption.CAPTION_SCHEMA rows, in
     selected.parquet order; `repair`: its flag per row): the run-level collapse check, the count per reason
     (what `ship` decides) and the confidence distribution. A collapse is logged."""
     c = cfg.caption
@@ -285,23 +282,26 @@ def decide_captions(captions: pa.Table, repair: pa.Array, cfg: Config) -> dict:
 
 
 def ship(row: dict, cfg: Config, collapsed: bool, repair: bool) -> tuple[str, str]:
-    """(text, reason): the caption the kept sample of caption-part row `row` ships (fusion.ship_caption)."""
+    """(text, reason): the caption the kept sample of caption-part row `row` ships (fusion.ship_caption). A pair
+    sample.filter's repair passed ships the generated caption its selection scored."""
     c = cfg.caption
     return fusion.ship_caption(row["key"], row["original"], row["generated"], _score(row, "confidence"),
                                _score(row, "grounding"), mode=c.fusion, min_confidence=c.min_confidence,
-                               min_grounding=c.min_grounding, seed=cfg.seed, collapsed=collapsed, repair=repair)
+                               min_grounding=c.min_grounding, seed=cfg.seed, collapsed=collapsed, repair=repair,
+                               passed_filter=repair and cfg.sample.filter != "none")
 
 
 def _read_part(url: str) -> pa.Table:
-    """A caption part as CAPTION_SCHEMA; a part written before the gate has no confidence or grounding (null)."""
-    part = storage.read_parquet(url)
+    """A caption part as caption.CAPTION_SCHEMA; a part written before the gate has no confidence or grounding
+    (null)."""
+    part, schema = storage.read_parquet(url), caption.CAPTION_SCHEMA
     return pa.Table.from_arrays([part[f.name].cast(f.type) if f.name in part.column_names
-                                 else pa.nulls(part.num_rows, f.type) for f in CAPTION_SCHEMA], schema=CAPTION_SCHEMA)
+                                 else pa.nulls(part.num_rows, f.type) for f in schema], schema=schema)
 
 
 def _captions_of(keys: pa.ChunkedArray, parts: list[pa.Table]) -> pa.Table:
     """The caption rows of `keys`, in their order, from the caption parts `parts`."""
-    table = pa.concat_tables([CAPTION_SCHEMA.empty_table(), *parts])
+    table = pa.concat_tables([caption.CAPTION_SCHEMA.empty_table(), *parts])
     index = pc.index_in(keys, value_set=table["key"])
     if index.null_count:
         missing = keys.filter(pc.is_null(index))

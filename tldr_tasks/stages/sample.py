@@ -32,17 +32,27 @@ alignment score is minus its caption loss (each cross-fitted captioner's losses 
     rank           best-aligned first (fewest misaligned pairs, least variety)
     none           every pair equally likely (the paper's uniform sampling)
 
-Misaligned pairs (`sample.misaligned`), those outside the pool of cluster_pool or global_pool:
-    drop           a quota takes the pool first (the rest only when the pool runs short)
-    repair         the quota is filled as with alignment none (coverage decides), and every kept pair
-                   outside the pool is marked `repair`: it ships its generated caption where that passes
-                   the gate (tldr_tasks/fusion.py)
+Misaligned pairs (`sample.misaligned`), those outside the pool of cluster_pool or global_pool, or those
+sample.filter drops:
+    drop           a quota takes the pool first (the rest only when the pool runs short); the filter's
+                   dropped pairs are never kept (at a ratio above its share, they come next in its order)
+    repair         with a pool: the quota is filled as with alignment none (coverage decides), and every
+                   kept pair outside the pool is marked `repair`: it ships its generated caption where that
+                   passes the gate (tldr_tasks/fusion.py).
+                   With sample.filter (Nguyen et al., 2023): every pair the filter drops, but a later copy of
+                   an image it passed, is captioned by its cross-fitting fold's captioner (the caption stage's
+                   beams and lengths), and the pair of its image and the generated caption is scored by the
+                   reference that scored the original; one that scores at least the lowest passing score
+                   passes, marked `repair`, and ships that generated caption (recaptioned.parquet; the caption
+                   stage reuses it). Costs a caption for every dropped pair: half the crawl at filter_share 0.5
 
 Rows are put in key order first and ties are broken by key, so the choice depends only on the
 assignments and cfg.seed. Outputs in `{out}/sample/`: selected.parquet (key, shard, cluster, loss,
 alignment, repair; sorted by key), alignment.parquet (the same for every selectable sample, plus `kept`, and
 clip_score's `clip_score` or semdedup's `redundancy`) and stats.json (counts: input = kept + dropped + carved;
-alignment distribution of the input and of the kept set), written last as the done-marker.
+alignment distribution of the input and of the kept set), written last as the done-marker; with the filter's
+repair also recaptioned.parquet (key, original, generated, confidence, grounding, clip_score_generated: every
+dropped pair it captioned) and alignment.parquet's `clip_score_generated`.
 
 The ratio curve (`sample.curve`, always on with `sample.ratio: auto`; tldr_tasks/curve.py) first carves a
 validation split from the assignments (holdout.parquet: key, shard), which no score, selection or training
@@ -354,12 +364,15 @@ class Evidence:
     alignment: np.ndarray
     score: np.ndarray | None  # order within a cluster (`scores`)
     pool: np.ndarray | None  # sample.alignment's pool of better-aligned pairs
-    filter_rank: np.ndarray | None  # sample.filter's rows, best first (`filter_order`)
+    filter_rank: np.ndarray | None  # sample.filter's rows, best first (`filter_order`; repaired rows after the passing)
     extra: dict = field(default_factory=dict)  # the rules' own evidence (clip_score, redundancy), for alignment.parquet
+    repaired: np.ndarray | None = None  # rows the filter passes with their generated caption (`repair_filtered`)
+    recaptioned: int = 0  # the filter's dropped pairs that `repair_filtered` captioned
 
     def passing(self, share: float) -> np.ndarray:
-        """The rows sample.filter passes: the first ceil(share * n) of its order, in key order."""
-        return np.sort(self.filter_rank[: int(math.ceil(share * len(self.cluster)))])
+        """The rows sample.filter passes: the first ceil(share * n) of its order and the repaired rows, in key order."""
+        repaired = 0 if self.repaired is None else int(self.repaired.sum())
+        return np.sort(self.filter_rank[: int(math.ceil(share * len(self.cluster))) + repaired])
 
 
 def load_assignments(io: StageIO) -> pa.Table:
@@ -393,10 +406,15 @@ def evidence(cfg: Config, io: StageIO, table: pa.Table) -> Evidence:
                   None)
     digest = None
     if s.clip_scored:
-        from tldr_tasks.scoring import pair_scores
+        from tldr_tasks import scoring
 
-        ev.extra["clip_score"], digest = pair_scores(cfg, io, keys)
+        # the filter's repair scores new captions with the heads that scored the originals
+        reference = scoring.tower_reference(cfg, io, keys) if s.repairs_filter else None
+        ev.extra["clip_score"], digest = ((reference.original_scores(), reference.digests) if reference
+                                          else scoring.pair_scores(cfg, io, keys))
         ev.filter_rank = filter_order(ev.extra["clip_score"], digest if s.dedup_images else None)
+        if reference is not None:
+            repair_filtered(cfg, io, ev, keys, digest, reference)
     if s.strategy == "semdedup":
         priority = alignment if s.dedup_keep == "aligned" else -distance
         rows = ev.passing(s.filter_share) if s.filter != "none" else np.arange(len(cluster))
@@ -405,6 +423,42 @@ def evidence(cfg: Config, io: StageIO, table: pa.Table) -> Evidence:
         ev.extra["redundancy"][rows] = semdedup_redundancy(cfg, io, keys[rows], stems[rows], cluster[rows],
                                                            priority[rows])
     return ev
+
+
+def repair_filtered(cfg: Config, io: StageIO, ev: Evidence, keys: np.ndarray, digest: np.ndarray, reference) -> None:
+    """The filter's repair (sample.misaligned: repair with sample.filter): caption the pairs the filter drops (not
+    the later copies of an image), score each image with its generated caption by `reference` (scoring.py's
+    TowerReference), and pass those at or above the lowest passing score: `ev.repaired`, placed in `ev.filter_rank`
+    right after the passing rows (best first). Writes recaptioned.parquet; `clip_score_generated` goes to
+    alignment.parquet."""
+    import pyarrow as pa
+
+    from tldr_tasks.stages import caption
+
+    n = len(keys)
+    passed = ev.filter_rank[: int(math.ceil(cfg.sample.filter_share * n))]
+    dropped = ev.filter_rank[len(passed):]
+    if cfg.sample.dedup_images:
+        dropped = dropped[~np.isin(digest[dropped], digest[passed])]
+        _, first = np.unique(digest[dropped], return_index=True)  # one copy of an image the filter dropped
+        dropped = dropped[first]
+    dropped = np.sort(dropped)
+    score = ev.extra["clip_score"]
+    cutoff = np.nanmin(score[passed]) if np.isfinite(score[passed]).any() else np.inf
+    stems = ev.table["shard"].cast(pa.string()).to_numpy(zero_copy_only=False).astype(str)
+    captions = caption.caption_rows(cfg, io, keys[dropped], stems[dropped], "sample: repair")
+    generated = reference.score(dropped, captions["generated"].to_pylist())
+    storage.write_parquet(storage.join(io.sample_dir, "recaptioned.parquet"),
+                          captions.append_column("clip_score_generated", pa.array(generated, pa.float64())))
+    ev.extra["clip_score_generated"] = np.full(n, np.nan)
+    ev.extra["clip_score_generated"][dropped] = generated
+    ev.recaptioned = len(dropped)
+    ev.repaired = np.zeros(n, dtype=bool)
+    ev.repaired[dropped[generated >= cutoff]] = True
+    repaired = np.flatnonzero(ev.repaired)
+    repaired = repaired[np.lexsort((repaired, -generated[np.searchsorted(dropped, repaired)]))]
+    rest = ev.filter_rank[len(passed):]
+    ev.filter_rank = np.concatenate([passed, repaired, rest[~ev.repaired[rest]]])
 
 
 def coverage_keep(cfg: Config, ev: Evidence, rows: np.ndarray, total: int, seed: int) -> np.ndarray:
@@ -439,7 +493,9 @@ def keep_mask(cfg: Config, ev: Evidence, ratio: float) -> tuple[np.ndarray, np.n
             keep[rows[coverage_keep(cfg, ev, rows, total, cfg.seed)]] = True
     else:
         keep = coverage_keep(cfg, ev, np.arange(n), total, cfg.seed)
-    repair = keep & ~ev.pool if s.misaligned == "repair" and ev.pool is not None else np.zeros(n, dtype=bool)
+    repair = np.zeros(n, dtype=bool)
+    if s.misaligned == "repair":
+        repair = keep & (~ev.pool if ev.pool is not None else ev.repaired)
     return keep, repair
 
 
@@ -517,6 +573,8 @@ def run(cfg: Config, io: StageIO) -> StageResult:
         stats.update(carved=carved, ratio_chosen=ratio)
     if s.filter != "none":
         stats.update(filter_share=s.filter_share, filter_passed=len(ev.passing(s.filter_share)))
+    if ev.repaired is not None:  # the filter's repair: pairs captioned, and those that then passed
+        stats.update(recaptioned=ev.recaptioned, repaired=int(ev.repaired.sum()))
     if "redundancy" in ev.extra:  # the cosine above which SemDeDup dropped a pair at this ratio
         stats["semdedup_threshold"] = float(np.nanmax(ev.extra["redundancy"][keep]))
     if "clip_score" in ev.extra:
