@@ -100,8 +100,10 @@ def test_captions_the_selection_made_are_shipped_as_they_were_scored(tmp_path, t
     run_io, by_shard = make_run(tmp_path, tiny_crawl, captioner_dir, crawl_samples, every=4)
     chosen = sorted(k for keys in by_shard.values() for k in keys)
     scored = chosen[::3] + [sorted(crawl_samples)[1]]  # and one the selection did not keep: never shipped
+    scored = scored[::-1]  # not the shards' order: the rows come back in the order asked for
     made = caption.caption_rows(CFG, run_io, scored, [crawl_samples[k].shard for k in scored], "test")
-    assert made.schema == caption.CAPTION_SCHEMA and sorted(made["key"].to_pylist()) == sorted(scored)
+    assert made.schema == caption.CAPTION_SCHEMA and made["key"].to_pylist() == scored
+    assert made["original"].to_pylist() == [crawl_samples[k].caption for k in scored]
     made = made.set_column(2, "generated", pa.array([f"scored {k}" for k in made["key"].to_pylist()]))
     pq.write_table(made, os.path.join(run_io.sample_dir, "recaptioned.parquet"))
     result = caption.run(CFG, run_io)

@@ -104,8 +104,8 @@ def captioned_by_selection(io: StageIO):
 
 
 def caption_rows(cfg: Config, io: StageIO, keys, stems, desc: str):
-    """The caption part rows (CAPTION_SCHEMA) of the samples `keys` of the source shards `stems` (one per key),
-    each captioned by its own fold's captioner, as the caption stage does."""
+    """The caption part rows (CAPTION_SCHEMA) of the samples `keys` (distinct) of the source shards `stems` (one per
+    key), in the order of `keys`, each captioned by its own fold's captioner, as the caption stage does."""
     by_stem: dict[str, set[str]] = {}
     for key, stem in zip(keys, stems):
         by_stem.setdefault(str(stem), set()).add(str(key))
@@ -117,7 +117,9 @@ def caption_rows(cfg: Config, io: StageIO, keys, stems, desc: str):
         for out, values in zip(columns, caption_shard(captioners.get(), urls[stem], by_stem[stem], cfg,
                                                       captioners.device)):
             out.extend(values)
-    return pa.table(dict(zip(CAPTION_SCHEMA.names, columns)), schema=CAPTION_SCHEMA)
+    table = pa.table(dict(zip(CAPTION_SCHEMA.names, columns)), schema=CAPTION_SCHEMA)
+    row = {key: i for i, key in enumerate(columns[0])}  # shard order -> the order asked for
+    return table.take(pa.array([row[str(key)] for key in keys], pa.int64()))
 
 
 def output_url(io: StageIO, stem: str) -> str:
