@@ -226,16 +226,32 @@ def main(argv: list[str] | None = None) -> None:
         for crawl in crawls:
             print(f"caption half: {crawl} seed {seed}", file=sys.stderr, flush=True)
             run_one(Path(args.out), crawl, seed)
-    have = {c: sorted(SEED_DIR.glob(f"{c}-seed*.json")) for c in protocol.CRAWLS}
-    if not all(len(paths) >= len(SEEDS) for paths in have.values()):
-        return
-    records = {c: [json.loads((SEED_DIR / f"{c}-seed{s}.json").read_text()) for s in SEEDS] for c in protocol.CRAWLS}
-    result = {"machine": machine(), "rule": decide(records), "summary": summary(records)}
-    (RESULTS / "caption_half.json").write_text(json.dumps(result, indent=1) + "\n")
-    from protocol import write_block
+    if complete():
+        records = {c: [json.loads((SEED_DIR / f"{c}-seed{s}.json").read_text()) for s in SEEDS]
+                   for c in protocol.CRAWLS}
+        result = {"machine": machine(), "rule": decide(records), "summary": summary(records)}
+        (RESULTS / "caption_half.json").write_text(json.dumps(result, indent=1) + "\n")
+    from protocol import write_block  # benchmarks/protocol.py
 
-    write_block(DOCS, "caption_half", markdown(result))
-    print(markdown(result))
+    write_block(DOCS, "caption_half", block())
+    print(block())
+
+
+def complete() -> bool:
+    return all((SEED_DIR / f"{c}-seed{s}.json").exists() for c in protocol.CRAWLS for s in SEEDS)
+
+
+def block() -> str:
+    """docs/benchmarks.md's caption_half block from the committed files: the tables once every crawl has every
+    seed, until then which runs are in (the rule decides nothing on part of them)."""
+    if complete():
+        return markdown(json.loads((RESULTS / "caption_half.json").read_text()))
+    done = {c: [s for s in SEEDS if (SEED_DIR / f"{c}-seed{s}.json").exists()] for c in protocol.CRAWLS}
+    count = sum(map(len, done.values()))
+    return (f"Under way: {count} of {len(SEEDS) * len(protocol.CRAWLS)} crawl-seeds are in "
+            "`benchmarks/results/caption_half/` (" + "; ".join(f"{c}: {', '.join(map(str, s)) or 'none'}"
+                                                            for c, s in done.items())
+            + "). The rule decides, and the tables come, when all are in.\n")
 
 
 if __name__ == "__main__":

@@ -196,9 +196,9 @@ def test_the_protocol_table_is_written_from_its_results():
     assert text.split("<!-- protocol:start -->\n", 1)[1].split("<!-- protocol:end -->", 1)[0] == table
 
 
-def test_the_ratio_curve_tables_are_written_from_their_results(monkeypatch):
-    """docs/benchmarks.md's auto_ratio, curve_cost and proxy_variants blocks are what those benchmarks/ scripts
-    write from the committed files."""
+def test_the_generated_blocks_are_written_from_their_results(monkeypatch):
+    """docs/benchmarks.md's auto_ratio, curve_cost, proxy_variants and caption_half blocks are what those
+    benchmarks/ scripts write from the committed files."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import importlib
 
@@ -208,6 +208,7 @@ def test_the_ratio_curve_tables_are_written_from_their_results(monkeypatch):
     results = ROOT / "benchmarks" / "results"
     summary = json.loads((results / "auto_ratio.json").read_text())["summary"]
     variants = json.loads((results / "proxy_variants.json").read_text())
+    caption_half = importlib.import_module("caption_half")
     for name, table in (("auto_ratio", auto_ratio.markdown(summary)), ("curve_cost", curve_cost.markdown()),
-                        ("proxy_variants", proxy_variants.page(variants))):
+                        ("proxy_variants", proxy_variants.page(variants)), ("caption_half", caption_half.block())):
         assert text.split(f"<!-- {name}:start -->\n", 1)[1].split(f"<!-- {name}:end -->", 1)[0] == table
