@@ -1,6 +1,6 @@
 """The default selection's paired differences, from the benchmark's own files.
 
-    .venv/bin/python benchmarks/default_paired.py [benchmarks/results]   (run by `make benchmark`)
+    .venv/bin/python benchmarks/default_paired.py [benchmarks/results]   (run by `make benchmark-variants`)
 
 `tldr-vlp benchmark` pairs the TL;DR row with every baseline. The default selection is chosen on
 validation and may be another variant (a baseline, when one wins); this pairs it the same way (same

@@ -1,5 +1,5 @@
 """The README is a front page: short, every relative link resolves, every docs/ page reachable from it,
-its results table copied from the benchmark's files, and docs/benchmarks.md's tables what `make benchmark` writes."""
+its results table copied from the benchmark's files, and docs/benchmarks.md's tables what `make benchmark-variants` writes."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def test_readme_results_table_is_written_from_the_protocol_files(monkeypatch):
 
 
 def test_benchmark_page_holds_what_make_benchmark_writes_from_the_results_files(tmp_path):
-    """`make benchmark` rewrites docs/benchmarks.md's block; from the committed results it changes nothing."""
+    """`make benchmark-variants` rewrites docs/benchmarks.md's block; from the committed results it changes nothing."""
     from tldr_tasks.benchmark import CRAWLS, update_readme
 
     page = tmp_path / "benchmarks.md"

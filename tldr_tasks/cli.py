@@ -187,7 +187,7 @@ def benchmark_main(argv: list[str]) -> int:
                         help="selection variants to compare (default: all of " + ", ".join(v.name for v in VARIANTS)
                         + "); the first also trains the baselines")
     parser.add_argument("--readme", help="also write the results tables into this markdown file's benchmark block "
-                        "(make benchmark: docs/benchmarks.md)")
+                        "(make benchmark-variants: docs/benchmarks.md)")
     _add_shortcuts(parser)
     args = parser.parse_args(argv)
     by_name = {v.name: v for v in VARIANTS}
