@@ -70,7 +70,7 @@ BAD = [
     ("compress", ["--out", "{file}/run"], "is below the file"),
     ("compress", ["--out", "{file}"], "is a file, not a folder"),
     ("compress", ["--input"], "expected one argument"),
-    ("run", ["sample"], "stage sample reads the output of cluster"),
+    ("run", ["sample"], "stage sample reads the output of train-captioner, cluster"),
     ("run", ["caption"], "stage caption reads the output of train-captioner, sample"),
     ("run", ["cluster"], "stage cluster reads the output of kmeans"),
     ("run", ["evaluate", "--eval-input", "{eval}"], "stage evaluate reads the output of materialize"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +25,10 @@ from tldr_tasks.runner import PARAMS_RECORD, check_stage_params, input_fingerpri
 TLDR_VLP = str(Path(sys.executable).with_name("tldr-vlp"))
 
 
-def fake_cluster_output(out: Path, crawl: str) -> None:
-    """What `cluster` leaves for `sample`: an assignment per input sample (4 clusters), and its done marker."""
+def fake_cluster_output(out: Path, crawl: str, captioner: str) -> None:
+    """What `train-captioner` and `cluster` leave for `sample`: a captioner (`captioner`, copied), an assignment per
+    input sample (4 clusters), and its done marker."""
+    shutil.copytree(captioner, out / "captioner")
     keys = [f"{i:07d}" for i in range(200)]
     rng = np.random.default_rng(0)
     (out / "cluster").mkdir(parents=True)
@@ -45,9 +48,9 @@ def run_cli(stage: str, crawl: str, out: Path, mlflow_store: Path, *extra: str) 
                           env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_run_with_changed_params_on_an_existing_output_is_refused(tiny_crawl, mlflow_store):
+def test_run_with_changed_params_on_an_existing_output_is_refused(tiny_crawl, mlflow_store, random_captioner):
     out = mlflow_store / "run"
-    fake_cluster_output(out, tiny_crawl)
+    fake_cluster_output(out, tiny_crawl, random_captioner)
     first = run_cli("sample", tiny_crawl, out, mlflow_store)
     assert first.returncode == 0, first.stderr[-3000:]
     assert json.loads(first.stdout.splitlines()[-1])["skipped"] is False
@@ -70,7 +73,10 @@ def test_upstream_params_are_part_of_a_stage_record(tmp_path):
                                       "materialize"]
     params = stage_params(load_config(None, []), "sample")
     assert {"seed", "captioner.epochs", "embed.feature", "cluster.clusters", "sample.ratio"} <= set(params)
-    assert not any(k.startswith(("caption.", "materialize.", "evaluate.")) for k in params)
+    assert not any(k.startswith(("materialize.", "evaluate.")) for k in params)
+    # the filter's repair captions in the sample stage: how captions are made, not how they ship
+    assert {k for k in params if k.startswith("caption.")} == {"caption.num_beams", "caption.min_new_tokens",
+                                                              "caption.max_new_tokens", "caption.batch_size"}
     io = StageIO(input="unused", out=str(tmp_path))
     check_stage_params(load_config(None, []), io, "sample")  # first use: recorded
     # a new captioner upstream makes the sample stale too
