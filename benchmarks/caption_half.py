@@ -208,6 +208,11 @@ def markdown(result: dict) -> str:
             lines.append(f"| {row} | {r['test']['mean']:.1f} ± {r['test']['ci95']:.1f} "
                          f"| {d['mean']:+.1f} ± {d['ci95']:.1f} | {100 * r['noise']['mean']:.1f}% |")
         lines.append("")
+    seconds = result["make_benchmark_seconds"]
+    lines.append(f"`make benchmark` took {seconds['total_seconds'] / 3600:.1f} h on {result['machine']}, the sum of "
+                 "its results files' times: " + ", ".join(f"{name} {part['seconds'] / 3600:.1f} h ({part['files']} of "
+                                                          f"{part['of']} files)" for name, part in seconds.items()
+                                                          if isinstance(part, dict)) + ".\n")
     return "\n".join(lines)
 
 
@@ -229,12 +234,32 @@ def main(argv: list[str] | None = None) -> None:
     if complete():
         records = {c: [json.loads((SEED_DIR / f"{c}-seed{s}.json").read_text()) for s in SEEDS]
                    for c in protocol.CRAWLS}
-        result = {"machine": machine(), "rule": decide(records), "summary": summary(records)}
+        result = {"machine": machine(), "rule": decide(records), "summary": summary(records),
+                  "make_benchmark_seconds": make_benchmark_seconds()}
         (RESULTS / "caption_half.json").write_text(json.dumps(result, indent=1) + "\n")
     from protocol import write_block  # benchmarks/protocol.py
 
     write_block(DOCS, "caption_half", block())
     print(block())
+
+
+def make_benchmark_seconds() -> dict:
+    """`make benchmark`'s wall time: per part, the sum of what each of its results files took (the protocol's
+    selection and confirmation seeds, then this benchmark's) as each ran, resumed across sessions, and how many
+    files that is."""
+    from protocol import SEED_DIR as PROTOCOL_DIR  # benchmarks/protocol.py
+
+    parts = {"protocol_selection": [PROTOCOL_DIR / f"{c}-seed{s}.json" for c in protocol.CRAWLS
+                                    for s in protocol.SELECTION_SEEDS],
+             "protocol_confirmation": [PROTOCOL_DIR / f"{c}-seed{s}.json" for c in protocol.CRAWLS
+                                       for s in protocol.CONFIRMATION_SEEDS],
+             "caption_half": [SEED_DIR / f"{c}-seed{s}.json" for c in protocol.CRAWLS for s in SEEDS]}
+    result = {}
+    for name, paths in parts.items():
+        present = [p for p in paths if p.exists()]
+        result[name] = {"seconds": sum(json.loads(p.read_text())["seconds"] for p in present),
+                        "files": len(present), "of": len(paths)}
+    return {**result, "total_seconds": sum(part["seconds"] for part in result.values())}
 
 
 def complete() -> bool:
