@@ -1,5 +1,5 @@
 """The README is a front page: short, every relative link resolves, every docs/ page reachable from it,
-its results table copied from the benchmark's files, and docs/benchmarks.md's tables what `make benchmark-variants` writes."""
+its results table copied from the benchmark's files, and docs/benchmarks.md's tables what the benchmarks write."""
 
 from __future__ import annotations
 

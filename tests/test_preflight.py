@@ -155,11 +155,14 @@ def test_an_unreadable_shard_among_readable_ones_is_no_refusal(places, tmp_path)
 
 def test_a_stage_whose_inputs_are_done_passes(places, tmp_path):
     io = StageIO(input=places["crawl"], out=str(tmp_path / "out"))
-    assert preflight.missing_upstream("sample", io) == ["cluster"]
+    assert preflight.missing_upstream("sample", io) == ["train-captioner", "cluster"]
     (tmp_path / "out" / "cluster").mkdir(parents=True)
     (tmp_path / "out" / "cluster" / "stats.json").write_text("{}")
+    assert preflight.missing_upstream("sample", io) == ["train-captioner"]
+    (tmp_path / "out" / "captioner").mkdir(parents=True)
+    (tmp_path / "out" / "captioner" / "COMPLETE").write_text("{}")
     preflight.check(load_config(), io, stage="sample")
-    assert preflight.missing_upstream("materialize", io) == ["train-captioner", "sample"]
+    assert preflight.missing_upstream("materialize", io) == ["sample"]
 
 
 def test_a_rerun_with_other_parameters_is_refused_the_same_way(places, tmp_path, capsys):

@@ -7,6 +7,7 @@ import ast
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from io import BytesIO
@@ -216,11 +217,12 @@ def _assignments(out: Path, n: int = 120) -> None:
     (path.parent / "stats.json").write_text("{}")  # cluster's done marker: what `sample` waits for
 
 
-def test_credentials_in_the_environment_are_never_logged(tmp_path):
+def test_credentials_in_the_environment_are_never_logged(tmp_path, random_captioner):
     """A real stage run with cloud and MLflow credentials in its environment: the secrets appear
     in none of its output, its MLflow store or any file it wrote."""
     out = tmp_path / "run"
     _assignments(out)
+    shutil.copytree(random_captioner, out / "captioner")  # train-captioner's output: `sample` reads its folds
     (tmp_path / "crawl").mkdir()
     (tmp_path / "crawl" / "00000.tar").write_bytes(b"")  # sample reads the assignments, not the shards
     # img2dataset's stats beside it: the executor's preflight counts the crawl's samples from them
