@@ -32,6 +32,7 @@ from tldr_tasks.benchmark import machine, summarise
 RESULTS = Path(__file__).parent / "results"
 SEED_DIR = RESULTS / "caption_half"
 DOCS = Path(__file__).parent.parent / "docs" / "benchmarks.md"
+README = Path(__file__).parent.parent / "README.md"
 SEEDS = (0, 1, 2)
 CAPTIONER = {"captioner": {"preset": "pretrained", "image_size": 128}}  # issue 24's pretrained captioner
 # compression -> (what it changes in the shipped configuration, the evaluation's arms)
@@ -216,6 +217,25 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def readme_table(result: dict) -> str:
+    """README's short form of caption_half.json: the rule's outcome, then per crawl each row's test score and the
+    misaligned share of what it trains on."""
+    rule, crawls = result["rule"], result["summary"]["crawls"]
+    lines = ["| test split (mean over seeds; misaligned share trained on) | "
+             + " | ".join(f"{c} ({crawls[c]['metric']})" for c in crawls) + " |",
+             "|---|" + "---|" * len(crawls),
+             "| input noise | " + " | ".join(f"{100 * crawls[c]['noise_input']['mean']:.1f}%" for c in crawls) + " |"]
+    for row in ROWS:
+        lines.append(f"| {row} | " + " | ".join(
+            f"{crawls[c]['rows'][row]['test']['mean']:.1f} ± {crawls[c]['rows'][row]['test']['ci95']:.1f} "
+            f"({100 * crawls[c]['rows'][row]['noise']['mean']:.1f}%)" for c in crawls) + " |")
+    shares = ", ".join(f"{row} {t['minus_' + DEFAULT]['mean']:+.3f} (lower bound {t['minus_' + DEFAULT]['lower']:+.3f}"
+                       f"{'' if t['below_input_every_crawl_and_seed'] else '; ships more noise than its input'})"
+                       for row, t in rule["candidates"].items())
+    return ("\n".join(lines) + f"\n\nThe rule on validation (share of full's score, paired with `original`): {shares}. "
+            f"Chosen: **{rule['chosen']}**" + (" (no change)" if rule["chosen"] == DEFAULT else "") + ".\n")
+
+
 def _mean(values: list) -> str:
     return f"{np.mean(values):.0f}"
 
@@ -240,6 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     from protocol import write_block  # benchmarks/protocol.py
 
     write_block(DOCS, "caption_half", block())
+    write_block(README, "caption_half", readme_block())
     print(block())
 
 
@@ -264,6 +285,12 @@ def make_benchmark_seconds() -> dict:
 
 def complete() -> bool:
     return all((SEED_DIR / f"{c}-seed{s}.json").exists() for c in protocol.CRAWLS for s in SEEDS)
+
+
+def readme_block() -> str:
+    """README's caption_half block: the short table once every crawl has every seed, until then the same note as
+    docs/benchmarks.md's."""
+    return readme_table(json.loads((RESULTS / "caption_half.json").read_text())) if complete() else block()
 
 
 def block() -> str:

@@ -37,3 +37,24 @@ def test_noise_above_the_input_or_a_gain_inside_the_noise_keeps_the_originals(ca
     assert noisy["chosen"] == "original" and not noisy["candidates"]["mix"]["below_input_every_crawl_and_seed"]
     unsure = caption_half.decide(_records({"original": [5.0, 5.2, 4.9], "mix": [6.0, 4.5, 5.0]}, {}))
     assert unsure["chosen"] == "original" and unsure["candidates"]["mix"]["minus_original"]["lower"] < 0
+
+
+def test_the_readme_table_reports_every_row_on_test_and_the_rule_s_outcome(caption_half):
+    records = _records({"original": [5.0, 5.2, 4.9], "mix": [6.0, 6.1, 6.0]}, {"mix": 0.31})
+    for crawl, recs in records.items():
+        for r in recs:
+            r.update(metric="mean_r1", seconds=60, machine="vm",
+                     repair={"recaptioned": 90, "repaired": 30, "repair": 10, "kept": 100, "filter_passed": 70},
+                     captions_shipped={"fusions": {"replaced": 20, "original": 80}})
+            for row in caption_half.ROWS:
+                values = r["rows"].setdefault(row, {"validation": 4.0, "noise": 0.3})
+                values["test"] = values["validation"] + (1.0 if crawl == "b" else 0.0)
+    result = {"rule": caption_half.decide(records), "summary": caption_half.summary(records)}
+    table = caption_half.readme_table(result)
+    lines = {line.split(" | ")[0].lstrip("| "): line.rstrip(" |").split(" | ")[1:]
+             for line in table.splitlines() if line.startswith("| ")}
+    assert set(caption_half.ROWS) <= set(lines)
+    assert lines["mix"] == ["6.0 ± 0.1 (31.0%)", "7.0 ± 0.1 (31.0%)"]  # each crawl's test mean, its noise
+    assert lines["input noise"] == ["30.0%", "30.0%"]
+    assert "mix +0.100 (lower bound +0.075; ships more noise than its input)" in table
+    assert "Chosen: **original** (no change)" in table
