@@ -79,17 +79,24 @@ def test_primary_metric_and_the_shipped_candidate():
     assert protocol.shipped({**sample, "strategy": "hard"}) is None
 
 
-def _confirm_records(default_minus_full, seeds=10, crawls=("a",)):
-    """Test-split scores per seed: full 10 + seed noise, random 2 below full, the others as given."""
+def _confirm_records(default_minus_full, seeds=10, crawls=("a",), default_noise=0.2):
+    """Test-split scores per seed: full 10 + seed noise, random 2 below full, the others as given. Every arm but
+    full learns its score by half of full's 100 steps (full: half its score there); the input and random ship 30%
+    misaligned captions, the default `default_noise` (a list: per seed), the others 25%."""
     records = {}
     for crawl in crawls:
         records[crawl] = []
         for s in range(seeds):
             jitter = 0.1 * ((s * 7) % 5 - 2)  # the same crawl difficulty shift for every arm of a seed
             full = 10.0 + 3 * jitter
-            arms = {"full": full, "random": full - 2.0, "balanced_cluster_pool": full - 0.3 + jitter / 10,
-                    "clip_score": full - 1.9 + jitter / 10, "semdedup": full + default_minus_full + jitter / 10}
-            records[crawl].append({"seed": s, "arms": {k: {"test": v} for k, v in arms.items()}})
+            arms = {"full": full, "random": full - 2.0, "oracle_clean": full + 1,
+                    "balanced_cluster_pool": full - 0.3 + jitter / 10, "clip_score": full - 1.9 + jitter / 10,
+                    "semdedup": full + default_minus_full + jitter / 10}
+            noise = {"random": 0.3, "semdedup": default_noise[s] if isinstance(default_noise, list) else default_noise}
+            records[crawl].append({"seed": s, "noise_input": 0.3, "seconds": 60, "machine": "vm", "arms": {
+                k: {"test": v, "steps": 100, "noise": noise.get(k, 0.25),
+                    "curve": [[50, v / 2], [100, v]] if k == "full" else [[50, v], [100, v]]}
+                for k, v in arms.items()}})
     return records
 
 
@@ -109,6 +116,26 @@ def test_confirmation_tests_non_inferiority_against_the_margin_and_applies_holm(
     assert "| family 1 | a: semdedup non-inferior to full |" in protocol.confirmation_markdown(result)
 
 
+def test_the_confirmation_checks_the_defaults_noise_on_every_seed_and_times_every_arm():
+    choices = {"default": "semdedup", "margin": {"a": 0.5}}
+    result = protocol.confirmation(_confirm_records(-0.2), choices)
+    rule = result["noise_rule"]["a"]
+    assert rule["passes"] and rule["seeds_below_input"] == 10 and rule["advantage_over_random"] == pytest.approx(0.1)
+    # one seed above its input fails 1a, although the mean is still 5 points below random
+    one_bad = protocol.confirmation(_confirm_records(-0.2, default_noise=[0.35] + [0.2] * 9), choices)
+    assert not one_bad["noise_rule"]["a"]["passes"] and one_bad["noise_rule"]["a"]["seeds_below_input"] == 9
+    # 1b: below the input on every seed but only 2 points below random
+    assert not protocol.confirmation(_confirm_records(-0.2, default_noise=0.28), choices)["noise_rule"]["a"]["passes"]
+    # seed 0: full 9.4, the default 9.18 from step 50 on; 95% of full's best is crossed at step 50 * 8.93 / 9.18
+    tta = result["time_to_accuracy"]["a"]
+    assert tta["semdedup"][0] == pytest.approx(50 * 0.95 * 9.4 / 9.18 / 100)
+    assert tta["random"] == [None] * 10  # 2 points below full never reaches 95% of it
+    assert result["seconds"] == 600 and result["machines"] == ["vm"]
+    page = protocol.confirmation_markdown(result)
+    assert "| a | 10 of 10 | +10.0 | yes |" in page and "| a | random | - - - - - - - - - - |" in page
+    assert "| a | 9 of 10 | +8.5 | no |" in protocol.confirmation_markdown(one_bad)
+
+
 def test_family_two_leaves_out_repeats_when_the_default_is_a_baseline_row():
     family1, family2 = protocol.hypotheses("clip_score")
     assert ("clip_score", "full", "ni") in family1 and ("clip_score", "full", "ni") not in family2
@@ -119,8 +146,6 @@ def test_family_two_leaves_out_repeats_when_the_default_is_a_baseline_row():
 def test_the_readme_table_of_the_confirmation_says_which_claims_holm_confirmed():
     records = _confirm_records(-0.7, crawls=("synthetic",))
     for r in records["synthetic"]:
-        r["noise_input"] = 0.3
-        r["arms"]["oracle_clean"] = {"test": r["arms"]["full"]["test"] + 1}
         for arm in r["arms"].values():
             arm["noise"] = 0.1
     result = protocol.confirmation(records, {"default": "semdedup", "margin": {"synthetic": 0.5}})
@@ -130,4 +155,7 @@ def test_the_readme_table_of_the_confirmation_says_which_claims_holm_confirmed()
     assert rows["family 1: semdedup non-inferior to full"].endswith(": not confirmed |")  # 0.7 below, margin 0.5
     assert "| **semdedup** (the default) | 9.3 ± " in table
     assert rows["misaligned captions: input"] == "| misaligned captions: input | 30.0% |"
+    # every arm ships 10%, so the default is not 5 points below random
+    assert rows["noise rule: semdedup below its input on every seed, 5 points below random"].endswith(
+        "| fails (10 of 10 seeds below the input, +0.0 points below random) |")
     assert "confirmation seeds 0-9 (10)" in table

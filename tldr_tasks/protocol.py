@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from tldr_tasks.benchmark import Variant
+from tldr_tasks.stages.evaluate import TIME_TO_ACCURACY_SHARE, time_to_accuracy
 
 CRAWLS = ("synthetic", "synthetic_correlated", "real_emoji", "real_mixed")
 SELECTION_SEEDS = (0, 1, 2, 3, 4)
@@ -100,6 +101,19 @@ def seed_record(crawl: str, seed: int, reports: dict) -> dict:
             "arms": arms, "selection": {v: reports[v].get("selection", {}) for v in reports}}
 
 
+def noise_terms(recs: list[dict], k: str) -> dict:
+    """Section 4's noise terms of candidate k over one crawl's seed records (sorted by seed): 1a (below the input
+    on every seed), 1b's mean advantage over random, the mean excess over the input, and the per-seed shares."""
+    ship = [r["arms"][k]["noise"] for r in recs]
+    inp = [r["noise_input"] for r in recs]
+    rand = [r["arms"]["random"]["noise"] for r in recs]
+    below = sum(s < i for s, i in zip(ship, inp))
+    return {"below_input_every_seed": below == len(inp), "seeds_below_input": below,
+            "advantage_over_random": float(np.mean([r - s for r, s in zip(rand, ship)])),
+            "excess_over_input": float(np.mean([s - i for s, i in zip(ship, inp)])),
+            "shipped_noise": ship, "input_noise": inp, "random_noise": rand}
+
+
 def default_rule(records: dict[str, list[dict]], shipped_name: str | None, candidates=ORDER) -> dict:
     """Section 4 on the selection seeds: `records` maps each crawl to its seed records (seed_record). Returns the
     eligibility terms, V(k), the ties and the chosen default (or, with none eligible, the least bad and why)."""
@@ -116,16 +130,9 @@ def default_rule(records: dict[str, list[dict]], shipped_name: str | None, candi
         per_crawl = {}
         for crawl in crawls:
             recs = sorted(records[crawl], key=lambda r: r["seed"])
-            ship = [r["arms"][k]["noise"] for r in recs]
-            inp = [r["noise_input"] for r in recs]
-            rand = [r["arms"]["random"]["noise"] for r in recs]
             full = float(np.mean([r["arms"]["full"]["validation"] for r in recs]))
-            per_crawl[crawl] = {
-                "below_input_every_seed": all(s < i for s, i in zip(ship, inp)),
-                "advantage_over_random": float(np.mean([r - s for r, s in zip(rand, ship)])),
-                "excess_over_input": float(np.mean([s - i for s, i in zip(ship, inp)])),
-                "shipped_noise": ship, "input_noise": inp,
-                "share_of_full": [r["arms"][k]["validation"] / full for r in recs]}
+            per_crawl[crawl] = {**noise_terms(recs, k),
+                                "share_of_full": [r["arms"][k]["validation"] / full for r in recs]}
         eligible = all(c["below_input_every_seed"] and c["advantage_over_random"] >= NOISE_MARGIN
                        for c in per_crawl.values())
         v_seed = [float(np.mean([per_crawl[c]["share_of_full"][i] for c in crawls])) for i in range(len(seeds))]
@@ -193,9 +200,25 @@ def hypotheses(default: str) -> tuple[list[tuple], list[tuple]]:
 
 
 def confirmation(records: dict[str, list[dict]], choices: dict) -> dict:
-    """Section 6 on the confirmation seeds' test split: every hypothesis per crawl, Holm per family."""
+    """Sections 5 and 6 on the confirmation seeds' test split: every hypothesis per crawl, Holm per family; the
+    default's noise terms (1a on every seed, 1b over the seeds) per crawl; each headline arm's time to accuracy
+    per seed; the run's wall time and machines."""
     default = choices["default"]
-    out: dict = {"default": default, "crawls": sorted(records), "families": {}}
+    out: dict = {"default": default, "crawls": sorted(records), "families": {}, "noise_rule": {},
+                 "time_to_accuracy": {},
+                 "seconds": sum(r.get("seconds", 0) for recs in records.values() for r in recs),
+                 "machines": sorted({r["machine"] for recs in records.values() for r in recs if "machine" in r})}
+    for crawl in sorted(records):
+        recs = sorted(records[crawl], key=lambda r: r["seed"])
+        terms = noise_terms(recs, default)
+        out["noise_rule"][crawl] = {**terms, "passes": terms["below_input_every_seed"]
+                                    and terms["advantage_over_random"] >= NOISE_MARGIN}
+        # the share of full's steps at which the arm first reaches TIME_TO_ACCURACY_SHARE of that seed's full
+        # curve's best mean R@1 (None: never)
+        out["time_to_accuracy"][crawl] = {
+            arm: [time_to_accuracy({"full": r["arms"]["full"]["curve"], arm: r["arms"][arm]["curve"]},
+                                   r["arms"]["full"]["steps"])[arm] for r in recs]
+            for arm in ("random", "oracle_clean", TLDR, "clip_score", default)}
     for number, family in enumerate(hypotheses(default), 1):
         tests = {}
         for crawl in sorted(records):
@@ -221,7 +244,22 @@ def confirmation_markdown(result: dict) -> str:
         for name, t in tests.items():
             lines.append(f"| {family} | {name} | {t['mean']:+.2f} | {t['lower']:+.2f} | {t['null']:+.1f} "
                          f"| {t['p']:.4f} | {'yes' if t['confirmed'] else 'no'} |")
-    return "\n".join(lines) + "\n"
+    lines += ["", f"Section 5, the default's noise terms per crawl (strict judge; 1b asks {100 * NOISE_MARGIN:.0f} "
+              "points below random):", "",
+              "| crawl | shipped below input on every seed (1a) | mean advantage over random (1b) | passes |",
+              "|---|---|---|---|"]
+    for crawl, t in result["noise_rule"].items():
+        lines.append(f"| {crawl} | {t['seeds_below_input']} of {len(t['input_noise'])} "
+                     f"| {100 * t['advantage_over_random']:+.1f} | {'yes' if t['passes'] else 'no'} |")
+    lines += ["", "Time to accuracy per seed: the share of `full`'s steps at which the arm's test mean R@1 first "
+              f"reaches {100 * TIME_TO_ACCURACY_SHARE:.0f}% of that seed's `full` best (interpolated; `-`: never).",
+              "",
+              "| crawl | arm | per seed |", "|---|---|---|"]
+    for crawl, arms in result["time_to_accuracy"].items():
+        for arm, values in arms.items():
+            lines.append(f"| {crawl} | {arm} | {' '.join('-' if v is None else f'{v:.2f}' for v in values)} |")
+    hours = result["seconds"] / 3600
+    return "\n".join(lines) + f"\n\nWall time: {hours:.1f} h on {', '.join(result['machines'])}.\n"
 
 
 def choices_markdown(result: dict) -> str:
@@ -316,6 +354,11 @@ def confirmation_readme(result: dict, records: dict[str, list[dict]]) -> str:
     for label, arm in (("input", None), (default, default), ("random", "random")):
         shares = [[r["noise_input"] if arm is None else r["arms"][arm]["noise"] for r in records[c]] for c in crawls]
         lines.append(_row(f"misaligned captions: {label}", [f"{100 * np.mean(s):.1f}%" for s in shares]))
+    rules = [result["noise_rule"][c] for c in crawls]
+    lines.append(_row(f"noise rule: {default} below its input on every seed, {100 * NOISE_MARGIN:.0f} points below "
+                      "random", ["passes" if t["passes"] else
+                                 f"fails ({t['seeds_below_input']} of {len(t['input_noise'])} seeds below the input, "
+                                 f"{100 * t['advantage_over_random']:+.1f} points below random)" for t in rules]))
     seeds = sorted({r["seed"] for recs in records.values() for r in recs})
     return "\n".join(lines) + (
         f"\n\nTest split, confirmation seeds {seeds[0]}-{seeds[-1]} ({len(seeds)}), ratio 0.25, compute-matched "
