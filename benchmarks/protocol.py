@@ -29,6 +29,7 @@ from tldr_tasks.benchmark import machine, run_seed
 RESULTS = Path(__file__).parent / "results"
 SEED_DIR = RESULTS / "protocol"
 CHOICES = RESULTS / "protocol_choices.json"
+CONFIRMATION = RESULTS / "protocol_confirmation.json"
 DOCS = Path(__file__).parent.parent / "docs" / "benchmarks.md"
 README = Path(__file__).parent.parent / "README.md"
 
@@ -61,17 +62,30 @@ def records(crawls: list[str], seeds: list[int]) -> dict[str, list[dict]]:
     return {c: [json.loads((SEED_DIR / f"{c}-seed{s}.json").read_text()) for s in common] for c in crawls}
 
 
+def confirmation_runs() -> int:
+    """How many of the confirmation's crawl-seeds have a committed results file."""
+    return sum(1 for seed in protocol.CONFIRMATION_SEEDS for crawl in protocol.CRAWLS
+               if (SEED_DIR / f"{crawl}-seed{seed}.json").exists())
+
+
 def readme_block() -> str:
     """The README's results table from the committed files: the confirmation's once it is complete, else the
     selection seeds' with the confirmation's progress."""
-    confirmation = RESULTS / "protocol_confirmation.json"
-    if confirmation.exists():
-        return protocol.confirmation_readme(json.loads(confirmation.read_text()),
+    if CONFIRMATION.exists():
+        return protocol.confirmation_readme(json.loads(CONFIRMATION.read_text()),
                                             records(list(protocol.CRAWLS), list(protocol.CONFIRMATION_SEEDS)))
     choices = json.loads(CHOICES.read_text())
-    runs = sum(1 for seed in protocol.CONFIRMATION_SEEDS for crawl in protocol.CRAWLS
-               if (SEED_DIR / f"{crawl}-seed{seed}.json").exists())
-    return protocol.readme_markdown(choices, records(choices["crawls"], choices["seeds"]), runs)
+    return protocol.readme_markdown(choices, records(choices["crawls"], choices["seeds"]), confirmation_runs())
+
+
+def docs_block() -> str:
+    """docs/benchmarks.md's confirmation block: protocol_confirmation.md once the confirmation is complete, else
+    its progress."""
+    if CONFIRMATION.exists():
+        return protocol.confirmation_markdown(json.loads(CONFIRMATION.read_text()))
+    planned = len(protocol.CRAWLS) * len(protocol.CONFIRMATION_SEEDS)
+    return (f"Under way: {confirmation_runs()} of {planned} crawl-seeds are in `benchmarks/results/protocol/`. "
+            "Nothing is confirmed until all are in; then this block is `protocol_confirmation.md`.\n")
 
 
 def main() -> None:
@@ -120,8 +134,9 @@ def main() -> None:
         done = records(list(protocol.CRAWLS), list(protocol.CONFIRMATION_SEEDS))
         if len(next(iter(done.values()))) == len(protocol.CONFIRMATION_SEEDS):
             result = protocol.confirmation(done, json.loads(CHOICES.read_text()))
-            (RESULTS / "protocol_confirmation.json").write_text(json.dumps(result, indent=1) + "\n")
+            CONFIRMATION.write_text(json.dumps(result, indent=1) + "\n")
             (RESULTS / "protocol_confirmation.md").write_text(protocol.confirmation_markdown(result))
+        write_block(DOCS, "confirmation", docs_block())
     write_block(README, "results", readme_block())
 
 

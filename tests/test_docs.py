@@ -48,14 +48,17 @@ def test_every_docs_page_is_linked_from_the_readme():
 
 
 def test_readme_results_table_is_written_from_the_protocol_files(monkeypatch):
-    """The README's table is benchmarks/protocol.py's readme_block of the committed choices, seed records and,
-    once it is complete, the confirmation."""
+    """The README's table and docs/benchmarks.md's confirmation block are benchmarks/protocol.py's readme_block
+    and docs_block of the committed choices, seed records and, once it is complete, the confirmation."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import importlib
 
     runner = importlib.import_module("protocol")  # benchmarks/protocol.py
     table = README.read_text().split("<!-- results:start -->\n", 1)[1].split("<!-- results:end -->", 1)[0]
     assert table == runner.readme_block()
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    block = page.split("<!-- confirmation:start -->\n", 1)[1].split("<!-- confirmation:end -->", 1)[0]
+    assert block == runner.docs_block()
 
 
 def test_benchmark_page_holds_what_make_benchmark_writes_from_the_results_files(tmp_path):
