@@ -136,6 +136,15 @@ def test_the_confirmation_checks_the_defaults_noise_on_every_seed_and_times_ever
     assert "| a | 9 of 10 | +8.5 | no |" in protocol.confirmation_markdown(one_bad)
 
 
+def test_a_claim_holm_confirms_below_its_bonferroni_bound_is_marked():
+    # Holm's last step rejects at 0.025 / 1, where the Bonferroni bound shown is at 0.025 / m
+    assert protocol.verdict({"confirmed": True, "lower": 0.4, "null": 0.0}) == "confirmed"
+    assert protocol.verdict({"confirmed": True, "lower": -0.2, "null": 0.0}, "**confirmed**") == \
+        "**confirmed** (by Holm's step-down; the bound is below the null)"
+    assert protocol.verdict({"confirmed": False, "lower": 0.4, "null": 0.0}) == "not confirmed"
+    assert f"{protocol.paired_test([1.0, 2.0, 3.0], 0.0, 2)['null']:+.1f}" == "+0.0"  # not "-0.0"
+
+
 def test_family_two_leaves_out_repeats_when_the_default_is_a_baseline_row():
     family1, family2 = protocol.hypotheses("clip_score")
     assert ("clip_score", "full", "ni") in family1 and ("clip_score", "full", "ni") not in family2
