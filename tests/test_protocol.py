@@ -142,6 +142,7 @@ def test_a_claim_holm_confirms_below_its_bonferroni_bound_is_marked():
     assert protocol.verdict({"confirmed": True, "lower": -0.2, "null": 0.0}, "**confirmed**") == \
         "**confirmed** (by Holm's step-down; the bound is below the null)"
     assert protocol.verdict({"confirmed": False, "lower": 0.4, "null": 0.0}) == "not confirmed"
+    assert protocol.verdict({"confirmed": False, "lower": 0.4, "null": 0.0}, "yes", "no") == "no"
     assert f"{protocol.paired_test([1.0, 2.0, 3.0], 0.0, 2)['null']:+.1f}" == "+0.0"  # not "-0.0"
 
 

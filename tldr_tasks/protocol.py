@@ -234,11 +234,11 @@ def confirmation(records: dict[str, list[dict]], choices: dict) -> dict:
     return out
 
 
-def verdict(test: dict, confirmed: str = "confirmed") -> str:
+def verdict(test: dict, confirmed: str = "confirmed", not_confirmed: str = "not confirmed") -> str:
     """Holm's decision on one hypothesis. Holm steps down, so it can reject a null that the Bonferroni-level bound
     shown beside it does not clear: such a claim is marked, since a reader takes the bound for the decision."""
     if not test["confirmed"]:
-        return "not confirmed"
+        return not_confirmed
     return confirmed + (" (by Holm's step-down; the bound is below the null)" if test["lower"] <= test["null"] else "")
 
 
@@ -252,7 +252,7 @@ def confirmation_markdown(result: dict) -> str:
     for family, tests in result["families"].items():
         for name, t in tests.items():
             lines.append(f"| {family} | {name} | {t['mean']:+.2f} | {t['lower']:+.2f} | {t['null']:+.1f} "
-                         f"| {t['p']:.4f} | {verdict(t, 'yes')} |")
+                         f"| {t['p']:.4f} | {verdict(t, 'yes', 'no')} |")
     lines += ["", f"Section 5, the default's noise terms per crawl (strict judge; 1b asks {100 * NOISE_MARGIN:.0f} "
               "points below random):", "",
               "| crawl | shipped below input on every seed (1a) | mean advantage over random (1b) | passes |",
