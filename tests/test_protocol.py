@@ -165,6 +165,7 @@ def test_the_readme_table_of_the_confirmation_says_which_claims_holm_confirmed()
     assert rows["family 1: semdedup non-inferior to full"].endswith(": not confirmed |")  # 0.7 below, margin 0.5
     assert "| **semdedup** (the default) | 9.3 ± " in table
     assert rows["misaligned captions: input"] == "| misaligned captions: input | 30.0% |"
+    assert rows["misaligned captions: tldr"] == "| misaligned captions: tldr | 10.0% |"
     # every arm ships 10%, so the default is not 5 points below random
     assert rows["noise rule: semdedup below its input on every seed, 5 points below random"].endswith(
         "| fails (10 of 10 seeds below the input, +0.0 points below random) |")

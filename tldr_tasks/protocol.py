@@ -348,7 +348,7 @@ def confirmation_readme(result: dict, records: dict[str, list[dict]]) -> str:
     """The README's results table from the confirmation (section 6): per crawl, the test split's primary metric
     (compute-matched, mean ± 95% CI over the confirmation seeds) of the baselines, TL;DR, clip_score and the
     default; every hypothesis as its mean paired difference, its Bonferroni lower bound and Holm's decision; and
-    the misaligned share of the input, the default's and random's shipped captions."""
+    the misaligned share of the input and of what the default, the two baselines and random ship."""
     crawls, default = result["crawls"], result["default"]
     lines = _arm_rows({c: records[c] for c in crawls}, "test", default, "the default")
     for family, tests in result["families"].items():
@@ -360,7 +360,8 @@ def confirmation_readme(result: dict, records: dict[str, list[dict]]) -> str:
                 cells.append(f"{t['mean']:+.1f} (bound {t['lower']:+.1f}, null {t['null']:+.1f}): "
                              f"{verdict(t, '**confirmed**')}")
             lines.append(_row(f"{family}: {claim}", cells))
-    for label, arm in (("input", None), (default, default), ("random", "random")):
+    for label, arm in (("input", None), (default, default), ("clip_score", "clip_score"), ("tldr", TLDR),
+                       ("random", "random")):
         shares = [[r["noise_input"] if arm is None else r["arms"][arm]["noise"] for r in records[c]] for c in crawls]
         lines.append(_row(f"misaligned captions: {label}", [f"{100 * np.mean(s):.1f}%" for s in shares]))
     rules = [result["noise_rule"][c] for c in crawls]
